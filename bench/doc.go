@@ -1,0 +1,4 @@
+// Package bench holds sluice's benchmarks: Go micro-benchmarks of the data
+// path (channel_bench_test.go, run by `make bench`) and the side-by-side
+// comparison with other proxies (RESULTS.md keeps the latest figures).
+package bench

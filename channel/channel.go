@@ -1,0 +1,330 @@
+// Package channel owns one direction of a session: the bytes read from one
+// socket and not yet written to the other, held in a pooled buffer or a pooled
+// splice pipe, and the status flags that tell the event loop what the
+// direction waits for.
+//
+// A channel never blocks and never starts a goroutine: Pump moves what it can
+// and returns; the flags say why it stopped. With edge-triggered polling the
+// loop clears EmptyIn on a readable event and FullOut on a writable one, then
+// pumps again.
+package channel
+
+import (
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/rules"
+)
+
+// Flags is the state of a channel. The first six are its outside view.
+type Flags uint16
+
+const (
+	ErrIn   Flags = 0x0001 // reading the input failed (reset); the session aborts
+	ErrOut  Flags = 0x0002 // writing the output failed (reset, EPIPE); the session aborts
+	ShutIn  Flags = 0x0004 // the input ended: a read returned 0
+	ShutOut Flags = 0x0008 // the output is shut: the owner did shutdown(SHUT_WR)
+	EmptyIn Flags = 0x0010 // the input had nothing more: wait for a readable event
+	FullOut Flags = 0x0020 // the output took nothing more: wait for a writable event
+
+	onPipe   Flags = 0x0040 // bytes currently travel through a pipe
+	toPipe   Flags = 0x0080 // splice=auto: a read filled the buffer, use a pipe from the next empty state
+	noSplice Flags = 0x0100 // splice said EINVAL on this pair: buffers only from now on
+	pipeFull Flags = 0x0200 // splice-in said EAGAIN with bytes in the pipe: flush before reading again
+)
+
+var flagNames = [...]struct {
+	f    Flags
+	name string
+}{
+	{ErrIn, "ERR_IN"}, {ErrOut, "ERR_OUT"}, {ShutIn, "SHUT_IN"}, {ShutOut, "SHUT_OUT"},
+	{EmptyIn, "EMPTY_IN"}, {FullOut, "FULL_OUT"}, {onPipe, "ON_PIPE"}, {toPipe, "TO_PIPE"},
+	{noSplice, "NO_SPLICE"}, {pipeFull, "PIPE_FULL"},
+}
+
+const allFlags Flags = 0x03ff
+
+// String names every set bit, joined by '|'.
+func (f Flags) String() string {
+	if f == 0 {
+		return "0"
+	}
+	var b strings.Builder
+	for _, n := range flagNames {
+		if f&n.f != 0 {
+			if b.Len() > 0 {
+				b.WriteByte('|')
+			}
+			b.WriteString(n.name)
+			f &^= n.f
+		}
+	}
+	if f != 0 {
+		if b.Len() > 0 {
+			b.WriteByte('|')
+		}
+		b.WriteString("0x" + strconv.FormatUint(uint64(f), 16))
+	}
+	return b.String()
+}
+
+// Channel moves bytes from the socket in to the socket out.
+//
+// Invariants: at most one of buf and pipe is held at a time; both are nil when
+// the channel holds no bytes (an idle session holds neither); ShutOut is set
+// only once ShutIn is set and nothing is held.
+type Channel struct {
+	in, out int32
+	flags   Flags
+	mode    rules.SpliceMode
+	r, w    int32 // buf[r:w] is held
+	inPipe  int32 // bytes held in pipe
+	buf     []byte
+	pipe    *Pipe
+
+	Bytes   uint64 // bytes written to out
+	Spliced uint64 // of Bytes, those moved through a pipe
+}
+
+// Init prepares the channel to move bytes from in to out, both non-blocking
+// sockets owned by the caller.
+func (c *Channel) Init(in, out int, mode rules.SpliceMode) {
+	*c = Channel{in: int32(in), out: int32(out), mode: mode}
+}
+
+func (c *Channel) Flags() Flags { return c.flags & allFlags }
+
+// Readable records a readable (or hang-up) event on the input.
+func (c *Channel) Readable() { c.flags &^= EmptyIn }
+
+// Writable records a writable (or hang-up) event on the output.
+func (c *Channel) Writable() { c.flags &^= FullOut }
+
+// Held returns the number of bytes read and not yet written.
+func (c *Channel) Held() int {
+	if c.pipe != nil {
+		return int(c.inPipe)
+	}
+	return int(c.w - c.r)
+}
+
+// Piped reports whether the channel's bytes currently travel through a pipe.
+func (c *Channel) Piped() bool { return c.flags&onPipe != 0 }
+
+// Failed reports whether either side failed.
+func (c *Channel) Failed() bool { return c.flags&(ErrIn|ErrOut) != 0 }
+
+// WantShutOut reports whether the input has ended and every byte is out, so
+// the owner should shut the output's write side now.
+func (c *Channel) WantShutOut() bool {
+	return c.flags&(ShutIn|ShutOut|ErrIn|ErrOut) == ShutIn && c.Held() == 0
+}
+
+// SetShutOut records that the owner shut the output's write side.
+func (c *Channel) SetShutOut() { c.flags |= ShutOut }
+
+// Done reports whether the direction is finished: output shut, or failed.
+func (c *Channel) Done() bool { return c.flags&(ShutOut|ErrIn|ErrOut) != 0 }
+
+// Idle reports whether the channel is waiting with nothing held: it can neither
+// read (input empty or ended) nor has bytes to write.
+func (c *Channel) Idle() bool { return c.Held() == 0 && c.flags&(EmptyIn|ShutIn) != 0 }
+
+// Pump moves bytes from in to out until both sides would block, the input
+// ends, or a side fails; the flags say which. It returns the bytes written to
+// out. Hot path: no allocation once the pools are warm.
+func (c *Channel) Pump(p *Pools) int {
+	moved := 0
+	for c.flags&(ErrIn|ErrOut) == 0 {
+		progress := false
+		if c.Held() > 0 && c.flags&FullOut == 0 {
+			n := c.send(p)
+			moved += n
+			progress = n > 0
+		}
+		if c.flags&(ShutIn|EmptyIn|ErrOut) == 0 && c.room() {
+			before := c.flags
+			if c.recv(p) > 0 || c.flags&ShutIn != before&ShutIn {
+				progress = true
+			}
+		}
+		if !progress {
+			break
+		}
+	}
+	return moved
+}
+
+// room reports whether a read may be tried now, choosing the backing when
+// nothing is held.
+func (c *Channel) room() bool {
+	if c.pipe != nil {
+		return c.flags&pipeFull == 0 && int(c.inPipe) < c.pipe.size
+	}
+	if c.buf != nil {
+		if int(c.w) < len(c.buf) {
+			return true
+		}
+		if c.r > 0 { // slide the held bytes down to make room
+			copy(c.buf, c.buf[c.r:c.w])
+			c.w -= c.r
+			c.r = 0
+			return true
+		}
+		return false
+	}
+	return true // nothing held: recv picks a backing
+}
+
+// recv reads once into the current backing. It returns the bytes read; on 0
+// the flags tell why (ShutIn, EmptyIn, ErrIn, or the pipe is full).
+func (c *Channel) recv(p *Pools) int {
+	if c.pipe == nil && c.buf == nil {
+		c.pick(p)
+	}
+	if c.flags&onPipe != 0 {
+		return c.spliceIn(p)
+	}
+	if c.buf == nil {
+		c.buf = p.getBuf()
+	}
+	room := len(c.buf) - int(c.w)
+	for {
+		n, err := unix.Read(int(c.in), c.buf[c.w:])
+		switch {
+		case n > 0:
+			c.w += int32(n)
+			if n == room && c.mode == rules.SpliceAuto && c.flags&noSplice == 0 && room == len(c.buf) {
+				c.flags |= toPipe // a whole buffer in one read: a bulk transfer
+			}
+			return n
+		case err == nil: // n == 0
+			c.flags |= ShutIn
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			c.flags |= EmptyIn
+		default:
+			c.flags |= ErrIn
+		}
+		c.releaseIfEmpty(p)
+		return 0
+	}
+}
+
+// pick chooses the backing for the next bytes: a pipe for splice=on, or for
+// splice=auto once a read has filled a buffer; a buffer otherwise or when no
+// pipe can be had.
+func (c *Channel) pick(p *Pools) {
+	c.flags &^= onPipe
+	if c.flags&noSplice != 0 || c.mode == rules.SpliceOff || (c.mode == rules.SpliceAuto && c.flags&toPipe == 0) {
+		return
+	}
+	if c.pipe = p.getPipe(); c.pipe != nil {
+		c.flags |= onPipe
+	}
+}
+
+func (c *Channel) spliceIn(p *Pools) int {
+	for {
+		n, err := unix.Splice(int(c.in), nil, c.pipe.w, nil, c.pipe.size-int(c.inPipe), unix.SPLICE_F_NONBLOCK)
+		switch {
+		case n > 0:
+			c.inPipe += int32(n)
+			return int(n)
+		case err == nil:
+			c.flags |= ShutIn
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			// Either the socket is empty or the pipe has no free slot (a pipe
+			// holds a number of page slots, not bytes). Only an empty pipe
+			// proves the socket is empty.
+			if c.inPipe > 0 {
+				c.flags |= pipeFull
+				return 0
+			}
+			c.flags |= EmptyIn
+		case err == unix.EINVAL && c.inPipe == 0:
+			// This pair cannot splice: go on with buffers.
+			c.flags |= noSplice
+			c.releaseIfEmpty(p)
+			return c.recv(p)
+		default:
+			c.flags |= ErrIn
+		}
+		c.releaseIfEmpty(p)
+		return 0
+	}
+}
+
+// send writes held bytes once. It returns the bytes written; on 0 the flags
+// tell why (FullOut or ErrOut).
+func (c *Channel) send(p *Pools) int {
+	for {
+		var n int
+		var err error
+		if c.pipe != nil {
+			var n64 int64
+			n64, err = unix.Splice(c.pipe.r, nil, int(c.out), nil, int(c.inPipe), unix.SPLICE_F_NONBLOCK)
+			n = int(n64)
+		} else {
+			n, err = unix.Write(int(c.out), c.buf[c.r:c.w])
+		}
+		switch {
+		case n > 0:
+			c.Bytes += uint64(n)
+			if c.pipe != nil {
+				c.inPipe -= int32(n)
+				c.Spliced += uint64(n)
+				c.flags &^= pipeFull
+			} else {
+				c.r += int32(n)
+			}
+			c.releaseIfEmpty(p)
+			return n
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			c.flags |= FullOut
+		default:
+			c.flags |= ErrOut
+		}
+		return 0
+	}
+}
+
+// releaseIfEmpty returns the buffer or pipe to the pool once nothing is held.
+func (c *Channel) releaseIfEmpty(p *Pools) {
+	if c.pipe != nil && c.inPipe == 0 {
+		p.putPipe(c.pipe)
+		c.pipe = nil
+		c.flags &^= pipeFull
+	}
+	if c.buf != nil && c.r == c.w {
+		p.putBuf(c.buf)
+		c.buf = nil
+		c.r, c.w = 0, 0
+	}
+}
+
+// Release gives back whatever the channel holds, dropping unsent bytes. Call
+// it when the session closes; a pipe with bytes in it is closed, not reused.
+func (c *Channel) Release(p *Pools) {
+	if c.pipe != nil {
+		if c.inPipe > 0 {
+			p.dropPipe(c.pipe)
+		} else {
+			p.putPipe(c.pipe)
+		}
+		c.pipe, c.inPipe = nil, 0
+	}
+	if c.buf != nil {
+		p.putBuf(c.buf)
+		c.buf = nil
+		c.r, c.w = 0, 0
+	}
+	c.flags &^= onPipe | pipeFull
+}

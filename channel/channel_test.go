@@ -1,0 +1,294 @@
+package channel
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/rules"
+)
+
+func TestEveryFlagHasAName(t *testing.T) {
+	for bit := Flags(1); bit != 0 && bit <= allFlags; bit <<= 1 {
+		if allFlags&bit != 0 && strings.HasPrefix(bit.String(), "0x") {
+			t.Errorf("flag %#x has no name", uint16(bit))
+		}
+	}
+	if got := (ErrIn | FullOut).String(); got != "ERR_IN|FULL_OUT" {
+		t.Errorf("String = %q", got)
+	}
+}
+
+// tcpPair returns a connected loopback pair: an *os.File-free non-blocking fd
+// for the channel's side, and a net.Conn for the test's side.
+func tcpPair(t testing.TB) (int, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	peer, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := c.(*net.TCPConn).File() // a dup, blocking: make it ours and non-blocking
+	c.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.Dup(int(f.Fd()))
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd); peer.Close() })
+	return fd, peer
+}
+
+// drive pumps ch until its input ended and it shut its output, waiting with
+// poll(2) for the readiness its flags ask for, as the event loop would.
+func drive(t testing.TB, ch *Channel, p *Pools, in, out int, maxHeld *int) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for !ch.Done() {
+		if time.Now().After(deadline) {
+			t.Fatalf("channel stuck: flags %v held %d", ch.Flags(), ch.Held())
+		}
+		ch.Pump(p)
+		if h := ch.Held(); maxHeld != nil && h > *maxHeld {
+			*maxHeld = h
+		}
+		if ch.Failed() {
+			t.Fatalf("channel failed: %v", ch.Flags())
+		}
+		if ch.WantShutOut() {
+			if err := unix.Shutdown(out, unix.SHUT_WR); err != nil {
+				t.Fatal(err)
+			}
+			ch.SetShutOut()
+			continue
+		}
+		fds := []unix.PollFd{{Fd: int32(in), Events: unix.POLLIN}, {Fd: int32(out), Events: unix.POLLOUT}}
+		if ch.Flags()&EmptyIn == 0 {
+			fds[0].Fd = -1
+		}
+		if ch.Flags()&FullOut == 0 {
+			fds[1].Fd = -1
+		}
+		if fds[0].Fd == -1 && fds[1].Fd == -1 {
+			continue
+		}
+		if _, err := unix.Poll(fds, 1000); err != nil && err != unix.EINTR {
+			t.Fatal(err)
+		}
+		if fds[0].Revents != 0 {
+			ch.Readable()
+		}
+		if fds[1].Revents != 0 {
+			ch.Writable()
+		}
+	}
+}
+
+func TestTransferEveryMode(t *testing.T) {
+	sizes := []int{0, 1, 1000, DefaultBufSize, DefaultBufSize + 1, 3 << 20}
+	for _, mode := range []rules.SpliceMode{rules.SpliceOff, rules.SpliceOn, rules.SpliceAuto} {
+		for _, size := range sizes {
+			t.Run(mode.String()+"/"+itoa(size), func(t *testing.T) {
+				in, writer := tcpPair(t)
+				out, reader := tcpPair(t)
+				p := NewPools(0, 0, NewPipeBudget(4))
+				var ch Channel
+				ch.Init(in, out, mode)
+
+				data := make([]byte, size)
+				rand.NewChaCha8([32]byte{byte(size)}).Read(data)
+				go func() {
+					writer.Write(data)
+					writer.(*net.TCPConn).CloseWrite()
+				}()
+				got := make(chan []byte, 1)
+				go func() { b, _ := io.ReadAll(reader); got <- b }()
+				drive(t, &ch, p, in, out, nil)
+				b := <-got
+				if sha256.Sum256(b) != sha256.Sum256(data) {
+					t.Fatalf("got %d bytes, want %d, content differs", len(b), size)
+				}
+				if ch.Bytes != uint64(size) {
+					t.Errorf("Bytes = %d, want %d", ch.Bytes, size)
+				}
+				switch {
+				case mode == rules.SpliceOff && ch.Spliced != 0:
+					t.Errorf("splice=off spliced %d bytes", ch.Spliced)
+				case mode == rules.SpliceOn && size > 0 && ch.Spliced != uint64(size):
+					t.Errorf("splice=on spliced %d of %d bytes", ch.Spliced, size)
+				case mode == rules.SpliceAuto && size >= 3<<20 && ch.Spliced == 0:
+					t.Errorf("splice=auto never moved to the pipe on a %d-byte stream", size)
+				case mode == rules.SpliceAuto && size < DefaultBufSize && ch.Spliced != 0:
+					t.Errorf("splice=auto spliced a small stream")
+				}
+				if s := p.Stats(); s.BuffersInUse != 0 || s.PipesInUse != 0 {
+					t.Errorf("after the stream, pools still lend: %+v", s)
+				}
+				p.Close()
+			})
+		}
+	}
+}
+
+func itoa(n int) string {
+	var b [20]byte
+	i := len(b)
+	for {
+		i--
+		b[i] = byte('0' + n%10)
+		n /= 10
+		if n == 0 {
+			return string(b[i:])
+		}
+	}
+}
+
+// A reader that stops reading bounds what the channel holds at one buffer
+// (or one pipe), and the channel says FULL_OUT.
+func TestBackPressureBoundsMemory(t *testing.T) {
+	for _, mode := range []rules.SpliceMode{rules.SpliceOff, rules.SpliceOn} {
+		t.Run(mode.String(), func(t *testing.T) {
+			in, writer := tcpPair(t)
+			out, _ := tcpPair(t) // never read
+			p := NewPools(0, 0, NewPipeBudget(1))
+			var ch Channel
+			ch.Init(in, out, mode)
+			stop := make(chan struct{})
+			go func() {
+				chunk := make([]byte, 64<<10)
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					writer.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+					writer.Write(chunk)
+				}
+			}()
+			defer close(stop)
+			limit := DefaultBufSize
+			if mode == rules.SpliceOn {
+				limit = DefaultPipeSize * 4 // the kernel may grant a bigger pipe than asked, never this much
+			}
+			for i := 0; i < 200; i++ {
+				ch.Pump(p)
+				if ch.Held() > limit {
+					t.Fatalf("holds %d bytes, bound is %d", ch.Held(), limit)
+				}
+				if ch.Flags()&FullOut != 0 && ch.Flags()&EmptyIn == 0 {
+					break // reading stopped while input was still there
+				}
+				ch.Readable()
+				time.Sleep(5 * time.Millisecond)
+			}
+			if ch.Flags()&FullOut == 0 {
+				t.Fatalf("output never reported full: %v", ch.Flags())
+			}
+			if n := ch.Pump(p); n != 0 {
+				t.Fatalf("pumped %d bytes into a full output", n)
+			}
+			ch.Release(p)
+			if s := p.Stats(); s.BuffersInUse != 0 || s.PipesInUse != 0 {
+				t.Errorf("after Release, pools still lend: %+v", s)
+			}
+		})
+	}
+}
+
+// With no pipe to be had, splice=on carries on with buffers.
+func TestPipeBudgetSpentFallsBackToBuffer(t *testing.T) {
+	in, writer := tcpPair(t)
+	out, reader := tcpPair(t)
+	budget := NewPipeBudget(0)
+	p := NewPools(0, 0, budget)
+	var ch Channel
+	ch.Init(in, out, rules.SpliceOn)
+	data := bytes.Repeat([]byte("sluice"), 100000)
+	go func() { writer.Write(data); writer.(*net.TCPConn).CloseWrite() }()
+	got := make(chan []byte, 1)
+	go func() { b, _ := io.ReadAll(reader); got <- b }()
+	drive(t, &ch, p, in, out, nil)
+	if !bytes.Equal(<-got, data) {
+		t.Fatal("data differs")
+	}
+	if ch.Spliced != 0 || budget.Denied() == 0 {
+		t.Fatalf("spliced %d, denied %d", ch.Spliced, budget.Denied())
+	}
+}
+
+// An idle channel holds no buffer and no pipe between messages.
+func TestIdleHoldsNothing(t *testing.T) {
+	for _, mode := range []rules.SpliceMode{rules.SpliceOff, rules.SpliceOn, rules.SpliceAuto} {
+		in, writer := tcpPair(t)
+		out, reader := tcpPair(t)
+		p := NewPools(0, 0, NewPipeBudget(2))
+		var ch Channel
+		ch.Init(in, out, mode)
+		buf := make([]byte, 100)
+		for i := 0; i < 3; i++ {
+			writer.Write([]byte("ping"))
+			for ch.Bytes < uint64(4*(i+1)) {
+				ch.Readable()
+				ch.Pump(p)
+			}
+			if n, _ := reader.Read(buf); string(buf[:n]) != "ping" {
+				t.Fatalf("%v: got %q", mode, buf[:n])
+			}
+			ch.Readable()
+			ch.Pump(p) // reads EAGAIN: now idle
+			if !ch.Idle() || ch.buf != nil || ch.pipe != nil {
+				t.Fatalf("%v: idle channel holds buf=%v pipe=%v flags %v", mode, ch.buf != nil, ch.pipe != nil, ch.Flags())
+			}
+			if s := p.Stats(); s.BuffersInUse != 0 || s.PipesInUse != 0 {
+				t.Fatalf("%v: idle, pools lend %+v", mode, s)
+			}
+		}
+	}
+}
+
+func TestResetIsErrIn(t *testing.T) {
+	in, writer := tcpPair(t)
+	out, _ := tcpPair(t)
+	p := NewPools(0, 0, nil)
+	var ch Channel
+	ch.Init(in, out, rules.SpliceOff)
+	writer.(*net.TCPConn).SetLinger(0)
+	writer.Write([]byte("x"))
+	time.Sleep(10 * time.Millisecond)
+	writer.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for !ch.Failed() && time.Now().Before(deadline) {
+		ch.Readable()
+		ch.Pump(p)
+		time.Sleep(time.Millisecond)
+	}
+	if ch.Flags()&ErrIn == 0 {
+		t.Fatalf("flags %v, want ERR_IN", ch.Flags())
+	}
+	ch.Release(p)
+}
+
+func TestMain(m *testing.M) { os.Exit(m.Run()) }

@@ -1,0 +1,75 @@
+// Command sluice is the single binary: the daemon (run, forward) and its
+// tools. Exit codes, for every command: 0 success; 1 runtime or protocol
+// error; 2 bad usage or a table that does not validate; 3 applied but rolled
+// back; 4 another writer holds the control socket.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+)
+
+// Exit codes of the contract in DESIGN.md.
+const (
+	exitOK       = 0
+	exitRuntime  = 1
+	exitUsage    = 2
+	exitRollback = 3
+	exitBusy     = 4
+)
+
+// usageError marks an error as bad usage (exit 2).
+type usageError struct{ err error }
+
+func (u usageError) Error() string { return u.err.Error() }
+func (u usageError) Unwrap() error { return u.err }
+
+func usagef(format string, a ...any) error { return usageError{fmt.Errorf(format, a...)} }
+
+const usage = `sluice: a TCP/UDP stream proxy
+
+usage:
+  sluice run                             the daemon on its built-in demo configuration
+  sluice forward LISTEN TARGET [OPTION...] [--loops N] [--log-level L] [--log-format F]
+                                         the daemon with one rule, e.g.
+                                         sluice forward 127.0.0.1:8080 127.0.0.1:80 splice=on
+  sluice version
+
+Run "sluice COMMAND -h" for a command's flags.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		return exitUsage
+	}
+	var err error
+	switch args[0] {
+	case "run":
+		err = cmdRun(args[1:])
+	case "forward":
+		err = cmdForward(args[1:])
+	case "version":
+		fmt.Println("sluice", version)
+	case "-h", "--help", "help":
+		fmt.Print(usage)
+	default:
+		err = usagef("unknown command %q (see sluice --help)", args[0])
+	}
+	if err == nil {
+		return exitOK
+	}
+	fmt.Fprintln(os.Stderr, "sluice:", err)
+	var u usageError
+	if errors.As(err, &u) {
+		return exitUsage
+	}
+	return exitRuntime
+}
+
+const version = "0.1.0-dev"

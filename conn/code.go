@@ -1,0 +1,57 @@
+package conn
+
+import "strconv"
+
+// Code says why a conn or session ended. Codes are stable numbers shown by
+// logs, metrics and ctl: they are only ever added, never renumbered.
+type Code uint16
+
+const (
+	CodeNone             Code = 0  // still running, or no reason recorded
+	CodeDone             Code = 1  // both directions ended cleanly
+	CodeProxyTruncated   Code = 2  // PROXY header cut short by the client
+	CodeProxyBad         Code = 3  // PROXY header malformed
+	CodeProxyNotTrusted  Code = 4  // PROXY header from a source not trusted to send one
+	CodeDenied           Code = 5  // refused by allow/deny
+	CodeRateLimited      Code = 6  // refused by rate= or maxconn=
+	CodeHandshakeTimeout Code = 7  // handshake chain did not finish in time
+	CodeConnectRefused   Code = 8  // every backend refused
+	CodeConnectTimeout   Code = 9  // no backend answered within timeout.connect
+	CodeClientReset      Code = 10 // the client reset or failed
+	CodeServerReset      Code = 11 // the backend reset or failed
+	CodeIdleTimeout      Code = 12 // no byte either way within timeout.idle
+	CodeConnectError     Code = 13 // connect failed otherwise (unreachable, no fd)
+	CodeStopping         Code = 14 // the daemon stopped before the session ended
+	CodeResource         Code = 15 // out of a resource (fds, memory) mid-session
+	CodeHealth           Code = 16 // answered as a health probe
+	codeCount                 = 17
+)
+
+var codeNames = [codeCount]string{
+	CodeNone:             "none",
+	CodeDone:             "done",
+	CodeProxyTruncated:   "proxy-truncated",
+	CodeProxyBad:         "proxy-bad",
+	CodeProxyNotTrusted:  "proxy-not-trusted",
+	CodeDenied:           "denied",
+	CodeRateLimited:      "rate-limited",
+	CodeHandshakeTimeout: "handshake-timeout",
+	CodeConnectRefused:   "connect-refused",
+	CodeConnectTimeout:   "connect-timeout",
+	CodeClientReset:      "client-reset",
+	CodeServerReset:      "server-reset",
+	CodeIdleTimeout:      "idle-timeout",
+	CodeConnectError:     "connect-error",
+	CodeStopping:         "stopping",
+	CodeResource:         "resource",
+	CodeHealth:           "health",
+}
+
+// String returns the code's stable name, or "code-N" for a number this
+// build does not know.
+func (c Code) String() string {
+	if int(c) < len(codeNames) && codeNames[c] != "" {
+		return codeNames[c]
+	}
+	return "code-" + strconv.Itoa(int(c))
+}

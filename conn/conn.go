@@ -1,0 +1,213 @@
+package conn
+
+import (
+	"errors"
+	"net/netip"
+
+	"golang.org/x/sys/unix"
+)
+
+// Layer is one layer above the socket: raw bytes today, TLS later. Its steps
+// may not finish at once (a TLS close_notify can meet a full socket buffer).
+type Layer interface {
+	// ShutW ends the layer's write side. It returns nil when done, unix.EAGAIN
+	// when it must be called again once the fd is writable, any other error
+	// when the layer failed (the caller then closes).
+	ShutW(c *Conn) error
+	// Close releases the layer's state. Same return convention as ShutW.
+	Close(c *Conn) error
+}
+
+// Raw is the plain data layer: bytes go straight to the socket.
+type Raw struct{}
+
+func (Raw) ShutW(*Conn) error { return nil }
+func (Raw) Close(*Conn) error { return nil }
+
+var _ Layer = Raw{}
+
+// Status is what the outside sees of a Conn: three bits only.
+type Status uint8
+
+const (
+	SHR Status = 0x1 // no more input will be read
+	SHW Status = 0x2 // no more output will be written
+	ERR Status = 0x4 // the conn failed; only close is left
+)
+
+func (s Status) String() string {
+	var out []byte
+	for _, n := range [...]struct {
+		s    Status
+		name string
+	}{{SHR, "SHR"}, {SHW, "SHW"}, {ERR, "ERR"}} {
+		if s&n.s != 0 {
+			if len(out) > 0 {
+				out = append(out, '|')
+			}
+			out = append(out, n.name...)
+		}
+	}
+	if len(out) == 0 {
+		return "0"
+	}
+	return string(out)
+}
+
+// Conn is one file descriptor with its layer state. The zero value is unused;
+// call Init. A Conn is embedded in its owner (a session) to keep an idle
+// session to a single allocation.
+type Conn struct {
+	fd    int32
+	flags Flags
+	code  Code
+	data  Layer // nil means Raw
+
+	// Src and Dst are the conn's addresses: for an accepted conn the client and
+	// the local listen address (replaced by a PROXY header's, later); for a
+	// dialed conn the local address and the backend.
+	Src, Dst netip.AddrPort
+}
+
+// Init takes ownership of fd, an open non-blocking socket. data may be nil for
+// the raw layer. connected tells whether the socket is already connected
+// (accepted) or still connecting (dialed).
+func (c *Conn) Init(fd int, data Layer, connected bool) {
+	*c = Conn{fd: int32(fd), data: data, flags: FDAlloc | CtrlInit | DataInit}
+	if connected {
+		c.flags |= CtrlConnected | DataConnected
+	}
+}
+
+// FD returns the file descriptor, or -1 once closed.
+func (c *Conn) FD() int {
+	if c.flags&FDAlloc == 0 {
+		return -1
+	}
+	return int(c.fd)
+}
+
+func (c *Conn) Flags() Flags     { return c.flags }
+func (c *Conn) Set(f Flags)      { c.flags |= f }
+func (c *Conn) Clear(f Flags)    { c.flags &^= f }
+func (c *Conn) Has(f Flags) bool { return c.flags&f == f }
+func (c *Conn) Code() Code       { return c.code }
+
+// Op returns the state of the multi-step operation whose mask is op.
+func (c *Conn) Op(op Flags) Step { return Step((c.flags & op) >> shift(op)) }
+
+// SetOp sets the state of the multi-step operation whose mask is op.
+func (c *Conn) SetOp(op Flags, s Step) {
+	c.flags = c.flags&^op | Flags(s)<<shift(op)&op
+}
+
+// Connected marks an outgoing connect as complete on both layers.
+func (c *Conn) Connected() { c.flags |= CtrlConnected | DataConnected }
+
+// Status folds the internal flags into SHR, SHW, ERR.
+func (c *Conn) Status() Status {
+	var s Status
+	if c.flags&(CtrlShutR|DataShutR) != 0 {
+		s |= SHR
+	}
+	if c.flags&(CtrlShutW|DataShutW) != 0 {
+		s |= SHW
+	}
+	if c.flags&(CtrlFailed|DataFailed) != 0 {
+		s |= ERR
+	}
+	return s
+}
+
+// Fail records why the conn ends and marks the socket failed. The first code
+// recorded wins: later failures are consequences of the first.
+func (c *Conn) Fail(code Code) {
+	c.flags |= CtrlFailed
+	c.SetCode(code)
+}
+
+// SetCode records why the conn ends unless a reason is already recorded.
+func (c *Conn) SetCode(code Code) {
+	if c.code == CodeNone {
+		c.code = code
+	}
+}
+
+// ShutR records the end of input. reported is true when a read returned 0
+// (the peer shut its write side); false when it is forced from above (a
+// timeout, an abort), in which case the owner keeps draining input until its
+// own shut-write is done, so the peer never sees a reset for unread data.
+func (c *Conn) ShutR(reported bool) {
+	c.flags |= CtrlShutR | DataShutR
+	if !reported {
+		c.flags |= ShutRForced
+	}
+}
+
+func (c *Conn) layer() Layer {
+	if c.data == nil {
+		return Raw{}
+	}
+	return c.data
+}
+
+// ShutW runs the write-shutdown sequence: data layer, then CTRL (shutdown(2)),
+// then the FD step (the owner stops polling for output). Each step that
+// completes is recorded, so a call after unix.EAGAIN resumes where it stopped.
+//
+// It returns nil when the whole sequence is done (or was already), unix.EAGAIN
+// when a step must be retried once the fd is writable, or the error that made
+// the conn fail (CtrlFailed or DataFailed is then set).
+func (c *Conn) ShutW() error {
+	if c.flags&FDAlloc == 0 {
+		return errClosed
+	}
+	if c.flags&DataShutW == 0 {
+		if err := c.layer().ShutW(c); err != nil {
+			if err != unix.EAGAIN {
+				c.flags |= DataFailed
+			}
+			return err
+		}
+		c.flags |= DataShutW
+	}
+	if c.flags&CtrlShutW == 0 {
+		if err := unix.Shutdown(int(c.fd), unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
+			c.flags |= CtrlFailed
+			return err
+		}
+		c.flags |= CtrlShutW
+	}
+	c.flags |= FDShutW
+	return nil
+}
+
+var errClosed = errors.New("conn: closed")
+
+// Close runs the close sequence: data layer, CTRL (with abort, SO_LINGER 0 so
+// the peer gets a reset rather than a clean end), then close(2) of the fd. The
+// owner must have removed the fd from its poller's table first: the number is
+// free for reuse the moment close(2) returns.
+//
+// It returns nil when the fd is closed (or was already), unix.EAGAIN when the
+// data layer must be called again; any other error of the data layer is
+// recorded and the fd is closed anyway.
+func (c *Conn) Close(abort bool) error {
+	if c.flags&FDAlloc == 0 {
+		return nil
+	}
+	if err := c.layer().Close(c); err != nil {
+		if err == unix.EAGAIN {
+			return err
+		}
+		c.flags |= DataFailed
+	}
+	if abort {
+		// Errors are ignored: the socket may already be reset, and close(2)
+		// follows regardless.
+		_ = unix.SetsockoptLinger(int(c.fd), unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	}
+	_ = unix.Close(int(c.fd))
+	c.flags = c.flags&^FDAlloc | Closed
+	return nil
+}

@@ -1,0 +1,256 @@
+// Package engine owns the event loops (one goroutine locked to an OS thread
+// per loop, epoll, eventfd wake-ups, a timer wheel), the listeners and their
+// accept, outgoing connects, and the sessions that join a client to a backend
+// through two channels. There is no goroutine per connection.
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/channel"
+	"github.com/sluice-proxy/sluice/conn"
+	"github.com/sluice-proxy/sluice/rules"
+)
+
+// Config sets up an Engine. Zero values take the defaults.
+type Config struct {
+	Loops    int         // event loops; 0 = one per CPU
+	BufSize  int         // channel buffer size (default 16 KiB)
+	PipeSize int         // splice pipe size asked of the kernel (default 256 KiB)
+	MaxPipes int         // pipes for the whole process (default: 1/4 of the fd limit); <0 disables splice
+	Log      *zap.Logger // nil = no logs
+}
+
+// Engine runs the loops and the listeners. Its methods are safe for
+// concurrent use.
+type Engine struct {
+	cfg    Config
+	base   time.Time
+	budget *channel.PipeBudget
+	loops  []*Loop
+	log    *zap.Logger
+
+	mu        sync.Mutex
+	listeners []*Listener
+	started   bool
+	stopped   bool
+
+	active        atomic.Int64 // live sessions
+	connectErrors atomic.Uint64
+	endCodes      [32]atomic.Uint64 // sessions ended, by conn.Code
+}
+
+// New creates the loops; Start runs them.
+func New(cfg Config) (*Engine, error) {
+	if cfg.Loops <= 0 {
+		cfg.Loops = runtime.NumCPU()
+	}
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	var rl unix.Rlimit
+	tableSize := 1 << 16
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err == nil && rl.Cur < uint64(tableSize) {
+		tableSize = int(rl.Cur)
+	}
+	if cfg.MaxPipes == 0 {
+		cfg.MaxPipes = tableSize / 4 // a pipe is two fds; leave most fds to sockets
+	}
+	e := &Engine{cfg: cfg, base: time.Now(), log: cfg.Log}
+	if cfg.MaxPipes > 0 {
+		e.budget = channel.NewPipeBudget(cfg.MaxPipes)
+	}
+	for i := 0; i < cfg.Loops; i++ {
+		l, err := newLoop(e, i, tableSize)
+		if err != nil {
+			for _, l := range e.loops {
+				unix.Close(l.epfd)
+				unix.Close(l.wakefd)
+			}
+			return nil, err
+		}
+		e.loops = append(e.loops, l)
+	}
+	return e, nil
+}
+
+// Start runs the loops.
+func (e *Engine) Start() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.started {
+		return
+	}
+	e.started = true
+	for _, l := range e.loops {
+		go l.run()
+	}
+}
+
+// onLoops runs fn on every loop and waits until all have run it.
+func (e *Engine) onLoops(fn func(*Loop)) {
+	var wg sync.WaitGroup
+	wg.Add(len(e.loops))
+	for _, l := range e.loops {
+		l.post(func(l *Loop) { fn(l); wg.Done() })
+	}
+	wg.Wait()
+}
+
+// ErrStopped is returned for work asked of an engine that has stopped.
+var ErrStopped = errors.New("engine stopped")
+
+// Listen binds every port of a TCP rule and starts accepting on all loops.
+// Either every port is bound and listening, or none is and the error names
+// the first port that failed ("port 8080: bind: address already in use").
+func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
+	if r.Proto != rules.TCP {
+		return nil, fmt.Errorf("%s: only tcp rules are served by this engine so far", r.Proto)
+	}
+	if len(r.Targets) == 0 {
+		return nil, fmt.Errorf("rule %q has no target", r.String())
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.started || e.stopped {
+		return nil, ErrStopped
+	}
+	var lns []*Listener
+	for i, key := range r.ListenKeys() {
+		fd, bound, err := listenSocket(netipAddrPort(key.Addr, key.Port))
+		if err != nil {
+			for _, ln := range lns {
+				unix.Close(ln.fd)
+			}
+			return nil, fmt.Errorf("port %d: %w", key.Port, err)
+		}
+		lns = append(lns, &Listener{e: e, fd: fd, addr: bound, rule: r, targets: r.TargetFor(i)})
+	}
+	var regErr error
+	var errMu sync.Mutex
+	e.onLoops(func(l *Loop) {
+		for _, ln := range lns {
+			if err := l.register(ln.fd, listenerEvents, ln); err != nil {
+				errMu.Lock()
+				regErr = fmt.Errorf("port %d: epoll_ctl: %w", ln.addr.Port(), err)
+				errMu.Unlock()
+			}
+		}
+	})
+	if regErr != nil {
+		e.closeListeners(lns)
+		return nil, regErr
+	}
+	e.listeners = append(e.listeners, lns...)
+	return lns, nil
+}
+
+// closeListeners stops polling lns on every loop, then closes them. Called
+// with e.mu held.
+func (e *Engine) closeListeners(lns []*Listener) {
+	for _, ln := range lns {
+		ln.closed.Store(true)
+	}
+	e.onLoops(func(l *Loop) {
+		for _, ln := range lns {
+			l.unregister(ln.fd)
+		}
+	})
+	for _, ln := range lns {
+		unix.Close(ln.fd)
+	}
+}
+
+// Listeners returns the listeners currently open.
+func (e *Engine) Listeners() []*Listener {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]*Listener(nil), e.listeners...)
+}
+
+// Shutdown stops accepting, lets live sessions finish until ctx is done, then
+// aborts the rest and stops the loops. It returns ctx.Err() when sessions had
+// to be aborted, nil when all ended by themselves.
+func (e *Engine) Shutdown(ctx context.Context) error {
+	e.mu.Lock()
+	if e.stopped || !e.started {
+		e.stopped = true
+		e.mu.Unlock()
+		return nil
+	}
+	e.closeListeners(e.listeners)
+	e.listeners = nil
+	e.stopped = true
+	e.mu.Unlock()
+
+	var err error
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for e.active.Load() > 0 && err == nil {
+		select {
+		case <-ctx.Done():
+			err = ctx.Err()
+		case <-t.C:
+		}
+	}
+	for _, l := range e.loops {
+		l.mu.Lock()
+		l.stop = true
+		l.mu.Unlock()
+		l.wake()
+	}
+	for _, l := range e.loops {
+		<-l.done
+	}
+	return err
+}
+
+// ended counts a finished session by its code.
+func (e *Engine) ended(c conn.Code) {
+	if int(c) < len(e.endCodes) {
+		e.endCodes[c].Add(1)
+	}
+}
+
+// Stats is a snapshot of the engine's counters.
+type Stats struct {
+	Loops         int
+	Sessions      int64             // live
+	Ended         map[string]uint64 // by end code name
+	ConnectErrors uint64
+	Pools         channel.Stats // summed over loops
+	PipesOpen     int64         // whole process
+	PipesDenied   int64         // a pipe wanted, the budget said no
+}
+
+// Stats returns the engine's counters. It allocates; call it from the
+// control side, never the data path.
+func (e *Engine) Stats() Stats {
+	s := Stats{Loops: len(e.loops), Sessions: e.active.Load(), Ended: map[string]uint64{},
+		ConnectErrors: e.connectErrors.Load()}
+	for i := range e.endCodes {
+		if n := e.endCodes[i].Load(); n > 0 {
+			s.Ended[conn.Code(i).String()] = n
+		}
+	}
+	for _, l := range e.loops {
+		p := l.pools.Stats()
+		s.Pools.BuffersInUse += p.BuffersInUse
+		s.Pools.BuffersFree += p.BuffersFree
+		s.Pools.PipesInUse += p.PipesInUse
+		s.Pools.PipesFree += p.PipesFree
+	}
+	if e.budget != nil {
+		s.PipesOpen, s.PipesDenied = e.budget.Open(), e.budget.Denied()
+	}
+	return s
+}

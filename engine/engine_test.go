@@ -1,0 +1,318 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/internal/testpeer"
+	"github.com/sluice-proxy/sluice/rules"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// start runs an engine with one rule and returns its first listen address.
+func start(t *testing.T, line string, cfg Config) (*Engine, string) {
+	t.Helper()
+	r, err := rules.Parse(line)
+	if err != nil {
+		t.Fatalf("parse %q: %v", line, err)
+	}
+	if cfg.Loops == 0 {
+		cfg.Loops = 2
+	}
+	e, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Start()
+	lns, err := e.Listen(r)
+	if err != nil {
+		e.Shutdown(context.Background())
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		e.Shutdown(ctx)
+	})
+	return e, lns[0].Addr().String()
+}
+
+func backend(t *testing.T) *testpeer.Backend {
+	b, err := testpeer.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	return b
+}
+
+// waitIdle waits until the engine has no session and lends no buffer or pipe.
+func waitIdle(t *testing.T, e *Engine) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s := e.Stats()
+		if s.Sessions == 0 && s.Pools.BuffersInUse == 0 && s.Pools.PipesInUse == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("engine not idle: %+v", s)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func dial(t *testing.T, addr string) *net.TCPConn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.(*net.TCPConn)
+}
+
+// Concurrent exchanges of random sizes, both ways at once, each byte checked.
+func TestConcurrentStreamsEveryMode(t *testing.T) {
+	for _, mode := range []string{"on", "off", "auto"} {
+		t.Run("splice="+mode, func(t *testing.T) {
+			b := backend(t)
+			e, addr := start(t, "tcp 127.0.0.1:0 -> "+b.Addr()+" splice="+mode, Config{})
+			const n = 60
+			var wg sync.WaitGroup
+			errs := make(chan error, n)
+			for i := 0; i < n; i++ {
+				wg.Add(1)
+				go func(i int) {
+					defer wg.Done()
+					rng := rand.New(rand.NewPCG(uint64(i), 7))
+					up, down := 1+rng.Int64N(512<<10), 1+rng.Int64N(512<<10)
+					c, err := net.Dial("tcp", addr)
+					if err != nil {
+						errs <- err
+						return
+					}
+					defer c.Close()
+					if err := testpeer.Exchange(c, up, down, uint64(i)); err != nil {
+						errs <- fmt.Errorf("stream %d (up %d, down %d): %w", i, up, down, err)
+					}
+				}(i)
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Error(err)
+			}
+			waitIdle(t, e)
+			if got := e.Stats().Ended["done"]; got != n {
+				t.Errorf("sessions ended done: %d, want %d (%v)", got, n, e.Stats().Ended)
+			}
+		})
+	}
+}
+
+// The client shuts its write side first; the backend's reply after that EOF
+// arrives whole (the exchange's trailer), and the session then ends cleanly.
+func TestHalfClose(t *testing.T) {
+	b := backend(t)
+	e, addr := start(t, "tcp 127.0.0.1:0 -> "+b.Addr(), Config{})
+	c := dial(t, addr)
+	defer c.Close()
+	if err := testpeer.Exchange(c, 10, 100000, 1); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, e)
+}
+
+func TestBackendRefused(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := ln.Addr().String()
+	ln.Close() // nothing listens there now
+	b := backend(t)
+	e, addr := start(t, "tcp 127.0.0.1:0 -> "+dead+" timeout.connect=2s", Config{})
+	c := dial(t, addr)
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("read %d, %v: want EOF, the proxy closing", n, err)
+	}
+	c.Close()
+	waitIdle(t, e)
+	if e.Stats().Ended["connect-refused"] != 1 {
+		t.Errorf("ended: %v", e.Stats().Ended)
+	}
+	_ = b
+}
+
+// A pool whose first backend refuses: the session goes to the next.
+func TestRetryNextBackend(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := ln.Addr().String()
+	ln.Close()
+	b := backend(t)
+	e, addr := start(t, "tcp 127.0.0.1:0 -> "+dead+","+b.Addr(), Config{})
+	for i := 0; i < 4; i++ { // round robin starts on each backend in turn
+		c := dial(t, addr)
+		if err := testpeer.Exchange(c, 100, 100, uint64(i)); err != nil {
+			t.Fatalf("exchange %d: %v", i, err)
+		}
+		c.Close()
+	}
+	waitIdle(t, e)
+	if e.Stats().ConnectErrors == 0 {
+		t.Error("no connect error counted")
+	}
+}
+
+// fillBacklog returns an address whose SYNs are dropped: a listener with a
+// zero backlog whose accept queue is full and never drained.
+func fillBacklog(t *testing.T) string {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := unix.Getsockname(fd)
+	addr := fmt.Sprintf("127.0.0.1:%d", sa.(*unix.SockaddrInet4).Port)
+	for i := 0; i < 8; i++ {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err != nil {
+			return addr // the queue is full: SYNs are now dropped
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	t.Fatal("could not fill the accept queue")
+	return ""
+}
+
+func TestBackendSilent(t *testing.T) {
+	silent := fillBacklog(t)
+	b := backend(t)
+	e, addr := start(t, "tcp 127.0.0.1:0 -> "+silent+" timeout.connect=300ms", Config{})
+	began := time.Now()
+	c := dial(t, addr)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("read: %v, want EOF", err)
+	}
+	if took := time.Since(began); took > 3*time.Second {
+		t.Errorf("closed after %v; connect timeout is 300ms", took)
+	}
+	c.Close()
+	// The daemon keeps serving: another rule to a live backend works.
+	r, _ := rules.Parse("tcp 127.0.0.1:0 -> " + b.Addr())
+	lns, err := e.Listen(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2 := dial(t, lns[0].Addr().String())
+	defer c2.Close()
+	if err := testpeer.Exchange(c2, 1000, 1000, 3); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, e)
+	if e.Stats().Ended["connect-timeout"] != 1 {
+		t.Errorf("ended: %v", e.Stats().Ended)
+	}
+}
+
+// A reset from the backend closes the client promptly, with a reset.
+func TestResetPropagates(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		c.Write([]byte("hello"))
+		c.(*net.TCPConn).SetLinger(0)
+		time.Sleep(50 * time.Millisecond)
+		c.Close()
+	}()
+	e, addr := start(t, "tcp 127.0.0.1:0 -> "+ln.Addr().String(), Config{})
+	c := dial(t, addr)
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Read(buf)
+	if err == nil || err == io.EOF {
+		// A reset is what we promise; EOF would mean the reset was hidden.
+		t.Fatalf("after backend reset: %v, want a connection reset", err)
+	}
+	waitIdle(t, e)
+	if e.Stats().Ended["server-reset"] != 1 {
+		t.Errorf("ended: %v", e.Stats().Ended)
+	}
+}
+
+func TestIdleTimeout(t *testing.T) {
+	b := backend(t)
+	e, addr := start(t, "tcp 127.0.0.1:0 -> "+b.Addr()+" timeout.idle=200ms", Config{})
+	c := dial(t, addr)
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	began := time.Now()
+	if _, err := c.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("read: %v, want EOF", err)
+	}
+	if took := time.Since(began); took < 200*time.Millisecond {
+		t.Errorf("closed after %v, before the idle timeout", took)
+	}
+	waitIdle(t, e)
+	if e.Stats().Ended["idle-timeout"] != 1 {
+		t.Errorf("ended: %v", e.Stats().Ended)
+	}
+}
+
+func TestShutdownDrains(t *testing.T) {
+	b := backend(t)
+	r, _ := rules.Parse("tcp 127.0.0.1:0 -> " + b.Addr())
+	e, err := New(Config{Loops: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Start()
+	lns, err := e.Listen(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := lns[0].Addr().String()
+	c := dial(t, addr)
+	defer c.Close()
+	done := make(chan error, 1)
+	go func() { done <- testpeer.ExchangeSlow(c, 1000, 1<<20, 9, 200*time.Millisecond) }()
+	time.Sleep(50 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := e.Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("session cut by a graceful stop: %v", err)
+	}
+	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		t.Fatal("still accepting after shutdown")
+	}
+}

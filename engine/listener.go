@@ -1,0 +1,129 @@
+package engine
+
+import (
+	"fmt"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/rules"
+)
+
+// A listener is polled by every loop, level-triggered and EPOLLEXCLUSIVE: the
+// kernel wakes one idle loop per incoming burst, and that loop accepts into
+// itself, so no accepted fd ever crosses loops.
+const (
+	listenerEvents = unix.EPOLLIN | unix.EPOLLEXCLUSIVE
+	acceptBatch    = 32                     // accepts per wake-up, so one listener cannot starve the loop
+	acceptRetry    = 100 * time.Millisecond // pause after EMFILE/ENFILE before polling again
+	backlog        = 4096
+)
+
+// Listener is one listening socket: one port of a rule.
+type Listener struct {
+	e       *Engine
+	fd      int
+	addr    netip.AddrPort
+	rule    *rules.Rule
+	targets []netip.AddrPort // the backend pool for this port
+
+	closed   atomic.Bool
+	rr       atomic.Uint32 // round-robin cursor into targets
+	lastWarn atomic.Int64  // engine clock of the last out-of-fds warning
+
+	Accepted atomic.Uint64 // connections accepted
+	Paused   atomic.Uint64 // times accept was paused for lack of fds
+}
+
+// Addr returns the address the listener is bound to.
+func (ln *Listener) Addr() netip.AddrPort { return ln.addr }
+
+// Rule returns the rule the listener serves.
+func (ln *Listener) Rule() *rules.Rule { return ln.rule }
+
+// listenSocket creates a non-blocking listening TCP socket on addr.
+// It returns the fd, the bound address (port filled in when 0 was asked), or
+// an error naming the failing call.
+func listenSocket(addr netip.AddrPort) (int, netip.AddrPort, error) {
+	family := unix.AF_INET
+	if addr.Addr().Is6() {
+		family = unix.AF_INET6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, addr, fmt.Errorf("socket: %w", err)
+	}
+	fail := func(what string, err error) (int, netip.AddrPort, error) {
+		unix.Close(fd)
+		return -1, addr, fmt.Errorf("%s: %w", what, err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return fail("setsockopt SO_REUSEADDR", err)
+	}
+	if family == unix.AF_INET6 {
+		// [::] and 0.0.0.0 are distinct listen keys; dual-stack would make
+		// them collide.
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
+			return fail("setsockopt IPV6_V6ONLY", err)
+		}
+	}
+	if err := unix.Bind(fd, sockaddr(addr)); err != nil {
+		return fail("bind", err)
+	}
+	if err := unix.Listen(fd, backlog); err != nil {
+		return fail("listen", err)
+	}
+	if addr.Port() == 0 {
+		if sa, err := unix.Getsockname(fd); err == nil {
+			addr = addrPort(sa)
+		}
+	}
+	return fd, addr, nil
+}
+
+// handle accepts up to acceptBatch connections into loop l.
+func (ln *Listener) handle(l *Loop, _ int, _ uint32) {
+	for i := 0; i < acceptBatch; i++ {
+		fd, sa, err := unix.Accept4(ln.fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		if err != nil {
+			switch err {
+			case unix.EAGAIN:
+			case unix.EINTR, unix.ECONNABORTED, unix.EPROTO, unix.EPERM:
+				continue // that one connection is gone; the next may be fine
+			case unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM:
+				ln.Paused.Add(1)
+				l.pauseListener(ln)
+				ln.warnOnce(l, err)
+			default:
+				ln.warnOnce(l, err)
+			}
+			return
+		}
+		ln.Accepted.Add(1)
+		newSession(l, ln, fd, sa)
+	}
+}
+
+// warnOnce logs an accept failure at most once a second per listener, so a
+// flood of failures is never a flood of log lines.
+func (ln *Listener) warnOnce(l *Loop, err error) {
+	last := ln.lastWarn.Load()
+	if last != 0 && l.now-last < int64(time.Second) {
+		return
+	}
+	if ln.lastWarn.CompareAndSwap(last, l.now) {
+		l.log.Warn("accept failed; pausing this listener briefly",
+			zap.Stringer("listen", ln.addr), zap.Error(err), zap.Uint64("pauses", ln.Paused.Load()))
+	}
+}
+
+// pickTarget returns the index of the first backend to try for a new session.
+func (ln *Listener) pickTarget() int {
+	if len(ln.targets) <= 1 {
+		return 0
+	}
+	return int(ln.rr.Add(1)-1) % len(ln.targets)
+}

@@ -1,0 +1,238 @@
+package engine
+
+import (
+	"fmt"
+	"runtime"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/channel"
+	"github.com/sluice-proxy/sluice/conn"
+)
+
+// handler receives the readiness events of the fds it registered.
+type handler interface {
+	handle(l *Loop, fd int, events uint32)
+}
+
+// Edge-triggered interest for sessions: both directions always, so the
+// loop never calls epoll_ctl to change interest; a channel's EmptyIn and
+// FullOut flags say what it actually waits for.
+const sessionEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
+
+// Loop is one event loop: a goroutine locked to an OS thread, an epoll set,
+// an eventfd to wake it, a timer wheel and the pools of its sessions. Every
+// session lives on exactly one loop; nothing in it is touched from another
+// goroutine except through post.
+type Loop struct {
+	id     int
+	e      *Engine
+	epfd   int
+	wakefd int
+	table  []handler // by fd number; fds are small integers, so no map
+	wheel  wheel
+	pools  *channel.Pools
+	base   time.Time
+	now    int64 // nanoseconds since base, read once per wake-up
+	log    *zap.Logger
+
+	mu    sync.Mutex
+	tasks []func(*Loop)
+	stop  bool
+
+	paused    []*Listener // listeners this loop stopped polling (out of fds)
+	resumeTmr loopTimer
+
+	sessions int // live sessions on this loop
+	done     chan struct{}
+}
+
+// loopTimer is a timer owned by the loop itself.
+type loopTimer struct {
+	timer
+	fn func(l *Loop)
+}
+
+func (t *loopTimer) expire(l *Loop) { t.fn(l) }
+
+func newLoop(e *Engine, id int, tableSize int) (*Loop, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("loop %d: epoll_create1: %w", id, err)
+	}
+	wfd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("loop %d: eventfd: %w", id, err)
+	}
+	l := &Loop{
+		id: id, e: e, epfd: epfd, wakefd: wfd,
+		table: make([]handler, tableSize),
+		pools: channel.NewPools(e.cfg.BufSize, e.cfg.PipeSize, e.budget),
+		base:  e.base,
+		log:   e.log.With(zap.Int("loop", id)),
+		done:  make(chan struct{}),
+	}
+	l.wheel.init(0)
+	l.resumeTmr.owner = &l.resumeTmr
+	l.resumeTmr.fn = (*Loop).resumeListeners
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wfd)}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wfd, &ev); err != nil {
+		unix.Close(epfd)
+		unix.Close(wfd)
+		return nil, fmt.Errorf("loop %d: epoll_ctl eventfd: %w", id, err)
+	}
+	return l, nil
+}
+
+// post runs fn on the loop's goroutine soon. Safe from any goroutine.
+func (l *Loop) post(fn func(*Loop)) {
+	l.mu.Lock()
+	l.tasks = append(l.tasks, fn)
+	l.mu.Unlock()
+	l.wake()
+}
+
+func (l *Loop) wake() {
+	var one = [8]byte{1}
+	_, _ = unix.Write(l.wakefd, one[:])
+}
+
+// register adds fd to the loop's epoll set with the given interest and routes
+// its events to h.
+func (l *Loop) register(fd int, events uint32, h handler) error {
+	if fd >= len(l.table) {
+		// The fd limit was raised after start; grow once, rarely.
+		t := make([]handler, fd*2)
+		copy(t, l.table)
+		l.table = t
+	}
+	ev := unix.EpollEvent{Events: events, Fd: int32(fd)}
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		return err
+	}
+	l.table[fd] = h
+	return nil
+}
+
+// forget removes fd from the loop's table. close(2) removes it from the epoll
+// set; call forget just before closing so a reused number never meets a
+// stale handler.
+func (l *Loop) forget(fd int) {
+	if fd >= 0 && fd < len(l.table) {
+		l.table[fd] = nil
+	}
+}
+
+// unregister removes fd from the epoll set and the table without closing it.
+func (l *Loop) unregister(fd int) {
+	_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+	l.forget(fd)
+}
+
+// ticks converts a duration from now into an absolute wheel tick, rounding up
+// so a timer never fires early.
+func (l *Loop) ticks(d time.Duration) int64 {
+	return (l.now + int64(d) + int64(tick) - 1) / int64(tick)
+}
+
+func (l *Loop) arm(t *timer, d time.Duration) { l.wheel.add(t, l.ticks(d)) }
+
+func (l *Loop) clock() { l.now = int64(time.Since(l.base)) }
+
+// run is the loop's goroutine.
+func (l *Loop) run() {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	defer close(l.done)
+	var events [256]unix.EpollEvent
+	l.clock()
+	l.wheel.init(l.now / int64(tick))
+	for {
+		msec := -1
+		if l.wheel.count > 0 {
+			// Sleep to the next tick boundary.
+			next := (l.wheel.cur)*int64(tick) - l.now
+			msec = int((next + int64(time.Millisecond) - 1) / int64(time.Millisecond))
+			if msec < 0 {
+				msec = 0
+			}
+		}
+		n, err := unix.EpollWait(l.epfd, events[:], msec)
+		if err != nil && err != unix.EINTR {
+			l.log.Error("epoll_wait failed; loop stops", zap.Error(err))
+			l.shutdownSessions()
+			return
+		}
+		l.clock()
+		for i := 0; i < n; i++ {
+			fd := int(events[i].Fd)
+			if fd == l.wakefd {
+				var buf [8]byte
+				_, _ = unix.Read(l.wakefd, buf[:])
+				continue
+			}
+			if h := l.table[fd]; h != nil {
+				h.handle(l, fd, events[i].Events)
+			}
+		}
+		l.wheel.advance(l, l.now/int64(tick))
+		if l.runTasks() {
+			l.shutdownSessions()
+			return
+		}
+	}
+}
+
+// runTasks runs posted tasks; it reports whether the loop must stop.
+func (l *Loop) runTasks() bool {
+	l.mu.Lock()
+	tasks, stop := l.tasks, l.stop
+	l.tasks = nil
+	l.mu.Unlock()
+	for _, fn := range tasks {
+		fn(l)
+	}
+	return stop
+}
+
+// shutdownSessions aborts every session still on the loop and frees the loop.
+func (l *Loop) shutdownSessions() {
+	for fd, h := range l.table {
+		if s, ok := h.(*session); ok && fd == s.cli.FD() {
+			s.finish(l, conn.CodeStopping, true)
+		}
+	}
+	l.pools.Close()
+	unix.Close(l.epfd)
+	unix.Close(l.wakefd)
+}
+
+// pauseListener stops polling ln on this loop after accept ran out of fds,
+// and arms a retry. Sessions closing on this loop resume it sooner.
+func (l *Loop) pauseListener(ln *Listener) {
+	l.unregister(ln.fd)
+	l.paused = append(l.paused, ln)
+	if !l.resumeTmr.armed() {
+		l.arm(&l.resumeTmr.timer, acceptRetry)
+	}
+}
+
+// resumeListeners polls the paused listeners again; if fds are still short
+// the next accept pauses them once more.
+func (l *Loop) resumeListeners() {
+	l.wheel.del(&l.resumeTmr.timer)
+	p := l.paused
+	l.paused = nil
+	for _, ln := range p {
+		if ln.closed.Load() {
+			continue
+		}
+		if err := l.register(ln.fd, listenerEvents, ln); err != nil {
+			l.log.Warn("resume listener", zap.Stringer("listen", ln.addr), zap.Error(err))
+		}
+	}
+}

@@ -1,0 +1,119 @@
+package rules
+
+import (
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// String returns the rule's canonical line: the host pif and default options
+// left out, options in a fixed order. Parse of the canonical line gives back
+// an equal rule.
+func (r *Rule) String() string {
+	var b strings.Builder
+	b.WriteString(r.Proto.String())
+	b.WriteByte(' ')
+	writePif(&b, r.ListenPif)
+	writeAddrPorts(&b, r.ListenAddr, r.ListenPorts)
+	if len(r.Targets) > 0 {
+		b.WriteString(" -> ")
+		writePif(&b, r.TargetPif)
+		for i, t := range r.Targets {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			writeAddrPorts(&b, t.Addr, t.Ports)
+		}
+	}
+	if r.Weak {
+		b.WriteString(" weak")
+	}
+	if r.AcceptProxy {
+		b.WriteString(" accept-proxy")
+		if len(r.Trusted) > 0 {
+			b.WriteByte('=')
+			writeCIDRs(&b, r.Trusted)
+		}
+	}
+	if r.SendProxy != ProxyNone {
+		b.WriteString(" send-proxy=" + r.SendProxy.String())
+	}
+	if r.Health != HealthNone {
+		b.WriteString(" health=" + r.Health.String())
+	}
+	writeCIDROpt(&b, "monitor", r.Monitor)
+	writeCIDROpt(&b, "allow", r.Allow)
+	writeCIDROpt(&b, "deny", r.Deny)
+	if r.Rate > 0 {
+		b.WriteString(" rate=" + strconv.Itoa(r.Rate) + "/s")
+	}
+	if r.MaxConn > 0 {
+		b.WriteString(" maxconn=" + strconv.Itoa(r.MaxConn))
+	}
+	if r.Splice != SpliceAuto {
+		b.WriteString(" splice=" + r.Splice.String())
+	}
+	if r.Balance != BalanceRoundRobin {
+		b.WriteString(" balance=" + r.Balance.String())
+	}
+	writeDurOpt(&b, "timeout.connect", r.ConnectTimeout)
+	writeDurOpt(&b, "timeout.idle", r.IdleTimeout)
+	writeDurOpt(&b, "timeout.handshake", r.HandshakeTimeout)
+	return b.String()
+}
+
+func writePif(b *strings.Builder, pif string) {
+	if pif != "" && pif != HostPif {
+		b.WriteString(pif)
+		b.WriteByte('/')
+	}
+}
+
+func writeAddrPorts(b *strings.Builder, a netip.Addr, p PortRange) {
+	if a.Is6() {
+		b.WriteByte('[')
+		b.WriteString(a.String())
+		b.WriteByte(']')
+	} else {
+		b.WriteString(a.String())
+	}
+	b.WriteByte(':')
+	b.WriteString(p.String())
+}
+
+func writeCIDROpt(b *strings.Builder, name string, ps []netip.Prefix) {
+	if len(ps) == 0 {
+		return
+	}
+	b.WriteString(" " + name + "=")
+	writeCIDRs(b, ps)
+}
+
+func writeCIDRs(b *strings.Builder, ps []netip.Prefix) {
+	for i, p := range ps {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(p.String())
+	}
+}
+
+func writeDurOpt(b *strings.Builder, name string, d time.Duration) {
+	if d > 0 {
+		b.WriteString(" " + name + "=" + FormatDuration(d))
+	}
+}
+
+// FormatDuration writes d as a Go duration without zero trailing units:
+// "1m" rather than "1m0s", "1h30m" rather than "1h30m0s".
+func FormatDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
+}

@@ -1,0 +1,198 @@
+// Package integration runs the sluice binary as a user would, as a separate
+// process, against real sockets on loopback. Heavy peers (thousands of
+// connections) run in further processes, since each process may hold at most
+// 20 000 fds here.
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var sluiceBin string
+
+func TestMain(m *testing.M) {
+	if role := os.Getenv(peerRoleEnv); role != "" {
+		os.Exit(runPeer(role))
+	}
+	dir, err := os.MkdirTemp("", "sluice-it-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	sluiceBin = filepath.Join(dir, "sluice")
+	build := exec.Command("go", "build", "-o", sluiceBin, "github.com/sluice-proxy/sluice/cmd/sluice")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "building sluice:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// daemon is a sluice process started by a test.
+type daemon struct {
+	t      testing.TB
+	cmd    *exec.Cmd
+	Addr   string // the listen address
+	stderr *logBuffer
+	exited chan error
+}
+
+// freePort returns a loopback port that was free a moment ago.
+func freePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// logBuffer collects a process's output; safe for the reader goroutine and
+// the test at once.
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) WriteString(s string) {
+	l.mu.Lock()
+	l.b.WriteString(s)
+	l.mu.Unlock()
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// startForward runs `sluice forward 127.0.0.1:PORT TARGET OPTIONS... FLAGS...`
+// and waits until it accepts connections. The process is stopped (SIGTERM,
+// then SIGKILL) at the end of the test.
+func startForward(t testing.TB, target string, extra ...string) *daemon {
+	t.Helper()
+	port := freePort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	args := append([]string{"forward", addr, target, "--log-level", "warn"}, extra...)
+	cmd := exec.Command(sluiceBin, args...)
+	d := &daemon{t: t, cmd: cmd, Addr: addr, stderr: &logBuffer{}, exited: make(chan error, 1)}
+	pr, pw, _ := os.Pipe()
+	cmd.Stderr = pw
+	cmd.Stdout = pw
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	logDone := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			d.stderr.WriteString(sc.Text() + "\n")
+		}
+		close(logDone)
+	}()
+	go func() { err := cmd.Wait(); <-logDone; d.exited <- err }()
+	t.Cleanup(func() { d.stop(5 * time.Second) })
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return d
+		}
+		select {
+		case err := <-d.exited:
+			d.exited <- err
+			t.Fatalf("sluice exited before listening: %v\n%s", err, d.stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sluice did not listen on %s: %v\n%s", addr, err, d.stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// stop sends SIGTERM and waits up to grace for a clean exit (then SIGKILL).
+// It returns the exit error (nil for status 0).
+func (d *daemon) stop(grace time.Duration) error {
+	if d.cmd.ProcessState != nil {
+		return nil
+	}
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-d.exited:
+		d.exited <- err
+		return err
+	case <-time.After(grace):
+		d.cmd.Process.Kill()
+		err := <-d.exited
+		d.exited <- err
+		return fmt.Errorf("did not stop within %v after SIGTERM: %v", grace, err)
+	}
+}
+
+// procStatus reads a "Name:  value kB" field of /proc/PID/status in bytes.
+func procStatus(t testing.TB, pid int, field string) int64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, field+":") {
+			f := strings.Fields(line)
+			n, _ := strconv.ParseInt(f[1], 10, 64)
+			if len(f) > 2 && f[2] == "kB" {
+				n *= 1024
+			}
+			return n
+		}
+	}
+	t.Fatalf("no %s in /proc/%d/status", field, pid)
+	return 0
+}
+
+// fdKinds counts a process's open fds by kind: "socket", "pipe", "anon_inode", "other".
+func fdKinds(t testing.TB, pid int) map[string]int {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kinds := map[string]int{}
+	for _, e := range ents {
+		l, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err != nil {
+			continue
+		}
+		switch {
+		case strings.HasPrefix(l, "socket:"):
+			kinds["socket"]++
+		case strings.HasPrefix(l, "pipe:"):
+			kinds["pipe"]++
+		case strings.HasPrefix(l, "anon_inode:"):
+			kinds["anon_inode"]++
+		default:
+			kinds["other"]++
+		}
+	}
+	return kinds
+}

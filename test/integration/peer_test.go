@@ -1,0 +1,84 @@
+package integration
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/sluice-proxy/sluice/internal/testpeer"
+)
+
+// A peer is this test binary re-run in another role, so that heavy peers get
+// their own fd limit. It prints its listen address on stdout, then serves
+// until its stdin closes.
+const peerRoleEnv = "SLUICE_IT_PEER"
+
+func runPeer(role string) int {
+	var addr string
+	var closeFn func()
+	switch role {
+	case "echo":
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() { io.Copy(c, c); c.Close() }()
+			}
+		}()
+		addr, closeFn = ln.Addr().String(), func() { ln.Close() }
+	case "hash":
+		b, err := testpeer.Listen("127.0.0.1:0")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		addr, closeFn = b.Addr(), b.Close
+	default:
+		fmt.Fprintln(os.Stderr, "unknown peer role", role)
+		return 2
+	}
+	fmt.Println(addr)
+	io.Copy(io.Discard, os.Stdin)
+	closeFn()
+	return 0
+}
+
+// peer is a peer process started by a test.
+type peer struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	Addr  string
+}
+
+// startPeer runs this binary as a peer of the given role ("echo", "hash").
+func startPeer(t testing.TB, role string) *peer {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), peerRoleEnv+"="+role)
+	cmd.Stderr = os.Stderr
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		cmd.Process.Kill()
+		t.Fatalf("peer %s: %v", role, err)
+	}
+	p := &peer{cmd: cmd, stdin: stdin, Addr: strings.TrimSpace(line)}
+	t.Cleanup(func() { stdin.Close(); cmd.Wait() })
+	return p
+}
