@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -27,6 +28,7 @@ type Config struct {
 	BufSize  int         // channel buffer size (default 16 KiB)
 	PipeSize int         // splice pipe size asked of the kernel (default 256 KiB)
 	MaxPipes int         // pipes for the whole process (default: 1/4 of the fd limit); <0 disables splice
+	MaxFlows int         // udp flows per listener (default: 1/4 of the fd limit, at most 16384)
 	Log      *zap.Logger // nil = no logs
 }
 
@@ -41,8 +43,10 @@ type Engine struct {
 
 	mu        sync.Mutex
 	listeners []*Listener
+	pifs      map[string]*pif // named pifs; the host pif is nil
 	started   bool
 	stopped   bool
+	nextLoop  atomic.Uint32 // round-robin owner for udp listeners
 
 	active        atomic.Int64 // live sessions
 	connectErrors atomic.Uint64
@@ -64,6 +68,9 @@ func New(cfg Config) (*Engine, error) {
 	}
 	if cfg.MaxPipes == 0 {
 		cfg.MaxPipes = tableSize / 4 // a pipe is two fds; leave most fds to sockets
+	}
+	if cfg.MaxFlows <= 0 {
+		cfg.MaxFlows = min(tableSize/4, 16384)
 	}
 	e := &Engine{cfg: cfg, base: time.Now(), log: cfg.Log}
 	if cfg.MaxPipes > 0 {
@@ -109,12 +116,53 @@ func (e *Engine) onLoops(fn func(*Loop)) {
 // ErrStopped is returned for work asked of an engine that has stopped.
 var ErrStopped = errors.New("engine stopped")
 
-// Listen binds every port of a TCP rule and starts accepting on all loops.
-// Either every port is bound and listening, or none is and the error names
-// the first port that failed ("port 8080: bind: address already in use").
+// AddPif makes the network namespace at netnsPath (/run/netns/NAME,
+// /proc/PID/ns/net, ...) available to rules as pif name. The namespace is
+// entered once, by a thread kept for the pif; it must be added before a rule
+// names it. "host" is the daemon's own namespace and is always there.
+func (e *Engine) AddPif(name, netnsPath string) error {
+	if name == "" || name == rules.HostPif {
+		return fmt.Errorf("pif %q: the host pif is built in", name)
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.stopped {
+		return ErrStopped
+	}
+	if _, dup := e.pifs[name]; dup {
+		return fmt.Errorf("pif %s: added twice", name)
+	}
+	p, err := openPif(name, netnsPath)
+	if err != nil {
+		return err
+	}
+	if e.pifs == nil {
+		e.pifs = map[string]*pif{}
+	}
+	e.pifs[name] = p
+	return nil
+}
+
+// pif returns the pif of a rule's name for it ("" is the host, nil).
+// Called with e.mu held.
+func (e *Engine) pif(name string) (*pif, error) {
+	if name == "" {
+		return nil, nil
+	}
+	if p, ok := e.pifs[name]; ok {
+		return p, nil
+	}
+	return nil, fmt.Errorf("unknown pif %q", name)
+}
+
+// Listen binds every port of a rule and starts serving it: a tcp rule's
+// listeners are polled by every loop, each udp listener by one loop (spread
+// round robin). Either every port is bound and serving, or none is and the
+// error names the first port that failed ("port 8080: bind: address already
+// in use").
 func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
-	if r.Proto != rules.TCP {
-		return nil, fmt.Errorf("%s: only tcp rules are served by this engine so far", r.Proto)
+	if r.Proto != rules.TCP && r.Proto != rules.UDP {
+		return nil, fmt.Errorf("%s: unknown protocol", r.Proto)
 	}
 	if len(r.Targets) == 0 {
 		return nil, fmt.Errorf("rule %q has no target", r.String())
@@ -124,22 +172,45 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	if !e.started || e.stopped {
 		return nil, ErrStopped
 	}
+	lp, err := e.pif(r.ListenPif)
+	if err != nil {
+		return nil, err
+	}
+	tp, err := e.pif(r.TargetPif)
+	if err != nil {
+		return nil, err
+	}
 	var lns []*Listener
 	for i, key := range r.ListenKeys() {
-		fd, bound, err := listenSocket(netipAddrPort(key.Addr, key.Port))
+		fd, bound, err := listenSocket(lp, r.Proto, netipAddrPort(key.Addr, key.Port))
 		if err != nil {
 			for _, ln := range lns {
 				unix.Close(ln.fd)
 			}
 			return nil, fmt.Errorf("port %d: %w", key.Port, err)
 		}
-		lns = append(lns, &Listener{e: e, fd: fd, addr: bound, rule: r, targets: r.TargetFor(i)})
+		ln := &Listener{e: e, fd: fd, addr: bound, rule: r, targets: r.TargetFor(i), listenPif: lp, targetPif: tp}
+		if r.Proto == rules.UDP {
+			l := e.loops[int(e.nextLoop.Add(1)-1)%len(e.loops)]
+			ln.udp = &udpState{loop: l, flows: map[netip.AddrPort]*flow{}, maxFlows: e.cfg.MaxFlows}
+		}
+		lns = append(lns, ln)
 	}
 	var regErr error
 	var errMu sync.Mutex
 	e.onLoops(func(l *Loop) {
 		for _, ln := range lns {
-			if err := l.register(ln.fd, listenerEvents, ln); err != nil {
+			events := uint32(listenerEvents)
+			if ln.udp != nil {
+				if ln.udp.loop != l {
+					continue
+				}
+				if l.udp == nil {
+					l.udp = new(udpScratch)
+				}
+				events = udpEvents
+			}
+			if err := l.register(ln.fd, events, ln); err != nil {
 				errMu.Lock()
 				regErr = fmt.Errorf("port %d: epoll_ctl: %w", ln.addr.Port(), err)
 				errMu.Unlock()
@@ -163,6 +234,9 @@ func (e *Engine) closeListeners(lns []*Listener) {
 	e.onLoops(func(l *Loop) {
 		for _, ln := range lns {
 			l.unregister(ln.fd)
+			if ln.udp != nil && ln.udp.loop == l {
+				ln.closeFlows(l)
+			}
 		}
 	})
 	for _, ln := range lns {
@@ -184,6 +258,7 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	e.mu.Lock()
 	if e.stopped || !e.started {
 		e.stopped = true
+		e.closePifs()
 		e.mu.Unlock()
 		return nil
 	}
@@ -211,7 +286,18 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	for _, l := range e.loops {
 		<-l.done
 	}
+	e.mu.Lock()
+	e.closePifs()
+	e.mu.Unlock()
 	return err
+}
+
+// closePifs ends the pifs' threads. Called with e.mu held.
+func (e *Engine) closePifs() {
+	for name, p := range e.pifs {
+		p.close()
+		delete(e.pifs, name)
+	}
 }
 
 // ended counts a finished session by its code.
@@ -230,6 +316,13 @@ type Stats struct {
 	Pools         channel.Stats // summed over loops
 	PipesOpen     int64         // whole process
 	PipesDenied   int64         // a pipe wanted, the budget said no
+
+	UDPFlows        int64  // live udp flows
+	UDPFlowsOpened  uint64 // udp flows opened, since start
+	UDPFlowsExpired uint64 // udp flows ended by timeout.idle
+	UDPDatagramsIn  uint64 // client to target, forwarded
+	UDPDatagramsOut uint64 // target to client, forwarded
+	UDPDropped      uint64 // datagrams not forwarded (table full, no fd, buffer full)
 }
 
 // Stats returns the engine's counters. It allocates; call it from the
@@ -251,6 +344,16 @@ func (e *Engine) Stats() Stats {
 	}
 	if e.budget != nil {
 		s.PipesOpen, s.PipesDenied = e.budget.Open(), e.budget.Denied()
+	}
+	for _, ln := range e.Listeners() {
+		if u := ln.udp; u != nil {
+			s.UDPFlows += u.FlowsActive.Load()
+			s.UDPFlowsOpened += u.FlowsOpened.Load()
+			s.UDPFlowsExpired += u.FlowsExpired.Load()
+			s.UDPDatagramsIn += u.DatagramsIn.Load()
+			s.UDPDatagramsOut += u.DatagramsOut.Load()
+			s.UDPDropped += u.Dropped.Load()
+		}
 	}
 	return s
 }

@@ -22,13 +22,17 @@ const (
 	backlog        = 4096
 )
 
-// Listener is one listening socket: one port of a rule.
+// Listener is one listening socket: one port of a rule. A tcp listener is
+// polled by every loop; a udp one by one loop, which owns its flows.
 type Listener struct {
-	e       *Engine
-	fd      int
-	addr    netip.AddrPort
-	rule    *rules.Rule
-	targets []netip.AddrPort // the backend pool for this port
+	e         *Engine
+	fd        int
+	addr      netip.AddrPort
+	rule      *rules.Rule
+	targets   []netip.AddrPort // the backend pool for this port
+	listenPif *pif             // where the listening socket lives (nil: host)
+	targetPif *pif             // where backend sockets are made (nil: host)
+	udp       *udpState        // udp rules only
 
 	closed   atomic.Bool
 	rr       atomic.Uint32 // round-robin cursor into targets
@@ -44,15 +48,17 @@ func (ln *Listener) Addr() netip.AddrPort { return ln.addr }
 // Rule returns the rule the listener serves.
 func (ln *Listener) Rule() *rules.Rule { return ln.rule }
 
-// listenSocket creates a non-blocking listening TCP socket on addr.
-// It returns the fd, the bound address (port filled in when 0 was asked), or
-// an error naming the failing call.
-func listenSocket(addr netip.AddrPort) (int, netip.AddrPort, error) {
-	family := unix.AF_INET
-	if addr.Addr().Is6() {
-		family = unix.AF_INET6
+// listenSocket creates a non-blocking socket of pif p bound to addr: a
+// listening one for tcp, a bound datagram socket for udp. It returns the fd,
+// the bound address (port filled in when 0 was asked), or an error naming the
+// failing call.
+func listenSocket(p *pif, proto rules.Proto, addr netip.AddrPort) (int, netip.AddrPort, error) {
+	fam := family(addr.Addr())
+	typ := unix.SOCK_STREAM
+	if proto == rules.UDP {
+		typ = unix.SOCK_DGRAM
 	}
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	fd, err := p.socket(fam, typ)
 	if err != nil {
 		return -1, addr, fmt.Errorf("socket: %w", err)
 	}
@@ -63,7 +69,7 @@ func listenSocket(addr netip.AddrPort) (int, netip.AddrPort, error) {
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 		return fail("setsockopt SO_REUSEADDR", err)
 	}
-	if family == unix.AF_INET6 {
+	if fam == unix.AF_INET6 {
 		// [::] and 0.0.0.0 are distinct listen keys; dual-stack would make
 		// them collide.
 		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
@@ -73,8 +79,10 @@ func listenSocket(addr netip.AddrPort) (int, netip.AddrPort, error) {
 	if err := unix.Bind(fd, sockaddr(addr)); err != nil {
 		return fail("bind", err)
 	}
-	if err := unix.Listen(fd, backlog); err != nil {
-		return fail("listen", err)
+	if typ == unix.SOCK_STREAM {
+		if err := unix.Listen(fd, backlog); err != nil {
+			return fail("listen", err)
+		}
 	}
 	if addr.Port() == 0 {
 		if sa, err := unix.Getsockname(fd); err == nil {
@@ -84,8 +92,13 @@ func listenSocket(addr netip.AddrPort) (int, netip.AddrPort, error) {
 	return fd, addr, nil
 }
 
-// handle accepts up to acceptBatch connections into loop l.
+// handle accepts up to acceptBatch connections into loop l (tcp), or
+// forwards a batch of datagrams (udp).
 func (ln *Listener) handle(l *Loop, _ int, _ uint32) {
+	if ln.udp != nil {
+		ln.handleUDP(l)
+		return
+	}
 	for i := 0; i < acceptBatch; i++ {
 		fd, sa, err := unix.Accept4(ln.fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
 		if err != nil {

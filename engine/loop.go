@@ -46,6 +46,8 @@ type Loop struct {
 	paused    []*Listener // listeners this loop stopped polling (out of fds)
 	resumeTmr loopTimer
 
+	udp *udpScratch // datagram scratch, made when a udp listener first lands here
+
 	sessions int // live sessions on this loop
 	done     chan struct{}
 }
@@ -202,8 +204,13 @@ func (l *Loop) runTasks() bool {
 // shutdownSessions aborts every session still on the loop and frees the loop.
 func (l *Loop) shutdownSessions() {
 	for fd, h := range l.table {
-		if s, ok := h.(*session); ok && fd == s.cli.FD() {
-			s.finish(l, conn.CodeStopping, true)
+		switch h := h.(type) {
+		case *session:
+			if fd == h.cli.FD() {
+				h.finish(l, conn.CodeStopping, true)
+			}
+		case *flow:
+			h.close(l)
 		}
 	}
 	l.pools.Close()

@@ -96,7 +96,7 @@ func (s *session) dial(l *Loop) {
 	for int(s.tries) < len(s.ln.targets) {
 		target := s.ln.targets[(int(s.first)+int(s.tries))%len(s.ln.targets)]
 		s.tries++
-		fd, err := unix.Socket(family(target.Addr()), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		fd, err := s.ln.targetPif.socket(family(target.Addr()), unix.SOCK_STREAM)
 		if err != nil {
 			s.finish(l, conn.CodeResource, true)
 			return

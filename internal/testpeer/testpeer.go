@@ -51,10 +51,16 @@ func Listen(addr string) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
+	return Serve(ln), nil
+}
+
+// Serve starts a backend on a listener the caller opened (one inside a
+// network namespace, say); Close closes it.
+func Serve(ln net.Listener) *Backend {
 	b := &Backend{ln: ln, conns: map[net.Conn]struct{}{}}
 	b.wg.Add(1)
 	go b.serve()
-	return b, nil
+	return b
 }
 
 // Addr returns the backend's address.

@@ -1,0 +1,126 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// A pif is a place where sockets live: the host (the daemon's own network
+// namespace) or a named network namespace. A socket belongs to the namespace
+// it was created in for its whole life, whichever thread later uses it; so
+// only socket(2) has to run inside the namespace. Each named pif keeps one OS
+// thread switched into its namespace with setns(2); it creates sockets on
+// request and hands back the fds, which the ordinary event loops then poll.
+//
+// The host pif is the nil *pif: its sockets are created on the caller's
+// thread.
+type pif struct {
+	name  string
+	netns string // the path it was opened from, for messages
+	reqs  chan sockReq
+	done  chan struct{}
+
+	mu     sync.RWMutex // held for reading by a request in flight
+	closed bool
+}
+
+type sockReq struct {
+	family, typ int
+	reply       chan sockReply
+}
+
+type sockReply struct {
+	fd  int
+	err error
+}
+
+// openPif starts the thread of a pif inside the network namespace at path
+// (/run/netns/NAME, /proc/PID/ns/net, ...). It returns once the thread is
+// inside the namespace, or the error that kept it out.
+func openPif(name, path string) (*pif, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("pif %s: open netns: %w", name, err)
+	}
+	p := &pif{name: name, netns: path, reqs: make(chan sockReq), done: make(chan struct{})}
+	ready := make(chan error, 1)
+	go p.run(f, ready)
+	if err := <-ready; err != nil {
+		return nil, fmt.Errorf("pif %s: %w", name, err)
+	}
+	return p, nil
+}
+
+// run is the pif's thread. It never unlocks the OS thread: when the
+// goroutine ends, the runtime destroys the thread instead of handing a thread
+// in a foreign namespace to other goroutines. (New threads are cloned by the
+// runtime's template thread, never from a locked one, so none inherits the
+// namespace.) If the runtime happened to run it on the main thread, that
+// thread is parked for good instead, still in the namespace: then
+// /proc/PID/ns/net of the daemon shows the pif's namespace, not the host's.
+func (p *pif) run(f *os.File, ready chan<- error) {
+	runtime.LockOSThread()
+	defer close(p.done)
+	err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+	f.Close()
+	if err != nil {
+		ready <- fmt.Errorf("setns %s: %w", p.netns, err)
+		return
+	}
+	ready <- nil
+	for req := range p.reqs {
+		fd, err := unix.Socket(req.family, req.typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		req.reply <- sockReply{fd, err}
+	}
+}
+
+// errPifClosed is returned for sockets asked of a pif that was closed.
+var errPifClosed = errors.New("pif closed")
+
+// socket returns a new non-blocking, close-on-exec socket of the pif. typ is
+// unix.SOCK_STREAM or unix.SOCK_DGRAM.
+//
+// For a named pif it is a round trip to the pif's thread, a few
+// microseconds: the caller's loop waits that long per outgoing connection
+// into a namespace.
+func (p *pif) socket(family, typ int) (int, error) {
+	if p == nil {
+		return unix.Socket(family, typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	}
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if p.closed {
+		return -1, errPifClosed
+	}
+	reply := make(chan sockReply, 1)
+	p.reqs <- sockReq{family, typ, reply}
+	r := <-reply
+	return r.fd, r.err
+}
+
+// close ends the pif's thread. Sockets already made stay usable.
+func (p *pif) close() {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	if !p.closed {
+		p.closed = true
+		close(p.reqs)
+	}
+	p.mu.Unlock()
+	<-p.done
+}
+
+// String names the pif as rules write it.
+func (p *pif) String() string {
+	if p == nil {
+		return "host"
+	}
+	return p.name
+}
