@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -254,4 +255,73 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("canonical form not stable: %q then %q", canon, c2)
 		}
 	})
+}
+
+func mustParse(t *testing.T, lines ...string) []*Rule {
+	t.Helper()
+	var rs []*Rule
+	for _, l := range lines {
+		r, err := Parse(l)
+		if err != nil {
+			t.Fatalf("%q: %v", l, err)
+		}
+		rs = append(rs, r)
+	}
+	return rs
+}
+
+func TestTableDiff(t *testing.T) {
+	old := mustParse(t,
+		"tcp 0.0.0.0:80 -> 10.0.0.1:80",
+		"tcp 0.0.0.0:8000-8002 -> 10.0.0.1:9000",
+		"udp 0.0.0.0:53 -> 10.0.0.53:53")
+	new := mustParse(t,
+		"tcp 0.0.0.0:80 -> 10.0.0.2:80 send-proxy=v2", // same key, new target: kept
+		"tcp 0.0.0.0:8001-8003 -> 10.0.0.1:9000",      // 8001-8002 kept, 8003 added, 8000 removed
+		"udp ns1/0.0.0.0:53 -> 10.0.0.53:53")          // another pif: a different key
+	d := TableDiff(old, new)
+	str := func(ks []Key) string {
+		var s []string
+		for _, k := range ks {
+			s = append(s, k.String())
+		}
+		return strings.Join(s, ",")
+	}
+	if got := str(d.Kept); got != "tcp 0.0.0.0:80,tcp 0.0.0.0:8001,tcp 0.0.0.0:8002" {
+		t.Errorf("kept %s", got)
+	}
+	if got := str(d.Added); got != "tcp 0.0.0.0:8003,udp ns1/0.0.0.0:53" {
+		t.Errorf("added %s", got)
+	}
+	if got := str(d.Removed); got != "tcp 0.0.0.0:8000,udp 0.0.0.0:53" {
+		t.Errorf("removed %s", got)
+	}
+	SortKeys(d.Added)
+	if d.Added[0].Pif != "" {
+		t.Errorf("host keys sort first: %v", d.Added)
+	}
+}
+
+func TestSummaryVerdict(t *testing.T) {
+	rs := mustParse(t, "tcp 0.0.0.0:8080 -> 127.0.0.1:80", "tcp 0.0.0.0:9000-9001 -> 127.0.0.1:80 weak")
+	strict, weak := NewResult(rs[0]), NewResult(rs[1])
+	weak.Bound = 1
+	weak.Failed = []PortError{{Port: 9001, Errno: syscall.EADDRINUSE, Msg: "address already in use"}}
+	strict.Bound = 1
+	s := Summary{Rules: []RuleResult{strict, weak}}
+	if !s.OK() {
+		t.Error("a weak rule with one port bound must not fail the verdict")
+	}
+	if got := s.Failures(); len(got) != 1 || got[0] != "tcp 0.0.0.0:9000-9001: port 9001: address already in use" {
+		t.Errorf("failures %q", got)
+	}
+	s.Rules[1].Bound = 0
+	if s.OK() {
+		t.Error("a weak rule that bound no port fails the verdict")
+	}
+	s.Rules[1].Bound = 1
+	s.Rules[0].Bound, s.Rules[0].Failed = 0, []PortError{{Port: 8080, Errno: syscall.EADDRINUSE, Msg: "address already in use"}}
+	if s.OK() {
+		t.Error("a strict rule with a failed port fails the verdict")
+	}
 }
