@@ -42,6 +42,7 @@ type Backend struct {
 	conns    map[net.Conn]struct{}
 	Served   atomic.Int64 // exchanges completed
 	Failures atomic.Int64 // exchanges that went wrong
+	Probes   atomic.Int64 // conns closed before a byte was sent: readiness probes
 	LastErr  atomic.Value // error
 }
 
@@ -98,7 +99,9 @@ func (b *Backend) serve() {
 		go func() {
 			defer b.wg.Done()
 			err := serveExchange(c)
-			if err != nil {
+			if errors.Is(err, errProbe) {
+				b.Probes.Add(1)
+			} else if err != nil {
 				b.Failures.Add(1)
 				b.LastErr.Store(err)
 			} else {
@@ -112,9 +115,16 @@ func (b *Backend) serve() {
 	}
 }
 
+// errProbe is a conn that ended cleanly before its header: a readiness probe
+// (a dial and close), not a failed exchange.
+var errProbe = errors.New("probe: closed before any byte")
+
 func serveExchange(c net.Conn) error {
 	var hdr [16]byte
-	if _, err := io.ReadFull(c, hdr[:]); err != nil {
+	if n, err := io.ReadFull(c, hdr[:]); err != nil {
+		if n == 0 && err == io.EOF {
+			return errProbe
+		}
 		return fmt.Errorf("backend: header: %w", err)
 	}
 	down := int64(binary.LittleEndian.Uint64(hdr[:8]))
