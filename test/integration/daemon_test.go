@@ -87,11 +87,40 @@ func (l *logBuffer) String() string {
 // then SIGKILL) at the end of the test.
 func startForward(t testing.TB, target string, extra ...string) *daemon {
 	t.Helper()
+	return startForwardWith(t, forwardOpts{}, target, extra...)
+}
+
+// forwardOpts changes how startForwardWith runs the daemon.
+type forwardOpts struct {
+	// nofile, when > 0, is the daemon's open-files limit, soft and hard: the
+	// Go runtime raises the soft limit to the hard one, so both are set. The
+	// daemon runs under prlimit(1), which execs it: the pid stays sluice's.
+	nofile int
+}
+
+// startForwardWith is startForward with options.
+func startForwardWith(t testing.TB, o forwardOpts, target string, extra ...string) *daemon {
+	t.Helper()
 	port := freePort(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	args := append([]string{"forward", addr, target, "--log-level", "warn"}, extra...)
+	d := startDaemon(t, o, args...)
+	d.Addr = addr
+	d.waitListening(addr)
+	return d
+}
+
+// startDaemon runs sluice with args, its stdout and stderr collected in
+// d.stderr, and returns at once. The process is stopped (SIGTERM, then
+// SIGKILL) at the end of the test.
+func startDaemon(t testing.TB, o forwardOpts, args ...string) *daemon {
+	t.Helper()
 	cmd := exec.Command(sluiceBin, args...)
-	d := &daemon{t: t, cmd: cmd, Addr: addr, stderr: &logBuffer{}, exited: make(chan error, 1)}
+	if o.nofile > 0 {
+		cmd = exec.Command("prlimit", fmt.Sprintf("--nofile=%d:%d", o.nofile, o.nofile), "--", sluiceBin)
+		cmd.Args = append(cmd.Args, args...)
+	}
+	d := &daemon{t: t, cmd: cmd, stderr: &logBuffer{}, exited: make(chan error, 1)}
 	pr, pw, _ := os.Pipe()
 	cmd.Stderr = pw
 	cmd.Stdout = pw
@@ -109,12 +138,20 @@ func startForward(t testing.TB, target string, extra ...string) *daemon {
 	}()
 	go func() { err := cmd.Wait(); <-logDone; d.exited <- err }()
 	t.Cleanup(func() { d.stop(5 * time.Second) })
+	return d
+}
+
+// waitListening waits until addr accepts connections; the test fails if
+// sluice exits first or 10 s pass.
+func (d *daemon) waitListening(addr string) {
+	t := d.t
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			c.Close()
-			return d
+			return
 		}
 		select {
 		case err := <-d.exited:

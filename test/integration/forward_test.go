@@ -17,7 +17,7 @@ import (
 
 var modes = []string{"on", "off", "auto"}
 
-func hashBackend(t *testing.T) *testpeer.Backend {
+func hashBackend(t testing.TB) *testpeer.Backend {
 	t.Helper()
 	b, err := testpeer.Listen("127.0.0.1:0")
 	if err != nil {

@@ -52,6 +52,13 @@ func runPeer(role string) int {
 			return 1
 		}
 		addr, closeFn = b.Addr(), b.Close
+	case "gocopy": // the baseline proxy of the benchmarks, to $SLUICE_IT_PEER_TARGET
+		ln, err := goCopyProxy(os.Getenv(peerTargetEnv))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		addr, closeFn = ln.Addr().String(), func() { ln.Close() }
 	default:
 		fmt.Fprintln(os.Stderr, "unknown peer role", role)
 		return 2
