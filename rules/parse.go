@@ -75,7 +75,10 @@ func splitPif(s string) (string, string, error) {
 	if !found {
 		return "", s, nil
 	}
-	if err := checkPifName(pif); err != nil {
+	if pif == "" {
+		return "", "", errors.New("empty pif name before \"/\"")
+	}
+	if err := CheckPifName(pif); err != nil && pif != HostPif {
 		return "", "", err
 	}
 	if pif == HostPif {
@@ -84,13 +87,17 @@ func splitPif(s string) (string, string, error) {
 	return pif, rest, nil
 }
 
-// checkPifName accepts names of letters, digits, '-', '_' and '.', up to 64
-// bytes, as network namespace names are.
-func checkPifName(name string) error {
-	if name == "" {
-		return errors.New("empty pif name before \"/\"")
-	}
-	if len(name) > 64 {
+// CheckPifName returns what is wrong with the name of a declared pif, or
+// nil: a name is what a network namespace's may be (letters, digits, '-',
+// '_' and '.', up to 64 bytes), and "host" is reserved for the daemon's own
+// namespace.
+func CheckPifName(name string) error {
+	switch {
+	case name == "":
+		return errors.New("pif name is empty")
+	case name == HostPif:
+		return fmt.Errorf("pif name %q is reserved for the daemon's own network namespace", name)
+	case len(name) > 64:
 		return fmt.Errorf("pif name %q is longer than 64 bytes", name)
 	}
 	for _, c := range name {
