@@ -10,11 +10,9 @@
 package channel
 
 import (
-	"strconv"
-	"strings"
-
 	"golang.org/x/sys/unix"
 
+	"github.com/sluice-proxy/sluice/internal/bitnames"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -35,40 +33,16 @@ const (
 	pipeFull Flags = 0x0200 // splice-in said EAGAIN with bytes in the pipe: flush before reading again
 )
 
-var flagNames = [...]struct {
-	f    Flags
-	name string
-}{
-	{ErrIn, "ERR_IN"}, {ErrOut, "ERR_OUT"}, {ShutIn, "SHUT_IN"}, {ShutOut, "SHUT_OUT"},
-	{EmptyIn, "EMPTY_IN"}, {FullOut, "FULL_OUT"}, {onPipe, "ON_PIPE"}, {toPipe, "TO_PIPE"},
-	{noSplice, "NO_SPLICE"}, {pipeFull, "PIPE_FULL"},
+var flagNames = []bitnames.Name[Flags]{
+	{Bit: ErrIn, Name: "ERR_IN"}, {Bit: ErrOut, Name: "ERR_OUT"}, {Bit: ShutIn, Name: "SHUT_IN"}, {Bit: ShutOut, Name: "SHUT_OUT"},
+	{Bit: EmptyIn, Name: "EMPTY_IN"}, {Bit: FullOut, Name: "FULL_OUT"}, {Bit: onPipe, Name: "ON_PIPE"}, {Bit: toPipe, Name: "TO_PIPE"},
+	{Bit: noSplice, Name: "NO_SPLICE"}, {Bit: pipeFull, Name: "PIPE_FULL"},
 }
 
 const allFlags Flags = 0x03ff
 
 // String names every set bit, joined by '|'.
-func (f Flags) String() string {
-	if f == 0 {
-		return "0"
-	}
-	var b strings.Builder
-	for _, n := range flagNames {
-		if f&n.f != 0 {
-			if b.Len() > 0 {
-				b.WriteByte('|')
-			}
-			b.WriteString(n.name)
-			f &^= n.f
-		}
-	}
-	if f != 0 {
-		if b.Len() > 0 {
-			b.WriteByte('|')
-		}
-		b.WriteString("0x" + strconv.FormatUint(uint64(f), 16))
-	}
-	return b.String()
-}
+func (f Flags) String() string { return bitnames.Format(f, flagNames) }
 
 // Channel moves bytes from the socket in to the socket out.
 //

@@ -7,20 +7,18 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
-	"strings"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sluice-proxy/sluice/internal/bitnames"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
 func TestEveryFlagHasAName(t *testing.T) {
-	for bit := Flags(1); bit != 0 && bit <= allFlags; bit <<= 1 {
-		if allFlags&bit != 0 && strings.HasPrefix(bit.String(), "0x") {
-			t.Errorf("flag %#x has no name", uint16(bit))
-		}
+	if m := bitnames.Missing(allFlags, flagNames); m != 0 {
+		t.Errorf("flag bits %#x have no name", uint16(m))
 	}
 	if got := (ErrIn | FullOut).String(); got != "ERR_IN|FULL_OUT" {
 		t.Errorf("String = %q", got)

@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"strings"
@@ -16,16 +15,7 @@ import (
 // startPifs runs an engine with the given namespaces added as pifs.
 func startPifs(t *testing.T, pifs map[string]*netnstest.NS) *Engine {
 	t.Helper()
-	e, err := New(Config{Loops: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.Start()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		e.Shutdown(ctx)
-	})
+	e := newEngine(t)
 	for name, ns := range pifs {
 		if err := e.AddPif(name, ns.Path); err != nil {
 			t.Fatal(err)

@@ -43,6 +43,22 @@ func New(tb testing.TB) *NS {
 	return ns
 }
 
+// Veth links the namespace to the host with a veth pair: hostCIDR on the
+// host's end, nsCIDR on the namespace's (as "10.77.0.1/30"), both up. The
+// host's end goes when the namespace is deleted.
+func (ns *NS) Veth(tb testing.TB, hostCIDR, nsCIDR string) {
+	tb.Helper()
+	n := seq.Add(1)
+	host, peer := fmt.Sprintf("slh%d-%d", os.Getpid()%10000, n), fmt.Sprintf("sln%d-%d", os.Getpid()%10000, n)
+	Run(tb, "ip", "link", "add", host, "type", "veth", "peer", "name", peer)
+	tb.Cleanup(func() { _ = exec.Command("ip", "link", "del", host).Run() })
+	Run(tb, "ip", "link", "set", peer, "netns", ns.Name)
+	Run(tb, "ip", "addr", "add", hostCIDR, "dev", host)
+	Run(tb, "ip", "link", "set", host, "up")
+	ns.Exec(tb, "ip", "addr", "add", nsCIDR, "dev", peer)
+	ns.Exec(tb, "ip", "link", "set", peer, "up")
+}
+
 // Run runs a command and fails the test with its output if it fails.
 func Run(tb testing.TB, name string, args ...string) string {
 	tb.Helper()
