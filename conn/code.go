@@ -24,7 +24,9 @@ const (
 	CodeStopping         Code = 14 // the daemon stopped before the session ended
 	CodeResource         Code = 15 // out of a resource (fds, memory) mid-session
 	CodeHealth           Code = 16 // answered as a health probe
-	codeCount                 = 17
+	CodeProxyOversized   Code = 17 // PROXY header longer than allowed (v1: no CRLF in 107 bytes; v2: length over 4096)
+	CodeProxyMissing     Code = 18 // a source that must send a PROXY header sent other bytes first
+	codeCount                 = 19
 )
 
 var codeNames = [codeCount]string{
@@ -45,6 +47,8 @@ var codeNames = [codeCount]string{
 	CodeStopping:         "stopping",
 	CodeResource:         "resource",
 	CodeHealth:           "health",
+	CodeProxyOversized:   "proxy-oversized",
+	CodeProxyMissing:     "proxy-missing",
 }
 
 // String returns the code's stable name, or "code-N" for a number this

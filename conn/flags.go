@@ -8,8 +8,8 @@ package conn
 
 import (
 	"math/bits"
-	"strconv"
-	"strings"
+
+	"github.com/sluice-proxy/sluice/internal/bitnames"
 )
 
 // Flags is the internal state of a Conn. The bits follow HAProxy's
@@ -47,63 +47,38 @@ const (
 
 // flagNames names every single bit, for String and for the test that fails when
 // a bit is added without a name.
-var flagNames = [...]struct {
-	f    Flags
-	name string
-}{
-	{FDAlloc, "FD_ALLOC"},
-	{CtrlInit, "CTRL_INIT"},
-	{CtrlConnected, "CTRL_CONNECTED"},
-	{CtrlDone, "CTRL_DONE"},
-	{CtrlFailed, "CTRL_FAILED"},
-	{CtrlShutR, "CTRL_SHUTR"},
-	{CtrlShutW, "CTRL_SHUTW"},
-	{DataInit, "DATA_INIT"},
-	{DataConnected, "DATA_CONNECTED"},
-	{DataDone, "DATA_DONE"},
-	{DataFailed, "DATA_FAILED"},
-	{DataShutR, "DATA_SHUTR"},
-	{DataShutW, "DATA_SHUTW"},
-	{FDShutW, "FD_SHUTW"},
-	{ShutRForced, "SHUTR_FORCED"},
-	{Closed, "CLOSED"},
-	{OpAcceptProxy & 0x00010000, "ACCEPT_PROXY_LO"},
-	{OpAcceptProxy & 0x00020000, "ACCEPT_PROXY_HI"},
-	{OpSendProxy & 0x00040000, "SEND_PROXY_LO"},
-	{OpSendProxy & 0x00080000, "SEND_PROXY_HI"},
-	{OpDataAccept & 0x00100000, "DATA_ACCEPT_LO"},
-	{OpDataAccept & 0x00200000, "DATA_ACCEPT_HI"},
-	{OpDataConnect & 0x00400000, "DATA_CONNECT_LO"},
-	{OpDataConnect & 0x00800000, "DATA_CONNECT_HI"},
+var flagNames = [...]bitnames.Name[Flags]{
+	{Bit: FDAlloc, Name: "FD_ALLOC"},
+	{Bit: CtrlInit, Name: "CTRL_INIT"},
+	{Bit: CtrlConnected, Name: "CTRL_CONNECTED"},
+	{Bit: CtrlDone, Name: "CTRL_DONE"},
+	{Bit: CtrlFailed, Name: "CTRL_FAILED"},
+	{Bit: CtrlShutR, Name: "CTRL_SHUTR"},
+	{Bit: CtrlShutW, Name: "CTRL_SHUTW"},
+	{Bit: DataInit, Name: "DATA_INIT"},
+	{Bit: DataConnected, Name: "DATA_CONNECTED"},
+	{Bit: DataDone, Name: "DATA_DONE"},
+	{Bit: DataFailed, Name: "DATA_FAILED"},
+	{Bit: DataShutR, Name: "DATA_SHUTR"},
+	{Bit: DataShutW, Name: "DATA_SHUTW"},
+	{Bit: FDShutW, Name: "FD_SHUTW"},
+	{Bit: ShutRForced, Name: "SHUTR_FORCED"},
+	{Bit: Closed, Name: "CLOSED"},
+	{Bit: OpAcceptProxy & 0x00010000, Name: "ACCEPT_PROXY_LO"},
+	{Bit: OpAcceptProxy & 0x00020000, Name: "ACCEPT_PROXY_HI"},
+	{Bit: OpSendProxy & 0x00040000, Name: "SEND_PROXY_LO"},
+	{Bit: OpSendProxy & 0x00080000, Name: "SEND_PROXY_HI"},
+	{Bit: OpDataAccept & 0x00100000, Name: "DATA_ACCEPT_LO"},
+	{Bit: OpDataAccept & 0x00200000, Name: "DATA_ACCEPT_HI"},
+	{Bit: OpDataConnect & 0x00400000, Name: "DATA_CONNECT_LO"},
+	{Bit: OpDataConnect & 0x00800000, Name: "DATA_CONNECT_HI"},
 }
 
 // allFlags is the union of every named bit.
 const allFlags Flags = 0x00ffffff
 
 // String names every set bit, joined by '|'; unknown bits are shown in hex.
-func (f Flags) String() string {
-	if f == 0 {
-		return "0"
-	}
-	var b strings.Builder
-	for _, n := range flagNames {
-		if f&n.f != 0 {
-			if b.Len() > 0 {
-				b.WriteByte('|')
-			}
-			b.WriteString(n.name)
-			f &^= n.f
-		}
-	}
-	if f != 0 {
-		if b.Len() > 0 {
-			b.WriteByte('|')
-		}
-		b.WriteString("0x")
-		b.WriteString(strconv.FormatUint(uint64(f), 16))
-	}
-	return b.String()
-}
+func (f Flags) String() string { return bitnames.Format(f, flagNames[:]) }
 
 // Step is the state of a multi-step operation, stored in two bits:
 //

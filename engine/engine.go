@@ -17,8 +17,10 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/sluice-proxy/sluice/balance"
 	"github.com/sluice-proxy/sluice/channel"
 	"github.com/sluice-proxy/sluice/conn"
+	"github.com/sluice-proxy/sluice/handshake"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -43,12 +45,18 @@ type Engine struct {
 
 	mu        sync.Mutex
 	listeners []*Listener
+	rules     []*rules.Rule   // the active table, in order
+	gen       uint64          // the active table's generation
+	pending   *pendingApply   // an apply not yet committed or rolled back
 	pifs      map[string]*pif // named pifs; the host pif is nil
+	pifOrder  []*pif          // named pifs in the order added
 	started   bool
 	stopped   bool
 	nextLoop  atomic.Uint32 // round-robin owner for udp listeners
 
 	active        atomic.Int64 // live sessions
+	handshaking   atomic.Int64 // of those, conns still in their incoming handshake chain
+	draining      atomic.Bool  // Shutdown began: health replies say down, no new session starts
 	connectErrors atomic.Uint64
 	endCodes      [32]atomic.Uint64 // sessions ended, by conn.Code
 }
@@ -140,6 +148,7 @@ func (e *Engine) AddPif(name, netnsPath string) error {
 		e.pifs = map[string]*pif{}
 	}
 	e.pifs[name] = p
+	e.pifOrder = append(e.pifOrder, p)
 	return nil
 }
 
@@ -164,8 +173,8 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	if r.Proto != rules.TCP && r.Proto != rules.UDP {
 		return nil, fmt.Errorf("%s: unknown protocol", r.Proto)
 	}
-	if len(r.Targets) == 0 {
-		return nil, fmt.Errorf("rule %q has no target", r.String())
+	if len(r.Targets) == 0 && (r.Proto != rules.TCP || r.Health == rules.HealthNone) {
+		return nil, fmt.Errorf("rule %q has no target and no health reply", r.String())
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -180,6 +189,7 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	if err != nil {
 		return nil, err
 	}
+	pol := handshake.NewPolicy(r, 0) // the rule's chains, counters, maxconn and rate state, shared by its ports
 	var lns []*Listener
 	for i, key := range r.ListenKeys() {
 		fd, bound, err := listenSocket(lp, r.Proto, netipAddrPort(key.Addr, key.Port))
@@ -189,40 +199,48 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 			}
 			return nil, fmt.Errorf("port %d: %w", key.Port, err)
 		}
-		ln := &Listener{e: e, fd: fd, addr: bound, rule: r, targets: r.TargetFor(i), listenPif: lp, targetPif: tp}
-		if r.Proto == rules.UDP {
-			l := e.loops[int(e.nextLoop.Add(1)-1)%len(e.loops)]
-			ln.udp = &udpState{loop: l, flows: map[netip.AddrPort]*flow{}, maxFlows: e.cfg.MaxFlows}
-		}
-		lns = append(lns, ln)
+		lns = append(lns, e.newListener(r, i, fd, bound, lp, tp, pol, nil))
 	}
+	if err := e.registerListeners(lns); err != nil {
+		e.closeListeners(lns)
+		return nil, err
+	}
+	e.listeners = append(e.listeners, lns...)
+	e.rules = append(e.rules, r)
+	return lns, nil
+}
+
+// newListener makes the listener of port i of rule r on socket fd. A udp
+// listener gets its owner loop: owner if given (a socket that moves keeps
+// its loop, which holds its flows), else the next loop round robin.
+func (e *Engine) newListener(r *rules.Rule, i, fd int, bound netip.AddrPort, lp, tp *pif, pol *handshake.Policy, owner *Loop) *Listener {
+	key := r.ListenKeys()[i]
+	ln := &Listener{e: e, fd: fd, addr: bound, key: key, rule: r, targets: r.TargetFor(i), listenPif: lp, targetPif: tp,
+		policy: pol, pool: balance.New(r.Balance, r.TargetFor(i))}
+	if r.Proto == rules.UDP {
+		if owner == nil {
+			owner = e.loops[int(e.nextLoop.Add(1)-1)%len(e.loops)]
+		}
+		ln.udp = &udpState{loop: owner, flows: map[netip.AddrPort]*flow{}, maxFlows: e.cfg.MaxFlows}
+	}
+	return ln
+}
+
+// registerListeners starts polling lns: a tcp listener on every loop, a udp
+// one on its owner loop. It returns the first epoll error, naming the port.
+func (e *Engine) registerListeners(lns []*Listener) error {
 	var regErr error
 	var errMu sync.Mutex
 	e.onLoops(func(l *Loop) {
 		for _, ln := range lns {
-			events := uint32(listenerEvents)
-			if ln.udp != nil {
-				if ln.udp.loop != l {
-					continue
-				}
-				if l.udp == nil {
-					l.udp = new(udpScratch)
-				}
-				events = udpEvents
-			}
-			if err := l.register(ln.fd, events, ln); err != nil {
+			if err := l.registerListener(ln); err != nil {
 				errMu.Lock()
 				regErr = fmt.Errorf("port %d: epoll_ctl: %w", ln.addr.Port(), err)
 				errMu.Unlock()
 			}
 		}
 	})
-	if regErr != nil {
-		e.closeListeners(lns)
-		return nil, regErr
-	}
-	e.listeners = append(e.listeners, lns...)
-	return lns, nil
+	return regErr
 }
 
 // closeListeners stops polling lns on every loop, then closes them. Called
@@ -262,21 +280,48 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 		e.mu.Unlock()
 		return nil
 	}
-	e.closeListeners(e.listeners)
-	e.listeners = nil
+	// Draining: health replies say down (503) from now on, and no new
+	// session starts. Listeners of rules that answer health probes stay open
+	// until the drain ends, so balancers see the 503 and steer away while
+	// live sessions finish; the others close at once (a refused connect is
+	// their signal).
+	e.draining.Store(true)
+	if p := e.pending; p != nil {
+		// An apply awaiting its commit: its paused sockets are in no
+		// table; close them with the rest.
+		e.closeListeners(p.paused)
+		e.pending = nil
+	}
+	var keep, stop []*Listener
+	for _, ln := range e.listeners {
+		if ln.rule.Health != rules.HealthNone && ln.udp == nil {
+			keep = append(keep, ln)
+		} else {
+			stop = append(stop, ln)
+		}
+	}
+	e.closeListeners(stop)
+	e.listeners = keep
 	e.stopped = true
 	e.mu.Unlock()
 
 	var err error
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
-	for e.active.Load() > 0 && err == nil {
+	// Conns still in their handshake (probes being answered, headers being
+	// read) are not waited for: none of them can start a session any more.
+	for e.active.Load()-e.handshaking.Load() > 0 && err == nil {
 		select {
 		case <-ctx.Done():
 			err = ctx.Err()
 		case <-t.C:
 		}
 	}
+	e.mu.Lock()
+	e.closeListeners(keep)
+	e.listeners = nil
+	e.mu.Unlock()
+	e.logRuleStats(keep, stop)
 	for _, l := range e.loops {
 		l.mu.Lock()
 		l.stop = true
@@ -297,6 +342,28 @@ func (e *Engine) closePifs() {
 	for name, p := range e.pifs {
 		p.close()
 		delete(e.pifs, name)
+	}
+	e.pifOrder = nil
+}
+
+// Log returns the engine's logger.
+func (e *Engine) Log() *zap.Logger { return e.log }
+
+// Draining reports whether Shutdown has begun.
+func (e *Engine) Draining() bool { return e.draining.Load() }
+
+// logRuleStats logs each rule's handshake counters once, as the engine
+// stops: the final tally of what was accepted, refused and why.
+func (e *Engine) logRuleStats(lnss ...[]*Listener) {
+	seen := map[*handshake.Policy]bool{}
+	for _, lns := range lnss {
+		for _, ln := range lns {
+			if ln.policy == nil || seen[ln.policy] || ln.udp != nil {
+				continue
+			}
+			seen[ln.policy] = true
+			e.log.Info("rule counters", zap.String("rule", ln.rule.String()), zap.Any("counters", ln.policy.Stats()))
+		}
 	}
 }
 

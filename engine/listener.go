@@ -9,6 +9,8 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/sluice-proxy/sluice/balance"
+	"github.com/sluice-proxy/sluice/handshake"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -28,11 +30,14 @@ type Listener struct {
 	e         *Engine
 	fd        int
 	addr      netip.AddrPort
+	key       rules.Key // the listen key asked for (port 0: any free port)
 	rule      *rules.Rule
-	targets   []netip.AddrPort // the backend pool for this port
-	listenPif *pif             // where the listening socket lives (nil: host)
-	targetPif *pif             // where backend sockets are made (nil: host)
-	udp       *udpState        // udp rules only
+	targets   []netip.AddrPort  // the backend pool for this port
+	listenPif *pif              // where the listening socket lives (nil: host)
+	targetPif *pif              // where backend sockets are made (nil: host)
+	udp       *udpState         // udp rules only
+	policy    *handshake.Policy // the rule's handshake chains and counters (shared by its ports)
+	pool      *balance.Pool     // the backend pool for this port: balancing and passive health
 
 	closed   atomic.Bool
 	rr       atomic.Uint32 // round-robin cursor into targets
@@ -47,6 +52,13 @@ func (ln *Listener) Addr() netip.AddrPort { return ln.addr }
 
 // Rule returns the rule the listener serves.
 func (ln *Listener) Rule() *rules.Rule { return ln.rule }
+
+// Policy returns the rule's handshake policy: its counters (Stats) are the
+// rule's, shared by every port of it.
+func (ln *Listener) Policy() *handshake.Policy { return ln.policy }
+
+// Pool returns the listener's backend pool (Stats shows each backend's state).
+func (ln *Listener) Pool() *balance.Pool { return ln.pool }
 
 // listenSocket creates a non-blocking socket of pif p bound to addr: a
 // listening one for tcp, a bound datagram socket for udp. It returns the fd,
@@ -106,7 +118,7 @@ func (ln *Listener) handle(l *Loop, _ int, _ uint32) {
 			case unix.EAGAIN:
 			case unix.EINTR, unix.ECONNABORTED, unix.EPROTO, unix.EPERM:
 				continue // that one connection is gone; the next may be fine
-			case unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM:
+			case unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM: // outOfFds
 				ln.Paused.Add(1)
 				l.pauseListener(ln)
 				ln.warnOnce(l, err)
@@ -117,6 +129,9 @@ func (ln *Listener) handle(l *Loop, _ int, _ uint32) {
 		}
 		ln.Accepted.Add(1)
 		newSession(l, ln, fd, sa)
+		if len(l.fdWait) > 0 {
+			return // out of fds: the listener is paused until they free up
+		}
 	}
 }
 

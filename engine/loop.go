@@ -48,6 +48,9 @@ type Loop struct {
 
 	udp *udpScratch // datagram scratch, made when a udp listener first lands here
 
+	fdWait  []*session // sessions parked for want of an fd, oldest first
+	inFreed bool       // fdFreed is running (it may end sessions, which call it)
+
 	sessions int // live sessions on this loop
 	done     chan struct{}
 }
@@ -80,7 +83,7 @@ func newLoop(e *Engine, id int, tableSize int) (*Loop, error) {
 	}
 	l.wheel.init(0)
 	l.resumeTmr.owner = &l.resumeTmr
-	l.resumeTmr.fn = (*Loop).resumeListeners
+	l.resumeTmr.fn = (*Loop).fdFreed
 	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wfd)}
 	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wfd, &ev); err != nil {
 		unix.Close(epfd)
@@ -118,6 +121,22 @@ func (l *Loop) register(fd int, events uint32, h handler) error {
 	}
 	l.table[fd] = h
 	return nil
+}
+
+// registerListener polls ln on this loop if it belongs here: a tcp listener
+// on every loop, a udp one on its owner loop only.
+func (l *Loop) registerListener(ln *Listener) error {
+	events := uint32(listenerEvents)
+	if ln.udp != nil {
+		if ln.udp.loop != l {
+			return nil
+		}
+		if l.udp == nil {
+			l.udp = new(udpScratch)
+		}
+		events = udpEvents
+	}
+	return l.register(ln.fd, events, ln)
 }
 
 // forget removes fd from the loop's table. close(2) removes it from the epoll
@@ -221,10 +240,60 @@ func (l *Loop) shutdownSessions() {
 // pauseListener stops polling ln on this loop after accept ran out of fds,
 // and arms a retry. Sessions closing on this loop resume it sooner.
 func (l *Loop) pauseListener(ln *Listener) {
+	for _, p := range l.paused {
+		if p == ln {
+			return
+		}
+	}
 	l.unregister(ln.fd)
 	l.paused = append(l.paused, ln)
 	if !l.resumeTmr.armed() {
 		l.arm(&l.resumeTmr.timer, acceptRetry)
+	}
+}
+
+// outOfFds reports whether err says the process or the system has no fd or
+// socket memory left: a shortage that passes, not a failure of the peer.
+func outOfFds(err error) bool {
+	return err == unix.EMFILE || err == unix.ENFILE || err == unix.ENOBUFS || err == unix.ENOMEM
+}
+
+// fdFreed runs when an fd may have been freed (a session ended) and on the
+// resume timer: sessions parked for an fd dial again, oldest first, and only
+// once none is left waiting do the paused listeners accept again, so new
+// clients never take the fds the waiting ones need.
+func (l *Loop) fdFreed() {
+	if l.inFreed {
+		return
+	}
+	l.inFreed = true
+	defer func() { l.inFreed = false }()
+	for len(l.fdWait) > 0 {
+		s := l.fdWait[0]
+		l.fdWait[0] = nil
+		l.fdWait = l.fdWait[1:]
+		l.wheel.del(&s.tmr)
+		s.state = stConnecting
+		s.dial(l, conn.CodeConnectRefused)
+		if s.state == stWaitFd { // still short: it is parked again, at the end
+			if !l.resumeTmr.armed() {
+				l.arm(&l.resumeTmr.timer, acceptRetry)
+			}
+			return
+		}
+	}
+	if len(l.paused) > 0 {
+		l.resumeListeners()
+	}
+}
+
+// unpark takes s off the list of sessions waiting for an fd.
+func (l *Loop) unpark(s *session) {
+	for i, w := range l.fdWait {
+		if w == s {
+			l.fdWait = append(l.fdWait[:i], l.fdWait[i+1:]...)
+			return
+		}
 	}
 }
 

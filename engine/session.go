@@ -1,13 +1,17 @@
 package engine
 
 import (
+	"strconv"
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-proxy/sluice/channel"
 	"github.com/sluice-proxy/sluice/conn"
+	"github.com/sluice-proxy/sluice/handshake"
+	"github.com/sluice-proxy/sluice/internal/bitnames"
 )
 
 // Defaults for a rule's timeouts left at zero.
@@ -19,24 +23,57 @@ const (
 type sessionState uint8
 
 const (
-	stConnecting sessionState = iota // backend connect in flight; channels not set up
-	stForwarding                     // both conns up; channels pumping
+	stHandshake  sessionState = iota // the incoming chain runs (monitor, health, accept-proxy, rules)
+	stConnecting                     // backend connect in flight; channels not set up
+	stSendProxy                      // backend connected; the outgoing chain (send-proxy) writes
+	stForwarding                     // both conns up; channels pumping; no handshake state held
 	stClosed                         // fds closed; waiting for the GC
+	stWaitFd                         // out of fds for the backend socket: parked on the loop's fdWait list
 )
+
+var stateNames = [...]string{"handshake", "connecting", "send-proxy", "forwarding", "closed", "wait-fd"}
+
+func (s sessionState) String() string {
+	if int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return "state-" + strconv.Itoa(int(s))
+}
+
+// sessionFlags is what a session remembers past its handshake: the shared
+// counts it must give back when it ends.
+type sessionFlags uint8
+
+const (
+	sfMaxConn sessionFlags = 0x01 // holds one of the rule's maxconn slots
+	sfBackend sessionFlags = 0x02 // counted on backend s.backend of the pool (leastconn)
+	sfPassed  sessionFlags = 0x04 // passed the incoming chain (logged at info when it ends)
+)
+
+var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"}, {Bit: sfPassed, Name: "PASSED"}}
+
+const allSessionFlags sessionFlags = 0x07
+
+func (f sessionFlags) String() string { return bitnames.Format(f, sessionFlagNames[:]) }
 
 // session is a client conn, its backend conn and the two channels between
 // them. It is one allocation, owned by one loop. Both fds route their events
 // to it through the loop's table.
+//
+// The handshake (the chains' per-conn state, peek buffer included) is a
+// separate pooled State in hs, given back when forwarding starts: an
+// established idle session is this struct alone (TestSessionSize bounds it).
 type session struct {
 	cli, srv conn.Conn
 	up, down channel.Channel // up: client to backend; down: backend to client
-	tmr      timer           // connect timeout, then idle timeout
+	tmr      timer           // handshake timeout, then connect timeout, then idle timeout
 	ln       *Listener
-	start    int64 // loop clock at accept
-	active   int64 // loop clock of the last byte moved
+	hs       *handshake.State // nil once forwarding
+	start    int64            // loop clock at accept
+	active   int64            // loop clock of the last byte moved
 	state    sessionState
-	tries    uint8 // backends tried so far
-	first    uint8 // index of the first backend tried
+	flags    sessionFlags
+	backend  uint8 // index in the pool of the backend in use
 }
 
 var _ handler = (*session)(nil)
@@ -44,8 +81,18 @@ var _ expirer = (*session)(nil)
 
 func (s *session) expire(l *Loop) {
 	switch s.state {
+	case stHandshake:
+		code := s.ln.policy.Expired(s.hs)
+		s.finish(l, code, code != conn.CodeHealth)
 	case stConnecting:
 		s.connectFailed(l, conn.CodeConnectTimeout)
+	case stWaitFd:
+		// No fd freed up within timeout.connect.
+		s.finish(l, conn.CodeResource, true)
+	case stSendProxy:
+		// The backend accepted but took no header within timeout.connect.
+		s.ln.pool.Failed(int(s.backend), l.now)
+		s.finish(l, conn.CodeConnectTimeout, true)
 	case stForwarding:
 		deadline := s.active + int64(s.idleTimeout())
 		if l.now < deadline {
@@ -71,13 +118,21 @@ func (s *session) connectTimeout() time.Duration {
 }
 
 // newSession takes an accepted fd and starts the session: the client conn
-// registered on l, the first backend dialed.
+// registered on l and its incoming handshake chain run, bounded by the
+// rule's timeout.handshake.
 func newSession(l *Loop, ln *Listener, fd int, sa unix.Sockaddr) {
 	s := &session{ln: ln, start: l.now, active: l.now}
 	s.tmr.owner = s
 	s.cli.Init(fd, nil, true)
 	s.cli.Src = addrPort(sa)
 	s.cli.Dst = ln.addr
+	if ln.addr.Addr().IsUnspecified() {
+		// A wildcard listener: the address the client reached is what a
+		// PROXY header sent onwards must carry.
+		if la, err := unix.Getsockname(fd); err == nil {
+			s.cli.Dst = addrPort(la)
+		}
+	}
 	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	if err := l.register(fd, sessionEvents, s); err != nil {
 		l.log.Warn("register client", zap.Int("fd", fd), zap.Error(err))
@@ -86,18 +141,85 @@ func newSession(l *Loop, ln *Listener, fd int, sa unix.Sockaddr) {
 	}
 	l.sessions++
 	l.e.active.Add(1)
-	s.first = uint8(ln.pickTarget())
-	s.dial(l)
+	l.e.handshaking.Add(1)
+	pol := ln.policy
+	s.hs = handshake.Get(&s.cli, &s.srv)
+	pol.Begin(s.hs)
+	if pol.HasHealth() && (l.e.draining.Load() || ln.pool.AllDown(l.now)) {
+		s.hs.Set(handshake.Failing)
+	}
+	s.state = stHandshake
+	l.arm(&s.tmr, pol.Timeout())
+	s.handshake(l)
 }
 
-// dial starts a non-blocking connect to the next backend of the pool.
-// On return the session is connecting, forwarding, or finished.
-func (s *session) dial(l *Loop) {
-	for int(s.tries) < len(s.ln.targets) {
-		target := s.ln.targets[(int(s.first)+int(s.tries))%len(s.ln.targets)]
-		s.tries++
+// handshake runs the incoming chain; once it is done, the session step.
+func (s *session) handshake(l *Loop) {
+	s.hs.Now = l.now
+	switch r, code := s.ln.policy.RunIn(s.hs); r {
+	case handshake.Done:
+		s.sessionStep(l)
+	case handshake.Fail:
+		s.finish(l, code, true) // a refused conn is reset: nothing of it lingers
+	case handshake.Close:
+		s.finish(l, code, false)
+	}
+	// WantRead, WantWrite: the next event on the client runs it again.
+}
+
+// sessionStep is the chain's last handler, the engine's own: it refuses new
+// sessions while the daemon drains, picks a backend and dials it.
+func (s *session) sessionStep(l *Loop) {
+	l.e.handshaking.Add(-1)
+	s.state = stConnecting // the handshake is over, whatever happens next
+	s.flags |= sfPassed
+	if s.hs.Has(handshake.MaxConn) {
+		s.flags |= sfMaxConn
+	}
+	if l.e.draining.Load() {
+		s.ln.policy.Refuse(conn.CodeStopping)
+		s.finish(l, conn.CodeStopping, false)
+		return
+	}
+	if s.ln.pool.Len() == 0 {
+		// A health-only rule answers every conn itself; nothing reaches here.
+		s.ln.policy.Refuse(conn.CodeConnectRefused)
+		s.finish(l, conn.CodeConnectRefused, false)
+		return
+	}
+	s.hs.First = uint8(s.ln.pool.Start(s.cli.Src.Addr(), l.now))
+	s.dial(l, conn.CodeConnectRefused)
+}
+
+// dial starts a non-blocking connect to the next backend of the pool not yet
+// tried (up ones first). When none is left the session ends with code, the
+// reason the last one failed. On return the session is connecting, sending
+// its PROXY header, forwarding, or finished.
+func (s *session) dial(l *Loop, code conn.Code) {
+	pool := s.ln.pool
+	for {
+		i := pool.Next(int(s.hs.First), s.hs.Tried, l.now)
+		if i < 0 {
+			break
+		}
+		s.hs.Tried |= 1 << i
+		target := pool.Target(i)
 		fd, err := s.ln.targetPif.socket(family(target.Addr()), unix.SOCK_STREAM)
 		if err != nil {
+			if outOfFds(err) {
+				// Keep the client: the session waits, parked, until a
+				// session of this loop frees an fd (or timeout.connect),
+				// and the listener stops accepting clients it could not
+				// serve either.
+				s.hs.Tried &^= 1 << i
+				s.state = stWaitFd
+				l.fdWait = append(l.fdWait, s)
+				l.arm(&s.tmr, s.connectTimeout())
+				s.ln.Paused.Add(1)
+				l.pauseListener(s.ln)
+				s.ln.warnOnce(l, err)
+				return
+			}
 			s.finish(l, conn.CodeResource, true)
 			return
 		}
@@ -106,10 +228,14 @@ func (s *session) dial(l *Loop) {
 		if err != nil && err != unix.EINPROGRESS {
 			unix.Close(fd)
 			l.e.connectErrors.Add(1)
+			pool.Failed(i, l.now)
 			continue // refused at once (or unreachable): next backend
 		}
 		s.srv.Init(fd, nil, false)
 		s.srv.Dst = target
+		s.backend = uint8(i)
+		s.flags |= sfBackend
+		pool.Acquire(i)
 		if rerr := l.register(fd, sessionEvents, s); rerr != nil {
 			s.srv.Close(true)
 			s.finish(l, conn.CodeResource, true)
@@ -123,29 +249,56 @@ func (s *session) dial(l *Loop) {
 		l.arm(&s.tmr, s.connectTimeout())
 		return
 	}
-	s.finish(l, conn.CodeConnectRefused, false)
+	s.finish(l, code, false)
 }
 
-// connectFailed drops the backend conn in flight and tries the next backend.
+// connectFailed drops the backend conn in flight, marks its backend down and
+// tries the next one.
 func (s *session) connectFailed(l *Loop, code conn.Code) {
 	l.e.connectErrors.Add(1)
+	s.ln.pool.Failed(int(s.backend), l.now)
+	s.ln.pool.Release(int(s.backend))
+	s.flags &^= sfBackend
 	if fd := s.srv.FD(); fd >= 0 {
 		l.forget(fd)
 		s.srv.Close(true)
 	}
-	if int(s.tries) < len(s.ln.targets) {
-		s.dial(l)
-		return
-	}
-	s.finish(l, code, false)
+	s.dial(l, code)
 }
 
-// established sets up the channels once the backend is connected.
+// established runs once the backend is connected: the outgoing chain if the
+// rule has one, then forwarding.
 func (s *session) established(l *Loop) {
 	s.srv.Connected()
+	s.ln.pool.Connected(int(s.backend))
 	if sa, err := unix.Getsockname(s.srv.FD()); err == nil {
 		s.srv.Src = addrPort(sa)
 	}
+	if s.ln.policy.HasOut() {
+		s.state = stSendProxy
+		l.arm(&s.tmr, s.connectTimeout())
+		s.sendProxy(l)
+		return
+	}
+	s.forward(l)
+}
+
+// sendProxy runs the outgoing chain: the PROXY header before any payload.
+func (s *session) sendProxy(l *Loop) {
+	s.hs.Now = l.now
+	switch r, code := s.ln.policy.RunOut(s.hs); r {
+	case handshake.Done:
+		s.forward(l)
+	case handshake.Fail:
+		s.finish(l, code, true)
+	}
+	// WantWrite: the backend's next writable event runs it again.
+}
+
+// forward gives the handshake state back and starts the channels.
+func (s *session) forward(l *Loop) {
+	handshake.Put(s.hs)
+	s.hs = nil
 	mode := s.ln.rule.Splice
 	s.up.Init(s.cli.FD(), s.srv.FD(), mode)
 	s.down.Init(s.srv.FD(), s.cli.FD(), mode)
@@ -157,6 +310,14 @@ func (s *session) established(l *Loop) {
 
 func (s *session) handle(l *Loop, fd int, ev uint32) {
 	switch s.state {
+	case stHandshake:
+		if fd != s.cli.FD() {
+			return
+		}
+		if ev&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+			s.hs.Set(handshake.PeerClosed)
+		}
+		s.handshake(l)
 	case stConnecting:
 		if fd == s.srv.FD() {
 			if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) == 0 {
@@ -175,6 +336,19 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 			s.connectFailed(l, code)
 		} else if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 			// The client is gone before its backend answered.
+			s.finish(l, conn.CodeClientReset, true)
+		}
+	case stWaitFd:
+		if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			// The client gave up while its session waited for an fd.
+			s.finish(l, conn.CodeClientReset, true)
+		}
+	case stSendProxy:
+		if fd == s.srv.FD() {
+			if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+				s.sendProxy(l)
+			}
+		} else if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 			s.finish(l, conn.CodeClientReset, true)
 		}
 	case stForwarding:
@@ -246,18 +420,40 @@ func (s *session) failCode() conn.Code {
 }
 
 // finish closes both conns (abort: with a reset), returns the channels'
-// buffers and pipes, and logs the session. Safe to call once per session;
-// later calls do nothing.
+// buffers and pipes, the handshake state and the shared counts it holds, and
+// logs the session: at info once it passed the handshake, at debug for a
+// health reply or a refused conn, so a flood of those is never a flood of
+// log lines. Safe to call once per session; later calls do nothing.
 func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	if s.state == stClosed {
 		return
 	}
 	forwarding := s.state == stForwarding
+	switch s.state {
+	case stHandshake:
+		l.e.handshaking.Add(-1)
+	case stWaitFd:
+		l.unpark(s)
+	}
 	s.state = stClosed
 	l.wheel.del(&s.tmr)
 	if forwarding {
 		s.up.Release(l.pools)
 		s.down.Release(l.pools)
+	}
+	if s.hs != nil {
+		if s.hs.Has(handshake.MaxConn) {
+			s.flags |= sfMaxConn
+		}
+		handshake.Put(s.hs)
+		s.hs = nil
+	}
+	pol := s.ln.policy
+	if s.flags&sfMaxConn != 0 {
+		pol.ReleaseSlot()
+	}
+	if s.flags&sfBackend != 0 {
+		s.ln.pool.Release(int(s.backend))
 	}
 	s.cli.SetCode(code)
 	for _, c := range [...]*conn.Conn{&s.cli, &s.srv} {
@@ -269,10 +465,16 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	l.sessions--
 	l.e.active.Add(-1)
 	l.e.ended(code)
-	if ce := l.log.Check(zap.InfoLevel, "session"); ce != nil {
+	pol.Ended(code)
+	lvl := zap.InfoLevel
+	if s.flags&sfPassed == 0 {
+		lvl = zapcore.DebugLevel
+	}
+	if ce := l.log.Check(lvl, "session"); ce != nil {
 		ce.Write(
 			zap.Stringer("listen", s.ln.addr),
 			zap.Stringer("src", s.cli.Src),
+			zap.Stringer("dst", s.cli.Dst),
 			zap.Stringer("target", s.srv.Dst),
 			zap.Uint64("bytes_up", s.up.Bytes),
 			zap.Uint64("bytes_down", s.down.Bytes),
@@ -282,8 +484,5 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 			zap.Uint16("code", uint16(code)),
 		)
 	}
-	if len(l.paused) > 0 {
-		l.resumeListeners() // an fd was just freed
-	}
+	l.fdFreed()
 }
-

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"strings"
@@ -14,12 +15,16 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/sluice-proxy/sluice/config"
 	"github.com/sluice-proxy/sluice/engine"
+	"github.com/sluice-proxy/sluice/metrics"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
-// daemonFlags are the flags every daemon command shares.
+// daemonFlags are the flags every daemon command shares. Given on the
+// command line, they override the configuration file.
 type daemonFlags struct {
+	fs        *flag.FlagSet
 	loops     int
 	logLevel  string
 	logFormat string
@@ -27,10 +32,34 @@ type daemonFlags struct {
 }
 
 func (d *daemonFlags) register(fs *flag.FlagSet) {
-	fs.IntVar(&d.loops, "loops", 0, "event loops; 0 = one per CPU")
-	fs.StringVar(&d.logLevel, "log-level", "info", "log level: debug, info, warn, error")
-	fs.StringVar(&d.logFormat, "log-format", "console", "log format: console or json")
-	fs.DurationVar(&d.drain, "drain-timeout", 10*time.Second, "on SIGTERM/SIGINT, how long live sessions may finish before they are closed")
+	d.fs = fs
+	fs.IntVar(&d.loops, "loops", 0, "event loops; 0 = one per CPU (overrides loops of the file)")
+	fs.StringVar(&d.logLevel, "log-level", config.DefaultLogLevel, "log level: debug, info, warn, error (overrides log.level)")
+	fs.StringVar(&d.logFormat, "log-format", config.DefaultLogFormat, "log format: console or json (overrides log.format)")
+	fs.DurationVar(&d.drain, "drain-timeout", config.DefaultDrain, "on SIGTERM/SIGINT, how long live sessions may finish before they are closed (overrides drain)")
+}
+
+// override sets c's settings from the flags given on the command line.
+func (d *daemonFlags) override(c *config.Config) error {
+	d.fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "loops":
+			c.Loops = d.loops
+		case "log-level":
+			c.Log.Level = d.logLevel
+		case "log-format":
+			c.Log.Format = d.logFormat
+		case "drain-timeout":
+			c.Drain = d.drain
+		}
+	})
+	if c.Loops < 0 {
+		return usagef("--loops %d: want 0 (one per CPU) or more", c.Loops)
+	}
+	if c.Drain < 0 {
+		return usagef("--drain-timeout %s: want 0 or more", c.Drain)
+	}
+	return nil
 }
 
 // parseInterleaved parses flags that may appear before, between or after
@@ -47,6 +76,20 @@ func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
 		pos = append(pos, fs.Arg(0))
 		args = fs.Args()[1:]
 	}
+}
+
+// parseCommand parses a command's flags and positional arguments. help is
+// true after -h (the usage is printed; the command does nothing more); a
+// bad flag is a usage error.
+func parseCommand(fs *flag.FlagSet, args []string) (pos []string, help bool, err error) {
+	pos, err = parseInterleaved(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		return nil, true, nil
+	}
+	if err != nil {
+		return nil, false, usageError{err}
+	}
+	return pos, false, nil
 }
 
 func newFlagSet(name, synopsis string) *flag.FlagSet {
@@ -81,42 +124,125 @@ func newLogger(level, format string) (*zap.Logger, error) {
 	return cfg.Build()
 }
 
-// serve starts an engine with rules and blocks until SIGINT or SIGTERM, then
-// drains. ready, if set, runs once every listener is up.
-func serve(d *daemonFlags, rs []*rules.Rule, ready func(*engine.Engine, *zap.Logger)) error {
-	log, err := newLogger(d.logLevel, d.logFormat)
+// at names where a rule or pif of c comes from: "FILE:LINE: ", or "" for
+// one given on the command line.
+func at(c *config.Config, line int) string {
+	if c.File == "" {
+		return ""
+	}
+	return fmt.Sprintf("%s:%d: ", c.File, line)
+}
+
+// unsupported lists, as validation errors at their lines, what c asks of
+// the engine that this build does not do yet.
+func unsupported(c *config.Config) error {
+	var errs rules.ErrorList
+	for _, e := range c.Rules {
+		if err := engineSupports(e.Rule); err != nil {
+			errs = append(errs, &rules.Error{File: c.File, Line: e.Line, Msg: err.Error()})
+		}
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+// applyInitial installs the configuration's table as generation 1, through
+// the same transaction the control socket uses: every port is bound or the
+// daemon does not start, and each failure names its rule's line
+// ("FILE:LINE: tcp 0.0.0.0:8080: port 8080: address already in use"); the
+// failed ports of weak rules are logged, not fatal.
+func applyInitial(c *config.Config, e *engine.Engine) error {
+	rs := make([]*rules.Rule, len(c.Rules))
+	for i, ent := range c.Rules {
+		rs[i] = ent.Rule
+	}
+	sum, err := e.Apply(rs)
+	if err != nil {
+		return err
+	}
+	var msgs []string
+	for i, res := range sum.Rules {
+		for _, f := range res.Failed {
+			msgs = append(msgs, fmt.Sprintf("%s%s: port %d: %s", at(c, c.Rules[i].Line), res.Listen, f.Port, f.Msg))
+		}
+	}
+	if !sum.OK() {
+		if _, err := e.Rollback(); err != nil {
+			return err
+		}
+		return errors.New(strings.Join(msgs, "\n"))
+	}
+	if _, err := e.Commit(); err != nil {
+		return err
+	}
+	for _, m := range msgs {
+		e.Log().Warn("weak rule: port not bound", zap.String("failure", m))
+	}
+	return nil
+}
+
+// running is the daemon once it is up, as its ready hook sees it.
+type running struct {
+	e       *engine.Engine
+	log     *zap.Logger
+	metrics *metrics.Server // nil without metrics.listen
+}
+
+// serve runs the daemon on a configuration: pifs, the engine, every rule's
+// listeners, the metrics endpoint. ready, if set, runs once all are up.
+// It blocks until SIGINT or SIGTERM, then drains live sessions for up to
+// c.Drain (a second signal stops at once).
+func serve(c *config.Config, ready func(*running)) error {
+	log, err := newLogger(c.Log.Level, c.Log.Format)
 	if err != nil {
 		return err
 	}
 	defer log.Sync()
-	if d.loops < 0 {
-		return usagef("--loops %d: want 0 (one per CPU) or more", d.loops)
-	}
-	e, err := engine.New(engine.Config{Loops: d.loops, Log: log})
+	e, err := engine.New(engine.Config{Loops: c.Loops, Log: log})
 	if err != nil {
-		return err
+		return fmt.Errorf("starting the engine: %w", err)
+	}
+	for _, p := range c.Pifs {
+		if err := e.AddPif(p.Name, p.Netns); err != nil {
+			_ = e.Shutdown(context.Background())
+			return fmt.Errorf("%spif %s (netns %s): %w", at(c, p.Line), p.Name, p.Netns, err)
+		}
+		log.Info("pif added", zap.String("pif", p.Name), zap.String("netns", p.Netns))
 	}
 	e.Start()
 	sig := make(chan os.Signal, 2)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sig)
-	for _, r := range rs {
-		lns, err := e.Listen(r)
-		if err != nil {
+	if err := applyInitial(c, e); err != nil {
+		_ = e.Shutdown(context.Background())
+		return err
+	}
+	for _, ln := range e.Listeners() {
+		log.Info("listening", zap.Stringer("rule", ln.Rule()), zap.Stringer("addr", ln.Addr()))
+	}
+	if len(c.Rules) == 0 {
+		log.Warn("the configuration has no rules: nothing to forward")
+	}
+	if c.Ctl.Socket != "" {
+		log.Warn("this build does not serve a control socket yet; ctl.socket is not used", zap.String("socket", c.Ctl.Socket))
+	}
+	r := &running{e: e, log: log}
+	if c.Metrics.Listen.IsValid() {
+		if r.metrics, err = startMetrics(c, e, log); err != nil {
 			_ = e.Shutdown(context.Background())
-			return fmt.Errorf("%s: %w", r, err)
+			return err
 		}
-		for _, ln := range lns {
-			log.Info("listening", zap.String("rule", r.String()), zap.Stringer("addr", ln.Addr()))
-		}
+		log.Info("metrics listening", zap.String("url", "http://"+r.metrics.Addr().String()+"/metrics"))
 	}
 	if ready != nil {
-		ready(e, log)
+		ready(r)
 	}
 	s := <-sig
 	log.Info("stopping: no new connections; draining live sessions",
-		zap.Stringer("signal", s), zap.Int64("sessions", e.Stats().Sessions), zap.Duration("deadline", d.drain))
-	ctx, cancel := context.WithTimeout(context.Background(), d.drain)
+		zap.Stringer("signal", s), zap.Int64("sessions", e.Stats().Sessions), zap.Duration("deadline", c.Drain))
+	ctx, cancel := context.WithTimeout(context.Background(), c.Drain)
 	defer cancel()
 	go func() { // a second signal stops at once
 		select {
@@ -130,20 +256,50 @@ func serve(d *daemonFlags, rs []*rules.Rule, ready func(*engine.Engine, *zap.Log
 		log.Warn("drain deadline passed; remaining sessions closed")
 		err = nil
 	}
+	if r.metrics != nil {
+		// Scrapes went on during the drain; the last ones may finish.
+		mctx, mcancel := context.WithTimeout(context.Background(), time.Second)
+		if merr := r.metrics.Close(mctx); merr != nil {
+			log.Warn("metrics server close", zap.Error(merr))
+		}
+		mcancel()
+	}
 	log.Info("stopped")
 	return err
+}
+
+// startMetrics serves /metrics from e's counters and the status page.
+func startMetrics(c *config.Config, e *engine.Engine, log *zap.Logger) (*metrics.Server, error) {
+	reg, err := metrics.NewRegistry(e.Stats)
+	if err != nil {
+		return nil, err
+	}
+	started := time.Now()
+	status := func(w io.Writer) {
+		st := e.Stats()
+		fmt.Fprintf(w, "sluice %s, up %s\n", version, time.Since(started).Round(time.Second))
+		if c.File != "" {
+			fmt.Fprintf(w, "configuration: %s\n", c.File)
+		}
+		fmt.Fprintf(w, "sessions: %d live\n", st.Sessions)
+		if e.Draining() {
+			fmt.Fprintln(w, "state: draining (stopping)")
+		}
+		fmt.Fprintln(w, "\nlisteners:")
+		for _, ln := range e.Listeners() {
+			fmt.Fprintf(w, "  %-24s %s\n", ln.Addr(), ln.Rule())
+		}
+	}
+	return metrics.Serve(c.Metrics.Listen, reg, status, log)
 }
 
 func cmdForward(args []string) error {
 	var d daemonFlags
 	fs := newFlagSet("forward", "sluice forward LISTEN TARGET [OPTION...] [flags]")
 	d.register(fs)
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
-		return usageError{err}
+	pos, help, err := parseCommand(fs, args)
+	if help || err != nil {
+		return err
 	}
 	if len(pos) < 2 {
 		return usagef("forward: want LISTEN TARGET [OPTION...], got %q", strings.Join(pos, " "))
@@ -155,43 +311,21 @@ func cmdForward(args []string) error {
 	if err := engineSupports(r); err != nil {
 		return usagef("forward: %v", err)
 	}
-	return serve(&d, []*rules.Rule{r}, nil)
+	if r.ListenPif != "" || r.TargetPif != "" {
+		return usagef("forward: %s: forward knows no pifs; declare them in a configuration file (sluice run -c)", r)
+	}
+	c := config.Default()
+	c.Rules = []rules.Entry{{Rule: r}}
+	if err := d.override(c); err != nil {
+		return err
+	}
+	return serve(c, nil)
 }
 
 // engineSupports refuses rule options the engine does not act on yet, so no
 // option is silently ignored.
 func engineSupports(r *rules.Rule) error {
 	var not []string
-	if r.Proto != rules.TCP {
-		not = append(not, r.Proto.String())
-	}
-	if r.AcceptProxy {
-		not = append(not, "accept-proxy")
-	}
-	if r.SendProxy != 0 {
-		not = append(not, "send-proxy")
-	}
-	if r.Health != rules.HealthNone {
-		not = append(not, "health")
-	}
-	if len(r.Monitor) > 0 {
-		not = append(not, "monitor")
-	}
-	if len(r.Allow) > 0 || len(r.Deny) > 0 {
-		not = append(not, "allow/deny")
-	}
-	if r.Rate > 0 || r.MaxConn > 0 {
-		not = append(not, "rate/maxconn")
-	}
-	if r.Balance != rules.BalanceRoundRobin {
-		not = append(not, "balance="+r.Balance.String())
-	}
-	if r.HandshakeTimeout > 0 {
-		not = append(not, "timeout.handshake")
-	}
-	if r.ListenPif != "" || r.TargetPif != "" {
-		not = append(not, "pifs")
-	}
 	if len(not) > 0 {
 		return fmt.Errorf("not supported by this build yet: %s", strings.Join(not, ", "))
 	}

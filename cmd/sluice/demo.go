@@ -9,27 +9,47 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/sluice-proxy/sluice/engine"
-	"github.com/sluice-proxy/sluice/rules"
+	"github.com/sluice-proxy/sluice/config"
 )
 
-// demoListen is where the demo forward listens; if it is taken, an ephemeral
-// port is used instead and printed.
-const demoListen = "127.0.0.1:8080"
+// Where the demo listens and serves metrics; a port that is taken is
+// replaced by an ephemeral one, and the addresses used are printed.
+const (
+	demoListen  = "127.0.0.1:8080"
+	demoMetrics = "127.0.0.1:9901"
+)
 
-// cmdRun is the daemon. With no configuration file it runs the built-in demo:
-// a tiny HTTP responder on an ephemeral loopback port, and a forward to it.
-func cmdRun(args []string) error {
-	var d daemonFlags
-	fs := newFlagSet("run", "sluice run [flags]")
-	d.register(fs)
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return usageError{err}
+// demoConfig is the built-in demo's configuration file, run through the
+// same parsing and checks as one given with -c. The listen address, the
+// responder's address and the metrics address are filled in at start.
+const demoConfig = `# sluice's built-in demo ("sluice run" with no -c)
+metrics: {listen: %q}
+rules:
+  - tcp %s -> %s
+`
+
+// demoFile is the demo configuration's name in messages.
+const demoFile = "(built-in demo)"
+
+// freeOr returns addr if a TCP listener can bind it now, else the same
+// address with port 0 (any free port).
+func freeOr(addr string) (string, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err == nil {
+		ln.Close()
+		return addr, nil
 	}
-	if len(pos) > 0 {
-		return usagef("run: unexpected argument %q", pos[0])
+	if !errors.Is(err, syscall.EADDRINUSE) {
+		return "", fmt.Errorf("demo: %s: %w", addr, err)
 	}
+	host, _, _ := net.SplitHostPort(addr)
+	return net.JoinHostPort(host, "0"), nil
+}
+
+// runDemo is `sluice run` with no file: a tiny HTTP responder on an
+// ephemeral loopback port, a forward to it, and metrics, all on loopback,
+// so it works on any machine without root.
+func runDemo(d *daemonFlags) error {
 	backend, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return fmt.Errorf("demo backend: %w", err)
@@ -42,27 +62,33 @@ func cmdRun(args []string) error {
 	go srv.Serve(backend)
 	defer srv.Close()
 
-	target := backend.Addr().String()
-	listen := demoListen
-	if ln, err := net.Listen("tcp", listen); err != nil {
-		if !errors.Is(err, syscall.EADDRINUSE) {
-			return fmt.Errorf("demo listen %s: %w", listen, err)
-		}
-		listen = "127.0.0.1:0"
-	} else {
-		ln.Close()
-	}
-	r, err := rules.ParseForward(listen, target, nil)
+	listen, err := freeOr(demoListen)
 	if err != nil {
 		return err
 	}
-	return serve(&d, []*rules.Rule{r}, func(e *engine.Engine, log *zap.Logger) {
-		addr := e.Listeners()[0].Addr()
+	metricsAddr, err := freeOr(demoMetrics)
+	if err != nil {
+		return err
+	}
+	target := backend.Addr().String()
+	src := fmt.Sprintf(demoConfig, metricsAddr, listen, target)
+	c, err := config.Parse(demoFile, []byte(src))
+	if err != nil {
+		return fmt.Errorf("the demo configuration does not validate (a bug):\n%s\n%w", src, err)
+	}
+	return runConfig(c, d, func(r *running) {
+		addr := r.e.Listeners()[0].Addr()
 		if listen != demoListen {
-			log.Warn("demo: " + demoListen + " is in use; using an ephemeral port instead")
+			r.log.Warn("demo: " + demoListen + " is in use; using an ephemeral port instead")
 		}
+		if metricsAddr != demoMetrics {
+			r.log.Warn("demo: " + demoMetrics + " is in use; metrics on an ephemeral port instead")
+		}
+		r.log.Debug("demo configuration", zap.String("yaml", src))
 		fmt.Printf("\nsluice demo is up: tcp %s -> %s (a built-in HTTP responder)\n", addr, target)
-		fmt.Printf("  try:   curl http://%s/\n", addr)
-		fmt.Printf("  stop:  Ctrl-C (SIGINT) or SIGTERM; live sessions drain first\n\n")
+		fmt.Printf("  try:      curl http://%s/\n", addr)
+		fmt.Printf("  metrics:  curl http://%s/metrics   (status page: http://%s/)\n", r.metrics.Addr(), r.metrics.Addr())
+		fmt.Printf("  stop:     Ctrl-C (SIGINT) or SIGTERM; live sessions drain first\n")
+		fmt.Printf("  your own: sluice run -c FILE (YAML: see README.md, \"Configuration\")\n\n")
 	})
 }

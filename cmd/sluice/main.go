@@ -30,7 +30,11 @@ func usagef(format string, a ...any) error { return usageError{fmt.Errorf(format
 const usage = `sluice: a TCP/UDP stream proxy
 
 usage:
-  sluice run                             the daemon on its built-in demo configuration
+  sluice run [-c FILE] [--loops N] [--log-level L] [--log-format F] [--drain-timeout D]
+                                         the daemon on a YAML configuration file;
+                                         without -c, on its built-in demo configuration
+  sluice check -c FILE                   validate a configuration file
+  sluice check -r RULESFILE              validate a rules file (one rule per line)
   sluice forward LISTEN TARGET [OPTION...] [--loops N] [--log-level L] [--log-format F]
                                          the daemon with one rule, e.g.
                                          sluice forward 127.0.0.1:8080 127.0.0.1:80 splice=on
@@ -54,6 +58,8 @@ func run(args []string) int {
 		err = cmdRun(args[1:])
 	case "forward":
 		err = cmdForward(args[1:])
+	case "check":
+		err = cmdCheck(args[1:])
 	case "version":
 		fmt.Println("sluice", version)
 	case "-h", "--help", "help":
@@ -63,6 +69,9 @@ func run(args []string) int {
 	}
 	if err == nil {
 		return exitOK
+	}
+	if printErrorList(err) { // FILE:LINE: message, one per line
+		return exitUsage
 	}
 	fmt.Fprintln(os.Stderr, "sluice:", err)
 	var u usageError

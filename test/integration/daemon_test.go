@@ -96,6 +96,9 @@ type forwardOpts struct {
 	// Go runtime raises the soft limit to the hard one, so both are set. The
 	// daemon runs under prlimit(1), which execs it: the pid stays sluice's.
 	nofile int
+	// prog, when set, is run instead of sluice: a third-party peer (haproxy,
+	// nginx) a test drives like the daemon, output collected, stopped by PID.
+	prog string
 }
 
 // startForwardWith is startForward with options.
@@ -115,7 +118,11 @@ func startForwardWith(t testing.TB, o forwardOpts, target string, extra ...strin
 // SIGKILL) at the end of the test.
 func startDaemon(t testing.TB, o forwardOpts, args ...string) *daemon {
 	t.Helper()
-	cmd := exec.Command(sluiceBin, args...)
+	bin := sluiceBin
+	if o.prog != "" {
+		bin = o.prog
+	}
+	cmd := exec.Command(bin, args...)
 	if o.nofile > 0 {
 		cmd = exec.Command("prlimit", fmt.Sprintf("--nofile=%d:%d", o.nofile, o.nofile), "--", sluiceBin)
 		cmd.Args = append(cmd.Args, args...)

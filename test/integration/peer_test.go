@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -59,6 +60,13 @@ func runPeer(role string) int {
 			return 1
 		}
 		addr, closeFn = ln.Addr().String(), func() { ln.Close() }
+	case "slowloris": // $SLUICE_IT_PEER_COUNT conns to $SLUICE_IT_PEER_TARGET, one header byte a second
+		n, stop, err := slowloris(os.Getenv(peerTargetEnv), os.Getenv(peerCountEnv))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		addr, closeFn = strconv.Itoa(n), stop
 	default:
 		fmt.Fprintln(os.Stderr, "unknown peer role", role)
 		return 2

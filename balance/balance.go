@@ -1,0 +1,160 @@
+// Package balance chooses a backend of a pool for a new session: round
+// robin, least connections, or by source address, skipping backends that
+// passive health marked down (a connect that was refused or timed out) for a
+// while. Safe for concurrent use by every loop; atomics only.
+package balance
+
+import (
+	"hash/maphash"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"github.com/sluice-proxy/sluice/rules"
+)
+
+// DownFor is how long a backend that failed a connect is skipped. A skipped
+// backend is still tried when every backend of the pool is down, so traffic
+// itself finds the one that came back.
+const DownFor = 5 * time.Second
+
+// MaxBackends is the largest pool: tried backends are a 64-bit mask.
+const MaxBackends = 64
+
+// Pool is the backend pool of one listener.
+type Pool struct {
+	mode     rules.Balance
+	targets  []netip.AddrPort
+	backends []backend
+	rr       atomic.Uint32
+}
+
+type backend struct {
+	downUntil atomic.Int64 // engine clock (ns); 0 or past: up
+	active    atomic.Int32 // sessions on it (leastconn)
+	fails     atomic.Uint64
+	_         [40]byte // one cache line each: loops update neighbours concurrently
+}
+
+// New returns the pool of targets (at most MaxBackends) balanced by mode.
+func New(mode rules.Balance, targets []netip.AddrPort) *Pool {
+	if len(targets) > MaxBackends {
+		targets = targets[:MaxBackends]
+	}
+	return &Pool{mode: mode, targets: targets, backends: make([]backend, len(targets))}
+}
+
+// Len returns the number of backends.
+func (p *Pool) Len() int { return len(p.targets) }
+
+// Target returns backend i's address.
+func (p *Pool) Target(i int) netip.AddrPort { return p.targets[i] }
+
+var seed = maphash.MakeSeed()
+
+// Start returns the backend a new session from src tries first at time now
+// (-1 for an empty pool): the next in turn (roundrobin), the up one with the
+// fewest sessions (leastconn), or the source's hash (source). It is only a
+// starting point: Next skips down backends from it.
+func (p *Pool) Start(src netip.Addr, now int64) int {
+	n := len(p.targets)
+	switch {
+	case n == 0:
+		return -1
+	case n == 1:
+		return 0
+	}
+	switch p.mode {
+	case rules.BalanceSource:
+		return int(maphash.Comparable(seed, src.Unmap()) % uint64(n))
+	case rules.BalanceLeastConn:
+		off := int(p.rr.Add(1)-1) % n // ties rotate
+		best, bestN := -1, int32(0)
+		for k := 0; k < n; k++ {
+			i := (off + k) % n
+			if p.down(i, now) {
+				continue
+			}
+			if a := p.backends[i].active.Load(); best < 0 || a < bestN {
+				best, bestN = i, a
+			}
+		}
+		if best < 0 {
+			return off
+		}
+		return best
+	}
+	return int(p.rr.Add(1)-1) % n
+}
+
+// Next returns the backend to try after the ones in tried (bit i: backend i
+// tried), scanning from start: the first up one, else the first down one
+// (every backend down: try anyway), or -1 when all were tried.
+func (p *Pool) Next(start int, tried uint64, now int64) int {
+	n := len(p.targets)
+	fallback := -1
+	for k := 0; k < n; k++ {
+		i := (start + k) % n
+		if tried&(1<<i) != 0 {
+			continue
+		}
+		if !p.down(i, now) {
+			return i
+		}
+		if fallback < 0 {
+			fallback = i
+		}
+	}
+	return fallback
+}
+
+func (p *Pool) down(i int, now int64) bool { return p.backends[i].downUntil.Load() > now }
+
+// Failed marks backend i down until now + DownFor.
+func (p *Pool) Failed(i int, now int64) {
+	p.backends[i].fails.Add(1)
+	p.backends[i].downUntil.Store(now + int64(DownFor))
+}
+
+// Connected marks backend i up.
+func (p *Pool) Connected(i int) {
+	if p.backends[i].downUntil.Load() != 0 {
+		p.backends[i].downUntil.Store(0)
+	}
+}
+
+// Acquire and Release count the sessions on backend i (for leastconn).
+func (p *Pool) Acquire(i int) { p.backends[i].active.Add(1) }
+func (p *Pool) Release(i int) { p.backends[i].active.Add(-1) }
+
+// AllDown reports whether the pool has backends and every one is marked down
+// at time now; a health reply then says down.
+func (p *Pool) AllDown(now int64) bool {
+	if len(p.targets) == 0 {
+		return false
+	}
+	for i := range p.backends {
+		if !p.down(i, now) {
+			return false
+		}
+	}
+	return true
+}
+
+// BackendStats is one backend's state.
+type BackendStats struct {
+	Target   netip.AddrPort
+	Up       bool
+	Active   int32
+	Failures uint64
+}
+
+// Stats returns every backend's state at time now.
+func (p *Pool) Stats(now int64) []BackendStats {
+	out := make([]BackendStats, len(p.targets))
+	for i, t := range p.targets {
+		b := &p.backends[i]
+		out[i] = BackendStats{Target: t, Up: !p.down(i, now), Active: b.active.Load(), Failures: b.fails.Load()}
+	}
+	return out
+}

@@ -1,0 +1,80 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/rules"
+)
+
+// cmdCheck validates a configuration (-c) or a rules file (-r). Every error
+// goes to stderr as "FILE:LINE: message" (main prints the list, exit 2); on
+// success a one-line summary goes to stdout.
+func cmdCheck(args []string) error {
+	var cfgFile, rulesFile string
+	fs := newFlagSet("check", "sluice check -c FILE | sluice check -r RULESFILE")
+	fs.StringVar(&cfgFile, "c", "", "a configuration file (YAML) to validate")
+	fs.StringVar(&rulesFile, "r", "", "a rules file (one rule per line, # comments) to validate")
+	pos, help, err := parseCommand(fs, args)
+	if help || err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usagef("check: unexpected argument %q (want -c FILE or -r RULESFILE)", pos[0])
+	}
+	switch {
+	case (cfgFile == "") == (rulesFile == ""):
+		return usagef("check: want one of -c FILE or -r RULESFILE")
+	case cfgFile != "":
+		c, err := loadConfig(cfgFile)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("%s: ok: %s, %s, %s\n", cfgFile, count(len(c.Rules), "rule"), count(c.Ports(), "listen port"), count(len(c.Pifs), "pif"))
+	default:
+		src, err := config.ReadFile(rulesFile)
+		if err != nil {
+			return usageError{fmt.Errorf("-r: %w", err)}
+		}
+		entries, err := rules.ParseFile(rulesFile, src)
+		if err != nil {
+			return err
+		}
+		ports := 0
+		for _, e := range entries {
+			ports += e.Rule.ListenPorts.Len()
+		}
+		fmt.Printf("%s: ok: %s, %s\n", rulesFile, count(len(entries), "rule"), count(ports, "listen port"))
+	}
+	return nil
+}
+
+// count writes "1 rule", "2 rules".
+func count(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return fmt.Sprintf("%d %ss", n, what)
+}
+
+// isErrorList reports whether err carries validation errors to print one
+// per line.
+func isErrorList(err error) bool {
+	var list rules.ErrorList
+	return errors.As(err, &list)
+}
+
+// printErrorList prints every validation error of err, one per line, as
+// FILE:LINE: message, and reports whether there were any.
+func printErrorList(err error) bool {
+	var list rules.ErrorList
+	if !errors.As(err, &list) {
+		return false
+	}
+	for _, e := range list {
+		fmt.Fprintln(os.Stderr, e)
+	}
+	return true
+}

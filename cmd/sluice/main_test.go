@@ -1,0 +1,135 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/rules"
+)
+
+// Flags given on the command line override the file; flags not given leave
+// the file's settings alone.
+func TestFlagsOverrideFile(t *testing.T) {
+	file := func() *config.Config {
+		c, err := config.Parse("f.yaml", []byte("loops: 3\nlog: {level: warn, format: json}\ndrain: 1m\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	for _, tc := range []struct {
+		args []string
+		want config.Config
+		err  string
+	}{
+		{nil, config.Config{Loops: 3, Log: config.Log{Level: "warn", Format: "json"}, Drain: time.Minute}, ""},
+		{[]string{"--loops", "1"}, config.Config{Loops: 1, Log: config.Log{Level: "warn", Format: "json"}, Drain: time.Minute}, ""},
+		{[]string{"--loops", "0"}, config.Config{Loops: 0, Log: config.Log{Level: "warn", Format: "json"}, Drain: time.Minute}, ""},
+		{[]string{"--log-level", "debug", "--drain-timeout", "2s"}, config.Config{Loops: 3, Log: config.Log{Level: "debug", Format: "json"}, Drain: 2 * time.Second}, ""},
+		{[]string{"--log-format", "console"}, config.Config{Loops: 3, Log: config.Log{Level: "warn", Format: "console"}, Drain: time.Minute}, ""},
+		{[]string{"--loops", "-1"}, config.Config{}, "--loops -1"},
+		{[]string{"--drain-timeout", "-1s"}, config.Config{}, "--drain-timeout -1s"},
+	} {
+		var d daemonFlags
+		fs := newFlagSet("t", "t")
+		d.register(fs)
+		if err := fs.Parse(tc.args); err != nil {
+			t.Fatal(err)
+		}
+		c := file()
+		err := d.override(c)
+		if tc.err != "" {
+			var u usageError
+			if !errors.As(err, &u) || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%v: err = %v, want a usage error about %q", tc.args, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%v: %v", tc.args, err)
+			continue
+		}
+		if c.Loops != tc.want.Loops || c.Log != tc.want.Log || c.Drain != tc.want.Drain {
+			t.Errorf("%v: loops %d, log %+v, drain %v; want %d, %+v, %v", tc.args, c.Loops, c.Log, c.Drain, tc.want.Loops, tc.want.Log, tc.want.Drain)
+		}
+	}
+}
+
+// unsupported lists exactly the rules engineSupports refuses, each at its
+// file's line.
+func TestUnsupportedAtLines(t *testing.T) {
+	lines := []string{
+		"tcp 127.0.0.1:1 -> 127.0.0.1:2",
+		"tcp 127.0.0.1:3 -> 127.0.0.1:4 send-proxy=v2 balance=source",
+		"udp 127.0.0.1:5 -> 127.0.0.1:6",
+		"tcp 127.0.0.1:7 health=http",
+		"tcp 127.0.0.1:8 -> 127.0.0.1:9 splice=off timeout.idle=1m",
+	}
+	src := "pifs: [{name: ns1, netns: /x}]\nrules:\n"
+	for _, l := range lines {
+		src += "  - " + l + "\n"
+	}
+	src += "  - tcp ns1/127.0.0.1:10 -> 127.0.0.1:11\n"
+	c, err := config.Parse("t.yaml", []byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for _, e := range c.Rules {
+		if err := engineSupports(e.Rule); err != nil {
+			want = append(want, fmt.Sprintf("t.yaml:%d: %v", e.Line, err))
+		}
+	}
+	err = unsupported(c)
+	if len(want) == 0 {
+		if err != nil {
+			t.Fatalf("unsupported = %v, want nil", err)
+		}
+		return
+	}
+	var list rules.ErrorList
+	if !errors.As(err, &list) {
+		t.Fatalf("unsupported = %v (%T), want a rules.ErrorList", err, err)
+	}
+	if got := list.Error(); got != strings.Join(want, "\n") {
+		t.Fatalf("got\n%s\nwant\n%s", got, strings.Join(want, "\n"))
+	}
+}
+
+// The demo's configuration is a valid file, and a taken port is replaced by
+// an ephemeral one.
+func TestDemoConfig(t *testing.T) {
+	c, err := config.Parse(demoFile, []byte(fmt.Sprintf(demoConfig, "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:4321")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Rules) != 1 || c.Rules[0].Rule.String() != "tcp 127.0.0.1:0 -> 127.0.0.1:4321" || c.Metrics.Listen.String() != "127.0.0.1:0" {
+		t.Fatalf("demo configuration: %+v", c)
+	}
+	if err := unsupported(c); err != nil {
+		t.Fatalf("the demo asks for what this build cannot do: %v", err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if got, err := freeOr(ln.Addr().String()); err != nil || got != "127.0.0.1:0" {
+		t.Fatalf("freeOr(taken) = %q, %v", got, err)
+	}
+	ln.Close()
+	if got, err := freeOr(ln.Addr().String()); err != nil || got != ln.Addr().String() {
+		t.Fatalf("freeOr(free) = %q, %v", got, err)
+	}
+}
+
+func TestCount(t *testing.T) {
+	if count(1, "rule") != "1 rule" || count(0, "pif") != "0 pifs" || count(101, "listen port") != "101 listen ports" {
+		t.Fatal(count(1, "rule"), count(0, "pif"), count(101, "listen port"))
+	}
+}

@@ -1,0 +1,304 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/handshake"
+	"github.com/sluice-proxy/sluice/rules"
+)
+
+// The live table change. Apply swaps the active table for a new one and
+// syncs the sockets by listen key:
+//
+//   - a key in both tables keeps its socket: never closed, never re-bound.
+//     If its rule is unchanged the listener stays as it is; if the rule
+//     changed, a new Listener takes over the same fd on every loop, while
+//     live sessions keep the old Listener, and so the rule they started with;
+//   - a key only in the new table is bound here, on the caller's goroutine,
+//     so every errno is tied to its rule and port in the summary;
+//   - a key only in the old table is paused: no longer polled and, for tcp,
+//     shutdown(SHUT_RD), which takes the socket out of LISTEN while it stays
+//     bound (new SYNs are refused). Commit closes it; Rollback listen()s
+//     again, so a rollback never has to bind.
+//
+// Apply leaves the change pending: Commit makes it final, Rollback undoes it.
+// Only one apply is pending at a time. The syscalls and loop work of an apply
+// are proportional to the difference between the tables; matching the keys
+// is one hash lookup per listen key.
+//
+// A paused socket stays bound until commit, so a new table cannot take a
+// port that a removed rule held under another address of the same family
+// (0.0.0.0:80 replaced by 127.0.0.1:80): the bind fails with "address
+// already in use". Such a change takes two transactions: remove, then add.
+
+// ErrPending is returned by Apply while an earlier apply awaits Commit or
+// Rollback, and by Commit and Rollback when none is pending.
+var (
+	ErrPending   = errors.New("an applied table awaits commit or rollback")
+	ErrNoPending = errors.New("no applied table awaits commit or rollback")
+)
+
+// pendingApply is what Commit or Rollback needs of an apply.
+type pendingApply struct {
+	oldRules     []*rules.Rule
+	oldListeners []*Listener
+	added        []*Listener             // bound by the apply
+	swapped      map[*Listener]*Listener // kept key, changed rule: old -> new, same fd
+	paused       []*Listener             // removed keys
+}
+
+// Generation returns the active table's generation: 0 at start, one more at
+// each commit.
+func (e *Engine) Generation() uint64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.gen
+}
+
+// Rules returns the active table, in order.
+func (e *Engine) Rules() []*rules.Rule {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]*rules.Rule(nil), e.rules...)
+}
+
+// Pifs returns the named pifs in the order they were added; the host pif
+// (index 0 in the control protocol) is not listed.
+func (e *Engine) Pifs() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	names := make([]string, 0, len(e.pifs))
+	for _, p := range e.pifOrder {
+		names = append(names, p.name)
+	}
+	return names
+}
+
+// Sessions returns the number of live sessions.
+func (e *Engine) Sessions() int64 { return e.active.Load() }
+
+// Apply replaces the active table with rs and syncs the listening sockets
+// (see above). The rules must be valid, alone and as a table; pifs must
+// exist. It returns the summary of what was bound and what failed; the
+// change stays pending until Commit or Rollback, whatever the verdict.
+// Errors: ErrPending, ErrStopped, or an unknown pif (nothing changed then).
+func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.started || e.stopped {
+		return nil, ErrStopped
+	}
+	if e.pending != nil {
+		return nil, ErrPending
+	}
+	for _, r := range rs {
+		if _, err := e.pif(r.ListenPif); err != nil {
+			return nil, fmt.Errorf("%s: %w", r, err)
+		}
+		if _, err := e.pif(r.TargetPif); err != nil {
+			return nil, fmt.Errorf("%s: %w", r, err)
+		}
+	}
+	byKey := make(map[rules.Key]*Listener, len(e.listeners))
+	for _, ln := range e.listeners {
+		if ln.key.Port != 0 {
+			byKey[ln.key] = ln
+		}
+	}
+	p := &pendingApply{oldRules: e.rules, oldListeners: e.listeners, swapped: map[*Listener]*Listener{}}
+	sum := &rules.Summary{Generation: e.gen + 1}
+	var next []*Listener
+	canon := map[*rules.Rule]string{} // rules' canonical lines, each made once
+	line := func(r *rules.Rule) string {
+		if c, ok := canon[r]; ok {
+			return c
+		}
+		canon[r] = r.String()
+		return canon[r]
+	}
+	for _, r := range rs {
+		res := rules.NewResult(r)
+		lp, _ := e.pif(r.ListenPif)
+		tp, _ := e.pif(r.TargetPif)
+		pol := handshake.NewPolicy(r, 0)
+		for i, key := range r.ListenKeys() {
+			if old := byKey[key]; old != nil {
+				delete(byKey, key) // each socket moves to one rule only
+				ln := old
+				if line(old.rule) != line(r) {
+					ln = e.newListener(r, i, old.fd, old.addr, lp, tp, pol, ownerOf(old))
+					if old.udp != nil {
+						// Live flows keep their rule and target, as tcp
+						// sessions do; sharing the table keeps them found
+						// and closed with the socket.
+						ln.udp.flows = old.udp.flows
+					}
+					p.swapped[old] = ln
+				}
+				next = append(next, ln)
+				res.Bound++
+				sum.Kept++
+				continue
+			}
+			fd, bound, err := listenSocket(lp, r.Proto, netipAddrPort(key.Addr, key.Port))
+			if err != nil {
+				res.Failed = append(res.Failed, portError(key.Port, err))
+				continue
+			}
+			ln := e.newListener(r, i, fd, bound, lp, tp, pol, nil)
+			p.added = append(p.added, ln)
+			next = append(next, ln)
+			res.Bound++
+			sum.Added++
+		}
+		sum.Rules = append(sum.Rules, res)
+	}
+	for _, ln := range e.listeners { // what no new rule took is paused
+		if ln.key.Port == 0 || byKey[ln.key] == ln {
+			p.paused = append(p.paused, ln)
+		}
+	}
+	sum.Removed = len(p.paused)
+	for _, ln := range p.paused {
+		ln.closed.Store(true) // an EMFILE-paused loop must not resume it
+		if ln.udp == nil {
+			// Out of LISTEN, still bound. Errors are ignored: the socket
+			// is no longer polled either way.
+			_ = unix.Shutdown(ln.fd, unix.SHUT_RD)
+		}
+	}
+	regErr := e.syncLoops(p.paused, p.added, p.swapped)
+	e.rules, e.listeners, e.pending = rs, next, p
+	if regErr != nil {
+		// Polling a new socket failed (ENOMEM, say): report it as that
+		// port's failure, so the verdict is bad and the caller rolls back.
+		sum.Rules = append(sum.Rules, rules.RuleResult{Rule: "(engine)", Listen: "(engine)", Failed: []rules.PortError{portError(0, regErr)}})
+	}
+	return sum, nil
+}
+
+// ownerOf returns the loop that owns a udp listener's flows (nil for tcp).
+func ownerOf(ln *Listener) *Loop {
+	if ln.udp == nil {
+		return nil
+	}
+	return ln.udp.loop
+}
+
+// portError describes a failed bind for the summary.
+func portError(port uint16, err error) rules.PortError {
+	pe := rules.PortError{Port: port, Msg: err.Error()}
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		pe.Errno = errno
+		pe.Msg = errno.Error()
+	}
+	return pe
+}
+
+// syncLoops makes every loop poll the new state at once: stop polling what
+// is paused, poll what was added, and hand the fds of swapped listeners to
+// their new Listener (also in a loop's list of listeners paused for lack of
+// fds). It returns the first error of registering an added listener.
+func (e *Engine) syncLoops(stop, start []*Listener, swap map[*Listener]*Listener) error {
+	var regErr error
+	e.onLoops(func(l *Loop) {
+		for _, ln := range stop {
+			if ln.udp == nil || ln.udp.loop == l {
+				l.unregister(ln.fd)
+			}
+		}
+		for _, ln := range start {
+			if err := l.registerListener(ln); err != nil && regErr == nil {
+				regErr = fmt.Errorf("port %d: epoll_ctl: %w", ln.addr.Port(), err)
+			}
+		}
+		for old, ln := range swap {
+			if l.table[old.fd] == handler(old) {
+				l.table[old.fd] = ln
+			}
+		}
+		for i, ln := range l.paused {
+			if n, ok := swap[ln]; ok {
+				l.paused[i] = n
+			}
+		}
+	})
+	return regErr
+}
+
+// Commit makes the pending apply final: paused sockets are closed, the old
+// table is dropped. It returns the new generation.
+func (e *Engine) Commit() (uint64, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p := e.pending
+	if p == nil {
+		return e.gen, ErrNoPending
+	}
+	e.pending = nil
+	e.closeListeners(p.paused)
+	e.gen++
+	return e.gen, nil
+}
+
+// Rollback undoes the pending apply: sockets it bound are closed, swapped
+// ones go back to their old listeners, paused ones listen again. It returns
+// the summary of the restored table: a paused socket that cannot listen
+// again (rare: the kernel refused listen(2)) is reported as failed.
+func (e *Engine) Rollback() (*rules.Summary, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p := e.pending
+	if p == nil {
+		return nil, ErrNoPending
+	}
+	e.pending = nil
+	e.closeListeners(p.added)
+	back := make(map[*Listener]*Listener, len(p.swapped))
+	for old, ln := range p.swapped {
+		back[ln] = old
+	}
+	failed := map[*Listener]error{}
+	var resume []*Listener
+	for _, ln := range p.paused {
+		if ln.udp == nil {
+			if err := unix.Listen(ln.fd, backlog); err != nil {
+				failed[ln] = err
+				continue
+			}
+		}
+		ln.closed.Store(false)
+		resume = append(resume, ln)
+	}
+	regErr := e.syncLoops(nil, resume, back)
+	e.rules, e.listeners = p.oldRules, p.oldListeners
+	sum := &rules.Summary{Generation: e.gen, Removed: len(p.added)}
+	byRule := map[*rules.Rule]*rules.RuleResult{}
+	for _, r := range e.rules {
+		sum.Rules = append(sum.Rules, rules.NewResult(r))
+	}
+	for i, r := range e.rules {
+		byRule[r] = &sum.Rules[i]
+	}
+	for _, ln := range e.listeners {
+		res := byRule[ln.rule]
+		if res == nil {
+			continue // a listener added by Listen outside the table
+		}
+		if err := failed[ln]; err != nil {
+			res.Failed = append(res.Failed, portError(ln.addr.Port(), fmt.Errorf("listen again: %w", err)))
+			continue
+		}
+		res.Bound++
+	}
+	sum.Kept = len(e.listeners) - len(failed)
+	if regErr != nil {
+		return sum, regErr
+	}
+	return sum, nil
+}
