@@ -5,17 +5,20 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"syscall"
 
 	"go.uber.org/zap"
 
 	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/rules"
 )
 
 // Where the demo listens and serves metrics; a port that is taken is
 // replaced by an ephemeral one, and the addresses used are printed.
 const (
 	demoListen  = "127.0.0.1:8080"
+	demoHealth  = "127.0.0.1:8081"
 	demoMetrics = "127.0.0.1:9901"
 )
 
@@ -26,6 +29,7 @@ const demoConfig = `# sluice's built-in demo ("sluice run" with no -c)
 metrics: {listen: %q}
 rules:
   - tcp %s -> %s
+  - tcp %s health=http
 `
 
 // demoFile is the demo configuration's name in messages.
@@ -66,20 +70,31 @@ func runDemo(d *daemonFlags) error {
 	if err != nil {
 		return err
 	}
+	health, err := freeOr(demoHealth)
+	if err != nil {
+		return err
+	}
 	metricsAddr, err := freeOr(demoMetrics)
 	if err != nil {
 		return err
 	}
 	target := backend.Addr().String()
-	src := fmt.Sprintf(demoConfig, metricsAddr, listen, target)
+	src := fmt.Sprintf(demoConfig, metricsAddr, listen, target, health)
 	c, err := config.Parse(demoFile, []byte(src))
 	if err != nil {
 		return fmt.Errorf("the demo configuration does not validate (a bug):\n%s\n%w", src, err)
 	}
 	return runConfig(c, d, func(r *running) {
-		addr := r.e.Listeners()[0].Addr()
-		if listen != demoListen {
-			r.log.Warn("demo: " + demoListen + " is in use; using an ephemeral port instead")
+		var addr, healthAddr netip.AddrPort
+		for _, ln := range r.e.Listeners() {
+			if ln.Rule().Health != rules.HealthNone {
+				healthAddr = ln.Addr()
+			} else {
+				addr = ln.Addr()
+			}
+		}
+		if listen != demoListen || health != demoHealth {
+			r.log.Warn("demo: " + demoListen + " or " + demoHealth + " is in use; using an ephemeral port instead")
 		}
 		if metricsAddr != demoMetrics {
 			r.log.Warn("demo: " + demoMetrics + " is in use; metrics on an ephemeral port instead")
@@ -87,6 +102,7 @@ func runDemo(d *daemonFlags) error {
 		r.log.Debug("demo configuration", zap.String("yaml", src))
 		fmt.Printf("\nsluice demo is up: tcp %s -> %s (a built-in HTTP responder)\n", addr, target)
 		fmt.Printf("  try:      curl http://%s/\n", addr)
+		fmt.Printf("  health:   curl http://%s/   (200 while up, 503 while draining)\n", healthAddr)
 		fmt.Printf("  metrics:  curl http://%s/metrics   (status page: http://%s/)\n", r.metrics.Addr(), r.metrics.Addr())
 		fmt.Printf("  stop:     Ctrl-C (SIGINT) or SIGTERM; live sessions drain first\n")
 		fmt.Printf("  your own: sluice run -c FILE (YAML: see README.md, \"Configuration\")\n\n")

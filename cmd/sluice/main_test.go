@@ -104,11 +104,12 @@ func TestUnsupportedAtLines(t *testing.T) {
 // The demo's configuration is a valid file, and a taken port is replaced by
 // an ephemeral one.
 func TestDemoConfig(t *testing.T) {
-	c, err := config.Parse(demoFile, []byte(fmt.Sprintf(demoConfig, "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:4321")))
+	c, err := config.Parse(demoFile, []byte(fmt.Sprintf(demoConfig, "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:4321", "127.0.0.1:0")))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(c.Rules) != 1 || c.Rules[0].Rule.String() != "tcp 127.0.0.1:0 -> 127.0.0.1:4321" || c.Metrics.Listen.String() != "127.0.0.1:0" {
+	if len(c.Rules) != 2 || c.Rules[0].Rule.String() != "tcp 127.0.0.1:0 -> 127.0.0.1:4321" ||
+		c.Rules[1].Rule.String() != "tcp 127.0.0.1:0 health=http" || c.Metrics.Listen.String() != "127.0.0.1:0" {
 		t.Fatalf("demo configuration: %+v", c)
 	}
 	if err := unsupported(c); err != nil {
