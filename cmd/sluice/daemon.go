@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/ctl"
 	"github.com/sluice-proxy/sluice/engine"
 	"github.com/sluice-proxy/sluice/metrics"
 	"github.com/sluice-proxy/sluice/rules"
@@ -188,13 +189,17 @@ type running struct {
 	e       *engine.Engine
 	log     *zap.Logger
 	metrics *metrics.Server // nil without metrics.listen
+	ctl     *ctl.Server     // nil without a control socket
 }
+
+// The engine is what the control socket drives.
+var _ ctl.Engine = (*engine.Engine)(nil)
 
 // serve runs the daemon on a configuration: pifs, the engine, every rule's
 // listeners, the metrics endpoint. ready, if set, runs once all are up.
 // It blocks until SIGINT or SIGTERM, then drains live sessions for up to
 // c.Drain (a second signal stops at once).
-func serve(c *config.Config, ready func(*running)) error {
+func serve(c *config.Config, ctlPath string, ready func(*running)) error {
 	log, err := newLogger(c.Log.Level, c.Log.Format)
 	if err != nil {
 		return err
@@ -225,10 +230,16 @@ func serve(c *config.Config, ready func(*running)) error {
 	if len(c.Rules) == 0 {
 		log.Warn("the configuration has no rules: nothing to forward")
 	}
-	if c.Ctl.Socket != "" {
-		log.Warn("this build does not serve a control socket yet; ctl.socket is not used", zap.String("socket", c.Ctl.Socket))
-	}
 	r := &running{e: e, log: log}
+	if ctlPath != "" {
+		if r.ctl, err = ctl.Serve(context.Background(), ctlPath, e, log); err != nil {
+			_ = e.Shutdown(context.Background())
+			return fmt.Errorf("control socket: %w (set ctl.socket, or stop the daemon that holds it)", err)
+		}
+		// Closed before the engine stops: an open transaction rolls back
+		// through the engine first.
+		defer r.ctl.Close()
+	}
 	if c.Metrics.Listen.IsValid() {
 		if r.metrics, err = startMetrics(c, e, log); err != nil {
 			_ = e.Shutdown(context.Background())
@@ -251,6 +262,9 @@ func serve(c *config.Config, ready func(*running)) error {
 		case <-ctx.Done():
 		}
 	}()
+	if r.ctl != nil {
+		_ = r.ctl.Close() // no table change during the drain
+	}
 	err = e.Shutdown(ctx)
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 		log.Warn("drain deadline passed; remaining sessions closed")
@@ -295,7 +309,9 @@ func startMetrics(c *config.Config, e *engine.Engine, log *zap.Logger) (*metrics
 
 func cmdForward(args []string) error {
 	var d daemonFlags
-	fs := newFlagSet("forward", "sluice forward LISTEN TARGET [OPTION...] [flags]")
+	var ctlPath string
+	fs := newFlagSet("forward", "sluice forward LISTEN TARGET [OPTION...] [--ctl PATH] [flags]")
+	fs.StringVar(&ctlPath, "ctl", "", "serve a control socket at PATH (sluice ctl -s PATH ...)")
 	d.register(fs)
 	pos, help, err := parseCommand(fs, args)
 	if help || err != nil {
@@ -319,7 +335,7 @@ func cmdForward(args []string) error {
 	if err := d.override(c); err != nil {
 		return err
 	}
-	return serve(c, nil)
+	return serve(c, ctlPath, nil)
 }
 
 // engineSupports refuses rule options the engine does not act on yet, so no

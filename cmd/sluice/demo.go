@@ -6,7 +6,10 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"syscall"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -50,6 +53,16 @@ func freeOr(addr string) (string, error) {
 	return net.JoinHostPort(host, "0"), nil
 }
 
+// socketLive reports whether something accepts on the unix socket at path.
+func socketLive(path string) bool {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
 // runDemo is `sluice run` with no file: a tiny HTTP responder on an
 // ephemeral loopback port, a forward to it, and metrics, all on loopback,
 // so it works on any machine without root.
@@ -84,6 +97,18 @@ func runDemo(d *daemonFlags) error {
 	if err != nil {
 		return fmt.Errorf("the demo configuration does not validate (a bug):\n%s\n%w", src, err)
 	}
+	// The control socket is the default one, so `sluice ctl status` finds
+	// it with no -s; if a daemon already holds that, a private one.
+	ctlFlag := ""
+	if c.Ctl.Socket = config.DefaultCtlSocket(); socketLive(c.Ctl.Socket) {
+		dir, err := os.MkdirTemp("", "sluice-demo-")
+		if err != nil {
+			return fmt.Errorf("demo: %w", err)
+		}
+		defer os.RemoveAll(dir)
+		c.Ctl.Socket = filepath.Join(dir, "ctl.sock")
+		ctlFlag = " -s " + c.Ctl.Socket
+	}
 	return runConfig(c, d, func(r *running) {
 		var addr, healthAddr netip.AddrPort
 		for _, ln := range r.e.Listeners() {
@@ -104,6 +129,7 @@ func runDemo(d *daemonFlags) error {
 		fmt.Printf("  try:      curl http://%s/\n", addr)
 		fmt.Printf("  health:   curl http://%s/   (200 while up, 503 while draining)\n", healthAddr)
 		fmt.Printf("  metrics:  curl http://%s/metrics   (status page: http://%s/)\n", r.metrics.Addr(), r.metrics.Addr())
+		fmt.Printf("  control:  sluice ctl%s list    (then: sluice ctl%s add 'tcp 127.0.0.1:8090 -> %s')\n", ctlFlag, ctlFlag, target)
 		fmt.Printf("  stop:     Ctrl-C (SIGINT) or SIGTERM; live sessions drain first\n")
 		fmt.Printf("  your own: sluice run -c FILE (YAML: see README.md, \"Configuration\")\n\n")
 	})

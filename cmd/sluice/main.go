@@ -38,6 +38,8 @@ usage:
   sluice forward LISTEN TARGET [OPTION...] [--loops N] [--log-level L] [--log-format F]
                                          the daemon with one rule, e.g.
                                          sluice forward 127.0.0.1:8080 127.0.0.1:80 splice=on
+  sluice ctl [-s SOCKET] status|pifs|list|apply FILE|add RULE|del RULE
+                                         talk to a running daemon (sluice ctl -h)
   sluice version
 
 Run "sluice COMMAND -h" for a command's flags.
@@ -60,6 +62,8 @@ func run(args []string) int {
 		err = cmdForward(args[1:])
 	case "check":
 		err = cmdCheck(args[1:])
+	case "ctl": // its own exit codes: 3 rolled back, 4 busy (ctl.go)
+		return runCtl(args[1:], os.Stdout, os.Stderr)
 	case "version":
 		fmt.Println("sluice", version)
 	case "-h", "--help", "help":

@@ -55,5 +55,5 @@ func runConfig(c *config.Config, d *daemonFlags, ready func(*running)) error {
 	if err := d.override(c); err != nil {
 		return err
 	}
-	return serve(c, ready)
+	return serve(c, c.CtlSocket(), ready)
 }

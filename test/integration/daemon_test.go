@@ -48,6 +48,7 @@ type daemon struct {
 	t      testing.TB
 	cmd    *exec.Cmd
 	Addr   string // the listen address
+	Ctl    string // the default control socket of a `run -c` daemon without ctl.socket
 	stderr *logBuffer
 	exited chan error
 }
@@ -127,7 +128,18 @@ func startDaemon(t testing.TB, o forwardOpts, args ...string) *daemon {
 		cmd = exec.Command("prlimit", fmt.Sprintf("--nofile=%d:%d", o.nofile, o.nofile), "--", sluiceBin)
 		cmd.Args = append(cmd.Args, args...)
 	}
-	d := &daemon{t: t, cmd: cmd, stderr: &logBuffer{}, exited: make(chan error, 1)}
+	// Each daemon gets its own runtime directory, so the default control
+	// socket ($XDG_RUNTIME_DIR/sluice/ctl.sock) never collides with another
+	// test's or a real daemon's.
+	// (A short path: a unix socket's path is at most 107 bytes.)
+	runDir, err := os.MkdirTemp("", "slrun")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(runDir) })
+	cmd.Env = append(os.Environ(), "XDG_RUNTIME_DIR="+runDir)
+	d := &daemon{t: t, cmd: cmd, stderr: &logBuffer{}, exited: make(chan error, 1),
+		Ctl: filepath.Join(runDir, "sluice", "ctl.sock")}
 	pr, pw, _ := os.Pipe()
 	cmd.Stderr = pw
 	cmd.Stdout = pw

@@ -1,0 +1,414 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/ctl"
+	"github.com/sluice-proxy/sluice/rules"
+)
+
+const ctlSynopsis = `sluice ctl [-s SOCKET] [-c CONFIG] VERB
+  status                  version, features, generation, rule and session counts
+  pifs                    the daemon's pifs
+  list                    the active table as canonical rule lines
+  apply FILE [--dry-run] [--force] [--timeout DUR]
+                          replace the table in one transaction
+  add RULE | del RULE     add or remove one rule (one quoted argument)`
+
+// exitError carries the contract's exit code for an error.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+// stringList is a flag that may be given several times.
+type stringList []string
+
+func (s *stringList) String() string     { return strings.Join(*s, ",") }
+func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
+
+// ctlCmd is one run of `sluice ctl`.
+type ctlCmd struct {
+	sock    string
+	timeout time.Duration
+	dryRun  bool
+	force   bool
+	out     io.Writer
+}
+
+// runCtl runs `sluice ctl ARGS` and returns its exit code: 0 ok; 1 runtime
+// or protocol error; 2 bad usage or a table that does not validate; 3
+// applied but rolled back; 4 another writer holds the control socket.
+func runCtl(args []string, stdout, stderr io.Writer) int {
+	err := cmdCtl(args, stdout, stderr)
+	if err == nil {
+		return exitOK
+	}
+	var list rules.ErrorList
+	if errors.As(err, &list) { // FILE:LINE: message, one per line
+		for _, e := range list {
+			fmt.Fprintln(stderr, e)
+		}
+		return exitUsage
+	}
+	fmt.Fprintln(stderr, "sluice: ctl:", err)
+	var (
+		x *exitError
+		u usageError
+	)
+	switch {
+	case errors.As(err, &x):
+		return x.code
+	case errors.As(err, &u):
+		return exitUsage
+	}
+	switch ctl.CodeOf(err) {
+	case ctl.CodeBusy:
+		return exitBusy
+	case ctl.CodeInvalidRule, ctl.CodeInvalidTable, ctl.CodeUnknownPif:
+		return exitUsage
+	}
+	return exitRuntime
+}
+
+func cmdCtl(args []string, stdout, stderr io.Writer) error {
+	var socks stringList
+	var cfgFile string
+	x := &ctlCmd{out: stdout}
+	fs := newFlagSet("ctl", ctlSynopsis)
+	fs.SetOutput(stderr)
+	fs.Var(&socks, "s", "the control socket (default: ctl.socket of -c, else $XDG_RUNTIME_DIR/sluice/ctl.sock, else /run/sluice/ctl.sock)")
+	fs.StringVar(&cfgFile, "c", "", "a configuration file whose ctl.socket to use")
+	fs.BoolVar(&x.dryRun, "dry-run", false, "apply, add, del: validate on the daemon, change nothing")
+	fs.BoolVar(&x.force, "force", false, "apply, add, del: commit even when the bind summary's verdict is bad")
+	fs.DurationVar(&x.timeout, "timeout", ctl.DefaultConfirm, "bound of each answer of the daemon, and the confirm timeout of a write: without a commit in time the daemon rolls back by itself")
+	pos, help, err := parseCommand(fs, args)
+	if help || err != nil {
+		return err
+	}
+	if len(pos) == 0 {
+		return usagef("want a verb: status, pifs, list, apply FILE, add RULE, del RULE")
+	}
+	verb, rest := pos[0], pos[1:]
+	want := map[string]int{"status": 0, "pifs": 0, "list": 0, "apply": 1, "add": 1, "del": 1}
+	n, ok := want[verb]
+	switch {
+	case !ok:
+		return usagef("unknown verb %q: want status, pifs, list, apply, add or del", verb)
+	case len(rest) != n && n == 0:
+		return usagef("%s: unexpected argument %q", verb, rest[0])
+	case len(rest) != n && verb == "apply":
+		return usagef("apply: want one rules FILE, got %d arguments", len(rest))
+	case len(rest) != n:
+		return usagef("%s: want one rule line as one argument (quote it: '%s tcp 0.0.0.0:8443 -> 127.0.0.1:443'), got %d arguments", verb, verb, len(rest))
+	case n == 0 && (x.dryRun || x.force):
+		return usagef("%s: --dry-run and --force are for apply, add and del", verb)
+	case x.timeout <= 0 || x.timeout > ctl.MaxConfirm:
+		return usagef("--timeout %s: want more than 0 and at most %s", x.timeout, ctl.MaxConfirm)
+	case len(socks) > 1:
+		return usagef("-s given %d times: one transaction across several instances is not supported yet", len(socks))
+	}
+	if x.sock, err = ctlSocket(socks, cfgFile); err != nil {
+		return err
+	}
+	switch verb {
+	case "status":
+		return x.status()
+	case "pifs":
+		return x.pifs()
+	case "list":
+		return x.list()
+	case "apply":
+		return x.apply(rest[0])
+	case "add":
+		return x.add(rest[0])
+	}
+	return x.del(rest[0])
+}
+
+// ctlSocket is -s, else ctl.socket of the config given with -c, else the
+// default socket.
+func ctlSocket(socks []string, cfgFile string) (string, error) {
+	if len(socks) == 1 {
+		return socks[0], nil
+	}
+	if cfgFile != "" {
+		c, err := loadConfig(cfgFile)
+		if err != nil {
+			return "", err
+		}
+		return c.CtlSocket(), nil
+	}
+	return config.DefaultCtlSocket(), nil
+}
+
+func (x *ctlCmd) ctx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), x.timeout)
+}
+
+// open dials the socket and says the intent.
+func (x *ctlCmd) open(intent ctl.Intent) (*ctl.Client, error) {
+	ctx, cancel := x.ctx()
+	defer cancel()
+	c, err := ctl.Dial(ctx, x.sock, ctl.Options{Name: "sluice ctl", Timeout: x.timeout})
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach the daemon at %s: %w", x.sock, err)
+	}
+	if intent == ctl.IntentWrite && !c.Server().Has(ctl.FeatureTxn) {
+		c.Close()
+		return nil, fmt.Errorf("the daemon at %s does not serve transactions (feature %q missing)", x.sock, ctl.FeatureTxn)
+	}
+	if err := c.Hello(ctx, intent); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("%s: %w", x.sock, err)
+	}
+	return c, nil
+}
+
+// readTable opens a connection for intent (list or write) and reads the
+// pifs and the active table (steps 1 to 4).
+func (x *ctlCmd) readTable(intent ctl.Intent) (*ctl.Client, *ctl.Table, error) {
+	c, err := x.open(intent)
+	if err != nil {
+		return nil, nil, err
+	}
+	ctx, cancel := x.ctx()
+	defer cancel()
+	if _, err := c.Pifs(ctx); err != nil {
+		c.Close()
+		return nil, nil, err
+	}
+	t, err := c.List(ctx)
+	if err != nil {
+		c.Close()
+		return nil, nil, err
+	}
+	return c, t, nil
+}
+
+func (x *ctlCmd) status() error {
+	c, err := x.open(ctl.IntentStatus)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx, cancel := x.ctx()
+	defer cancel()
+	st, err := c.Status(ctx)
+	if err != nil {
+		return err
+	}
+	h := c.Server()
+	writer := "none"
+	if st.Writer {
+		writer = "a transaction is open"
+	}
+	tw := tabwriter.NewWriter(x.out, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "socket\t%s\n", x.sock)
+	fmt.Fprintf(tw, "software\t%s\n", h.Software)
+	fmt.Fprintf(tw, "protocol\tversion %d\n", c.Version())
+	fmt.Fprintf(tw, "features\t%s\n", strings.Join(h.Features, ", "))
+	fmt.Fprintf(tw, "generation\t%d\n", st.Generation)
+	fmt.Fprintf(tw, "rules\t%d\n", st.Rules)
+	fmt.Fprintf(tw, "ports\t%d\n", st.Ports)
+	fmt.Fprintf(tw, "sessions\t%d\n", st.Sessions)
+	fmt.Fprintf(tw, "pifs\t%d\n", st.Pifs)
+	fmt.Fprintf(tw, "writer\t%s\n", writer)
+	return tw.Flush()
+}
+
+func (x *ctlCmd) pifs() error {
+	c, err := x.open(ctl.IntentPifs)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx, cancel := x.ctx()
+	defer cancel()
+	pifs, err := c.Pifs(ctx)
+	if err != nil {
+		return err
+	}
+	for _, p := range pifs {
+		fmt.Fprintf(x.out, "%d\t%s\n", p.Index, p.Name)
+	}
+	return nil
+}
+
+// list prints the active table as a rules file: a comment with the
+// generation, then one canonical line a rule.
+func (x *ctlCmd) list() error {
+	c, t, err := x.readTable(ctl.IntentList)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	fmt.Fprintf(x.out, "# generation %d\n", t.Generation)
+	for _, l := range t.Lines {
+		fmt.Fprintln(x.out, l)
+	}
+	return nil
+}
+
+// apply replaces the table with the rules of file, parsed here first so
+// that every error names the user's line.
+func (x *ctlCmd) apply(file string) error {
+	src, err := config.ReadFile(file)
+	if err != nil {
+		return usageError{err}
+	}
+	entries, err := rules.ParseFile(file, src)
+	if err != nil {
+		return err // rules.ErrorList: FILE:LINE: message
+	}
+	rs := make([]*rules.Rule, len(entries))
+	for i, e := range entries {
+		rs[i] = e.Rule
+	}
+	return x.transact("apply", func(*ctl.Table) ([]*rules.Rule, error) { return rs, nil },
+		func(e *ctl.Error) error {
+			if e.Index < 0 || e.Index >= len(entries) {
+				return usageError{fmt.Errorf("apply %s: %w", file, e)}
+			}
+			return rules.ErrorList{{File: file, Line: entries[e.Index].Line, Msg: e.Msg}}
+		})
+}
+
+// add appends one rule to the active table, in one transaction.
+func (x *ctlCmd) add(line string) error {
+	r, err := rules.Parse(line)
+	if err != nil {
+		return usagef("add: %v", err)
+	}
+	var n int
+	return x.transact("add", func(t *ctl.Table) ([]*rules.Rule, error) {
+		rs, err := t.Rules()
+		if err != nil {
+			return nil, err
+		}
+		n = len(rs)
+		return append(rs, r), nil
+	}, func(e *ctl.Error) error {
+		if e.Index == n {
+			return usagef("add %q: %s", r.String(), e.Msg)
+		}
+		return usagef("add %q: %w", r.String(), e)
+	})
+}
+
+// del removes the rule whose canonical line is line's, in one transaction.
+func (x *ctlCmd) del(line string) error {
+	r, err := rules.Parse(line)
+	if err != nil {
+		return usagef("del: %v", err)
+	}
+	canon := r.String()
+	return x.transact("del", func(t *ctl.Table) ([]*rules.Rule, error) {
+		rs, err := t.Rules()
+		if err != nil {
+			return nil, err
+		}
+		for i, l := range t.Lines {
+			if l == canon {
+				return append(rs[:i:i], rs[i+1:]...), nil
+			}
+		}
+		return nil, usagef("del: no rule %q in the active table (generation %d)", canon, t.Generation)
+	}, func(e *ctl.Error) error { return usagef("del %q: %w", canon, e) })
+}
+
+// transact runs one writing transaction: read the table, build the new one,
+// load, and unless --dry-run apply, print the bind summary, and commit if
+// the verdict is good (or --force), else roll back (exit 3). refused says
+// how a load refused for a rule (invalid-rule, invalid-table, unknown-pif)
+// is reported.
+func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, error), refused func(*ctl.Error) error) error {
+	c, t, err := x.readTable(ctl.IntentWrite)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	rs, err := build(t)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := x.ctx()
+	defer cancel()
+	ld, err := c.Load(ctx, t.Generation, rs)
+	if err != nil {
+		var e *ctl.Error
+		if errors.As(err, &e) {
+			switch e.Code {
+			case ctl.CodeInvalidRule, ctl.CodeInvalidTable, ctl.CodeUnknownPif:
+				return refused(e)
+			}
+		}
+		return err
+	}
+	if x.dryRun {
+		fmt.Fprintf(x.out, "valid: %s, %s; applying would keep %d, add %d and remove %d listen keys (generation %d; nothing changed)\n",
+			count(ld.Rules, "rule"), count(ld.Ports, "listen port"), ld.Kept, ld.Added, ld.Removed, ld.Generation)
+		return nil
+	}
+	cancel()
+	ctx, cancel = x.ctx()
+	defer cancel()
+	sum, err := c.Apply(ctx, x.timeout)
+	if err != nil {
+		return err
+	}
+	x.printSummary(sum)
+	cancel()
+	ctx, cancel = x.ctx()
+	defer cancel()
+	if sum.OK || x.force {
+		gen, err := c.Commit(ctx)
+		if err != nil {
+			return err
+		}
+		how := "verdict good"
+		if !sum.OK {
+			how = "verdict bad, committed anyway (--force)"
+		}
+		fmt.Fprintf(x.out, "%s: committed generation %d (listen keys: %d kept, %d added, %d removed)\n", how, gen, sum.Kept, sum.Added, sum.Removed)
+		return nil
+	}
+	rsum, err := c.Rollback(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(x.out, "verdict bad: rolled back; generation %d is still active\n", rsum.Generation)
+	failed := 0
+	for _, r := range sum.Rules {
+		failed += r.Failed
+	}
+	return &exitError{exitRollback, fmt.Errorf("%s: %s failed to bind: rolled back", verb, count(failed, "listen port"))}
+}
+
+// printSummary prints the bind summary: a table of the rules, then each
+// failure as "tcp 0.0.0.0:8080: port 8080: address already in use".
+func (x *ctlCmd) printSummary(s *ctl.Summary) {
+	tw := tabwriter.NewWriter(x.out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "RULE\tREQUESTED\tBOUND\tFAILED")
+	for _, r := range s.Rules {
+		mark := ""
+		if r.Failed > 0 && r.Weak && r.Bound > 0 {
+			mark = "  (weak: ignored)"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d%s\n", r.Rule, r.Requested, r.Bound, r.Failed, mark)
+	}
+	tw.Flush()
+	for _, f := range s.Failures() {
+		fmt.Fprintln(x.out, f)
+	}
+}
