@@ -40,6 +40,7 @@ type Client struct {
 	conn   net.Conn
 	opt    Options
 	r      frameReader
+	buf    *bufio.Reader // r's buffer, whatever wraps it (hook.go)
 	w      frameWriter
 	server ServerHello
 	ver    uint8
@@ -88,7 +89,8 @@ func Dial(ctx context.Context, path string, opt Options) (*Client, error) {
 		return nil, fmt.Errorf("ctl: %w", err)
 	}
 	c := &Client{path: path, conn: conn, opt: opt, ver: Version1}
-	c.r.r = bufio.NewReaderSize(conn, 64<<10)
+	c.buf = bufio.NewReaderSize(conn, 64<<10)
+	c.r.r = c.buf
 	c.w.w = bufio.NewWriterSize(conn, 64<<10)
 	err = c.call(ctx, stepDialed, func() error {
 		f, err := c.expect(MsgHello)

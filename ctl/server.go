@@ -484,13 +484,49 @@ func modelPif(name string) string {
 	return name
 }
 
+// TxnObserver is implemented by an Engine that wants to hear how each
+// writing transaction ended (for its metrics): exactly one call per
+// transaction that held the writer slot, with TxnCommitted, TxnRolledBack
+// (applied, then rolled back for any reason) or TxnFailed (ended before an
+// apply: invalid table, stale generation, protocol error, disconnect).
+type TxnObserver interface {
+	TxnEnded(outcome string)
+}
+
+// Outcomes given to TxnObserver.TxnEnded.
+const (
+	TxnCommitted  = "committed"
+	TxnRolledBack = "rolled_back"
+	TxnFailed     = "failed"
+)
+
 // write runs the writing transaction, steps 3 to 10.
 func (ss *session) write() error {
 	s := ss.s
 	if !s.writer.CompareAndSwap(false, true) {
 		return errorf(CodeBusy, "another writing transaction holds the control socket")
 	}
-	defer s.writer.Store(false)
+	// The slot is freed once the engine has no pending apply, before the
+	// last answer (COMMITTED, or the rollback's SUMMARY) is sent: a client
+	// that has its answer may start the next transaction at once, and is
+	// never told busy by the one it just finished.
+	release := sync.OnceFunc(func() { s.writer.Store(false) })
+	defer release()
+	// How the transaction ended, for an engine that counts it: registered
+	// first, so it runs after the deferred rollback of a pending apply.
+	committedBefore, rolledBackBefore := s.committed.Load(), s.rolledBack.Load()
+	defer func() {
+		if o, ok := s.eng.(TxnObserver); ok {
+			switch {
+			case s.committed.Load() != committedBefore:
+				o.TxnEnded(TxnCommitted)
+			case s.rolledBack.Load() != rolledBackBefore:
+				o.TxnEnded(TxnRolledBack)
+			default:
+				o.TxnEnded(TxnFailed)
+			}
+		}
+	}()
 	// 3, 4.
 	pifs, _, err := ss.listTable()
 	if err != nil {
@@ -577,6 +613,7 @@ func (ss *session) write() error {
 		ss.pending = false
 		s.committed.Add(1)
 		ss.log.Info("table committed", zap.Uint64("generation", gen))
+		release()
 		// 10.
 		return ss.send(func() error { return ss.w.writeCommitted(ss.ver, gen) })
 	case MsgRollback:
@@ -587,6 +624,7 @@ func (ss *session) write() error {
 		if err != nil {
 			return errorf(CodeRollbackFailed, "%v", err)
 		}
+		release()
 		// 10.
 		return ss.send(func() error { return ss.w.writeSummary(ss.ver, summaryFrom(rsum)) })
 	}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -116,6 +117,15 @@ func TestTransactionCommit(t *testing.T) {
 	if st := s.Stats(); st.Committed != 1 || st.RolledBack != 0 {
 		t.Fatalf("stats %+v", st)
 	}
+	wantTxnOutcomes(t, eng, TxnCommitted)
+}
+
+// wantTxnOutcomes checks the transaction outcomes the engine heard, in order.
+func wantTxnOutcomes(t *testing.T, eng *ctltest.Engine, want ...string) {
+	t.Helper()
+	if got := eng.Outcomes(); !slices.Equal(got, want) {
+		t.Fatalf("transaction outcomes %q, want %q", got, want)
+	}
 }
 
 // A bad verdict, rolled back: the summary names the port and its errno,
@@ -149,6 +159,7 @@ func TestTransactionRollback(t *testing.T) {
 	if st := s.Stats(); st.RolledBack != 1 || st.Committed != 0 {
 		t.Fatalf("stats %+v", st)
 	}
+	wantTxnOutcomes(t, eng, TxnRolledBack)
 	// A weak rule that binds a port of its range is a good verdict, its
 	// failures reported all the same.
 	c, tb = dialWrite(t, path, Options{})
@@ -365,6 +376,9 @@ func TestStaleGeneration(t *testing.T) {
 	if a, _, _ := eng.Counts(); a != 1 {
 		t.Fatalf("%d applies", a)
 	}
+	c.Close()
+	waitIdle(t, s)
+	wantTxnOutcomes(t, eng, TxnCommitted, TxnFailed)
 }
 
 // An applied table without a commit within the confirm timeout is rolled

@@ -59,6 +59,7 @@ type Engine struct {
 	draining      atomic.Bool  // Shutdown began: health replies say down, no new session starts
 	connectErrors atomic.Uint64
 	endCodes      [32]atomic.Uint64 // sessions ended, by conn.Code
+	ctr           engineCounters    // table operations and transactions (counters.go)
 }
 
 // New creates the loops; Start runs them.
@@ -190,6 +191,7 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 		return nil, err
 	}
 	pol := handshake.NewPolicy(r, 0) // the rule's chains, counters, maxconn and rate state, shared by its ports
+	ctr := e.newRuleCounters(r)
 	var lns []*Listener
 	for i, key := range r.ListenKeys() {
 		fd, bound, err := listenSocket(lp, r.Proto, netipAddrPort(key.Addr, key.Port))
@@ -199,7 +201,7 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 			}
 			return nil, fmt.Errorf("port %d: %w", key.Port, err)
 		}
-		lns = append(lns, e.newListener(r, i, fd, bound, lp, tp, pol, nil))
+		lns = append(lns, e.newListener(r, i, fd, bound, lp, tp, pol, ctr, nil))
 	}
 	if err := e.registerListeners(lns); err != nil {
 		e.closeListeners(lns)
@@ -213,10 +215,12 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 // newListener makes the listener of port i of rule r on socket fd. A udp
 // listener gets its owner loop: owner if given (a socket that moves keeps
 // its loop, which holds its flows), else the next loop round robin.
-func (e *Engine) newListener(r *rules.Rule, i, fd int, bound netip.AddrPort, lp, tp *pif, pol *handshake.Policy, owner *Loop) *Listener {
-	key := r.ListenKeys()[i]
+func (e *Engine) newListener(r *rules.Rule, i, fd int, bound netip.AddrPort, lp, tp *pif, pol *handshake.Policy, ctr *RuleCounters, owner *Loop) *Listener {
+	// Port i's key, made directly: r.ListenKeys()[i] would build the whole
+	// list for every port, quadratic in a range's length.
+	key := rules.Key{Pif: r.ListenPif, Proto: r.Proto, Addr: r.ListenAddr, Port: r.ListenPorts.First + uint16(i)}
 	ln := &Listener{e: e, fd: fd, addr: bound, key: key, rule: r, targets: r.TargetFor(i), listenPif: lp, targetPif: tp,
-		policy: pol, pool: balance.New(r.Balance, r.TargetFor(i))}
+		policy: pol, ctr: ctr, pool: balance.New(r.Balance, r.TargetFor(i))}
 	if r.Proto == rules.UDP {
 		if owner == nil {
 			owner = e.loops[int(e.nextLoop.Add(1)-1)%len(e.loops)]
@@ -390,6 +394,12 @@ type Stats struct {
 	UDPDatagramsIn  uint64 // client to target, forwarded
 	UDPDatagramsOut uint64 // target to client, forwarded
 	UDPDropped      uint64 // datagrams not forwarded (table full, no fd, buffer full)
+
+	// From counters.go:
+	FDs      int         // fds open in the process (/proc/self/fd); -1 if unreadable
+	Draining bool        // Shutdown began
+	Rules    []RuleStats // the table's rules in order (while an apply is pending, the applied table)
+	Table    TableStats  // generation, table operations, transactions
 }
 
 // Stats returns the engine's counters. It allocates; call it from the
@@ -422,5 +432,6 @@ func (e *Engine) Stats() Stats {
 			s.UDPDropped += u.Dropped.Load()
 		}
 	}
+	e.counterStats(&s)
 	return s
 }

@@ -51,34 +51,27 @@ func proxyEcho(t *testing.T) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				r := bufio.NewReader(c)
-				h, err := proxyproto.Read(r)
-				if err != nil {
-					fmt.Fprintf(c, "ERR %v\n", err)
-					return
-				}
-				s, d, _ := h.TCPAddrs()
-				tl, _ := h.TLVs()
-				auth := ""
-				for _, x := range tl {
-					if x.Type == proxyproto.PP2_TYPE_AUTHORITY {
-						auth = string(x.Value)
-					}
-				}
-				fmt.Fprintf(c, "%v %v %d %s\n", s, d, h.Version, auth)
-				io.Copy(c, r)
-				c.(*net.TCPConn).CloseWrite()
-			}()
+	testpeer.Accept(ln, func(c net.Conn) {
+		defer c.Close()
+		r := bufio.NewReader(c)
+		h, err := proxyproto.Read(r)
+		if err != nil {
+			fmt.Fprintf(c, "ERR %v\n", err)
+			return
 		}
-	}()
+		s, d, _ := h.TCPAddrs()
+		tl, _ := h.TLVs()
+		auth := ""
+		for _, x := range tl {
+			if x.Type == proxyproto.PP2_TYPE_AUTHORITY {
+				auth = string(x.Value)
+			}
+		}
+		fmt.Fprintf(c, "%v %v %d %s\n", s, d, h.Version, auth)
+		io.Copy(c, r)
+		c.(*net.TCPConn).CloseWrite()
+	})
+
 	return ln.Addr().String()
 }
 

@@ -38,6 +38,7 @@ type Listener struct {
 	udp       *udpState         // udp rules only
 	policy    *handshake.Policy // the rule's handshake chains and counters (shared by its ports)
 	pool      *balance.Pool     // the backend pool for this port: balancing and passive health
+	ctr       *RuleCounters     // the rule's data-path counters (shared by its ports)
 
 	closed   atomic.Bool
 	rr       atomic.Uint32 // round-robin cursor into targets

@@ -1,11 +1,11 @@
 package engine
 
 import (
+	"net/netip"
 	"strconv"
 	"time"
 
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-proxy/sluice/channel"
@@ -45,14 +45,15 @@ func (s sessionState) String() string {
 type sessionFlags uint8
 
 const (
-	sfMaxConn sessionFlags = 0x01 // holds one of the rule's maxconn slots
-	sfBackend sessionFlags = 0x02 // counted on backend s.backend of the pool (leastconn)
-	sfPassed  sessionFlags = 0x04 // passed the incoming chain (logged at info when it ends)
+	sfMaxConn   sessionFlags = 0x01 // holds one of the rule's maxconn slots
+	sfBackend   sessionFlags = 0x02 // counted on backend s.backend of the pool (leastconn)
+	sfPassed    sessionFlags = 0x04 // passed the incoming chain (logged at info when it ends)
+	sfConnected sessionFlags = 0x08 // the backend connected (connUs is set)
 )
 
-var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"}, {Bit: sfPassed, Name: "PASSED"}}
+var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"}, {Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}}
 
-const allSessionFlags sessionFlags = 0x07
+const allSessionFlags sessionFlags = 0x0f
 
 func (f sessionFlags) String() string { return bitnames.Format(f, sessionFlagNames[:]) }
 
@@ -73,7 +74,10 @@ type session struct {
 	active   int64            // loop clock of the last byte moved
 	state    sessionState
 	flags    sessionFlags
-	backend  uint8 // index in the pool of the backend in use
+	backend  uint8           // index in the pool of the backend in use
+	hsUs     uint32          // µs from start to the end of the incoming chain (sfPassed)
+	connUs   uint32          // µs from start to the backend connected (sfConnected)
+	orig     *netip.AddrPort // the client's own address when a PROXY header replaced it; nil: none
 }
 
 var _ handler = (*session)(nil)
@@ -141,6 +145,7 @@ func newSession(l *Loop, ln *Listener, fd int, sa unix.Sockaddr) {
 	}
 	l.sessions++
 	l.e.active.Add(1)
+	ln.ctr.begin(l)
 	l.e.handshaking.Add(1)
 	pol := ln.policy
 	s.hs = handshake.Get(&s.cli, &s.srv)
@@ -156,7 +161,10 @@ func newSession(l *Loop, ln *Listener, fd int, sa unix.Sockaddr) {
 // handshake runs the incoming chain; once it is done, the session step.
 func (s *session) handshake(l *Loop) {
 	s.hs.Now = l.now
-	switch r, code := s.ln.policy.RunIn(s.hs); r {
+	src := s.cli.Src
+	r, code := s.ln.policy.RunIn(s.hs)
+	s.keepOrig(src)
+	switch r {
 	case handshake.Done:
 		s.sessionStep(l)
 	case handshake.Fail:
@@ -173,6 +181,7 @@ func (s *session) sessionStep(l *Loop) {
 	l.e.handshaking.Add(-1)
 	s.state = stConnecting // the handshake is over, whatever happens next
 	s.flags |= sfPassed
+	s.hsUs = sinceUs(l.now, s.start)
 	if s.hs.Has(handshake.MaxConn) {
 		s.flags |= sfMaxConn
 	}
@@ -202,6 +211,9 @@ func (s *session) dial(l *Loop, code conn.Code) {
 		if i < 0 {
 			break
 		}
+		if s.hs.Tried != 0 {
+			s.ln.ctr.retry()
+		}
 		s.hs.Tried |= 1 << i
 		target := pool.Target(i)
 		fd, err := s.ln.targetPif.socket(family(target.Addr()), unix.SOCK_STREAM)
@@ -227,7 +239,7 @@ func (s *session) dial(l *Loop, code conn.Code) {
 		err = unix.Connect(fd, sockaddr(target))
 		if err != nil && err != unix.EINPROGRESS {
 			unix.Close(fd)
-			l.e.connectErrors.Add(1)
+			l.connectError(s.ln)
 			pool.Failed(i, l.now)
 			continue // refused at once (or unreachable): next backend
 		}
@@ -255,7 +267,7 @@ func (s *session) dial(l *Loop, code conn.Code) {
 // connectFailed drops the backend conn in flight, marks its backend down and
 // tries the next one.
 func (s *session) connectFailed(l *Loop, code conn.Code) {
-	l.e.connectErrors.Add(1)
+	l.connectError(s.ln)
 	s.ln.pool.Failed(int(s.backend), l.now)
 	s.ln.pool.Release(int(s.backend))
 	s.flags &^= sfBackend
@@ -270,6 +282,8 @@ func (s *session) connectFailed(l *Loop, code conn.Code) {
 // rule has one, then forwarding.
 func (s *session) established(l *Loop) {
 	s.srv.Connected()
+	s.flags |= sfConnected
+	s.connUs = sinceUs(l.now, s.start)
 	s.ln.pool.Connected(int(s.backend))
 	if sa, err := unix.Getsockname(s.srv.FD()); err == nil {
 		s.srv.Src = addrPort(sa)
@@ -376,8 +390,10 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 // pump moves bytes both ways, turns an ended input into a shut output once
 // drained, and ends the session when both directions are done or one failed.
 func (s *session) pump(l *Loop) {
-	if s.up.Pump(l.pools)+s.down.Pump(l.pools) > 0 {
+	spliced := s.up.Spliced + s.down.Spliced
+	if up, down := s.up.Pump(l.pools), s.down.Pump(l.pools); up+down > 0 {
 		s.active = l.now
+		s.ln.ctr.moved(l, up, down, s.up.Spliced+s.down.Spliced-spliced)
 	}
 	if s.up.Failed() || s.down.Failed() {
 		s.finish(l, s.failCode(), true)
@@ -421,14 +437,14 @@ func (s *session) failCode() conn.Code {
 
 // finish closes both conns (abort: with a reset), returns the channels'
 // buffers and pipes, the handshake state and the shared counts it holds, and
-// logs the session: at info once it passed the handshake, at debug for a
-// health reply or a refused conn, so a flood of those is never a flood of
-// log lines. Safe to call once per session; later calls do nothing.
+// counts and logs the session (logEnd, in access.go). Safe to call once per
+// session; later calls do nothing.
 func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	if s.state == stClosed {
 		return
 	}
 	forwarding := s.state == stForwarding
+	term := s.term(code)
 	switch s.state {
 	case stHandshake:
 		l.e.handshaking.Add(-1)
@@ -466,23 +482,7 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	l.e.active.Add(-1)
 	l.e.ended(code)
 	pol.Ended(code)
-	lvl := zap.InfoLevel
-	if s.flags&sfPassed == 0 {
-		lvl = zapcore.DebugLevel
-	}
-	if ce := l.log.Check(lvl, "session"); ce != nil {
-		ce.Write(
-			zap.Stringer("listen", s.ln.addr),
-			zap.Stringer("src", s.cli.Src),
-			zap.Stringer("dst", s.cli.Dst),
-			zap.Stringer("target", s.srv.Dst),
-			zap.Uint64("bytes_up", s.up.Bytes),
-			zap.Uint64("bytes_down", s.down.Bytes),
-			zap.Uint64("spliced", s.up.Spliced+s.down.Spliced),
-			zap.Duration("duration", time.Duration(l.now-s.start)),
-			zap.Stringer("end", code),
-			zap.Uint16("code", uint16(code)),
-		)
-	}
+	s.ln.ctr.ended(l, s, term)
+	s.logEnd(l, code, term)
 	l.fdFreed()
 }

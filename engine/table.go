@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -87,6 +88,7 @@ func (e *Engine) Sessions() int64 { return e.active.Load() }
 // change stays pending until Commit or Rollback, whatever the verdict.
 // Errors: ErrPending, ErrStopped, or an unknown pif (nothing changed then).
 func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
+	start := time.Now()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.started || e.stopped {
@@ -124,13 +126,22 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 		res := rules.NewResult(r)
 		lp, _ := e.pif(r.ListenPif)
 		tp, _ := e.pif(r.TargetPif)
-		pol := handshake.NewPolicy(r, 0)
+		// The rule's policy and counters are made with its first new
+		// listener: a kept, unchanged rule keeps its own, and costs nothing.
+		var pol *handshake.Policy
+		policy := func() *handshake.Policy {
+			if pol == nil {
+				pol = handshake.NewPolicy(r, 0)
+			}
+			return pol
+		}
+		var ctr *RuleCounters
 		for i, key := range r.ListenKeys() {
 			if old := byKey[key]; old != nil {
 				delete(byKey, key) // each socket moves to one rule only
 				ln := old
 				if line(old.rule) != line(r) {
-					ln = e.newListener(r, i, old.fd, old.addr, lp, tp, pol, ownerOf(old))
+					ln = e.newListener(r, i, old.fd, old.addr, lp, tp, policy(), e.countersFor(&ctr, r), ownerOf(old))
 					if old.udp != nil {
 						// Live flows keep their rule and target, as tcp
 						// sessions do; sharing the table keeps them found
@@ -149,7 +160,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 				res.Failed = append(res.Failed, portError(key.Port, err))
 				continue
 			}
-			ln := e.newListener(r, i, fd, bound, lp, tp, pol, nil)
+			ln := e.newListener(r, i, fd, bound, lp, tp, policy(), e.countersFor(&ctr, r), nil)
 			p.added = append(p.added, ln)
 			next = append(next, ln)
 			res.Bound++
@@ -178,6 +189,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 		// port's failure, so the verdict is bad and the caller rolls back.
 		sum.Rules = append(sum.Rules, rules.RuleResult{Rule: "(engine)", Listen: "(engine)", Failed: []rules.PortError{portError(0, regErr)}})
 	}
+	e.noteApply(start, rs, sum)
 	return sum, nil
 }
 
@@ -234,6 +246,7 @@ func (e *Engine) syncLoops(stop, start []*Listener, swap map[*Listener]*Listener
 // Commit makes the pending apply final: paused sockets are closed, the old
 // table is dropped. It returns the new generation.
 func (e *Engine) Commit() (uint64, error) {
+	start := time.Now()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	p := e.pending
@@ -243,6 +256,7 @@ func (e *Engine) Commit() (uint64, error) {
 	e.pending = nil
 	e.closeListeners(p.paused)
 	e.gen++
+	e.noteEnd(OpCommit, start, nil)
 	return e.gen, nil
 }
 
@@ -251,6 +265,7 @@ func (e *Engine) Commit() (uint64, error) {
 // the summary of the restored table: a paused socket that cannot listen
 // again (rare: the kernel refused listen(2)) is reported as failed.
 func (e *Engine) Rollback() (*rules.Summary, error) {
+	start := time.Now()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	p := e.pending
@@ -297,6 +312,7 @@ func (e *Engine) Rollback() (*rules.Summary, error) {
 		res.Bound++
 	}
 	sum.Kept = len(e.listeners) - len(failed)
+	e.noteEnd(OpRollback, start, sum)
 	if regErr != nil {
 		return sum, regErr
 	}

@@ -147,7 +147,7 @@ func (ln *Listener) openFlow(l *Loop, src netip.AddrPort) *flow {
 	}
 	if err := unix.Connect(fd, sockaddr(target)); err != nil {
 		unix.Close(fd)
-		l.e.connectErrors.Add(1)
+		l.connectError(ln)
 		return nil
 	}
 	f := &flow{ln: ln, fd: fd, cli: src, cliSA: sockaddr(src), target: target, start: l.now, active: l.now}

@@ -1,6 +1,7 @@
 // Package metrics serves sluice's Prometheus endpoint: /metrics, read from
-// the engine's counters at scrape time (nothing is counted here, so the
-// data path does no extra work), and a plain-text status page at /.
+// the engine's counters at scrape time (nothing is counted here: the data
+// path only adds to the engine's atomics, see engine/counters.go), and the
+// status page at / (status.go).
 package metrics
 
 import (
@@ -37,6 +38,8 @@ type metric struct {
 	labels []string
 	// samples emits each sample's value and label values (in labels' order).
 	samples func(s *engine.Stats, emit func(v float64, labelValues ...string))
+	// hist, instead of samples, emits histograms (typ is then ignored).
+	hist func(s *engine.Stats, emit func(h engine.HistogramSnapshot, labelValues ...string))
 }
 
 func one(f func(s *engine.Stats) float64) func(*engine.Stats, func(float64, ...string)) {
@@ -83,6 +86,45 @@ var families = []metric{
 		}},
 	{name: "udp_dropped_total", help: "UDP datagrams not forwarded (flow table full, no fd, buffer full).", typ: prometheus.CounterValue,
 		samples: one(func(s *engine.Stats) float64 { return float64(s.UDPDropped) })},
+	{name: "fds_open", help: "File descriptors open in the process (/proc/self/fd), read at scrape time.", typ: prometheus.GaugeValue,
+		samples: func(s *engine.Stats, emit func(float64, ...string)) {
+			if s.FDs >= 0 {
+				emit(float64(s.FDs))
+			}
+		}},
+	{name: "draining", help: "1 once the daemon is stopping and drains its sessions.", typ: prometheus.GaugeValue,
+		samples: one(func(s *engine.Stats) float64 { return b2f(s.Draining) })},
+}
+
+// tableFamilies are the rule table's and the control transactions' metrics.
+var tableFamilies = []metric{
+	{name: "table_generation", help: "Generation of the active rule table (one more at each commit).", typ: prometheus.GaugeValue,
+		samples: one(func(s *engine.Stats) float64 { return float64(s.Table.Generation) })},
+	{name: "table_pending", help: "1 while an applied table awaits its commit or rollback.", typ: prometheus.GaugeValue,
+		samples: one(func(s *engine.Stats) float64 { return b2f(s.Table.Pending) })},
+	{name: "table_operations_total", help: "Table operations of the engine: apply, commit, rollback.",
+		typ: prometheus.CounterValue, labels: []string{"op"},
+		samples: func(s *engine.Stats, emit func(float64, ...string)) {
+			emit(float64(s.Table.Applies), engine.OpApply)
+			emit(float64(s.Table.Commits), engine.OpCommit)
+			emit(float64(s.Table.Rollbacks), engine.OpRollback)
+		}},
+	{name: "table_apply_seconds", help: "Time the engine took to apply a table (bind, sync the loops).",
+		hist: func(s *engine.Stats, emit func(engine.HistogramSnapshot, ...string)) { emit(s.Table.ApplyTime) }},
+	{name: "ctl_transactions_total", help: "Writing control transactions by outcome, as the control server counts them.",
+		typ: prometheus.CounterValue, labels: []string{"outcome"},
+		samples: func(s *engine.Stats, emit func(float64, ...string)) {
+			emit(float64(s.Table.Committed), "committed")
+			emit(float64(s.Table.RolledBack), "rolled_back")
+			emit(float64(s.Table.Failed), "failed")
+		}},
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // endedSamples emits every end code this build knows, zero or not, so that
@@ -128,11 +170,14 @@ type Collector struct {
 // each scrape.
 func NewCollector(stats func() engine.Stats) *Collector {
 	c := &Collector{stats: stats}
-	for _, m := range families {
+	for _, m := range allFamilies {
 		c.descs = append(c.descs, prometheus.NewDesc(prometheus.BuildFQName(Namespace, "", m.name), m.help, m.labels, nil))
 	}
 	return c
 }
+
+// allFamilies is every family the collector serves, in order.
+var allFamilies = slices.Concat(families, tableFamilies, ruleFamilies)
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
@@ -144,8 +189,24 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 // Collect implements prometheus.Collector.
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	s := c.stats()
-	for i, m := range families {
+	for i, m := range allFamilies {
 		desc := c.descs[i]
+		if m.hist != nil {
+			m.hist(&s, func(h engine.HistogramSnapshot, lv ...string) {
+				buckets := make(map[float64]uint64, len(h.Bounds))
+				var cum uint64
+				for j, le := range h.Bounds {
+					cum += h.Counts[j]
+					buckets[le] = cum
+				}
+				pm, err := prometheus.NewConstHistogram(desc, h.Count(), h.Sum, buckets, lv...)
+				if err != nil {
+					pm = prometheus.NewInvalidMetric(desc, err)
+				}
+				ch <- pm
+			})
+			continue
+		}
 		m.samples(&s, func(v float64, lv ...string) {
 			pm, err := prometheus.NewConstMetric(desc, m.typ, v, lv...)
 			if err != nil {
@@ -174,15 +235,18 @@ func NewRegistry(stats func() engine.Stats) (*prometheus.Registry, error) {
 
 // Server is the HTTP endpoint: /metrics, and the status page at /.
 type Server struct {
-	ln   net.Listener
-	srv  *http.Server
-	done chan struct{}
+	ln     net.Listener
+	srv    *http.Server
+	status http.Handler
+	done   chan struct{}
 }
 
 // Serve listens on addr (port 0: any free port) and serves the gatherer's
-// metrics at /metrics and status's page at / (status may be nil). Errors of
-// the HTTP server after the start are logged to log.
-func Serve(addr netip.AddrPort, g prometheus.Gatherer, status func(w io.Writer), log *zap.Logger) (*Server, error) {
+// metrics at /metrics and the status page at / (status may be nil: a line
+// pointing to /metrics). Close closes status too when it is an io.Closer
+// (a StatusPage). Errors of the HTTP server after the start are logged to
+// log.
+func Serve(addr netip.AddrPort, g prometheus.Gatherer, status http.Handler, log *zap.Logger) (*Server, error) {
 	ln, err := net.Listen("tcp", addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("metrics listen %s: %w", addr, err)
@@ -192,15 +256,16 @@ func Serve(addr netip.AddrPort, g prometheus.Gatherer, status func(w io.Writer),
 		ErrorLog:      zap.NewStdLog(log),
 		ErrorHandling: promhttp.ContinueOnError,
 	}))
-	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		if status != nil {
-			status(w)
-		}
-		fmt.Fprintf(w, "\nmetrics: http://%s/metrics\n", r.Host)
-	})
+	if status == nil {
+		status = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			fmt.Fprintf(w, "metrics: http://%s/metrics\n", r.Host)
+		})
+	}
+	mux.Handle("GET /{$}", status)
 	s := &Server{
-		ln: ln,
+		ln:     ln,
+		status: status,
 		srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second,
 			ErrorLog: zap.NewStdLog(log)},
 		done: make(chan struct{}),
@@ -226,5 +291,8 @@ func (s *Server) Close(ctx context.Context) error {
 		err = errors.Join(err, s.srv.Close())
 	}
 	<-s.done
+	if c, ok := s.status.(io.Closer); ok {
+		err = errors.Join(err, c.Close())
+	}
 	return err
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/sluice-proxy/sluice/conn"
 	"github.com/sluice-proxy/sluice/engine"
+	"github.com/sluice-proxy/sluice/handshake"
 	"github.com/sluice-proxy/sluice/internal/testpeer"
 	"github.com/sluice-proxy/sluice/rules"
 )
@@ -47,6 +48,24 @@ func samples(fams map[string]*dto.MetricFamily, prefix string) map[string]float6
 				v = m.Counter.GetValue()
 			case dto.MetricType_GAUGE:
 				v = m.Gauge.GetValue()
+			case dto.MetricType_HISTOGRAM:
+				// As the text format writes one: _count, _sum, a _bucket per le.
+				h := m.Histogram
+				withLabels := func(name string, more ...string) string {
+					all := append(append([]string(nil), ls...), more...)
+					sort.Strings(all)
+					if len(all) == 0 {
+						return name
+					}
+					return name + "{" + strings.Join(all, ",") + "}"
+				}
+				out[withLabels(name+"_count")] = float64(h.GetSampleCount())
+				out[withLabels(name+"_sum")] = h.GetSampleSum()
+				for _, b := range h.Bucket {
+					out[withLabels(name+"_bucket", fmt.Sprintf("le=%g", b.GetUpperBound()))] = float64(b.GetCumulativeCount())
+				}
+				out[withLabels(name+"_bucket", "le=+Inf")] = float64(h.GetSampleCount())
+				continue
 			default:
 				v = -1
 			}
@@ -66,6 +85,20 @@ func TestCollector(t *testing.T) {
 	stats.PipesOpen, stats.PipesDenied = 3, 9
 	stats.UDPFlows, stats.UDPFlowsOpened, stats.UDPFlowsExpired = 12, 13, 14
 	stats.UDPDatagramsIn, stats.UDPDatagramsOut, stats.UDPDropped = 15, 16, 17
+	stats.FDs, stats.Draining = 42, true
+	h := engine.HistogramSnapshot{Bounds: []float64{0.001, 0.01}, Counts: []uint64{1, 2, 3}, Sum: 1.5}
+	stats.Table = engine.TableStats{Generation: 4, Pending: true, Applies: 5, Commits: 3, Rollbacks: 2, ApplyTime: h,
+		Committed: 3, RolledBack: 1, Failed: 6}
+	tcpRule := engine.RuleStats{Listen: "tcp 0.0.0.0:80", Pif: "host", Proto: "tcp", Requested: 2,
+		Listeners: make([]engine.ListenerStats, 1), Failed: make([]rules.PortError, 1),
+		Policy: handshake.Stats{Accepted: 20, HealthUp: 3, HealthDown: 4, ProxyV1: 5, ProxyV2: 6,
+			Refused: map[string]map[string]uint64{"rules": {"denied": 7}, "accept-proxy": {"proxy-bad": 8}}},
+		Sessions: 9, BytesIn: 1000, BytesOut: 3000, Spliced: 2500, ConnectErrors: 10, Retries: 11,
+		Terms: map[string]uint64{"--": 12, "PR": 15}, Handshake: h, Connect: h, Duration: h}
+	udpRule := engine.RuleStats{Listen: "udp ns1/10.0.0.1:53", Pif: "ns1", Proto: "udp", Requested: 1,
+		Listeners: make([]engine.ListenerStats, 1),
+		UDP:       engine.UDPStats{Flows: 21, Opened: 22, DatagramsIn: 23, DatagramsOut: 24, Dropped: 25}}
+	stats.Rules = []engine.RuleStats{tcpRule, udpRule}
 	scrapes := 0
 	reg, err := NewRegistry(func() engine.Stats { scrapes++; return stats })
 	if err != nil {
@@ -100,6 +133,55 @@ func TestCollector(t *testing.T) {
 		"sluice_udp_datagrams_total{direction=to_target}":           15,
 		"sluice_udp_datagrams_total{direction=to_client}":           16,
 		"sluice_udp_dropped_total":                                  17,
+		"sluice_fds_open":                                           42,
+		"sluice_draining":                                           1,
+
+		"sluice_table_generation":                            4,
+		"sluice_table_pending":                               1,
+		"sluice_table_operations_total{op=apply}":            5,
+		"sluice_table_operations_total{op=commit}":           3,
+		"sluice_table_operations_total{op=rollback}":         2,
+		"sluice_ctl_transactions_total{outcome=committed}":   3,
+		"sluice_ctl_transactions_total{outcome=rolled_back}": 1,
+		"sluice_ctl_transactions_total{outcome=failed}":      6,
+		"sluice_table_apply_seconds_count":                   6,
+		"sluice_table_apply_seconds_sum":                     1.5,
+		"sluice_table_apply_seconds_bucket{le=0.001}":        1,
+		"sluice_table_apply_seconds_bucket{le=0.01}":         3,
+		"sluice_table_apply_seconds_bucket{le=+Inf}":         6,
+
+		"sluice_rule_ports{pif=host,rule=tcp 0.0.0.0:80,state=bound}":                                1,
+		"sluice_rule_ports{pif=host,rule=tcp 0.0.0.0:80,state=failed}":                               1,
+		"sluice_rule_connections_total{pif=host,rule=tcp 0.0.0.0:80}":                                20,
+		"sluice_rule_refused_total{pif=host,reason=denied,rule=tcp 0.0.0.0:80,step=rules}":           7,
+		"sluice_rule_refused_total{pif=host,reason=proxy-bad,rule=tcp 0.0.0.0:80,step=accept-proxy}": 8,
+		"sluice_rule_sessions{pif=host,rule=tcp 0.0.0.0:80}":                                         9,
+		"sluice_rule_terminations_total{pif=host,rule=tcp 0.0.0.0:80,term=--}":                       12,
+		"sluice_rule_terminations_total{pif=host,rule=tcp 0.0.0.0:80,term=PR}":                       15,
+		"sluice_rule_bytes_total{direction=in,pif=host,rule=tcp 0.0.0.0:80}":                         1000,
+		"sluice_rule_bytes_total{direction=out,pif=host,rule=tcp 0.0.0.0:80}":                        3000,
+		"sluice_rule_bytes_moved_total{pif=host,rule=tcp 0.0.0.0:80,via=splice}":                     2500,
+		"sluice_rule_bytes_moved_total{pif=host,rule=tcp 0.0.0.0:80,via=buffer}":                     1500,
+		"sluice_rule_connect_errors_total{pif=host,rule=tcp 0.0.0.0:80}":                             10,
+		"sluice_rule_connect_retries_total{pif=host,rule=tcp 0.0.0.0:80}":                            11,
+		"sluice_rule_health_replies_total{pif=host,result=ok,rule=tcp 0.0.0.0:80}":                   3,
+		"sluice_rule_health_replies_total{pif=host,result=fail,rule=tcp 0.0.0.0:80}":                 4,
+		"sluice_rule_proxy_headers_total{pif=host,rule=tcp 0.0.0.0:80,version=v1}":                   5,
+		"sluice_rule_proxy_headers_total{pif=host,rule=tcp 0.0.0.0:80,version=v2}":                   6,
+
+		"sluice_rule_ports{pif=ns1,rule=udp ns1/10.0.0.1:53,state=bound}":                       1,
+		"sluice_rule_ports{pif=ns1,rule=udp ns1/10.0.0.1:53,state=failed}":                      0,
+		"sluice_rule_udp_flows{pif=ns1,rule=udp ns1/10.0.0.1:53}":                               21,
+		"sluice_rule_udp_flows_opened_total{pif=ns1,rule=udp ns1/10.0.0.1:53}":                  22,
+		"sluice_rule_udp_datagrams_total{direction=to_target,pif=ns1,rule=udp ns1/10.0.0.1:53}": 23,
+		"sluice_rule_udp_datagrams_total{direction=to_client,pif=ns1,rule=udp ns1/10.0.0.1:53}": 24,
+		"sluice_rule_udp_dropped_total{pif=ns1,rule=udp ns1/10.0.0.1:53}":                       25,
+	}
+	for _, name := range []string{"handshake", "connect", "session"} {
+		base := "sluice_rule_" + name + "_seconds"
+		lb := "pif=host,rule=tcp 0.0.0.0:80"
+		want[base+"_count{"+lb+"}"], want[base+"_sum{"+lb+"}"] = 6, 1.5
+		want[base+"_bucket{le=0.001,"+lb+"}"], want[base+"_bucket{le=0.01,"+lb+"}"], want[base+"_bucket{le=+Inf,"+lb+"}"] = 1, 3, 6
 	}
 	for c := conn.Code(1); !strings.HasPrefix(c.String(), "code-"); c++ {
 		want[fmt.Sprintf("sluice_sessions_ended_total{code=%d,reason=%s}", c, c)] = float64(stats.Ended[c.String()])
@@ -107,13 +189,23 @@ func TestCollector(t *testing.T) {
 	if want["sluice_sessions_ended_total{code=1,reason=done}"] != 11 || want["sluice_sessions_ended_total{code=8,reason=connect-refused}"] != 2 {
 		t.Fatal("conn codes renamed? the test's expectations are off")
 	}
-	if fmt.Sprint(got) != fmt.Sprint(want) {
-		t.Errorf("got\n%v\nwant\n%v", got, want)
+	for k, v := range want {
+		if g, ok := got[k]; !ok || g != v {
+			t.Errorf("%s = %v (present %v), want %v", k, g, ok, v)
+		}
+	}
+	for k, v := range got {
+		if _, ok := want[k]; !ok {
+			t.Errorf("unexpected sample %s = %v", k, v)
+		}
 	}
 	types := map[string]dto.MetricType{
 		"sluice_sessions": dto.MetricType_GAUGE, "sluice_sessions_ended_total": dto.MetricType_COUNTER,
 		"sluice_connect_errors_total": dto.MetricType_COUNTER, "sluice_buffers": dto.MetricType_GAUGE,
 		"sluice_pipes_denied_total": dto.MetricType_COUNTER, "sluice_pipes_open": dto.MetricType_GAUGE,
+		"sluice_rule_session_seconds": dto.MetricType_HISTOGRAM, "sluice_rule_sessions": dto.MetricType_GAUGE,
+		"sluice_rule_bytes_total": dto.MetricType_COUNTER, "sluice_table_apply_seconds": dto.MetricType_HISTOGRAM,
+		"sluice_ctl_transactions_total": dto.MetricType_COUNTER, "sluice_fds_open": dto.MetricType_GAUGE,
 	}
 	for name, typ := range types {
 		if f := byName[name]; f == nil || f.GetType() != typ || f.GetHelp() == "" {
@@ -146,8 +238,10 @@ func scrape(t *testing.T, addr netip.AddrPort) map[string]float64 {
 	return samples(fams, "")
 }
 
-// A real engine, real traffic, a real scrape over HTTP.
-func TestServeAfterTraffic(t *testing.T) {
+// startEngine runs an engine of two loops and a hash backend (testpeer)
+// for the test.
+func startEngine(t *testing.T) (*engine.Engine, *testpeer.Backend) {
+	t.Helper()
 	e, err := engine.New(engine.Config{Loops: 2})
 	if err != nil {
 		t.Fatal(err)
@@ -159,6 +253,57 @@ func TestServeAfterTraffic(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(b.Close)
+	return e, b
+}
+
+// serveEngine serves e's metrics and status page (as version) on a free
+// loopback port for the test.
+func serveEngine(t *testing.T, e *engine.Engine, version string) *Server {
+	t.Helper()
+	reg, err := NewRegistry(e.Stats)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := Serve(netip.MustParseAddrPort("127.0.0.1:0"), reg, NewStatusPage(e, StatusInfo{Version: version}), zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close(context.Background()) })
+	return srv
+}
+
+// scrapeWant scrapes addr until every sample of want is there with its value
+// (sessions end a little after their clients see them end), for 5 s at
+// most; then each one that is not is an error. It returns the last scrape.
+func scrapeWant(t *testing.T, addr netip.AddrPort, want map[string]float64) map[string]float64 {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got := scrape(t, addr)
+		ok := true
+		for k, v := range want {
+			if g, present := got[k]; !present || g != v {
+				ok = false
+			}
+		}
+		if ok {
+			return got
+		}
+		if time.Now().After(deadline) {
+			for k, v := range want {
+				if g, present := got[k]; !present || g != v {
+					t.Errorf("%s = %v (present %v), want %v", k, g, present, v)
+				}
+			}
+			return got
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A real engine, real traffic, a real scrape over HTTP.
+func TestServeAfterTraffic(t *testing.T) {
+	e, b := startEngine(t)
 	closed, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -180,15 +325,7 @@ func TestServeAfterTraffic(t *testing.T) {
 	good := listen("tcp 127.0.0.1:0 -> " + b.Addr())
 	bad := listen("tcp 127.0.0.1:0 -> " + refusing)
 
-	reg, err := NewRegistry(e.Stats)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := Serve(netip.MustParseAddrPort("127.0.0.1:0"), reg, func(w io.Writer) { fmt.Fprintln(w, "sluice test status") }, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close(context.Background()) })
+	srv := serveEngine(t, e, "test-version")
 
 	before := scrape(t, srv.Addr())
 	if before["sluice_sessions_ended_total{code=1,reason=done}"] != 0 || before["sluice_event_loops"] != 2 {
@@ -225,26 +362,9 @@ func TestServeAfterTraffic(t *testing.T) {
 		"sluice_pipes{state=in_use}":                                 0,
 		"sluice_event_loops":                                         2,
 	}
-	var got map[string]float64
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		got = scrape(t, srv.Addr())
-		ok := true
-		for k, v := range want {
-			if got[k] != v {
-				ok = false
-			}
-		}
-		if ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			for k, v := range want {
-				t.Errorf("%s = %v, want %v", k, got[k], v)
-			}
-			t.FailNow()
-		}
-		time.Sleep(20 * time.Millisecond)
+	got := scrapeWant(t, srv.Addr(), want)
+	if t.Failed() {
+		t.FailNow()
 	}
 	// 1 MiB down per session went through buffers or pipes, now free.
 	if got["sluice_buffers{state=free}"]+got["sluice_pipes{state=free}"] == 0 {
@@ -260,7 +380,8 @@ func TestServeAfterTraffic(t *testing.T) {
 	}
 	page, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode != 200 || !strings.Contains(string(page), "sluice test status") || !strings.Contains(string(page), "/metrics") {
+	if resp.StatusCode != 200 || !strings.Contains(string(page), "sluice test-version") || !strings.Contains(string(page), `href="/metrics"`) ||
+		!strings.Contains(string(page), good.String()) || resp.Header.Get("Content-Type") != "text/html; charset=utf-8" {
 		t.Errorf("status page: %s\n%s", resp.Status, page)
 	}
 	resp, err = http.Get("http://" + srv.Addr().String() + "/nothing-here")

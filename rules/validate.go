@@ -196,6 +196,11 @@ func ValidateTable(rs []*Rule, name func(i int) string) []TableError {
 	return errs
 }
 
+// ListenString returns the rule's listen part as the canonical line writes
+// it, pif included ("tcp ns1/10.0.0.1:8000-8010"): the rule's name in
+// metrics, logs and the status page.
+func (r *Rule) ListenString() string { return r.listenString() }
+
 func (r *Rule) listenString() string {
 	var b strings.Builder
 	b.WriteString(r.Proto.String() + " ")

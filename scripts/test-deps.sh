@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use; add here, never in a test.
-pkgs=(iproute2 procps haproxy nginx libnginx-mod-stream curl)
+pkgs=(iproute2 procps haproxy nginx libnginx-mod-stream curl chromium)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -14,13 +15,15 @@ import (
 	"github.com/sluice-proxy/sluice/rules"
 )
 
-const ctlSynopsis = `sluice ctl [-s SOCKET] [-c CONFIG] VERB
+const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
   status                  version, features, generation, rule and session counts
   pifs                    the daemon's pifs
   list                    the active table as canonical rule lines
-  apply FILE [--dry-run] [--force] [--timeout DUR]
+  apply FILE [--dry-run] [--force] [--timeout DUR] [--json]
                           replace the table in one transaction
-  add RULE | del RULE     add or remove one rule (one quoted argument)`
+  add RULE | del RULE     add or remove one rule (one quoted argument)
+apply, add and del take -s several times: one transaction across all those
+instances, committed only if every one of them can commit.`
 
 // exitError carries the contract's exit code for an error.
 type exitError struct {
@@ -40,17 +43,28 @@ func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
 // ctlCmd is one run of `sluice ctl`.
 type ctlCmd struct {
 	sock    string
+	socks   []string // several -s: a transaction across instances (ctl_multi.go)
 	timeout time.Duration
 	dryRun  bool
 	force   bool
+	json    bool
 	out     io.Writer
+	// between is ctl.MultiOptions.Between: tests stop or kill an instance
+	// at an exact step of a transaction across instances.
+	between func(ctl.Step)
 }
 
 // runCtl runs `sluice ctl ARGS` and returns its exit code: 0 ok; 1 runtime
 // or protocol error; 2 bad usage or a table that does not validate; 3
 // applied but rolled back; 4 another writer holds the control socket.
 func runCtl(args []string, stdout, stderr io.Writer) int {
-	err := cmdCtl(args, stdout, stderr)
+	return runCtlWith(args, stdout, stderr, nil)
+}
+
+// runCtlWith is runCtl with a hook called before each step of a
+// transaction across instances (ctl.MultiOptions.Between).
+func runCtlWith(args []string, stdout, stderr io.Writer, between func(ctl.Step)) int {
+	err := cmdCtl(args, stdout, stderr, between)
 	if err == nil {
 		return exitOK
 	}
@@ -59,14 +73,25 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 		for _, e := range list {
 			fmt.Fprintln(stderr, e)
 		}
-		return exitUsage
+	} else {
+		fmt.Fprintln(stderr, "sluice: ctl:", err)
 	}
-	fmt.Fprintln(stderr, "sluice: ctl:", err)
+	return ctlExitCode(err)
+}
+
+// ctlExitCode is the contract's exit code for what cmdCtl returned.
+func ctlExitCode(err error) int {
+	if err == nil {
+		return exitOK
+	}
 	var (
-		x *exitError
-		u usageError
+		list rules.ErrorList
+		x    *exitError
+		u    usageError
 	)
 	switch {
+	case errors.As(err, &list):
+		return exitUsage
 	case errors.As(err, &x):
 		return x.code
 	case errors.As(err, &u):
@@ -81,17 +106,18 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 	return exitRuntime
 }
 
-func cmdCtl(args []string, stdout, stderr io.Writer) error {
+func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) error {
 	var socks stringList
 	var cfgFile string
-	x := &ctlCmd{out: stdout}
+	x := &ctlCmd{out: stdout, between: between}
 	fs := newFlagSet("ctl", ctlSynopsis)
 	fs.SetOutput(stderr)
 	fs.Var(&socks, "s", "the control socket (default: ctl.socket of -c, else $XDG_RUNTIME_DIR/sluice/ctl.sock, else /run/sluice/ctl.sock)")
 	fs.StringVar(&cfgFile, "c", "", "a configuration file whose ctl.socket to use")
 	fs.BoolVar(&x.dryRun, "dry-run", false, "apply, add, del: validate on the daemon, change nothing")
 	fs.BoolVar(&x.force, "force", false, "apply, add, del: commit even when the bind summary's verdict is bad")
-	fs.DurationVar(&x.timeout, "timeout", ctl.DefaultConfirm, "bound of each answer of the daemon, and the confirm timeout of a write: without a commit in time the daemon rolls back by itself")
+	fs.DurationVar(&x.timeout, "timeout", ctl.DefaultConfirm, "bound of each answer of the daemon, and the confirm timeout of a write: without a commit in time the daemon rolls back by itself (with several -s: (2 + instances) × DUR, at most 10m)")
+	fs.BoolVar(&x.json, "json", false, "apply, add, del: print the outcome as one JSON object, instance by instance")
 	pos, help, err := parseCommand(fs, args)
 	if help || err != nil {
 		return err
@@ -111,15 +137,26 @@ func cmdCtl(args []string, stdout, stderr io.Writer) error {
 		return usagef("apply: want one rules FILE, got %d arguments", len(rest))
 	case len(rest) != n:
 		return usagef("%s: want one rule line as one argument (quote it: '%s tcp 0.0.0.0:8443 -> 127.0.0.1:443'), got %d arguments", verb, verb, len(rest))
-	case n == 0 && (x.dryRun || x.force):
-		return usagef("%s: --dry-run and --force are for apply, add and del", verb)
+	case n == 0 && (x.dryRun || x.force || x.json):
+		return usagef("%s: --dry-run, --force and --json are for apply, add and del", verb)
 	case x.timeout <= 0 || x.timeout > ctl.MaxConfirm:
 		return usagef("--timeout %s: want more than 0 and at most %s", x.timeout, ctl.MaxConfirm)
-	case len(socks) > 1:
-		return usagef("-s given %d times: one transaction across several instances is not supported yet", len(socks))
+	case len(socks) > 1 && n == 0:
+		return usagef("-s given %d times: %s reads one instance; several are for apply, add and del", len(socks), verb)
 	}
-	if x.sock, err = ctlSocket(socks, cfgFile); err != nil {
-		return err
+	switch {
+	case len(socks) > 1: // a transaction across instances
+		if err := distinct(socks); err != nil {
+			return err
+		}
+		x.socks = socks
+	default:
+		if x.sock, err = ctlSocket(socks, cfgFile); err != nil {
+			return err
+		}
+		if x.json { // one instance, reported as a transaction across one
+			x.socks = []string{x.sock}
+		}
 	}
 	switch verb {
 	case "status":
@@ -260,6 +297,15 @@ func (x *ctlCmd) list() error {
 	return nil
 }
 
+// write runs a writing transaction: on one instance, or across several
+// (with several -s, or --json) — ctl_multi.go.
+func (x *ctlCmd) write(verb string, build func(*ctl.Table) ([]*rules.Rule, error), refused func(*ctl.Table, *ctl.Error) error) error {
+	if x.socks != nil {
+		return x.transactMulti(verb, build, refused)
+	}
+	return x.transact(verb, build, refused)
+}
+
 // apply replaces the table with the rules of file, parsed here first so
 // that every error names the user's line.
 func (x *ctlCmd) apply(file string) error {
@@ -275,8 +321,8 @@ func (x *ctlCmd) apply(file string) error {
 	for i, e := range entries {
 		rs[i] = e.Rule
 	}
-	return x.transact("apply", func(*ctl.Table) ([]*rules.Rule, error) { return rs, nil },
-		func(e *ctl.Error) error {
+	return x.write("apply", func(*ctl.Table) ([]*rules.Rule, error) { return slices.Clone(rs), nil },
+		func(_ *ctl.Table, e *ctl.Error) error {
 			if e.Index < 0 || e.Index >= len(entries) {
 				return usageError{fmt.Errorf("apply %s: %w", file, e)}
 			}
@@ -290,16 +336,14 @@ func (x *ctlCmd) add(line string) error {
 	if err != nil {
 		return usagef("add: %v", err)
 	}
-	var n int
-	return x.transact("add", func(t *ctl.Table) ([]*rules.Rule, error) {
+	return x.write("add", func(t *ctl.Table) ([]*rules.Rule, error) {
 		rs, err := t.Rules()
 		if err != nil {
 			return nil, err
 		}
-		n = len(rs)
 		return append(rs, r), nil
-	}, func(e *ctl.Error) error {
-		if e.Index == n {
+	}, func(t *ctl.Table, e *ctl.Error) error {
+		if e.Index == len(t.Lines) {
 			return usagef("add %q: %s", r.String(), e.Msg)
 		}
 		return usagef("add %q: %w", r.String(), e)
@@ -313,7 +357,7 @@ func (x *ctlCmd) del(line string) error {
 		return usagef("del: %v", err)
 	}
 	canon := r.String()
-	return x.transact("del", func(t *ctl.Table) ([]*rules.Rule, error) {
+	return x.write("del", func(t *ctl.Table) ([]*rules.Rule, error) {
 		rs, err := t.Rules()
 		if err != nil {
 			return nil, err
@@ -324,7 +368,7 @@ func (x *ctlCmd) del(line string) error {
 			}
 		}
 		return nil, usagef("del: no rule %q in the active table (generation %d)", canon, t.Generation)
-	}, func(e *ctl.Error) error { return usagef("del %q: %w", canon, e) })
+	}, func(_ *ctl.Table, e *ctl.Error) error { return usagef("del %q: %w", canon, e) })
 }
 
 // transact runs one writing transaction: read the table, build the new one,
@@ -332,7 +376,7 @@ func (x *ctlCmd) del(line string) error {
 // the verdict is good (or --force), else roll back (exit 3). refused says
 // how a load refused for a rule (invalid-rule, invalid-table, unknown-pif)
 // is reported.
-func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, error), refused func(*ctl.Error) error) error {
+func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, error), refused func(*ctl.Table, *ctl.Error) error) error {
 	c, t, err := x.readTable(ctl.IntentWrite)
 	if err != nil {
 		return err
@@ -350,7 +394,7 @@ func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, er
 		if errors.As(err, &e) {
 			switch e.Code {
 			case ctl.CodeInvalidRule, ctl.CodeInvalidTable, ctl.CodeUnknownPif:
-				return refused(e)
+				return refused(t, e)
 			}
 		}
 		return err

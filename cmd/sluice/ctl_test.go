@@ -24,6 +24,13 @@ const (
 // pif ns1, on a socket in a fresh short directory.
 func ctlServer(t *testing.T, lines ...string) (*ctltest.Engine, string) {
 	t.Helper()
+	eng, s := ctlInstance(t, []string{"ns1"}, lines...)
+	return eng, s.Path()
+}
+
+// ctlInstance is ctlServer with the named pifs, returning the server too.
+func ctlInstance(t *testing.T, pifs []string, lines ...string) (*ctltest.Engine, *ctl.Server) {
+	t.Helper()
 	rs := make([]*rules.Rule, len(lines))
 	for i, l := range lines {
 		r, err := rules.Parse(l)
@@ -32,7 +39,7 @@ func ctlServer(t *testing.T, lines ...string) (*ctltest.Engine, string) {
 		}
 		rs[i] = r
 	}
-	eng := ctltest.New(1, []string{"ns1"}, rs...)
+	eng := ctltest.New(1, pifs, rs...)
 	dir, err := os.MkdirTemp("", "ctlcli")
 	if err != nil {
 		t.Fatal(err)
@@ -43,14 +50,21 @@ func ctlServer(t *testing.T, lines ...string) (*ctltest.Engine, string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close() })
-	return eng, s.Path()
+	return eng, s
 }
 
 // sluiceCtl runs `sluice ctl ARGS` in process.
 func sluiceCtl(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
+	return sluiceCtlWith(t, nil, args...)
+}
+
+// sluiceCtlWith is sluiceCtl with a hook before each step of a transaction
+// across instances.
+func sluiceCtlWith(t *testing.T, between func(ctl.Step), args ...string) (code int, stdout, stderr string) {
+	t.Helper()
 	var out, errb bytes.Buffer
-	code = runCtl(args, &out, &errb)
+	code = runCtlWith(args, &out, &errb, between)
 	return code, out.String(), errb.String()
 }
 

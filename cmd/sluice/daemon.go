@@ -5,7 +5,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"strings"
@@ -193,7 +192,10 @@ type running struct {
 }
 
 // The engine is what the control socket drives.
-var _ ctl.Engine = (*engine.Engine)(nil)
+var (
+	_ ctl.Engine      = (*engine.Engine)(nil)
+	_ ctl.TxnObserver = (*engine.Engine)(nil)
+)
 
 // serve runs the daemon on a configuration: pifs, the engine, every rule's
 // listeners, the metrics endpoint. ready, if set, runs once all are up.
@@ -282,29 +284,19 @@ func serve(c *config.Config, ctlPath string, ready func(*running)) error {
 	return err
 }
 
-// startMetrics serves /metrics from e's counters and the status page.
+// startMetrics serves /metrics from e's counters and the status page (the
+// server's Close stops the page's sampler).
 func startMetrics(c *config.Config, e *engine.Engine, log *zap.Logger) (*metrics.Server, error) {
 	reg, err := metrics.NewRegistry(e.Stats)
 	if err != nil {
 		return nil, err
 	}
-	started := time.Now()
-	status := func(w io.Writer) {
-		st := e.Stats()
-		fmt.Fprintf(w, "sluice %s, up %s\n", version, time.Since(started).Round(time.Second))
-		if c.File != "" {
-			fmt.Fprintf(w, "configuration: %s\n", c.File)
-		}
-		fmt.Fprintf(w, "sessions: %d live\n", st.Sessions)
-		if e.Draining() {
-			fmt.Fprintln(w, "state: draining (stopping)")
-		}
-		fmt.Fprintln(w, "\nlisteners:")
-		for _, ln := range e.Listeners() {
-			fmt.Fprintf(w, "  %-24s %s\n", ln.Addr(), ln.Rule())
-		}
+	page := metrics.NewStatusPage(e, metrics.StatusInfo{Version: version, Config: c.File})
+	srv, err := metrics.Serve(c.Metrics.Listen, reg, page, log)
+	if err != nil {
+		page.Close()
 	}
-	return metrics.Serve(c.Metrics.Listen, reg, status, log)
+	return srv, err
 }
 
 func cmdForward(args []string) error {

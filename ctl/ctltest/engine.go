@@ -27,6 +27,7 @@ type Engine struct {
 	sessions int64
 
 	applies, commits, rollbacks int
+	outcomes                    []string // as ctl.TxnObserver reported them
 }
 
 // New returns an engine with named pifs (host is implicit) whose active
@@ -62,6 +63,20 @@ func (e *Engine) Counts() (applies, commits, rollbacks int) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.applies, e.commits, e.rollbacks
+}
+
+// TxnEnded records a writing transaction's outcome (ctl.TxnObserver).
+func (e *Engine) TxnEnded(outcome string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.outcomes = append(e.outcomes, outcome)
+}
+
+// Outcomes returns the transaction outcomes reported so far, in order.
+func (e *Engine) Outcomes() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return slices.Clone(e.outcomes)
 }
 
 // Pending reports whether an apply waits for commit or rollback.

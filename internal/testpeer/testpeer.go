@@ -223,3 +223,17 @@ func compare(r io.Reader, want io.Reader, n int64) error {
 	}
 	return nil
 }
+
+// Accept runs handle on each conn ln accepts, each in its own goroutine,
+// until ln is closed. handle owns the conn and closes it.
+func Accept(ln net.Listener, handle func(net.Conn)) {
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go handle(c)
+		}
+	}()
+}

@@ -27,31 +27,23 @@ func goCopyProxy(target string) (net.Listener, error) {
 	if err != nil {
 		return nil, err
 	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				s, err := net.Dial("tcp", target)
-				if err != nil {
-					return
-				}
-				defer s.Close()
-				up := make(chan struct{})
-				go func() {
-					io.Copy(s, c)
-					s.(*net.TCPConn).CloseWrite()
-					close(up)
-				}()
-				io.Copy(c, s)
-				c.(*net.TCPConn).CloseWrite()
-				<-up
-			}()
+	testpeer.Accept(ln, func(c net.Conn) {
+		defer c.Close()
+		s, err := net.Dial("tcp", target)
+		if err != nil {
+			return
 		}
-	}()
+		defer s.Close()
+		up := make(chan struct{})
+		go func() {
+			io.Copy(s, c)
+			s.(*net.TCPConn).CloseWrite()
+			close(up)
+		}()
+		io.Copy(c, s)
+		c.(*net.TCPConn).CloseWrite()
+		<-up
+	})
 	return ln, nil
 }
 

@@ -479,7 +479,7 @@ func TestConfigDemo(t *testing.T) {
 		t.Errorf("sluice_event_loops = %v (found %v)", v, ok)
 	}
 	code, page := httpGet(t, strings.TrimSuffix(metrics, "metrics"))
-	if code != 200 || !strings.Contains(page, "listeners:") || !strings.Contains(page, strings.TrimSuffix(strings.TrimPrefix(try, "http://"), "/")) {
+	if code != 200 || !strings.Contains(page, "<title>sluice status</title>") || !strings.Contains(page, strings.TrimSuffix(strings.TrimPrefix(try, "http://"), "/")) {
 		t.Errorf("status page: %d\n%s", code, page)
 	}
 	if err := d.stop(10 * time.Second); err != nil {

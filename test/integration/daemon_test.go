@@ -100,6 +100,10 @@ type forwardOpts struct {
 	// prog, when set, is run instead of sluice: a third-party peer (haproxy,
 	// nginx) a test drives like the daemon, output collected, stopped by PID.
 	prog string
+	// prefix, when set, is a command that execs the daemon's command line
+	// in place, so the pid stays the daemon's: `ip netns exec NAME` runs it
+	// inside a network namespace.
+	prefix []string
 }
 
 // startForwardWith is startForward with options.
@@ -127,6 +131,9 @@ func startDaemon(t testing.TB, o forwardOpts, args ...string) *daemon {
 	if o.nofile > 0 {
 		cmd = exec.Command("prlimit", fmt.Sprintf("--nofile=%d:%d", o.nofile, o.nofile), "--", sluiceBin)
 		cmd.Args = append(cmd.Args, args...)
+	}
+	if len(o.prefix) > 0 {
+		cmd = exec.Command(o.prefix[0], append(o.prefix[1:len(o.prefix):len(o.prefix)], cmd.Args...)...)
 	}
 	// Each daemon gets its own runtime directory, so the default control
 	// socket ($XDG_RUNTIME_DIR/sluice/ctl.sock) never collides with another

@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -22,6 +23,7 @@ const peerRoleEnv = "SLUICE_IT_PEER"
 func runPeer(role string) int {
 	var addr string
 	var closeFn func()
+	var stats func() any
 	switch role {
 	case "echo":
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -29,22 +31,13 @@ func runPeer(role string) int {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				// Plain read/write with a small buffer: io.Copy between
-				// TCP conns would splice through a pipe per conn, three
-				// fds per session, and run out of fds near 6 600
-				// sessions.
-				go func() {
-					io.CopyBuffer(struct{ io.Writer }{c}, struct{ io.Reader }{c}, make([]byte, 512))
-					c.Close()
-				}()
-			}
-		}()
+		// Plain read/write with a small buffer: io.Copy between TCP conns
+		// would splice through a pipe per conn, three fds per session, and
+		// run out of fds near 6 600 sessions.
+		testpeer.Accept(ln, func(c net.Conn) {
+			io.CopyBuffer(struct{ io.Writer }{c}, struct{ io.Reader }{c}, make([]byte, 512))
+			c.Close()
+		})
 		addr, closeFn = ln.Addr().String(), func() { ln.Close() }
 	case "hash":
 		b, err := testpeer.Listen("127.0.0.1:0")
@@ -68,20 +61,61 @@ func runPeer(role string) int {
 		}
 		addr, closeFn = strconv.Itoa(n), stop
 	default:
-		fmt.Fprintln(os.Stderr, "unknown peer role", role)
-		return 2
+		start, ok := peerRoles[role]
+		if !ok {
+			fmt.Fprintln(os.Stderr, "unknown peer role", role)
+			return 2
+		}
+		var err error
+		if addr, stats, closeFn, err = start(); err != nil {
+			fmt.Fprintln(os.Stderr, role+":", err)
+			return 1
+		}
 	}
 	fmt.Println(addr)
-	io.Copy(io.Discard, os.Stdin)
+	// Each "stats" line on stdin is answered with one JSON line of the
+	// role's counts; EOF ends the peer.
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		if sc.Text() == "stats" {
+			var v any = struct{}{}
+			if stats != nil {
+				v = stats()
+			}
+			b, _ := json.Marshal(v)
+			fmt.Println(string(b))
+		}
+	}
 	closeFn()
 	return 0
 }
+
+// peerRoles are the roles other files add: start begins the role and
+// returns the line to print (an address, a count), the role's counts for
+// "stats" (nil: none), and what ends it.
+var peerRoles = map[string]func() (line string, stats func() any, closeFn func(), err error){}
 
 // peer is a peer process started by a test.
 type peer struct {
 	cmd   *exec.Cmd
 	stdin io.WriteCloser
+	out   *bufio.Reader
 	Addr  string
+}
+
+// stats asks the peer for its counts (one JSON line) into v.
+func (p *peer) stats(t testing.TB, v any) {
+	t.Helper()
+	if _, err := io.WriteString(p.stdin, "stats\n"); err != nil {
+		t.Fatalf("peer stats: %v", err)
+	}
+	line, err := p.out.ReadString('\n')
+	if err != nil {
+		t.Fatalf("peer stats: %v", err)
+	}
+	if err := json.Unmarshal([]byte(line), v); err != nil {
+		t.Fatalf("peer stats %q: %v", line, err)
+	}
 }
 
 // startPeer runs this binary as a peer of the given role ("echo", "hash").
@@ -95,12 +129,13 @@ func startPeer(t testing.TB, role string) *peer {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	line, err := bufio.NewReader(stdout).ReadString('\n')
+	out := bufio.NewReader(stdout)
+	line, err := out.ReadString('\n')
 	if err != nil {
 		cmd.Process.Kill()
 		t.Fatalf("peer %s: %v", role, err)
 	}
-	p := &peer{cmd: cmd, stdin: stdin, Addr: strings.TrimSpace(line)}
+	p := &peer{cmd: cmd, stdin: stdin, out: out, Addr: strings.TrimSpace(line)}
 	t.Cleanup(func() { stdin.Close(); cmd.Wait() })
 	return p
 }
