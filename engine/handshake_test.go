@@ -344,3 +344,59 @@ func exchange(c *net.TCPConn) error {
 	defer c.Close()
 	return testpeer.Exchange(c, 1000, 1000, 1)
 }
+
+// A source outside accept-proxy's trusted list may connect without a header,
+// but a header from it is refused (proxy-not-trusted), even one split across
+// segments; its other bytes are payload, and a server that speaks first is
+// heard before the client sends anything.
+func TestUntrustedHeaderRefused(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	testpeer.Accept(ln, func(c net.Conn) { // greets first, then echoes
+		defer c.Close()
+		c.Write([]byte("220 hello\n"))
+		io.Copy(c, c)
+	})
+	e, addr := start(t, "tcp 127.0.0.1:0 -> "+ln.Addr().String()+" accept-proxy=10.0.0.0/8", Config{Loops: 1})
+
+	readLine := func(c net.Conn) (string, error) {
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		return bufio.NewReader(c).ReadString('\n')
+	}
+	// Server first: the greeting arrives while the client is silent.
+	c := dial(t, addr)
+	if got, err := readLine(c); err != nil || got != "220 hello\n" {
+		t.Fatalf("greeting %q, %v", got, err)
+	}
+	// Then payload flows both ways, even bytes that merely look like a
+	// PROXY header somewhere later in the stream.
+	c.Write([]byte("hello, PROXY is a word here\n"))
+	buf := make([]byte, 28)
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "hello, PROXY is a word here\n" {
+		t.Fatalf("echo %q, %v", buf, err)
+	}
+	c.Close()
+
+	for _, parts := range [][]string{
+		{"PROXY TCP4 1.2.3.4 5.6.7.8 1000 80\r\nGET / HTTP/1.0\r\n\r\n"},
+		{"PRO", "XY TCP4 1.2.3.4 5.6.7.8 1000 80\r\n"},
+		{"\r\n\r\n\x00\r\nQU", "IT\n\x21\x11\x00\x0c\x01\x02\x03\x04\x05\x06\x07\x08\x03\xe8\x00\x50"},
+	} {
+		c := dial(t, addr)
+		readLine(c) // the greeting
+		for _, p := range parts {
+			c.Write([]byte(p))
+			time.Sleep(20 * time.Millisecond)
+		}
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		if n, err := c.Read(make([]byte, 64)); err == nil {
+			t.Errorf("%q: the header went through (%d bytes back)", parts, n)
+		}
+		c.Close()
+	}
+	waitFor(t, "three conns ended proxy-not-trusted", func() bool { return e.Stats().Ended["proxy-not-trusted"] == 3 })
+}

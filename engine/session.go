@@ -45,15 +45,17 @@ func (s sessionState) String() string {
 type sessionFlags uint8
 
 const (
-	sfMaxConn   sessionFlags = 0x01 // holds one of the rule's maxconn slots
-	sfBackend   sessionFlags = 0x02 // counted on backend s.backend of the pool (leastconn)
-	sfPassed    sessionFlags = 0x04 // passed the incoming chain (logged at info when it ends)
-	sfConnected sessionFlags = 0x08 // the backend connected (connUs is set)
+	sfMaxConn    sessionFlags = 0x01 // holds one of the rule's maxconn slots
+	sfBackend    sessionFlags = 0x02 // counted on backend s.backend of the pool (leastconn)
+	sfPassed     sessionFlags = 0x04 // passed the incoming chain (logged at info when it ends)
+	sfConnected  sessionFlags = 0x08 // the backend connected (connUs is set)
+	sfCheckFirst sessionFlags = 0x10 // an untrusted source on an accept-proxy rule: its first bytes must not be a PROXY header
 )
 
-var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"}, {Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}}
+var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"},
+	{Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}, {Bit: sfCheckFirst, Name: "CHECK_FIRST"}}
 
-const allSessionFlags sessionFlags = 0x0f
+const allSessionFlags sessionFlags = 0x1f
 
 func (f sessionFlags) String() string { return bitnames.Format(f, sessionFlagNames[:]) }
 
@@ -311,6 +313,9 @@ func (s *session) sendProxy(l *Loop) {
 
 // forward gives the handshake state back and starts the channels.
 func (s *session) forward(l *Loop) {
+	if s.hs.Has(handshake.Untrusted) {
+		s.flags |= sfCheckFirst
+	}
 	handshake.Put(s.hs)
 	s.hs = nil
 	mode := s.ln.rule.Splice
@@ -390,8 +395,16 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 // pump moves bytes both ways, turns an ended input into a shut output once
 // drained, and ends the session when both directions are done or one failed.
 func (s *session) pump(l *Loop) {
+	upOK := s.flags&sfCheckFirst == 0 || s.firstBytes(l)
+	if s.state != stForwarding {
+		return // refused by firstBytes
+	}
 	spliced := s.up.Spliced + s.down.Spliced
-	if up, down := s.up.Pump(l.pools), s.down.Pump(l.pools); up+down > 0 {
+	up := 0
+	if upOK {
+		up = s.up.Pump(l.pools)
+	}
+	if down := s.down.Pump(l.pools); up+down > 0 {
 		s.active = l.now
 		s.ln.ctr.moved(l, up, down, s.up.Spliced+s.down.Spliced-spliced)
 	}
@@ -408,6 +421,35 @@ func (s *session) pump(l *Loop) {
 	if s.up.Done() && s.down.Done() && s.state == stForwarding {
 		s.finish(l, conn.CodeDone, false)
 	}
+}
+
+// firstBytes looks at the first bytes of a client from outside its rule's
+// accept-proxy list before any of them is forwarded (the rule: such
+// a source may connect without a header, but a header from it is refused).
+// Only the signature is compared, nothing is parsed or consumed, and nothing
+// waits: the backend's bytes flow meanwhile, so server-first protocols work.
+//
+// It returns true once the client's bytes may flow (and clears
+// sfCheckFirst), false while they must wait: nothing arrived yet, or a strict
+// prefix of a signature did. A header finishes the session, counted as
+// proxy-not-trusted.
+func (s *session) firstBytes(l *Loop) bool {
+	var b [12]byte
+	n, _, err := unix.Recvfrom(s.cli.FD(), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	switch {
+	case err == unix.EAGAIN || err == unix.EINTR:
+		return false
+	case err != nil || n == 0:
+		// An error or the end of input: the up channel reads and reports it.
+	case handshake.Signature(b[:n]) == handshake.SigMaybe:
+		return false
+	case handshake.Signature(b[:n]) == handshake.SigProxy:
+		s.ln.policy.RefuseUntrusted()
+		s.finish(l, conn.CodeProxyNotTrusted, true)
+		return false
+	}
+	s.flags &^= sfCheckFirst
+	return true
 }
 
 // shutOut propagates an ended input to the other side as shutdown(SHUT_WR).

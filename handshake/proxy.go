@@ -9,6 +9,8 @@ import (
 	"net/netip"
 
 	"github.com/pires/go-proxyproto"
+
+	"github.com/sluice-proxy/sluice/conn"
 )
 
 // Header size limits. go-proxyproto refuses a v2 length above its
@@ -74,6 +76,34 @@ func HeaderLen(b []byte) (int, error) {
 	}
 	return 0, ErrNoHeader
 }
+
+// Sig is what the first bytes of a stream say about a PROXY header.
+type Sig uint8
+
+const (
+	SigNone  Sig = iota // b cannot start a PROXY header
+	SigMaybe            // b is a strict prefix of a signature: more bytes are needed to know
+	SigProxy            // b starts with a whole v1 or v2 signature
+)
+
+// Signature classifies the start of b by the PROXY signatures alone; the
+// header itself is never parsed. It is how a header from a source outside
+// accept-proxy's trusted list is recognised and refused.
+func Signature(b []byte) Sig {
+	for _, sig := range [...][]byte{sigV1, sigV2} {
+		switch {
+		case bytes.HasPrefix(b, sig):
+			return SigProxy
+		case len(b) > 0 && bytes.HasPrefix(sig, b):
+			return SigMaybe
+		}
+	}
+	return SigNone
+}
+
+// RefuseUntrusted counts a conn refused because a source outside the
+// trusted list sent a PROXY header.
+func (p *Policy) RefuseUntrusted() { p.C.refuse(KindAcceptProxy, conn.CodeProxyNotTrusted) }
 
 // ParseHeader parses b, exactly one complete header (HeaderLen(b) ==
 // len(b)), with go-proxyproto. It returns the header, or an error wrapping

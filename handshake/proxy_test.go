@@ -234,3 +234,19 @@ func FuzzRoundTrip(f *testing.F) {
 		}
 	})
 }
+
+func TestSignature(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want Sig
+	}{
+		{"", SigNone}, {"P", SigMaybe}, {"PROX", SigMaybe}, {"PROXY", SigProxy}, {"PROXY TCP4 ", SigProxy},
+		{"PROXZ", SigNone}, {"GET / HTTP/1.1", SigNone}, {"hello PROXY", SigNone},
+		{"\r\n", SigMaybe}, {"\r\n\r\n\x00\r\nQUIT", SigMaybe}, {"\r\n\r\n\x00\r\nQUIT\n", SigProxy},
+		{"\r\n\r\n\x00\r\nQUIT\n\x21", SigProxy}, {"\r\nX", SigNone},
+	} {
+		if got := Signature([]byte(tc.in)); got != tc.want {
+			t.Errorf("Signature(%q) = %d, want %d", tc.in, got, tc.want)
+		}
+	}
+}
