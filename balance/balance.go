@@ -110,17 +110,20 @@ func (p *Pool) Next(start int, tried uint64, now int64) int {
 
 func (p *Pool) down(i int, now int64) bool { return p.backends[i].downUntil.Load() > now }
 
-// Failed marks backend i down until now + DownFor.
-func (p *Pool) Failed(i int, now int64) {
+// Failed marks backend i down until now + DownFor. It reports whether this
+// is a transition: the backend was up (never marked, or its mark expired).
+func (p *Pool) Failed(i int, now int64) bool {
 	p.backends[i].fails.Add(1)
-	p.backends[i].downUntil.Store(now + int64(DownFor))
+	return p.backends[i].downUntil.Swap(now+int64(DownFor)) <= now
 }
 
-// Connected marks backend i up.
-func (p *Pool) Connected(i int) {
+// Connected marks backend i up. It reports whether this is a transition: a
+// backend marked down (its mark expired or not) came back.
+func (p *Pool) Connected(i int) bool {
 	if p.backends[i].downUntil.Load() != 0 {
-		p.backends[i].downUntil.Store(0)
+		return p.backends[i].downUntil.Swap(0) != 0
 	}
+	return false
 }
 
 // Acquire and Release count the sessions on backend i (for leastconn).

@@ -62,9 +62,10 @@ const (
 	stepLoaded
 	stepApplied
 	stepDone
+	stepWatching // WATCH sent: events follow
 )
 
-var stepNames = [...]string{"dialed", "hello", "pifs", "listed", "loaded", "applied", "done"}
+var stepNames = [...]string{"dialed", "hello", "pifs", "listed", "loaded", "applied", "done", "watching"}
 
 // ErrClosed is returned by calls on a client whose connection ended.
 var ErrClosed = errors.New("ctl: connection closed")
@@ -154,8 +155,11 @@ func (c *Client) Hello(ctx context.Context, intent Intent) error {
 		c.ver = f.ver
 		c.intent = intent
 		want := MsgPifs
-		if intent == IntentStatus {
+		switch intent {
+		case IntentStatus:
 			want = MsgStatus
+		case IntentStats:
+			want = MsgStats
 		}
 		if f.typ != want {
 			return errorf(CodeUnexpected, "the server answered the hello with %s, want %s", f.typ, want)
@@ -186,7 +190,7 @@ func (c *Client) Status(ctx context.Context) (*Status, error) {
 // Pifs returns the daemon's pifs (step 3), host first.
 func (c *Client) Pifs(ctx context.Context) ([]Pif, error) {
 	err := c.call(ctx, stepHello, func() error {
-		if c.intent == IntentStatus {
+		if c.intent == IntentStatus || c.intent == IntentStats {
 			return fmt.Errorf("ctl: Pifs on a connection for %s", c.intent)
 		}
 		pifs, err := decodePifs(*c.next)

@@ -28,7 +28,12 @@ const (
 	MsgRollback    MsgType = 0x0b // client → server, step 9
 	MsgStatus      MsgType = 0x0c // server → client, intent status
 	MsgError       MsgType = 0x0d // server → client, any step
-	msgTypeCount           = 0x0e
+	MsgWatch       MsgType = 0x0e // client → server, intent watch: the groups
+	MsgEvent       MsgType = 0x0f // server → client, intent watch: one event
+	MsgQuery       MsgType = 0x10 // client → server, intent sessions: which sessions
+	MsgSessions    MsgType = 0x11 // server → client, intent sessions (chunked)
+	MsgStats       MsgType = 0x12 // server → client, intent stats
+	msgTypeCount           = 0x13
 )
 
 var msgNames = [msgTypeCount]string{
@@ -45,6 +50,11 @@ var msgNames = [msgTypeCount]string{
 	MsgRollback:    "ROLLBACK",
 	MsgStatus:      "STATUS",
 	MsgError:       "ERROR",
+	MsgWatch:       "WATCH",
+	MsgEvent:       "EVENT",
+	MsgQuery:       "QUERY",
+	MsgSessions:    "SESSIONS",
+	MsgStats:       "STATS",
 }
 
 // Known reports whether t is a message type of the protocol.
@@ -61,18 +71,24 @@ func (t MsgType) String() string {
 type Intent uint8
 
 const (
-	IntentStatus Intent = 1 // STATUS, then close
-	IntentPifs   Intent = 2 // PIFS, then close
-	IntentList   Intent = 3 // PIFS and RULES, then close
-	IntentWrite  Intent = 4 // the writing transaction, steps 3-10
-	intentCount         = 5
+	IntentStatus   Intent = 1 // STATUS, then close
+	IntentPifs     Intent = 2 // PIFS, then close
+	IntentList     Intent = 3 // PIFS and RULES, then close
+	IntentWrite    Intent = 4 // the writing transaction, steps 3-10
+	IntentWatch    Intent = 5 // PIFS, WATCH, then EVENTs until either side closes
+	IntentSessions Intent = 6 // PIFS, QUERY, SESSIONS, then close
+	IntentStats    Intent = 7 // STATS, then close
+	intentCount           = 8
 )
 
 var intentNames = [intentCount]string{
-	IntentStatus: "status",
-	IntentPifs:   "pifs",
-	IntentList:   "list",
-	IntentWrite:  "write",
+	IntentStatus:   "status",
+	IntentPifs:     "pifs",
+	IntentList:     "list",
+	IntentWrite:    "write",
+	IntentWatch:    "watch",
+	IntentSessions: "sessions",
+	IntentStats:    "stats",
 }
 
 // Known reports whether i is an intent of the protocol.
@@ -110,7 +126,8 @@ const (
 	CodePermissionDenied Code = 17 // the peer's uid is neither the daemon's nor root
 	CodeTooManyClients   Code = 18 // the server's connection limit is reached
 	CodeInternal         Code = 19 // the engine reported a state the server cannot describe
-	codeCount                 = 20
+	CodeSlowWatcher      Code = 20 // a watcher's event queue overflowed: it was cut off
+	codeCount                 = 21
 )
 
 var codeNames = [codeCount]string{
@@ -133,6 +150,7 @@ var codeNames = [codeCount]string{
 	CodePermissionDenied: "permission-denied",
 	CodeTooManyClients:   "too-many-clients",
 	CodeInternal:         "internal",
+	CodeSlowWatcher:      "slow-watcher",
 }
 
 // String returns the code's stable name, or "code-N" for a number this
@@ -187,4 +205,7 @@ const (
 	FeatureConfirmTimeout = "confirm-timeout" // APPLY's confirm timeout is honoured
 	FeatureConcurrentRead = "concurrent-read" // status, pifs, list are served beside a writer
 	FeaturePeerCred       = "peer-cred"       // peers are checked with SO_PEERCRED
+	FeatureWatch          = "watch"           // intent watch: event groups, state first
+	FeatureSessions       = "sessions"        // intent sessions: the live sessions
+	FeatureStats          = "stats"           // intent stats: the engine's counters
 )

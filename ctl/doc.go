@@ -27,6 +27,12 @@
 //	sum, err := c.Apply(ctx, 30*time.Second)      // the confirm timeout
 //	if sum.OK { _, err = c.Commit(ctx) } else { _, err = c.Rollback(ctx) }
 //
+// Read-only beside it (watch.go): a watch (IntentWatch, Pifs, Watch, then
+// NextEvent: the current state first, then each event; a watcher that falls
+// behind is cut off with CodeSlowWatcher), the live sessions
+// (IntentSessions, Pifs, Sessions) and the engine's counters (IntentStats,
+// Stats).
+//
 // Each Client is one connection to one instance, tracked on its own: a
 // caller drives several instances in lock-step by holding one Client per
 // instance and doing each step on all of them before the next.

@@ -27,30 +27,7 @@ func TestOnSent(t *testing.T) {
 			if err := c.OnSent(tc.typ, func() error { return nil }); err == nil {
 				t.Fatal("OnSent armed twice")
 			}
-			err := func() error {
-				if err := c.Hello(ctx, IntentWrite); err != nil {
-					return err
-				}
-				if _, err := c.Pifs(ctx); err != nil {
-					return err
-				}
-				tb, err := c.List(ctx)
-				if err != nil {
-					return err
-				}
-				if _, err := c.Load(ctx, tb.Generation, mustRules(t, oldRule, newRule)); err != nil {
-					return err
-				}
-				if _, err := c.Apply(ctx, 0); err != nil {
-					return err
-				}
-				if tc.typ == MsgCommit {
-					_, err = c.Commit(ctx)
-				} else {
-					_, err = c.Rollback(ctx)
-				}
-				return err
-			}()
+			err := runTxn(ctx, c, mustRules(t, oldRule, newRule), tc.typ != MsgCommit)
 			if !errors.Is(err, errGone) || ran != 1 {
 				t.Fatalf("transaction: %v (hook ran %d times), want the hook's error", err, ran)
 			}

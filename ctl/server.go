@@ -17,6 +17,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/sluice-proxy/sluice/observe"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -31,6 +32,13 @@ type Engine interface {
 	Apply(rs []*rules.Rule) (*rules.Summary, error) // swap to rs and sync sockets; an apply stays pending until Commit or Rollback; error if one is already pending or the engine stopped
 	Commit() (uint64, error)                        // the new generation
 	Rollback() (*rules.Summary, error)              // swap back, resume paused sockets; the summary describes the restored table
+
+	// Watch subscribes to groups with a queue of n events, then returns the
+	// current state (events of type observe.TypeState): subscribed first,
+	// so no change after the state is missed.
+	Watch(groups observe.Group, n int) (*observe.Sub, []observe.Event)
+	SessionList(rule string, max int) observe.Sessions // live sessions of rule ("" = all), at most max
+	Counters() []observe.Counter                       // the engine's counters, named
 }
 
 // Defaults of the server; the hello advertises them.
@@ -39,6 +47,7 @@ const (
 	MaxConfirm     = 10 * time.Minute
 	IOTimeout      = 10 * time.Second
 	MaxClients     = 64
+	WatchQueue     = 4096 // events queued for one watcher before it is cut off (slow-watcher)
 )
 
 // config is the server's tunables. Only tests change them: a short I/O
@@ -51,6 +60,7 @@ type config struct {
 	maxConfirm     time.Duration
 	maxClients     int
 	software       string
+	watchQueue     int // events queued for one watcher before it is cut off
 }
 
 func defaultConfig() config {
@@ -59,7 +69,7 @@ func defaultConfig() config {
 		sw += " " + bi.Main.Version
 	}
 	return config{maxVersion: MaxVersion, ioTimeout: IOTimeout, defaultConfirm: DefaultConfirm,
-		maxConfirm: MaxConfirm, maxClients: MaxClients, software: truncate(sw, maxSoftware)}
+		maxConfirm: MaxConfirm, maxClients: MaxClients, software: truncate(sw, maxSoftware), watchQueue: WatchQueue}
 }
 
 // hello is the server hello of a server with this config.
@@ -70,7 +80,7 @@ func (cfg *config) hello() ServerHello {
 			MaxPortsPerRule: rules.MaxPortsPerRule, MaxLineLen: rules.MaxLineLen, MaxPifs: MaxPifs,
 			DefaultConfirm: cfg.defaultConfirm, MaxConfirm: cfg.maxConfirm, IOTimeout: cfg.ioTimeout,
 			MaxClients: cfg.maxClients},
-		Features: []string{FeatureTxn, FeatureConfirmTimeout, FeatureConcurrentRead, FeaturePeerCred},
+		Features: []string{FeatureTxn, FeatureConfirmTimeout, FeatureConcurrentRead, FeaturePeerCred, FeatureWatch, FeatureSessions, FeatureStats},
 	}
 }
 
@@ -407,6 +417,12 @@ func (ss *session) serve() error {
 	case IntentList:
 		_, _, err := ss.listTable()
 		return err
+	case IntentWatch:
+		return ss.watch()
+	case IntentSessions:
+		return ss.sessions()
+	case IntentStats:
+		return ss.stats()
 	}
 	return ss.write()
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/sluice-proxy/sluice/channel"
 	"github.com/sluice-proxy/sluice/conn"
 	"github.com/sluice-proxy/sluice/handshake"
+	"github.com/sluice-proxy/sluice/observe"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -60,6 +61,8 @@ type Engine struct {
 	connectErrors atomic.Uint64
 	endCodes      [32]atomic.Uint64 // sessions ended, by conn.Code
 	ctr           engineCounters    // table operations and transactions (counters.go)
+	hub           observe.Hub       // events for ctl watch (events.go)
+	sessLimit     *observe.Limiter  // bounds the session events a second
 }
 
 // New creates the loops; Start runs them.
@@ -81,7 +84,7 @@ func New(cfg Config) (*Engine, error) {
 	if cfg.MaxFlows <= 0 {
 		cfg.MaxFlows = min(tableSize/4, 16384)
 	}
-	e := &Engine{cfg: cfg, base: time.Now(), log: cfg.Log}
+	e := &Engine{cfg: cfg, base: time.Now(), log: cfg.Log, sessLimit: observe.NewLimiter(SessionEventRate)}
 	if cfg.MaxPipes > 0 {
 		e.budget = channel.NewPipeBudget(cfg.MaxPipes)
 	}

@@ -97,7 +97,9 @@ func (s *session) expire(l *Loop) {
 		s.finish(l, conn.CodeResource, true)
 	case stSendProxy:
 		// The backend accepted but took no header within timeout.connect.
-		s.ln.pool.Failed(int(s.backend), l.now)
+		if s.ln.pool.Failed(int(s.backend), l.now) {
+			l.healthChanged(s.ln, int(s.backend), false)
+		}
 		s.finish(l, conn.CodeConnectTimeout, true)
 	case stForwarding:
 		deadline := s.active + int64(s.idleTimeout())
@@ -242,7 +244,9 @@ func (s *session) dial(l *Loop, code conn.Code) {
 		if err != nil && err != unix.EINPROGRESS {
 			unix.Close(fd)
 			l.connectError(s.ln)
-			pool.Failed(i, l.now)
+			if pool.Failed(i, l.now) {
+				l.healthChanged(s.ln, i, false)
+			}
 			continue // refused at once (or unreachable): next backend
 		}
 		s.srv.Init(fd, nil, false)
@@ -270,7 +274,9 @@ func (s *session) dial(l *Loop, code conn.Code) {
 // tries the next one.
 func (s *session) connectFailed(l *Loop, code conn.Code) {
 	l.connectError(s.ln)
-	s.ln.pool.Failed(int(s.backend), l.now)
+	if s.ln.pool.Failed(int(s.backend), l.now) {
+		l.healthChanged(s.ln, int(s.backend), false)
+	}
 	s.ln.pool.Release(int(s.backend))
 	s.flags &^= sfBackend
 	if fd := s.srv.FD(); fd >= 0 {
@@ -286,7 +292,9 @@ func (s *session) established(l *Loop) {
 	s.srv.Connected()
 	s.flags |= sfConnected
 	s.connUs = sinceUs(l.now, s.start)
-	s.ln.pool.Connected(int(s.backend))
+	if s.ln.pool.Connected(int(s.backend)) {
+		l.healthChanged(s.ln, int(s.backend), true)
+	}
 	if sa, err := unix.Getsockname(s.srv.FD()); err == nil {
 		s.srv.Src = addrPort(sa)
 	}
@@ -324,6 +332,7 @@ func (s *session) forward(l *Loop) {
 	s.state = stForwarding
 	s.active = l.now
 	l.arm(&s.tmr, s.idleTimeout())
+	l.sessionEvent(s, "start", 0)
 	s.pump(l)
 }
 
@@ -519,6 +528,9 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 			l.forget(fd)
 			c.Close(abort)
 		}
+	}
+	if forwarding {
+		l.sessionEvent(s, "end", code)
 	}
 	l.sessions--
 	l.e.active.Add(-1)

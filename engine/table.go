@@ -190,6 +190,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 		sum.Rules = append(sum.Rules, rules.RuleResult{Rule: "(engine)", Listen: "(engine)", Failed: []rules.PortError{portError(0, regErr)}})
 	}
 	e.noteApply(start, rs, sum)
+	e.publishApplied(sum)
 	return sum, nil
 }
 
@@ -257,6 +258,7 @@ func (e *Engine) Commit() (uint64, error) {
 	e.closeListeners(p.paused)
 	e.gen++
 	e.noteEnd(OpCommit, start, nil)
+	e.publishTable("committed")
 	return e.gen, nil
 }
 
@@ -313,6 +315,7 @@ func (e *Engine) Rollback() (*rules.Summary, error) {
 	}
 	sum.Kept = len(e.listeners) - len(failed)
 	e.noteEnd(OpRollback, start, sum)
+	e.publishTable("rolled-back")
 	if regErr != nil {
 		return sum, regErr
 	}

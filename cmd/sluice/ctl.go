@@ -22,6 +22,12 @@ const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
   apply FILE [--dry-run] [--force] [--timeout DUR] [--json]
                           replace the table in one transaction
   add RULE | del RULE     add or remove one rule (one quoted argument)
+  watch [GROUP...] [--count N]
+                          events as JSON lines: the current state first, then
+                          each change (groups: rules, binds, health, sessions)
+  sessions [--rule KEY] [--json]
+                          live sessions, oldest first (at most 10000)
+  stats [--json]          the engine's counters
 apply, add and del take -s several times: one transaction across all those
 instances, committed only if every one of them can commit.`
 
@@ -48,6 +54,8 @@ type ctlCmd struct {
 	dryRun  bool
 	force   bool
 	json    bool
+	rule    string // sessions: only this rule's listen key
+	count   int    // watch: stop after this many events
 	out     io.Writer
 	// between is ctl.MultiOptions.Between: tests stop or kill an instance
 	// at an exact step of a transaction across instances.
@@ -117,20 +125,38 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 	fs.BoolVar(&x.dryRun, "dry-run", false, "apply, add, del: validate on the daemon, change nothing")
 	fs.BoolVar(&x.force, "force", false, "apply, add, del: commit even when the bind summary's verdict is bad")
 	fs.DurationVar(&x.timeout, "timeout", ctl.DefaultConfirm, "bound of each answer of the daemon, and the confirm timeout of a write: without a commit in time the daemon rolls back by itself (with several -s: (2 + instances) × DUR, at most 10m)")
-	fs.BoolVar(&x.json, "json", false, "apply, add, del: print the outcome as one JSON object, instance by instance")
+	fs.BoolVar(&x.json, "json", false, "apply, add, del: print the outcome as one JSON object, instance by instance; sessions, stats: print JSON")
+	fs.StringVar(&x.rule, "rule", "", "sessions: only the sessions of the rule with this listen key (\"tcp 0.0.0.0:8080\")")
+	fs.IntVar(&x.count, "count", 0, "watch: exit after this many events (0: until interrupted)")
 	pos, help, err := parseCommand(fs, args)
 	if help || err != nil {
 		return err
 	}
 	if len(pos) == 0 {
-		return usagef("want a verb: status, pifs, list, apply FILE, add RULE, del RULE")
+		return usagef("want a verb: status, pifs, list, apply FILE, add RULE, del RULE, watch, sessions, stats")
 	}
 	verb, rest := pos[0], pos[1:]
+	switch verb {
+	case "watch", "sessions", "stats":
+		if x.timeout <= 0 || x.timeout > ctl.MaxConfirm {
+			return usagef("--timeout %s: want more than 0 and at most %s", x.timeout, ctl.MaxConfirm)
+		}
+		if len(socks) > 1 {
+			return usagef("-s given %d times: %s reads one instance; several are for apply, add and del", len(socks), verb)
+		}
+		if x.sock, err = ctlSocket(socks, cfgFile); err != nil {
+			return err
+		}
+		return x.observeVerb(verb, rest)
+	}
+	if x.rule != "" || x.count != 0 {
+		return usagef("%s: --rule is for sessions, --count for watch", verb)
+	}
 	want := map[string]int{"status": 0, "pifs": 0, "list": 0, "apply": 1, "add": 1, "del": 1}
 	n, ok := want[verb]
 	switch {
 	case !ok:
-		return usagef("unknown verb %q: want status, pifs, list, apply, add or del", verb)
+		return usagef("unknown verb %q: want status, pifs, list, apply, add, del, watch, sessions or stats", verb)
 	case len(rest) != n && n == 0:
 		return usagef("%s: unexpected argument %q", verb, rest[0])
 	case len(rest) != n && verb == "apply":

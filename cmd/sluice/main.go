@@ -39,6 +39,7 @@ usage:
                                          the daemon with one rule, e.g.
                                          sluice forward 127.0.0.1:8080 127.0.0.1:80 splice=on
   sluice ctl [-s SOCKET] status|pifs|list|apply FILE|add RULE|del RULE
+  sluice ctl [-s SOCKET] watch [GROUP...]|sessions [--rule KEY]|stats
                                          talk to a running daemon (sluice ctl -h)
   sluice version
 

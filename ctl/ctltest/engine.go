@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/sluice-proxy/sluice/observe"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -28,6 +29,10 @@ type Engine struct {
 
 	applies, commits, rollbacks int
 	outcomes                    []string // as ctl.TxnObserver reported them
+
+	hub      observe.Hub // rules and binds events, published with mu held (events.go)
+	live     []observe.Session
+	counters []observe.Counter
 }
 
 // New returns an engine with named pifs (host is implicit) whose active
@@ -154,6 +159,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 	}
 	e.old, e.active, e.pending = e.active, slices.Clone(rs), true
 	e.applies++
+	e.publishApplied(s)
 	return s, nil
 }
 
@@ -166,6 +172,7 @@ func (e *Engine) Commit() (uint64, error) {
 	e.gen++
 	e.old, e.pending = nil, false
 	e.commits++
+	e.publish("committed", e.gen)
 	return e.gen, nil
 }
 
@@ -186,5 +193,6 @@ func (e *Engine) Rollback() (*rules.Summary, error) {
 	}
 	e.active, e.old, e.pending = e.old, nil, false
 	e.rollbacks++
+	e.publish("rolled-back", e.gen)
 	return s, nil
 }

@@ -195,11 +195,14 @@ func TestConfigRunRefuses(t *testing.T) {
 	}
 }
 
-// freeRange returns n consecutive loopback ports, free a moment ago.
+// freeRange returns n consecutive loopback ports, free a moment ago, below
+// the kernel's ephemeral range (ip_local_port_range, 32768 by default), so
+// that no outgoing connection of a busy test takes one of them as its local
+// port between a rule's listener closing and the next bind of it.
 func freeRange(t *testing.T, n int) int {
 	t.Helper()
 	for try := 0; try < 100; try++ {
-		base := 20000 + rand.IntN(30000)
+		base := 10000 + rand.IntN(22000-n)
 		var lns []net.Listener
 		for p := base; p < base+n; p++ {
 			ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
