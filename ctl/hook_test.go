@@ -27,7 +27,7 @@ func TestOnSent(t *testing.T) {
 			if err := c.OnSent(tc.typ, func() error { return nil }); err == nil {
 				t.Fatal("OnSent armed twice")
 			}
-			err := runTxn(ctx, c, mustRules(t, oldRule, newRule), tc.typ != MsgCommit)
+			_, err := c.Replace(ctx, mustRules(t, oldRule, newRule), tc.typ != MsgCommit)
 			if !errors.Is(err, errGone) || ran != 1 {
 				t.Fatalf("transaction: %v (hook ran %d times), want the hook's error", err, ran)
 			}

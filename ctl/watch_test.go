@@ -88,33 +88,7 @@ func txn(path string, lines []string, rollback bool) error {
 			return err
 		}
 	}
-	return runTxn(ctx, c, rs, rollback)
-}
-
-// runTxn runs a writing transaction to rs on c, from the hello on,
-// committed or rolled back.
-func runTxn(ctx context.Context, c *Client, rs []*rules.Rule, rollback bool) error {
-	if err := c.Hello(ctx, IntentWrite); err != nil {
-		return err
-	}
-	if _, err := c.Pifs(ctx); err != nil {
-		return err
-	}
-	tb, err := c.List(ctx)
-	if err != nil {
-		return err
-	}
-	if _, err := c.Load(ctx, tb.Generation, rs); err != nil {
-		return err
-	}
-	if _, err := c.Apply(ctx, 0); err != nil {
-		return err
-	}
-	if rollback {
-		_, err = c.Rollback(ctx)
-	} else {
-		_, err = c.Commit(ctx)
-	}
+	_, err = c.Replace(ctx, rs, rollback)
 	return err
 }
 

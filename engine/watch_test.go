@@ -93,33 +93,13 @@ func ctlTxn(path string, lines []string, rollback bool) error {
 		return err
 	}
 	defer c.Close()
-	if err := c.Hello(ctx, ctl.IntentWrite); err != nil {
-		return err
-	}
-	if _, err := c.Pifs(ctx); err != nil {
-		return err
-	}
-	tb, err := c.List(ctx)
-	if err != nil {
-		return err
-	}
 	rs := make([]*rules.Rule, len(lines))
 	for i, l := range lines {
 		if rs[i], err = rules.Parse(l); err != nil {
 			return err
 		}
 	}
-	if _, err := c.Load(ctx, tb.Generation, rs); err != nil {
-		return err
-	}
-	if _, err := c.Apply(ctx, 0); err != nil {
-		return err
-	}
-	if rollback {
-		_, err = c.Rollback(ctx)
-	} else {
-		_, err = c.Commit(ctx)
-	}
+	_, err = c.Replace(ctx, rs, rollback)
 	return err
 }
 
