@@ -129,7 +129,8 @@ func runDemo(d *daemonFlags) error {
 		fmt.Printf("  try:      curl http://%s/\n", addr)
 		fmt.Printf("  health:   curl http://%s/   (200 while up, 503 while draining)\n", healthAddr)
 		fmt.Printf("  metrics:  curl http://%s/metrics   (status page: http://%s/)\n", r.metrics.Addr(), r.metrics.Addr())
-		fmt.Printf("  control:  sluice ctl%s list    (then: sluice ctl%s add 'tcp 127.0.0.1:8090 -> %s')\n", ctlFlag, ctlFlag, target)
+		self := os.Args[0] // as the user started it: ./bin/sluice under make run
+		fmt.Printf("  control:  %s ctl%s list    (then: %s ctl%s add 'tcp 127.0.0.1:8090 -> %s')\n", self, ctlFlag, self, ctlFlag, target)
 		fmt.Printf("  stop:     Ctrl-C (SIGINT) or SIGTERM; live sessions drain first\n")
 		fmt.Printf("  your own: sluice run -c FILE (YAML: see README.md, \"Configuration\")\n\n")
 	})
