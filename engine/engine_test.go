@@ -270,10 +270,12 @@ func TestResetPropagates(t *testing.T) {
 func TestIdleTimeout(t *testing.T) {
 	b := backend(t)
 	e, addr := start(t, "tcp 127.0.0.1:0 -> "+b.Addr()+" timeout.idle=200ms", Config{})
+	// Timed from before the dial: the session's idle clock starts at its
+	// accept, which may come before this goroutine runs again.
+	began := time.Now()
 	c := dial(t, addr)
 	defer c.Close()
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	began := time.Now()
 	if _, err := c.Read(make([]byte, 1)); err != io.EOF {
 		t.Fatalf("read: %v, want EOF", err)
 	}

@@ -33,6 +33,8 @@ type Loop struct {
 	epfd   int
 	wakefd int
 	table  []handler // by fd number; fds are small integers, so no map
+	gens   []uint32  // by fd number: the registration an event must carry to be delivered
+	gen    uint32    // the last registration's number
 	wheel  wheel
 	pools  *channel.Pools
 	base   time.Time
@@ -76,6 +78,7 @@ func newLoop(e *Engine, id int, tableSize int) (*Loop, error) {
 	l := &Loop{
 		id: id, e: e, epfd: epfd, wakefd: wfd,
 		table: make([]handler, tableSize),
+		gens:  make([]uint32, tableSize),
 		pools: channel.NewPools(e.cfg.BufSize, e.cfg.PipeSize, e.budget),
 		base:  e.base,
 		log:   e.log.With(zap.Int("loop", id)),
@@ -108,18 +111,30 @@ func (l *Loop) wake() {
 
 // register adds fd to the loop's epoll set with the given interest and routes
 // its events to h.
+//
+// Each registration gets a number, carried in the event's data beside the
+// fd, and an event is delivered only if its number is still the fd's: one
+// epoll_wait batch can hold events of a socket that an earlier event of the
+// same batch closed, and a socket accepted or dialed in between may already
+// have its fd number. Without the check the new session would take the old
+// socket's reset or writable event as its own.
 func (l *Loop) register(fd int, events uint32, h handler) error {
 	if fd >= len(l.table) {
 		// The fd limit was raised after start; grow once, rarely.
 		t := make([]handler, fd*2)
 		copy(t, l.table)
 		l.table = t
+		g := make([]uint32, fd*2)
+		copy(g, l.gens)
+		l.gens = g
 	}
-	ev := unix.EpollEvent{Events: events, Fd: int32(fd)}
+	l.gen++
+	ev := unix.EpollEvent{Events: events, Fd: int32(fd), Pad: int32(l.gen)}
 	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		return err
 	}
 	l.table[fd] = h
+	l.gens[fd] = l.gen
 	return nil
 }
 
@@ -196,7 +211,7 @@ func (l *Loop) run() {
 				_, _ = unix.Read(l.wakefd, buf[:])
 				continue
 			}
-			if h := l.table[fd]; h != nil {
+			if h := l.table[fd]; h != nil && uint32(events[i].Pad) == l.gens[fd] {
 				h.handle(l, fd, events[i].Events)
 			}
 		}
