@@ -3,7 +3,7 @@ GO      ?= go
 BIN     := bin/sluice
 FUZZTIME ?= 10s
 
-.PHONY: all build run test test-deps unit integration fuzz bench vet clean
+.PHONY: all build run test test-deps unit integration fuzz soak bench bench-micro bench-peers bench-deps vet clean
 
 all: build
 
@@ -32,9 +32,32 @@ unit:
 fuzz:
 	./scripts/fuzz.sh $(FUZZTIME)
 
+# The long forms of the reliability tests (docs/reliability.md): the same
+# tests as in make test, in rounds, sharing SOAK between them (make soak
+# SOAK=1h). SOAK_TIMEOUT bounds the whole run; raise it with SOAK.
+SOAK ?= 10m
+SOAK_TIMEOUT ?= 1h
+SOAK_TESTS := TestLoadVerified|TestHostileClients|TestFaultBackendDies|TestFaultBackendSilentOrResets|TestFaultSIGTERMUnderLoad|TestFaultCtlKilledAtRandom|TestFaultStaleEventOnReusedFd
+soak:
+	SLUICE_SOAK=$(SOAK) $(GO) test -race -count=1 -v -timeout $(SOAK_TIMEOUT) -run '^($(SOAK_TESTS))$$' ./test/integration/
+
+# The micro-benchmarks, then sluice side by side with HAProxy, nginx, socat,
+# a plain Go proxy and no proxy (bench/peers; about 25 minutes with the
+# defaults). Its section of bench/RESULTS.md is rewritten.
+bench: bench-micro bench-peers
+
 # Channel micro-benchmarks with allocations.
-bench:
+bench-micro:
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./bench/ ./channel/
+
+# e.g. make bench-peers BENCHFLAGS='--reps 5 --scenarios bulk1,bulk4 --peers haproxy,sluice'
+BENCHFLAGS ?= --reps 3 --duration 10s
+bench-peers: bench-deps
+	$(GO) run ./bench/peers $(BENCHFLAGS)
+
+# The peers of bench/peers, from Debian's packages when missing (not part of make test).
+bench-deps:
+	./bench/peers/deps.sh
 
 clean:
 	rm -rf bin

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"github.com/sluice-proxy/sluice/observe"
 	"io"
 	"reflect"
 	"strings"
@@ -444,6 +445,29 @@ func fuzzOne(t *testing.T, fm frame) {
 		_, _ = decodeCommitted(fm)
 	case MsgCommit, MsgRollback:
 		_ = decodeEmpty(fm)
+	case MsgWatch:
+		if g, err := decodeWatch(fm); err == nil {
+			g2, err := decodeWatch(again(func(fw *frameWriter) error { return fw.writeWatch(fm.ver, g) }))
+			if err != nil {
+				t.Fatal(err)
+			}
+			same(g, g2)
+		}
+	case MsgQuery:
+		if rule, max, err := decodeQuery(fm); err == nil {
+			rule2, max2, err := decodeQuery(again(func(fw *frameWriter) error { return fw.writeQuery(fm.ver, rule, max) }))
+			if err != nil {
+				t.Fatal(err)
+			}
+			same([2]any{rule, max}, [2]any{rule2, max2})
+		}
+	case MsgEvent:
+		_, _ = decodeEvent(fm)
+	case MsgSessions:
+		_, _ = decodeSessionsChunk(fm, &SessionList{}, true)
+	case MsgStats:
+		var cs []observe.Counter
+		_, _ = decodeStatsChunk(fm, &cs)
 	default:
 		t.Fatalf("the reader let through unknown type %s", fm.typ)
 	}

@@ -40,10 +40,11 @@ type Backend struct {
 	wg       sync.WaitGroup
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{}
-	Served   atomic.Int64 // exchanges completed
-	Failures atomic.Int64 // exchanges that went wrong
-	Probes   atomic.Int64 // conns closed before a byte was sent: readiness probes
-	LastErr  atomic.Value // error
+	exchange func(net.Conn) error // serves one conn: nil, errProbe, or what went wrong
+	Served   atomic.Int64         // exchanges completed
+	Failures atomic.Int64         // exchanges that went wrong
+	Probes   atomic.Int64         // conns closed before a byte was sent: readiness probes
+	LastErr  atomic.Value         // error
 }
 
 // Listen starts a backend on addr ("127.0.0.1:0" for any port).
@@ -57,8 +58,12 @@ func Listen(addr string) (*Backend, error) {
 
 // Serve starts a backend on a listener the caller opened (one inside a
 // network namespace, say); Close closes it.
-func Serve(ln net.Listener) *Backend {
-	b := &Backend{ln: ln, conns: map[net.Conn]struct{}{}}
+func Serve(ln net.Listener) *Backend { return serveWith(ln, serveExchange) }
+
+// serveWith starts a backend that serves each conn with exchange (another
+// exchange than this file's: the chaos one).
+func serveWith(ln net.Listener, exchange func(net.Conn) error) *Backend {
+	b := &Backend{ln: ln, conns: map[net.Conn]struct{}{}, exchange: exchange}
 	b.wg.Add(1)
 	go b.serve()
 	return b
@@ -98,7 +103,7 @@ func (b *Backend) serve() {
 		b.wg.Add(1)
 		go func() {
 			defer b.wg.Done()
-			err := serveExchange(c)
+			err := b.exchange(c)
 			if errors.Is(err, errProbe) {
 				b.Probes.Add(1)
 			} else if err != nil {

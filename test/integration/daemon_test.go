@@ -232,20 +232,29 @@ func procStatus(t testing.TB, pid int, field string) int64 {
 	return 0
 }
 
-// fdKinds counts a process's open fds by kind: "socket", "pipe", "anon_inode", "other".
-func fdKinds(t testing.TB, pid int) map[string]int {
+// fdLinks returns what a process's open fds point to ("socket:[123]",
+// "pipe:[45]", "/dev/null"...); an fd closed while it is read is left out.
+func fdLinks(t testing.TB, pid int) []string {
 	t.Helper()
 	dir := fmt.Sprintf("/proc/%d/fd", pid)
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	kinds := map[string]int{}
+	var links []string
 	for _, e := range ents {
-		l, err := os.Readlink(filepath.Join(dir, e.Name()))
-		if err != nil {
-			continue
+		if l, err := os.Readlink(filepath.Join(dir, e.Name())); err == nil {
+			links = append(links, l)
 		}
+	}
+	return links
+}
+
+// fdKinds counts a process's open fds by kind: "socket", "pipe", "anon_inode", "other".
+func fdKinds(t testing.TB, pid int) map[string]int {
+	t.Helper()
+	kinds := map[string]int{}
+	for _, l := range fdLinks(t, pid) {
 		switch {
 		case strings.HasPrefix(l, "socket:"):
 			kinds["socket"]++

@@ -3,8 +3,6 @@ package integration
 import (
 	"io"
 	"net"
-	"os"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -13,14 +11,7 @@ import (
 // idleSessions is how many idle sessions the test holds through the daemon.
 // The daemon holds two fds per session under a 20 000 fd limit; the clients
 // live in this process and the backend in a peer process.
-func idleSessions() int {
-	if s := os.Getenv("SLUICE_IDLE_SESSIONS"); s != "" {
-		if n, err := strconv.Atoi(s); err == nil && n > 0 {
-			return n
-		}
-	}
-	return 9500
-}
+func idleSessions() int { return envInt("SLUICE_IDLE_SESSIONS", 9500) }
 
 // Thousands of established, idle sessions: the bytes each costs the daemon
 // (RSS delta / N), and proof that none of them holds a buffer or a pipe.

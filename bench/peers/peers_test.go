@@ -1,0 +1,119 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+)
+
+// The test binary serves the harness's roles too, as the command does.
+func TestMain(m *testing.M) {
+	if role := os.Getenv(roleEnv); role != "" {
+		os.Exit(runRole(role, os.Args[1:]))
+	}
+	os.Exit(m.Run())
+}
+
+// A short run of the harness itself: one repetition of the round-trip
+// scenario against direct and sluice, which needs no Debian package but
+// taskset. It checks that the harness runs and reports, never how fast
+// anything is.
+func TestSmokeRTT(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds sluice and runs processes")
+	}
+	if _, err := exec.LookPath("taskset"); err != nil {
+		t.Skip("no taskset")
+	}
+	out := filepath.Join(t.TempDir(), "RESULTS.md")
+	if err := os.WriteFile(out, []byte("# kept\n\nearlier text\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"--scenarios", "rtt,rtt-local", "--peers", "direct,sluice", "--reps", "1",
+		"--duration", "300ms", "--out", out}
+	if runtime.NumCPU() < 2 {
+		args = append(args, "--proxy-cpu", "0")
+	}
+	var stdout, stderr bytes.Buffer
+	if code := runMain(args, &stdout, &stderr); code != 0 {
+		t.Fatalf("exit %d\n%s", code, stderr.String())
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := string(b)
+	for _, want := range []string{"# kept\n\nearlier text\n", sectionBegin, sectionEnd, "### rtt:", "### rtt-local:", "| sluice |", "| direct |"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("report lacks %q:\n%s", want, got)
+		}
+	}
+	if strings.Contains(got, "FAILED") || strings.Contains(got, "repetitions failed") {
+		t.Errorf("a run failed:\n%s\n%s", got, stderr.String())
+	}
+}
+
+func TestParseWrk(t *testing.T) {
+	out := `Running 2s test @ http://127.0.0.1:40000/
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.05ms  302.11us   9.87ms   91.20%
+    Req/Sec    48.10k     2.01k   50.30k    80.00%
+  Latency Distribution
+     50%  987.00us
+     75%    1.10ms
+     90%    1.30ms
+     99%    2.50ms
+  95712 requests in 2.00s, 117.48MB read
+  Socket errors: connect 0, read 3, write 0, timeout 1
+  Non-2xx or 3xx responses: 2
+Requests/sec:  47856.12
+Transfer/sec:     58.74MB
+`
+	r, err := parseWrk(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.rps != 47856.12 || r.p50 != 0.987 || r.p99 != 2.5 || r.errors != 6 {
+		t.Errorf("got %+v", r)
+	}
+	if _, err := parseWrk("unable to connect"); err == nil {
+		t.Error("no error on output without figures")
+	}
+}
+
+func TestParseIperf3(t *testing.T) {
+	bps, err := parseIperf3(`{"start":{},"end":{"sum_sent":{"bits_per_second":2e10},"sum_received":{"bits_per_second":1.5e10}}}`)
+	if err != nil || bps != 1.5e10 {
+		t.Errorf("got %v, %v", bps, err)
+	}
+	if _, err := parseIperf3(`{"start":{},"end":{},"error":"unable to connect to server"}`); err == nil {
+		t.Error("no error on an iperf3 error")
+	}
+}
+
+func TestStatAndSection(t *testing.T) {
+	s, ok := statOf([]float64{3, 1, 2, 10})
+	if !ok || s.med != 2.5 || s.lo != 1 || s.hi != 10 || s.n != 4 {
+		t.Errorf("statOf: %+v", s)
+	}
+	if _, ok := statOf(nil); ok {
+		t.Error("statOf(nil) ok")
+	}
+	if got := fmtNum(13456.7); got != "13 457" {
+		t.Errorf("fmtNum = %q", got)
+	}
+	path := filepath.Join(t.TempDir(), "r.md")
+	os.WriteFile(path, []byte("a\n"+sectionBegin+"\nold\n"+sectionEnd+"\nb\n"), 0o644)
+	if err := writeSection(path, sectionBegin+"\nnew\n"+sectionEnd+"\n"); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	if want := "a\n" + sectionBegin + "\nnew\n" + sectionEnd + "\nb\n"; string(b) != want {
+		t.Errorf("got %q, want %q", b, want)
+	}
+}
