@@ -133,21 +133,6 @@ func at(c *config.Config, line int) string {
 	return fmt.Sprintf("%s:%d: ", c.File, line)
 }
 
-// unsupported lists, as validation errors at their lines, what c asks of
-// the engine that this build does not do yet.
-func unsupported(c *config.Config) error {
-	var errs rules.ErrorList
-	for _, e := range c.Rules {
-		if err := engineSupports(e.Rule); err != nil {
-			errs = append(errs, &rules.Error{File: c.File, Line: e.Line, Msg: err.Error()})
-		}
-	}
-	if len(errs) > 0 {
-		return errs
-	}
-	return nil
-}
-
 // applyInitial installs the configuration's table as generation 1, through
 // the same transaction the control socket uses: every port is bound or the
 // daemon does not start, and each failure names its rule's line
@@ -316,9 +301,6 @@ func cmdForward(args []string) error {
 	if err != nil {
 		return usagef("forward: %v", err)
 	}
-	if err := engineSupports(r); err != nil {
-		return usagef("forward: %v", err)
-	}
 	if r.ListenPif != "" || r.TargetPif != "" {
 		return usagef("forward: %s: forward knows no pifs; declare them in a configuration file (sluice run -c)", r)
 	}
@@ -328,14 +310,4 @@ func cmdForward(args []string) error {
 		return err
 	}
 	return serve(c, ctlPath, nil)
-}
-
-// engineSupports refuses rule options the engine does not act on yet, so no
-// option is silently ignored.
-func engineSupports(r *rules.Rule) error {
-	var not []string
-	if len(not) > 0 {
-		return fmt.Errorf("not supported by this build yet: %s", strings.Join(not, ", "))
-	}
-	return nil
 }

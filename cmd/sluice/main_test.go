@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/sluice-proxy/sluice/config"
-	"github.com/sluice-proxy/sluice/rules"
 )
 
 // Flags given on the command line override the file; flags not given leave
@@ -60,47 +59,6 @@ func TestFlagsOverrideFile(t *testing.T) {
 	}
 }
 
-// unsupported lists exactly the rules engineSupports refuses, each at its
-// file's line.
-func TestUnsupportedAtLines(t *testing.T) {
-	lines := []string{
-		"tcp 127.0.0.1:1 -> 127.0.0.1:2",
-		"tcp 127.0.0.1:3 -> 127.0.0.1:4 send-proxy=v2 balance=source",
-		"udp 127.0.0.1:5 -> 127.0.0.1:6",
-		"tcp 127.0.0.1:7 health=http",
-		"tcp 127.0.0.1:8 -> 127.0.0.1:9 splice=off timeout.idle=1m",
-	}
-	src := "pifs: [{name: ns1, netns: /x}]\nrules:\n"
-	for _, l := range lines {
-		src += "  - " + l + "\n"
-	}
-	src += "  - tcp ns1/127.0.0.1:10 -> 127.0.0.1:11\n"
-	c, err := config.Parse("t.yaml", []byte(src))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var want []string
-	for _, e := range c.Rules {
-		if err := engineSupports(e.Rule); err != nil {
-			want = append(want, fmt.Sprintf("t.yaml:%d: %v", e.Line, err))
-		}
-	}
-	err = unsupported(c)
-	if len(want) == 0 {
-		if err != nil {
-			t.Fatalf("unsupported = %v, want nil", err)
-		}
-		return
-	}
-	var list rules.ErrorList
-	if !errors.As(err, &list) {
-		t.Fatalf("unsupported = %v (%T), want a rules.ErrorList", err, err)
-	}
-	if got := list.Error(); got != strings.Join(want, "\n") {
-		t.Fatalf("got\n%s\nwant\n%s", got, strings.Join(want, "\n"))
-	}
-}
-
 // The demo's configuration is a valid file, and a taken port is replaced by
 // an ephemeral one.
 func TestDemoConfig(t *testing.T) {
@@ -111,9 +69,6 @@ func TestDemoConfig(t *testing.T) {
 	if len(c.Rules) != 2 || c.Rules[0].Rule.String() != "tcp 127.0.0.1:0 -> 127.0.0.1:4321" ||
 		c.Rules[1].Rule.String() != "tcp 127.0.0.1:0 health=http" || c.Metrics.Listen.String() != "127.0.0.1:0" {
 		t.Fatalf("demo configuration: %+v", c)
-	}
-	if err := unsupported(c); err != nil {
-		t.Fatalf("the demo asks for what this build cannot do: %v", err)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -46,12 +46,9 @@ func loadConfig(file string) (*config.Config, error) {
 	return nil, usageError{fmt.Errorf("-c: %w", err)}
 }
 
-// runConfig refuses what the engine cannot do yet (each rule at its line),
-// applies the command line's flags over the file's settings, and serves.
+// runConfig applies the command line's flags over the file's settings and
+// serves.
 func runConfig(c *config.Config, d *daemonFlags, ready func(*running)) error {
-	if err := unsupported(c); err != nil {
-		return err
-	}
 	if err := d.override(c); err != nil {
 		return err
 	}
