@@ -286,6 +286,10 @@ func badBytes(src []byte) (int, string) {
 		case r == '\t':
 		case r < 0x20 || r == 0x7f || r >= 0x80 && r < 0xa0 || r == 0xfeff && i > 0 || r == 0xfffe || r == 0xffff:
 			return line, fmt.Sprintf("control character %U is not allowed", r)
+		case r == 0x2028 || r == 0x2029:
+			// YAML counts them as line breaks and most editors do not: every
+			// line number after one would be off.
+			return line, fmt.Sprintf("line separator %U is not allowed", r)
 		}
 		i += size
 	}

@@ -145,6 +145,7 @@ func TestParseErrors(t *testing.T) {
 		{"too large", strings.Repeat("#", MaxFileSize+1), []string{fmt.Sprintf("1: file is larger than %d bytes", MaxFileSize)}},
 		{"invalid utf-8", "loops: 1\nlog: \xff\n", []string{"2: byte 0xff is not valid UTF-8"}},
 		{"control character", "loops: 1\n\nlog: \x01\n", []string{"3: control character U+0001 is not allowed"}},
+		{"paragraph separator", "loops: 1\nrules: [\"a\u2029b\"]\n", []string{"2: line separator U+2029 is not allowed"}},
 		{"yaml syntax", "loops: 1\nrules: [\n", []string{"2: YAML: did not find expected node content"}},
 		{"yaml syntax first line", "log: {level: info\n", []string{"1: YAML: did not find expected ',' or '}'"}},
 		{"unknown anchor", "loops: 1\nlog: *nope\n", []string{"2: YAML: unknown anchor 'nope' referenced"}},
