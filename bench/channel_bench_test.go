@@ -68,14 +68,14 @@ func benchChannel(b *testing.B, mode rules.SpliceMode, chunk int) {
 		fds[0] = unix.PollFd{Fd: -1}
 		fds[1] = unix.PollFd{Fd: -1}
 		if ch.Flags()&channel.EmptyIn != 0 {
-			fds[0] = unix.PollFd{Fd: int32(in), Events: unix.POLLIN}
+			fds[0] = unix.PollFd{Fd: int32(in), Events: unix.POLLIN | unix.POLLRDHUP}
 		}
 		if ch.Flags()&channel.FullOut != 0 {
 			fds[1] = unix.PollFd{Fd: int32(out), Events: unix.POLLOUT}
 		}
 		unix.Poll(fds, -1)
 		if fds[0].Revents != 0 {
-			ch.Readable()
+			ch.Readable(fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0)
 		}
 		if fds[1].Revents != 0 {
 			ch.Writable()

@@ -6,7 +6,13 @@
 // A channel never blocks and never starts a goroutine: Pump moves what it can
 // and returns; the flags say why it stopped. With edge-triggered polling the
 // loop clears EmptyIn on a readable event and FullOut on a writable one, then
-// pumps again.
+// pumps again. A short read counts as an empty input (a stream socket hands
+// over all it holds, and new bytes raise a new edge), which saves the read
+// that would only say EAGAIN, except after an event that reported a hang-up:
+// then no edge is left to come and reads go on to EOF.
+//
+// Reads, writes and splices go through raw system calls (raw.go): they never
+// block, so the runtime need not prepare to hand the loop's P away.
 package channel
 
 import (
@@ -31,15 +37,16 @@ const (
 	toPipe   Flags = 0x0080 // splice=auto: a read filled the buffer, use a pipe from the next empty state
 	noSplice Flags = 0x0100 // splice said EINVAL on this pair: buffers only from now on
 	pipeFull Flags = 0x0200 // splice-in said EAGAIN with bytes in the pipe: flush before reading again
+	sawHup   Flags = 0x0400 // the last input event carried RDHUP/HUP/ERR (or none came yet): read on to EOF
 )
 
 var flagNames = []bitnames.Name[Flags]{
 	{Bit: ErrIn, Name: "ERR_IN"}, {Bit: ErrOut, Name: "ERR_OUT"}, {Bit: ShutIn, Name: "SHUT_IN"}, {Bit: ShutOut, Name: "SHUT_OUT"},
 	{Bit: EmptyIn, Name: "EMPTY_IN"}, {Bit: FullOut, Name: "FULL_OUT"}, {Bit: onPipe, Name: "ON_PIPE"}, {Bit: toPipe, Name: "TO_PIPE"},
-	{Bit: noSplice, Name: "NO_SPLICE"}, {Bit: pipeFull, Name: "PIPE_FULL"},
+	{Bit: noSplice, Name: "NO_SPLICE"}, {Bit: pipeFull, Name: "PIPE_FULL"}, {Bit: sawHup, Name: "SAW_HUP"},
 }
 
-const allFlags Flags = 0x03ff
+const allFlags Flags = 0x07ff
 
 // String names every set bit, joined by '|'.
 func (f Flags) String() string { return bitnames.Format(f, flagNames) }
@@ -63,15 +70,26 @@ type Channel struct {
 }
 
 // Init prepares the channel to move bytes from in to out, both non-blocking
-// sockets owned by the caller.
+// sockets owned by the caller. The input is registered edge-triggered: a
+// short read normally drains it (EmptyIn until the next edge), but a FIN
+// queued before Init sent its edge already, so until the first event says
+// otherwise a hang-up is assumed and reads go on to EAGAIN or EOF.
 func (c *Channel) Init(in, out int, mode rules.SpliceMode) {
-	*c = Channel{in: int32(in), out: int32(out), mode: mode}
+	*c = Channel{in: int32(in), out: int32(out), mode: mode, flags: sawHup}
 }
 
 func (c *Channel) Flags() Flags { return c.flags & allFlags }
 
-// Readable records a readable (or hang-up) event on the input.
-func (c *Channel) Readable() { c.flags &^= EmptyIn }
+// Readable records a readable event on the input; hup says whether it
+// carried RDHUP, HUP or ERR (the input ended or failed: read on to EOF).
+func (c *Channel) Readable(hup bool) {
+	c.flags &^= EmptyIn
+	if hup {
+		c.flags |= sawHup
+	} else {
+		c.flags &^= sawHup
+	}
+}
 
 // Writable records a writable (or hang-up) event on the output.
 func (c *Channel) Writable() { c.flags &^= FullOut }
@@ -166,12 +184,15 @@ func (c *Channel) recv(p *Pools) int {
 	}
 	room := len(c.buf) - int(c.w)
 	for {
-		n, err := unix.Read(int(c.in), c.buf[c.w:])
+		n, err := rawRead(int(c.in), c.buf[c.w:])
 		switch {
 		case n > 0:
 			c.w += int32(n)
 			if n == room && c.mode == rules.SpliceAuto && c.flags&noSplice == 0 && room == len(c.buf) {
 				c.flags |= toPipe // a whole buffer in one read: a bulk transfer
+			}
+			if n < room && c.flags&sawHup == 0 {
+				c.flags |= EmptyIn // a short read drained the socket: wait for the next edge
 			}
 			return n
 		case err == nil: // n == 0
@@ -203,7 +224,7 @@ func (c *Channel) pick(p *Pools) {
 
 func (c *Channel) spliceIn(p *Pools) int {
 	for {
-		n, err := unix.Splice(int(c.in), nil, c.pipe.w, nil, c.pipe.size-int(c.inPipe), unix.SPLICE_F_NONBLOCK)
+		n, err := rawSplice(int(c.in), c.pipe.w, c.pipe.size-int(c.inPipe), unix.SPLICE_F_NONBLOCK)
 		switch {
 		case n > 0:
 			c.inPipe += int32(n)
@@ -242,10 +263,10 @@ func (c *Channel) send(p *Pools) int {
 		var err error
 		if c.pipe != nil {
 			var n64 int64
-			n64, err = unix.Splice(c.pipe.r, nil, int(c.out), nil, int(c.inPipe), unix.SPLICE_F_NONBLOCK)
+			n64, err = rawSplice(c.pipe.r, int(c.out), int(c.inPipe), unix.SPLICE_F_NONBLOCK)
 			n = int(n64)
 		} else {
-			n, err = unix.Write(int(c.out), c.buf[c.r:c.w])
+			n, err = rawWrite(int(c.out), c.buf[c.r:c.w])
 		}
 		switch {
 		case n > 0:

@@ -82,7 +82,7 @@ func drive(t testing.TB, ch *Channel, p *Pools, in, out int, maxHeld *int) {
 			ch.SetShutOut()
 			continue
 		}
-		fds := []unix.PollFd{{Fd: int32(in), Events: unix.POLLIN}, {Fd: int32(out), Events: unix.POLLOUT}}
+		fds := []unix.PollFd{{Fd: int32(in), Events: unix.POLLIN | unix.POLLRDHUP}, {Fd: int32(out), Events: unix.POLLOUT}}
 		if ch.Flags()&EmptyIn == 0 {
 			fds[0].Fd = -1
 		}
@@ -96,7 +96,7 @@ func drive(t testing.TB, ch *Channel, p *Pools, in, out int, maxHeld *int) {
 			t.Fatal(err)
 		}
 		if fds[0].Revents != 0 {
-			ch.Readable()
+			ch.Readable(fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0)
 		}
 		if fds[1].Revents != 0 {
 			ch.Writable()
@@ -199,7 +199,7 @@ func TestBackPressureBoundsMemory(t *testing.T) {
 				if ch.Flags()&FullOut != 0 && ch.Flags()&EmptyIn == 0 {
 					break // reading stopped while input was still there
 				}
-				ch.Readable()
+				ch.Readable(true)
 				time.Sleep(5 * time.Millisecond)
 			}
 			if ch.Flags()&FullOut == 0 {
@@ -249,13 +249,13 @@ func TestIdleHoldsNothing(t *testing.T) {
 		for i := 0; i < 3; i++ {
 			writer.Write([]byte("ping"))
 			for ch.Bytes < uint64(4*(i+1)) {
-				ch.Readable()
+				ch.Readable(true)
 				ch.Pump(p)
 			}
 			if n, _ := reader.Read(buf); string(buf[:n]) != "ping" {
 				t.Fatalf("%v: got %q", mode, buf[:n])
 			}
-			ch.Readable()
+			ch.Readable(false)
 			ch.Pump(p) // reads EAGAIN: now idle
 			if !ch.Idle() || ch.buf != nil || ch.pipe != nil {
 				t.Fatalf("%v: idle channel holds buf=%v pipe=%v flags %v", mode, ch.buf != nil, ch.pipe != nil, ch.Flags())
@@ -279,7 +279,7 @@ func TestResetIsErrIn(t *testing.T) {
 	writer.Close()
 	deadline := time.Now().Add(5 * time.Second)
 	for !ch.Failed() && time.Now().Before(deadline) {
-		ch.Readable()
+		ch.Readable(true)
 		ch.Pump(p)
 		time.Sleep(time.Millisecond)
 	}

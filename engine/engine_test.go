@@ -231,6 +231,52 @@ func TestBackendSilent(t *testing.T) {
 	}
 }
 
+// A client that sends its request and its FIN while the backend connect is
+// still pending: both were signalled (edge-triggered) before the channels
+// existed, so the first pump must read on to the end of input, not stop at the
+// short read and wait for an edge that already passed.
+func TestFinQueuedDuringConnect(t *testing.T) {
+	silent := fillBacklog(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() { // reads to EOF, answers with what it read, closes
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				b, _ := io.ReadAll(c)
+				c.Write(append([]byte("got "), b...))
+			}()
+		}
+	}()
+	// Round robin: of two sessions one waits out the silent backend's
+	// connect timeout, with its request and FIN queued all along.
+	e, addr := start(t, "tcp 127.0.0.1:0 -> "+silent+","+ln.Addr().String()+" timeout.connect=200ms", Config{Loops: 1})
+	for i := 0; i < 2; i++ {
+		c := dial(t, addr)
+		if _, err := c.Write([]byte("hello")); err != nil {
+			t.Fatal(err)
+		}
+		c.CloseWrite()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got, err := io.ReadAll(c)
+		c.Close()
+		if err != nil || string(got) != "got hello" {
+			t.Fatalf("session %d: read %q, %v; want \"got hello\" then EOF", i, got, err)
+		}
+	}
+	waitIdle(t, e)
+	if e.Stats().Ended["connect-timeout"] != 0 || e.Stats().ConnectErrors == 0 {
+		t.Errorf("want one connect error retried on the live backend: %+v", e.Stats())
+	}
+}
+
 // A reset from the backend closes the client promptly, with a reset.
 func TestResetPropagates(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

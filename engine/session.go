@@ -380,18 +380,19 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 			s.finish(l, conn.CodeClientReset, true)
 		}
 	case stForwarding:
-		const in = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR
+		const hup = unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR
+		const in = unix.EPOLLIN | hup
 		const out = unix.EPOLLOUT | unix.EPOLLHUP | unix.EPOLLERR
 		if fd == s.cli.FD() {
 			if ev&in != 0 {
-				s.up.Readable()
+				s.up.Readable(ev&hup != 0)
 			}
 			if ev&out != 0 {
 				s.down.Writable()
 			}
 		} else {
 			if ev&in != 0 {
-				s.down.Readable()
+				s.down.Readable(ev&hup != 0)
 			}
 			if ev&out != 0 {
 				s.up.Writable()
