@@ -11,14 +11,15 @@
 // that would only say EAGAIN, except after an event that reported a hang-up:
 // then no edge is left to come and reads go on to EOF.
 //
-// Reads, writes and splices go through raw system calls (raw.go): they never
-// block, so the runtime need not prepare to hand the loop's P away.
+// Reads, writes and splices go through internal/rawsys: they never block,
+// so the runtime need not prepare to hand the loop's P away.
 package channel
 
 import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-proxy/sluice/internal/bitnames"
+	"github.com/sluice-proxy/sluice/internal/rawsys"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -184,7 +185,7 @@ func (c *Channel) recv(p *Pools) int {
 	}
 	room := len(c.buf) - int(c.w)
 	for {
-		n, err := rawRead(int(c.in), c.buf[c.w:])
+		n, err := rawsys.Read(int(c.in), c.buf[c.w:])
 		switch {
 		case n > 0:
 			c.w += int32(n)
@@ -224,7 +225,7 @@ func (c *Channel) pick(p *Pools) {
 
 func (c *Channel) spliceIn(p *Pools) int {
 	for {
-		n, err := rawSplice(int(c.in), c.pipe.w, c.pipe.size-int(c.inPipe), unix.SPLICE_F_NONBLOCK)
+		n, err := rawsys.Splice(int(c.in), c.pipe.w, c.pipe.size-int(c.inPipe), unix.SPLICE_F_NONBLOCK)
 		switch {
 		case n > 0:
 			c.inPipe += int32(n)
@@ -263,10 +264,10 @@ func (c *Channel) send(p *Pools) int {
 		var err error
 		if c.pipe != nil {
 			var n64 int64
-			n64, err = rawSplice(c.pipe.r, int(c.out), int(c.inPipe), unix.SPLICE_F_NONBLOCK)
+			n64, err = rawsys.Splice(c.pipe.r, int(c.out), int(c.inPipe), unix.SPLICE_F_NONBLOCK)
 			n = int(n64)
 		} else {
-			n, err = rawWrite(int(c.out), c.buf[c.r:c.w])
+			n, err = rawsys.Write(int(c.out), c.buf[c.r:c.w])
 		}
 		switch {
 		case n > 0:

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/internal/rawsys"
 )
 
 // Layer is one layer above the socket: raw bytes today, TLS later. Its steps
@@ -172,7 +174,7 @@ func (c *Conn) ShutW() error {
 		c.flags |= DataShutW
 	}
 	if c.flags&CtrlShutW == 0 {
-		if err := unix.Shutdown(int(c.fd), unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
+		if err := rawsys.Shutdown(int(c.fd), unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
 			c.flags |= CtrlFailed
 			return err
 		}
@@ -205,9 +207,9 @@ func (c *Conn) Close(abort bool) error {
 	if abort {
 		// Errors are ignored: the socket may already be reset, and close(2)
 		// follows regardless.
-		_ = unix.SetsockoptLinger(int(c.fd), unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+		_ = rawsys.LingerZero(int(c.fd))
 	}
-	_ = unix.Close(int(c.fd))
+	_ = rawsys.Close(int(c.fd))
 	c.flags = c.flags&^FDAlloc | Closed
 	return nil
 }

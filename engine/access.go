@@ -132,10 +132,12 @@ func (s *session) term(code conn.Code) Term {
 }
 
 // keepOrig remembers the client's own address, src, once a PROXY header has
-// replaced it (the one allocation is for PROXY'd sessions only).
+// replaced it. The copy keeps the parameter on the stack: taking &src would
+// move it to the heap on every call, PROXY'd or not.
 func (s *session) keepOrig(src netip.AddrPort) {
 	if s.orig == nil && s.cli.Src != src {
-		s.orig = &src
+		o := src
+		s.orig = &o
 	}
 }
 

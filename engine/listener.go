@@ -11,6 +11,7 @@ import (
 
 	"github.com/sluice-proxy/sluice/balance"
 	"github.com/sluice-proxy/sluice/handshake"
+	"github.com/sluice-proxy/sluice/internal/rawsys"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -113,7 +114,7 @@ func (ln *Listener) handle(l *Loop, _ int, _ uint32) {
 		return
 	}
 	for i := 0; i < acceptBatch; i++ {
-		fd, sa, err := unix.Accept4(ln.fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		fd, src, err := rawsys.Accept4(ln.fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
 		if err != nil {
 			switch err {
 			case unix.EAGAIN:
@@ -129,7 +130,7 @@ func (ln *Listener) handle(l *Loop, _ int, _ uint32) {
 			return
 		}
 		ln.Accepted.Add(1)
-		newSession(l, ln, fd, sa)
+		newSession(l, ln, fd, src)
 		if len(l.fdWait) > 0 {
 			return // out of fds: the listener is paused until they free up
 		}

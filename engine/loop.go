@@ -11,6 +11,7 @@ import (
 
 	"github.com/sluice-proxy/sluice/channel"
 	"github.com/sluice-proxy/sluice/conn"
+	"github.com/sluice-proxy/sluice/internal/rawsys"
 )
 
 // handler receives the readiness events of the fds it registered.
@@ -130,7 +131,7 @@ func (l *Loop) register(fd int, events uint32, h handler) error {
 	}
 	l.gen++
 	ev := unix.EpollEvent{Events: events, Fd: int32(fd), Pad: int32(l.gen)}
-	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+	if err := rawsys.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		return err
 	}
 	l.table[fd] = h
@@ -165,7 +166,7 @@ func (l *Loop) forget(fd int) {
 
 // unregister removes fd from the epoll set and the table without closing it.
 func (l *Loop) unregister(fd int) {
-	_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+	_ = rawsys.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
 	l.forget(fd)
 }
 

@@ -8,6 +8,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/internal/rawsys"
 )
 
 // A pif is a place where sockets live: the host (the daemon's own network
@@ -90,7 +92,7 @@ var errPifClosed = errors.New("pif closed")
 // into a namespace.
 func (p *pif) socket(family, typ int) (int, error) {
 	if p == nil {
-		return unix.Socket(family, typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		return rawsys.Socket(family, typ)
 	}
 	p.mu.RLock()
 	defer p.mu.RUnlock()

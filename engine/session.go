@@ -12,6 +12,7 @@ import (
 	"github.com/sluice-proxy/sluice/conn"
 	"github.com/sluice-proxy/sluice/handshake"
 	"github.com/sluice-proxy/sluice/internal/bitnames"
+	"github.com/sluice-proxy/sluice/internal/rawsys"
 )
 
 // Defaults for a rule's timeouts left at zero.
@@ -128,20 +129,20 @@ func (s *session) connectTimeout() time.Duration {
 // newSession takes an accepted fd and starts the session: the client conn
 // registered on l and its incoming handshake chain run, bounded by the
 // rule's timeout.handshake.
-func newSession(l *Loop, ln *Listener, fd int, sa unix.Sockaddr) {
+func newSession(l *Loop, ln *Listener, fd int, src netip.AddrPort) {
 	s := &session{ln: ln, start: l.now, active: l.now}
 	s.tmr.owner = s
 	s.cli.Init(fd, nil, true)
-	s.cli.Src = addrPort(sa)
+	s.cli.Src = src
 	s.cli.Dst = ln.addr
 	if ln.addr.Addr().IsUnspecified() {
 		// A wildcard listener: the address the client reached is what a
 		// PROXY header sent onwards must carry.
-		if la, err := unix.Getsockname(fd); err == nil {
-			s.cli.Dst = addrPort(la)
+		if la, err := rawsys.Getsockname(fd); err == nil {
+			s.cli.Dst = la
 		}
 	}
-	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	_ = rawsys.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	if err := l.register(fd, sessionEvents, s); err != nil {
 		l.log.Warn("register client", zap.Int("fd", fd), zap.Error(err))
 		s.cli.Close(true)
@@ -239,10 +240,10 @@ func (s *session) dial(l *Loop, code conn.Code) {
 			s.finish(l, conn.CodeResource, true)
 			return
 		}
-		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
-		err = unix.Connect(fd, sockaddr(target))
+		_ = rawsys.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+		err = rawsys.Connect(fd, target)
 		if err != nil && err != unix.EINPROGRESS {
-			unix.Close(fd)
+			rawsys.Close(fd)
 			l.connectError(s.ln)
 			if pool.Failed(i, l.now) {
 				l.healthChanged(s.ln, i, false)
@@ -295,8 +296,8 @@ func (s *session) established(l *Loop) {
 	if s.ln.pool.Connected(int(s.backend)) {
 		l.healthChanged(s.ln, int(s.backend), true)
 	}
-	if sa, err := unix.Getsockname(s.srv.FD()); err == nil {
-		s.srv.Src = addrPort(sa)
+	if sa, err := rawsys.Getsockname(s.srv.FD()); err == nil {
+		s.srv.Src = sa
 	}
 	if s.ln.policy.HasOut() {
 		s.state = stSendProxy
@@ -351,7 +352,7 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 			if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) == 0 {
 				return
 			}
-			soerr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+			soerr, err := rawsys.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
 			if err == nil && soerr == 0 {
 				l.wheel.del(&s.tmr)
 				s.established(l)
