@@ -32,24 +32,17 @@ func errnoErr(e unix.Errno) error {
 	return e
 }
 
-func Read(fd int, p []byte) (int, error) {
-	var ptr unsafe.Pointer
-	if len(p) > 0 {
-		ptr = unsafe.Pointer(&p[0])
-	}
-	r, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fd), uintptr(ptr), uintptr(len(p)))
-	if e != 0 {
-		return -1, errnoErr(e)
-	}
-	return int(r), nil
-}
+func Read(fd int, p []byte) (int, error) { return readWrite(unix.SYS_READ, fd, p) }
 
-func Write(fd int, p []byte) (int, error) {
+func Write(fd int, p []byte) (int, error) { return readWrite(unix.SYS_WRITE, fd, p) }
+
+// readWrite is read(2) or write(2), as trap says.
+func readWrite(trap uintptr, fd int, p []byte) (int, error) {
 	var ptr unsafe.Pointer
 	if len(p) > 0 {
 		ptr = unsafe.Pointer(&p[0])
 	}
-	r, _, e := unix.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(ptr), uintptr(len(p)))
+	r, _, e := unix.RawSyscall(trap, uintptr(fd), uintptr(ptr), uintptr(len(p)))
 	if e != 0 {
 		return -1, errnoErr(e)
 	}

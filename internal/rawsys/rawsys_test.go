@@ -11,10 +11,7 @@ import (
 func listen(t *testing.T, addr string) (int, netip.AddrPort) {
 	t.Helper()
 	ap := netip.MustParseAddrPort(addr)
-	fam := unix.AF_INET
-	if ap.Addr().Is6() {
-		fam = unix.AF_INET6
-	}
+	fam := familyOf(ap)
 	fd, err := Socket(fam, unix.SOCK_STREAM)
 	if err != nil {
 		t.Fatal(err)
@@ -37,6 +34,13 @@ func listen(t *testing.T, addr string) (int, netip.AddrPort) {
 	return fd, got
 }
 
+func familyOf(ap netip.AddrPort) int {
+	if ap.Addr().Is4() {
+		return unix.AF_INET
+	}
+	return unix.AF_INET6
+}
+
 // waitFd polls fd for events, at most a second.
 func waitFd(t *testing.T, fd int, events int16) {
 	t.Helper()
@@ -55,11 +59,7 @@ func TestConnectAcceptAddresses(t *testing.T) {
 			if _, _, err := Accept4(lfd, unix.SOCK_NONBLOCK); err != unix.EAGAIN {
 				t.Fatalf("accept on an empty queue: %v, want EAGAIN", err)
 			}
-			fam := unix.AF_INET
-			if laddr.Addr().Is6() {
-				fam = unix.AF_INET6
-			}
-			cfd, err := Socket(fam, unix.SOCK_STREAM)
+			cfd, err := Socket(familyOf(laddr), unix.SOCK_STREAM)
 			if err != nil {
 				t.Fatal(err)
 			}
