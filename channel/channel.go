@@ -81,6 +81,20 @@ func (c *Channel) Init(in, out int, mode rules.SpliceMode) {
 
 func (c *Channel) Flags() Flags { return c.flags & allFlags }
 
+// Prime sets what the poller reported on the input before the channel
+// existed (Init assumes the worst: readable, maybe ended): readable false
+// when no readable event came, so the first Pump does not read only to get
+// EAGAIN; hup false when none carried RDHUP, HUP or ERR, so a short read
+// ends reading. Events not yet delivered are not lost: they come later.
+func (c *Channel) Prime(readable, hup bool) {
+	if !readable {
+		c.flags |= EmptyIn
+	}
+	if !hup {
+		c.flags &^= sawHup
+	}
+}
+
 // Readable records a readable event on the input; hup says whether it
 // carried RDHUP, HUP or ERR (the input ended or failed: read on to EOF).
 func (c *Channel) Readable(hup bool) {

@@ -290,3 +290,41 @@ func TestResetIsErrIn(t *testing.T) {
 }
 
 func TestMain(m *testing.M) { os.Exit(m.Run()) }
+
+// Prime: what the poller said before the channel existed decides whether
+// the first Pump reads, and whether a short read ends reading. The peer sends
+// four bytes and its FIN before the first Pump.
+func TestPrime(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		readable, hup bool
+		wantBytes     uint64 // moved by the first Pump
+		wantFlag      Flags  // and where it stopped
+	}{
+		{"no event", false, false, 0, EmptyIn},
+		{"readable", true, false, 4, EmptyIn}, // a short read: wait for the next edge
+		{"readable, hang-up", true, true, 4, ShutIn},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in, writer := tcpPair(t)
+			out, _ := tcpPair(t)
+			p := NewPools(0, 0, nil)
+			var ch Channel
+			ch.Init(in, out, rules.SpliceOff)
+			ch.Prime(tc.readable, tc.hup)
+			writer.Write([]byte("ping"))
+			writer.(*net.TCPConn).CloseWrite()
+			time.Sleep(20 * time.Millisecond) // on loopback both are queued by now
+			ch.Pump(p)
+			if ch.Bytes != tc.wantBytes || ch.Flags()&(EmptyIn|ShutIn) != tc.wantFlag {
+				t.Fatalf("first pump: moved %d, flags %v; want %d, %v", ch.Bytes, ch.Flags(), tc.wantBytes, tc.wantFlag)
+			}
+			ch.Readable(true) // the edge of the FIN
+			ch.Pump(p)
+			if ch.Bytes != 4 || ch.Flags()&ShutIn == 0 {
+				t.Fatalf("after the edge: moved %d, flags %v; want 4, SHUT_IN", ch.Bytes, ch.Flags())
+			}
+			ch.Release(p)
+		})
+	}
+}

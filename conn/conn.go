@@ -146,6 +146,10 @@ func (c *Conn) ShutR(reported bool) {
 	}
 }
 
+// Plain reports whether the conn has no data layer above the socket: its
+// write side ends with shutdown(2) or close(2) alone.
+func (c *Conn) Plain() bool { return c.data == nil }
+
 func (c *Conn) layer() Layer {
 	if c.data == nil {
 		return Raw{}

@@ -43,7 +43,7 @@ func (s sessionState) String() string {
 
 // sessionFlags is what a session remembers past its handshake: the shared
 // counts it must give back when it ends.
-type sessionFlags uint8
+type sessionFlags uint16
 
 const (
 	sfMaxConn    sessionFlags = 0x01 // holds one of the rule's maxconn slots
@@ -51,12 +51,19 @@ const (
 	sfPassed     sessionFlags = 0x04 // passed the incoming chain (logged at info when it ends)
 	sfConnected  sessionFlags = 0x08 // the backend connected (connUs is set)
 	sfCheckFirst sessionFlags = 0x10 // an untrusted source on an accept-proxy rule: its first bytes must not be a PROXY header
+
+	// Before forwarding, what the events on each conn said (see Channel.Prime).
+	sfCliIn  sessionFlags = 0x20 // a readable event on the client
+	sfCliHup sessionFlags = 0x40 // an event on the client with RDHUP, HUP or ERR
+	sfSrvIn  sessionFlags = 0x80 // a readable event on the backend conn
+	sfSrvHup sessionFlags = 0x100
 )
 
 var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"},
-	{Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}, {Bit: sfCheckFirst, Name: "CHECK_FIRST"}}
+	{Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}, {Bit: sfCheckFirst, Name: "CHECK_FIRST"},
+	{Bit: sfCliIn, Name: "CLI_IN"}, {Bit: sfCliHup, Name: "CLI_HUP"}, {Bit: sfSrvIn, Name: "SRV_IN"}, {Bit: sfSrvHup, Name: "SRV_HUP"}}
 
-const allSessionFlags sessionFlags = 0x1f
+const allSessionFlags sessionFlags = 0x1ff
 
 func (f sessionFlags) String() string { return bitnames.Format(f, sessionFlagNames[:]) }
 
@@ -252,6 +259,7 @@ func (s *session) dial(l *Loop, code conn.Code) {
 		}
 		s.srv.Init(fd, nil, false)
 		s.srv.Dst = target
+		s.flags &^= sfSrvIn | sfSrvHup // of a backend conn given up
 		s.backend = uint8(i)
 		s.flags |= sfBackend
 		pool.Acquire(i)
@@ -296,9 +304,6 @@ func (s *session) established(l *Loop) {
 	if s.ln.pool.Connected(int(s.backend)) {
 		l.healthChanged(s.ln, int(s.backend), true)
 	}
-	if sa, err := rawsys.Getsockname(s.srv.FD()); err == nil {
-		s.srv.Src = sa
-	}
 	if s.ln.policy.HasOut() {
 		s.state = stSendProxy
 		l.arm(&s.tmr, s.connectTimeout())
@@ -329,7 +334,9 @@ func (s *session) forward(l *Loop) {
 	s.hs = nil
 	mode := s.ln.rule.Splice
 	s.up.Init(s.cli.FD(), s.srv.FD(), mode)
+	s.up.Prime(s.flags&sfCliIn != 0, s.flags&sfCliHup != 0)
 	s.down.Init(s.srv.FD(), s.cli.FD(), mode)
+	s.down.Prime(s.flags&sfSrvIn != 0, s.flags&sfSrvHup != 0)
 	s.state = stForwarding
 	s.active = l.now
 	l.arm(&s.tmr, s.idleTimeout())
@@ -338,6 +345,20 @@ func (s *session) forward(l *Loop) {
 }
 
 func (s *session) handle(l *Loop, fd int, ev uint32) {
+	const hup = unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR
+	if s.state != stForwarding {
+		// Edge-triggered: remember what this event said for the channels.
+		in, hupped := sfCliIn, sfCliHup
+		if fd != s.cli.FD() {
+			in, hupped = sfSrvIn, sfSrvHup
+		}
+		if ev&(unix.EPOLLIN|hup) != 0 {
+			s.flags |= in
+		}
+		if ev&hup != 0 {
+			s.flags |= hupped
+		}
+	}
 	switch s.state {
 	case stHandshake:
 		if fd != s.cli.FD() {
@@ -352,7 +373,12 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 			if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) == 0 {
 				return
 			}
-			soerr, err := rawsys.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+			// Writable without an error or hang-up: connected; only a
+			// failure needs SO_ERROR to say which.
+			soerr, err := 0, error(nil)
+			if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+				soerr, err = rawsys.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+			}
 			if err == nil && soerr == 0 {
 				l.wheel.del(&s.tmr)
 				s.established(l)
@@ -381,7 +407,6 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 			s.finish(l, conn.CodeClientReset, true)
 		}
 	case stForwarding:
-		const hup = unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR
 		const in = unix.EPOLLIN | hup
 		const out = unix.EPOLLOUT | unix.EPOLLHUP | unix.EPOLLERR
 		if fd == s.cli.FD() {
@@ -424,10 +449,10 @@ func (s *session) pump(l *Loop) {
 		return
 	}
 	if s.up.WantShutOut() {
-		s.shutOut(l, &s.srv, &s.up)
+		s.shutOut(l, &s.srv, &s.up, &s.down)
 	}
 	if s.down.WantShutOut() {
-		s.shutOut(l, &s.cli, &s.down)
+		s.shutOut(l, &s.cli, &s.down, &s.up)
 	}
 	if s.up.Done() && s.down.Done() && s.state == stForwarding {
 		s.finish(l, conn.CodeDone, false)
@@ -464,7 +489,15 @@ func (s *session) firstBytes(l *Loop) bool {
 }
 
 // shutOut propagates an ended input to the other side as shutdown(SHUT_WR).
-func (s *session) shutOut(l *Loop, c *conn.Conn, ch *channel.Channel) {
+//
+// When the other direction is already done, the session ends right after:
+// both inputs were read to their end, so close(2) sends the FIN itself and
+// the shutdown(2) is skipped (one system call less per connection).
+func (s *session) shutOut(l *Loop, c *conn.Conn, ch, other *channel.Channel) {
+	if other.Done() && c.Plain() {
+		ch.SetShutOut()
+		return
+	}
 	switch err := c.ShutW(); err {
 	case nil:
 		ch.SetShutOut()
