@@ -67,7 +67,8 @@ type Conn struct {
 
 	// Src and Dst are the conn's addresses: for an accepted conn the client and
 	// the local listen address (replaced by a PROXY header's, later); for a
-	// dialed conn the local address and the backend.
+	// dialed conn the backend in Dst (the engine leaves Src unset: nothing
+	// reads it, and getsockname per connection is not free).
 	Src, Dst netip.AddrPort
 }
 

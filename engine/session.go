@@ -41,8 +41,9 @@ func (s sessionState) String() string {
 	return "state-" + strconv.Itoa(int(s))
 }
 
-// sessionFlags is what a session remembers past its handshake: the shared
-// counts it must give back when it ends.
+// sessionFlags is what a session remembers past its handshake (the shared
+// counts it must give back when it ends) and, until forwarding starts, what
+// the events on its conns said.
 type sessionFlags uint16
 
 const (
@@ -56,7 +57,7 @@ const (
 	sfCliIn  sessionFlags = 0x20 // a readable event on the client
 	sfCliHup sessionFlags = 0x40 // an event on the client with RDHUP, HUP or ERR
 	sfSrvIn  sessionFlags = 0x80 // a readable event on the backend conn
-	sfSrvHup sessionFlags = 0x100
+	sfSrvHup sessionFlags = 0x100 // an event on the backend conn with RDHUP, HUP or ERR
 )
 
 var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"},
