@@ -54,9 +54,9 @@ const (
 	sfCheckFirst sessionFlags = 0x10 // an untrusted source on an accept-proxy rule: its first bytes must not be a PROXY header
 
 	// Before forwarding, what the events on each conn said (see Channel.Prime).
-	sfCliIn  sessionFlags = 0x20 // a readable event on the client
-	sfCliHup sessionFlags = 0x40 // an event on the client with RDHUP, HUP or ERR
-	sfSrvIn  sessionFlags = 0x80 // a readable event on the backend conn
+	sfCliIn  sessionFlags = 0x20  // a readable event on the client
+	sfCliHup sessionFlags = 0x40  // an event on the client with RDHUP, HUP or ERR
+	sfSrvIn  sessionFlags = 0x80  // a readable event on the backend conn
 	sfSrvHup sessionFlags = 0x100 // an event on the backend conn with RDHUP, HUP or ERR
 )
 
