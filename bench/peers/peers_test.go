@@ -117,3 +117,19 @@ func TestStatAndSection(t *testing.T) {
 		t.Errorf("got %q, want %q", b, want)
 	}
 }
+
+func TestParseTimeWait(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+	}{
+		{"sockets: used 120\nTCP: inuse 5 orphan 0 tw 28369 alloc 9 mem 1\nUDP: inuse 1 mem 0\n", 28369},
+		{"TCP: inuse 5 orphan 0 tw 0 alloc 9 mem 1\n", 0},
+		{"TCP: inuse 5 orphan 0 alloc 9\n", -1},
+		{"", -1},
+	} {
+		if got := parseTimeWait(tc.in); got != tc.want {
+			t.Errorf("parseTimeWait(%q) = %d, want %d", tc.in, got, tc.want)
+		}
+	}
+}

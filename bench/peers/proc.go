@@ -114,6 +114,34 @@ func pss(pid int) (int64, error) {
 }
 
 // cpuTimes returns the busy and total ticks of one CPU from /proc/stat.
+// timeWait returns the TCP sockets in TIME_WAIT (the "tw" count of
+// /proc/net/sockstat, this network namespace), or -1. Thousands of them mean
+// the ephemeral ports are running out, and every connect searches for one.
+func timeWait() int64 {
+	b, err := os.ReadFile("/proc/net/sockstat")
+	if err != nil {
+		return -1
+	}
+	return parseTimeWait(string(b))
+}
+
+func parseTimeWait(sockstat string) int64 {
+	for _, line := range strings.Split(sockstat, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "TCP:" {
+			continue
+		}
+		for i := 1; i+1 < len(f); i += 2 {
+			if f[i] == "tw" {
+				if n, err := strconv.ParseInt(f[i+1], 10, 64); err == nil {
+					return n
+				}
+			}
+		}
+	}
+	return -1
+}
+
 func cpuTimes(cpu int) (busy, total int64) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {

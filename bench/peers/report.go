@@ -290,6 +290,7 @@ func (r *results) markdown() string {
 	w("Ratios are ratios of medians (× HAProxy: against `haproxy`, no splicing; × direct: against no proxy). ")
 	w("Bulk: `iperf3 -c … -t SECS -P 1|4 -J` to `iperf3 -s`, received bits. ")
 	w("rps and cps: `wrk -t1 -c50 -d SECS --latency` to nginx (one worker) returning 1 KiB from memory; cps adds `-H 'Connection: close'`. ")
+	w("*TIME_WAIT at start* is the `tw` count of `/proc/net/sockstat` when the measurement began: when the sockets toward one destination approach the ephemeral port range (about 28 000 ports here), each connect there searches longer for a free port, a cost charged to whoever connects, the proxy included. ")
 	w("idle: after 50 warm-up sessions, a client process opens the sessions 64 at a time, one byte each way, to a Go echo backend; the figure is the growth of the peer's PSS (`/proc/PID/smaps_rollup`, all its processes summed) ÷ sessions held, one second after the last opened. ")
 	w("rtt: one session, 64 bytes there and back on blocking sockets, client and echo on CPU %d; *added* is the peer's latency minus direct's in the same repetition; *proxy CPU per round trip* is the proxy's CPU time ÷ round trips.\n\n", h.opt.loadCPU)
 	w("Peers:\n\n")
@@ -354,12 +355,12 @@ func (r *results) throughputTable(b *strings.Builder, sc scenario) {
 	wrk := sc.name == "rps" || sc.name == "cps"
 	w("| peer | %s | proxy CPU | %s per proxy core | others on proxy CPU | load CPU |", sc.unit, sc.unit)
 	if wrk {
-		w(" p50 ms | p99 ms | errors |")
+		w(" p50 ms | p99 ms | errors | TIME_WAIT at start |")
 	}
 	w(" × HAProxy | × HAProxy per core | × direct |\n")
 	w("|---|---|---|---|---|---|")
 	if wrk {
-		w("---|---|---|")
+		w("---|---|---|---|")
 	}
 	w("---|---|---|\n")
 	hv, hok := r.stat(sc.name, "haproxy", key(mValue))
@@ -379,7 +380,8 @@ func (r *results) throughputTable(b *strings.Builder, sc scenario) {
 			for _, x := range r.series(sc.name, p, key(mErrors)) {
 				errs += x
 			}
-			w(" %s | %s | %.0f |", fmtStat(p50, ok50), fmtStat(p99, ok99), errs)
+			tw, twok := r.stat(sc.name, p, key(mTW))
+			w(" %s | %s | %.0f | %s |", fmtStat(p50, ok50), fmtStat(p99, ok99), errs, fmtInt(tw, twok))
 		}
 		w(" %s | %s | %s |\n", fmtRatio(v, vok, hv, hok), fmtRatio(pc, pcok, hc, hcok), fmtRatio(v, vok, dv, dok))
 	}

@@ -24,6 +24,7 @@ const (
 	mProcs  = "procs"  // idle: processes of the peer summed
 	mCPUus  = "cpuus"  // rtt: the proxy's CPU µs per round trip
 	mOther  = "other"  // the proxy CPU's busy fraction less the proxy's own: others' work there
+	mTW     = "tw"     // TCP sockets in TIME_WAIT when the measurement began (/proc/net/sockstat)
 )
 
 type scenarioKind int
@@ -108,11 +109,12 @@ type meter struct {
 	ticks0         int64
 	loadB0, loadT0 int64
 	cpuB0, cpuT0   int64
+	tw0            int64   // TIME_WAIT sockets at the start; -1: unknown
 	ticks, wall    float64 // filled by read: proxy CPU seconds, wall seconds
 }
 
 func (h *harness) meter(t target) *meter {
-	m := &meter{h: h, t0: time.Now(), cpu: t.cpu}
+	m := &meter{h: h, t0: time.Now(), cpu: t.cpu, tw0: timeWait()}
 	if t.px != nil {
 		m.pid = t.px.pid()
 		m.ticks0 = treeTicks(m.pid)
@@ -137,6 +139,9 @@ func (m *meter) read(v map[string]float64) {
 	b, t := cpuTimes(m.h.opt.loadCPU)
 	if t > m.loadT0 {
 		v[mLoad] = float64(b-m.loadB0) / float64(t-m.loadT0)
+	}
+	if m.tw0 >= 0 {
+		v[mTW] = float64(m.tw0)
 	}
 }
 
