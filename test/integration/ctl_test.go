@@ -186,10 +186,7 @@ func (d *liveDaemon) list() (uint64, []string) {
 
 // listening returns the loopback TCP ports the daemon holds in LISTEN
 // state: the /proc/net/tcp entries in state 0A whose socket inode is one of
-// the daemon's fds. The kernel lists its listening sockets first (the
-// listening hash, then the established one), so reading stops at the first
-// entry in another state: the rest, tens of thousands of TIME_WAIT entries
-// while other tests run, is never generated.
+// the daemon's fds (procListens).
 func (d *liveDaemon) listening() map[int]bool {
 	d.t.Helper()
 	pid := d.cmd.Process.Pid
@@ -206,38 +203,55 @@ func (d *liveDaemon) listening() map[int]bool {
 	}
 	ports := map[int]bool{}
 	for _, name := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		f, err := os.Open(name)
-		if err != nil {
-			d.t.Fatal(err)
-		}
-		sc := bufio.NewScanner(f)
-		sc.Scan() // the header
-		for sc.Scan() {
-			// sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-			fs := strings.Fields(sc.Text())
-			if len(fs) < 10 || fs[3] != "0A" {
-				break
-			}
-			if !inodes[fs[9]] {
+		for _, l := range procListens(d.t, name) {
+			if !inodes[l.inode] {
 				continue
 			}
-			addr, port, _ := strings.Cut(fs[1], ":")
+			addr, port, _ := strings.Cut(l.local, ":")
 			if addr != "0100007F" {
-				d.t.Fatalf("the daemon listens on %s, not 127.0.0.1 (%s)", fs[1], name)
+				d.t.Fatalf("the daemon listens on %s, not 127.0.0.1 (%s)", l.local, name)
 			}
 			p, err := strconv.ParseUint(port, 16, 16)
 			if err != nil {
-				d.t.Fatalf("%s: %q: %v", name, sc.Text(), err)
+				d.t.Fatalf("%s: %q: %v", name, l.local, err)
 			}
 			ports[int(p)] = true
 		}
-		err = sc.Err()
-		f.Close()
-		if err != nil {
-			d.t.Fatalf("%s: %v", name, err)
-		}
 	}
 	return ports
+}
+
+// procListen is a socket in LISTEN state from a /proc/net/tcp table: its
+// local address as the kernel writes it (hex "ADDR:PORT") and its inode.
+type procListen struct{ local, inode string }
+
+// procListens reads the LISTEN entries of a /proc net/tcp or net/tcp6 table.
+// The kernel lists its listening sockets first (the listening hash, then the
+// established one), so reading stops at the first entry in another state:
+// the rest, tens of thousands of TIME_WAIT entries while other tests run, is
+// never generated.
+func procListens(t testing.TB, name string) []procListen {
+	t.Helper()
+	f, err := os.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []procListen
+	sc := bufio.NewScanner(f)
+	sc.Scan() // the header
+	for sc.Scan() {
+		// sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+		fs := strings.Fields(sc.Text())
+		if len(fs) < 10 || fs[3] != "0A" {
+			break
+		}
+		out = append(out, procListen{local: fs[1], inode: fs[9]})
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return out
 }
 
 // liveTable is a rule table as a test means it: canonical rule lines, and

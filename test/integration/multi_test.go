@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -144,33 +143,19 @@ func wantServing(t *testing.T, where string, ns *netnstest.NS, serving []int, re
 
 // listenInodes returns the socket inode of each port listening on
 // 127.0.0.1 in pid's network namespace (/proc/PID/net/tcp): a socket kept
-// across a transaction keeps its inode. The kernel lists listening sockets
-// first, so reading stops at the first entry in another state (the host's
-// table may hold many TIME_WAIT entries of other tests).
+// across a transaction keeps its inode.
 func listenInodes(t *testing.T, pid int, ports ...int) map[int]string {
 	t.Helper()
-	f, err := os.Open(fmt.Sprintf("/proc/%d/net/tcp", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
 	out := map[int]string{}
-	sc := bufio.NewScanner(f)
-	sc.Scan() // the header
-	for sc.Scan() {
-		// sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-		fs := strings.Fields(sc.Text())
-		if len(fs) < 10 || fs[3] != "0A" {
-			break
-		}
+	for _, l := range procListens(t, fmt.Sprintf("/proc/%d/net/tcp", pid)) {
 		for _, port := range ports {
-			if fs[1] == fmt.Sprintf("0100007F:%04X", port) {
-				out[port] = fs[9]
+			if l.local == fmt.Sprintf("0100007F:%04X", port) {
+				out[port] = l.inode
 			}
 		}
 	}
-	if err := sc.Err(); err != nil || len(out) != len(ports) {
-		t.Fatalf("pid %d listens on %v of ports %v (%v)", pid, out, ports, err)
+	if len(out) != len(ports) {
+		t.Fatalf("pid %d listens on %v of ports %v", pid, out, ports)
 	}
 	return out
 }
