@@ -74,6 +74,16 @@ func ctxT(t testing.TB) context.Context {
 	return ctx
 }
 
+// mustDial connects to the server at path; the caller closes the client.
+func mustDial(t testing.TB, ctx context.Context, path string, opt Options) *Client {
+	t.Helper()
+	c, err := Dial(ctx, path, opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 // dialWrite opens a writing transaction and reads pifs and the table.
 func dialWrite(t testing.TB, path string, opt Options) (*Client, *Table) {
 	t.Helper()
@@ -85,10 +95,7 @@ func dialWrite(t testing.TB, path string, opt Options) (*Client, *Table) {
 func dialTable(t testing.TB, path string, opt Options, intent Intent) (*Client, *Table) {
 	t.Helper()
 	ctx := ctxT(t)
-	c, err := Dial(ctx, path, opt)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := mustDial(t, ctx, path, opt)
 	t.Cleanup(func() { c.Close() })
 	if err := c.Hello(ctx, intent); err != nil {
 		t.Fatal(err)

@@ -82,10 +82,7 @@ func TestOnSent(t *testing.T) {
 	t.Run("refused", func(t *testing.T) {
 		_, path := startServer(t, ctltest.New(1, nil), nil)
 		ctx := ctxT(t)
-		c, err := Dial(ctx, path, Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
+		c := mustDial(t, ctx, path, Options{})
 		defer c.Close()
 		if err := c.OnSent(MsgSummary, func() error { return nil }); err == nil {
 			t.Fatal("OnSent accepted a message the server sends")

@@ -30,10 +30,7 @@ func TestReadOnly(t *testing.T) {
 	_, path := startServer(t, eng, nil)
 	ctx := ctxT(t)
 
-	c, err := Dial(ctx, path, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := mustDial(t, ctx, path, Options{})
 	defer c.Close()
 	if h := c.Server(); h.Software != "sluice" || !h.Has(FeatureTxn) || h.Limits.MaxRules != rules.MaxRules || h.Limits.IOTimeout != IOTimeout {
 		t.Fatalf("hello %+v", h)

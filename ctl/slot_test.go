@@ -15,10 +15,7 @@ func TestWriterSlotFreeAfterAnswer(t *testing.T) {
 	tables := [2][]string{{oldRule, newRule}, {oldRule}}
 	for i := range 200 {
 		ctx := ctxT(t)
-		c, err := Dial(ctx, path, Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
+		c := mustDial(t, ctx, path, Options{})
 		if err := c.Hello(ctx, IntentWrite); err != nil {
 			t.Fatalf("transaction %d, right after the previous one: %v", i, err)
 		}

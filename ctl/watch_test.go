@@ -17,10 +17,7 @@ import (
 func dialWatch(t testing.TB, path string, groups ...string) *Client {
 	t.Helper()
 	ctx := ctxT(t)
-	c, err := Dial(ctx, path, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := mustDial(t, ctx, path, Options{})
 	t.Cleanup(func() { c.Close() })
 	if !c.Server().Has(FeatureWatch) {
 		t.Fatal("the server does not advertise watch")
@@ -267,10 +264,7 @@ func TestSlowWatcherCutOff(t *testing.T) {
 func TestWatchUnknownGroup(t *testing.T) {
 	_, path := startServer(t, ctltest.New(1, nil), nil)
 	ctx := ctxT(t)
-	c, err := Dial(ctx, path, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := mustDial(t, ctx, path, Options{})
 	defer c.Close()
 	if err := c.Hello(ctx, IntentWatch); err != nil {
 		t.Fatal(err)
@@ -283,7 +277,7 @@ func TestWatchUnknownGroup(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.step = stepWatching
-	_, err = c.NextEvent(ctx)
+	_, err := c.NextEvent(ctx)
 	wantCode(t, err, CodeBadValue)
 }
 
@@ -301,10 +295,7 @@ func TestSessionsAndStats(t *testing.T) {
 	list := func(rule string, max int) *SessionList {
 		t.Helper()
 		ctx := ctxT(t)
-		c, err := Dial(ctx, path, Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
+		c := mustDial(t, ctx, path, Options{})
 		defer c.Close()
 		if err := c.Hello(ctx, IntentSessions); err != nil {
 			t.Fatal(err)
@@ -332,10 +323,7 @@ func TestSessionsAndStats(t *testing.T) {
 		t.Fatalf("one session of 8080: %+v", one)
 	}
 	ctx := ctxT(t)
-	c, err := Dial(ctx, path, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := mustDial(t, ctx, path, Options{})
 	defer c.Close()
 	if err := c.Hello(ctx, IntentStats); err != nil {
 		t.Fatal(err)
