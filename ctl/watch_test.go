@@ -147,6 +147,13 @@ func TestWatchApplyRollback(t *testing.T) {
 	eng.FailPort(9090, 98)
 	_, path := startServer(t, eng, nil)
 	w := dialWatch(t, path) // every group
+	// WATCH has no answer: the state event is the proof that the server
+	// subscribed the watcher, so it is read before the transaction starts
+	// (else a busy server may subscribe after the events were published).
+	state, err := w.NextEvent(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
 	c, tb := dialWrite(t, path, Options{})
 	if _, err := c.Load(ctxT(t), tb.Generation, mustRules(t, watchRuleA, watchRuleB)); err != nil {
 		t.Fatal(err)
@@ -164,9 +171,11 @@ func TestWatchApplyRollback(t *testing.T) {
 		{"rules", "rolled-back", ""},
 	}
 	for i, wnt := range want {
-		ev, err := w.NextEvent(ctxT(t))
-		if err != nil {
-			t.Fatal(err)
+		ev := state
+		if i > 0 {
+			if ev, err = w.NextEvent(ctxT(t)); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if ev.Group != wnt.group || ev.Type != wnt.typ {
 			t.Fatalf("event %d: %s/%s %s, want %s/%s", i, ev.Group, ev.Type, ev.Data, wnt.group, wnt.typ)
