@@ -372,7 +372,7 @@ func TestConfigRunGracefulStop(t *testing.T) {
 		{"flag overrides file", "1m", []string{"--drain-timeout", "1s"}, time.Second},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			d, addr, b := start(t, tc.drain, tc.flags...)
+			d, addr, _ := start(t, tc.drain, tc.flags...)
 			c, err := net.Dial("tcp", addr)
 			if err != nil {
 				t.Fatal(err)
@@ -384,7 +384,15 @@ func TestConfigRunGracefulStop(t *testing.T) {
 			if _, err := c.Write(hdr[:]); err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, 5*time.Second, "the session to reach the backend", func() bool { return b.Conns() > 0 })
+			// One byte of the download proves this session is forwarding.
+			// (The backend's conn count does not: waitListening's probe
+			// reaches the backend too, while this conn may still sit in
+			// sluice's accept queue, where SIGTERM would reset it.)
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(c, hdr[:1]); err != nil {
+				t.Fatalf("first byte of the download: %v\n%s", err, d.stderr.String())
+			}
+			c.SetReadDeadline(time.Time{})
 			sent := time.Now()
 			d.cmd.Process.Signal(syscall.SIGTERM)
 			err, exited := wait(t, d, tc.limit+5*time.Second)

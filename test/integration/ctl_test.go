@@ -533,6 +533,9 @@ func TestCtlContinuity(t *testing.T) {
 	gen0 := d.status().Generation
 	addr := fmt.Sprintf("127.0.0.1:%d", same)
 
+	// startLive's readiness probes reached b1 too: let them end first, so
+	// that the count below is this session's.
+	waitFor(t, 5*time.Second, "the readiness probes to end", func() bool { return b1.Conns() == 0 })
 	session := startPaced(t, addr, applies+2, 7)
 	waitFor(t, 5*time.Second, "the long session to reach its backend", func() bool { return b1.Conns() == 1 })
 
@@ -894,6 +897,9 @@ func TestCtlBusyAndSessions(t *testing.T) {
 	d := startLive(t, old)
 	gen0 := d.status().Generation
 
+	// startLive's readiness probes reached b1 too: let them end first, so
+	// that the count below is these sessions'.
+	waitFor(t, 5*time.Second, "the readiness probes to end", func() bool { return b1.Conns() == 0 })
 	var sessions []*pacedSession
 	for i, p := range []int{a, bp, c} {
 		// Four steps below; the upload needs two more chunks than those, so
