@@ -4,11 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"sync"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sluice-proxy/sluice/internal/netns"
 	"github.com/sluice-proxy/sluice/internal/rawsys"
 )
 
@@ -58,22 +58,20 @@ func openPif(name, path string) (*pif, error) {
 	return p, nil
 }
 
-// run is the pif's thread. It never unlocks the OS thread: when the
-// goroutine ends, the runtime destroys the thread instead of handing a thread
-// in a foreign namespace to other goroutines. (New threads are cloned by the
-// runtime's template thread, never from a locked one, so none inherits the
-// namespace.) If the runtime happened to run it on the main thread, that
-// thread is parked for good instead, still in the namespace: then
-// /proc/PID/ns/net of the daemon shows the pif's namespace, not the host's.
+// run is the pif's thread: locked to its OS thread inside the namespace
+// while the pif lives. When the pif closes, the thread is switched back
+// before the runtime may hand it to other goroutines (netns.Enter); were it
+// left behind, and were it the main thread, the daemon's /proc/PID/net/*
+// and ns/net would show the pif's namespace for good.
 func (p *pif) run(f *os.File, ready chan<- error) {
-	runtime.LockOSThread()
 	defer close(p.done)
-	err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+	leave, err := netns.Enter(f)
 	f.Close()
 	if err != nil {
-		ready <- fmt.Errorf("setns %s: %w", p.netns, err)
+		ready <- err // "setns PATH: ...", openPif adds the pif
 		return
 	}
+	defer leave()
 	ready <- nil
 	for req := range p.reqs {
 		fd, err := unix.Socket(req.family, req.typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)

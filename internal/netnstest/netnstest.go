@@ -8,13 +8,14 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/internal/netns"
 )
 
 var seq atomic.Uint32
@@ -103,23 +104,24 @@ func (ns *NS) Start(tb testing.TB, name string, args ...string) *os.Process {
 
 // Do runs fn on an OS thread switched into the namespace. Sockets fn creates
 // belong to the namespace for their whole life and may be used from any
-// goroutine afterwards. The thread is never returned to the runtime's pool:
-// it ends with fn's goroutine.
+// goroutine afterwards. The thread is switched back before the runtime may
+// use it again (netns.Enter).
 func (ns *NS) Do(tb testing.TB, fn func()) {
 	tb.Helper()
 	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
 		f, err := os.Open(ns.Path)
 		if err != nil {
 			errc <- err
 			return
 		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", ns.Path, err)
+		leave, err := netns.Enter(f)
+		f.Close()
+		if err != nil {
+			errc <- err
 			return
 		}
+		defer leave()
 		fn()
 		errc <- nil
 	}()
