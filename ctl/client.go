@@ -121,11 +121,31 @@ func (c *Client) Version() uint8 { return c.ver }
 
 // Close ends the connection. Before Apply nothing has changed; after Apply
 // and before Commit the server rolls back.
+//
+// A writer whose transaction has not ended (no Commit or Rollback answer)
+// half-closes first and waits, at most Options.Timeout, for the server to
+// close its end: by then the server has rolled back what was applied and
+// freed the writer slot, so a transaction begun after Close returns (the
+// next `sluice ctl` command of a script) is not told busy by this one.
 func (c *Client) Close() error {
 	if c.err == nil {
 		c.err = ErrClosed
+		if c.intent == IntentWrite && c.step < stepDone {
+			c.awaitServerClose()
+		}
 	}
 	return c.conn.Close()
+}
+
+// awaitServerClose half-closes the connection and reads, discarding, until
+// the server closes its end or Options.Timeout passes.
+func (c *Client) awaitServerClose() {
+	cw, ok := c.conn.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil {
+		return
+	}
+	_ = c.conn.SetReadDeadline(time.Now().Add(c.opt.Timeout))
+	_, _ = io.Copy(io.Discard, c.buf)
 }
 
 // Hello says what the connection is for and asks for the upgrade to

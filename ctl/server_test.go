@@ -339,6 +339,49 @@ func TestBusyWriter(t *testing.T) {
 	}
 }
 
+// A writer's Close returns once the server has let go of the transaction:
+// the next writer, right after, is never told busy by it, whether it ended
+// before a load, after a load, or after an apply (rolled back by then).
+func TestCloseFreesWriterSlot(t *testing.T) {
+	eng := ctltest.New(1, nil, mustRules(t, oldRule)...)
+	_, path := startServer(t, eng, nil)
+	ctx := ctxT(t)
+	stages := []struct {
+		name string
+		run  func(c *Client, tb *Table) error
+	}{
+		{"listed", func(*Client, *Table) error { return nil }},
+		{"loaded", func(c *Client, tb *Table) error {
+			_, err := c.Load(ctx, tb.Generation, mustRules(t, newRule))
+			return err
+		}},
+		{"applied", func(c *Client, tb *Table) error {
+			if _, err := c.Load(ctx, tb.Generation, mustRules(t, newRule)); err != nil {
+				return err
+			}
+			_, err := c.Apply(ctx, 0)
+			return err
+		}},
+	}
+	for _, st := range stages {
+		// Repeated: without the wait in Close, the next hello races the
+		// server's noticing the close, and loses some of the time.
+		for i := range 50 {
+			c, tb := dialWrite(t, path, Options{})
+			if err := st.run(c, tb); err != nil {
+				t.Fatalf("%s: %v", st.name, err)
+			}
+			c.Close()
+			next := mustDial(t, ctx, path, Options{})
+			if err := next.Hello(ctx, IntentWrite); err != nil {
+				t.Fatalf("%s, round %d: the next writer: %v", st.name, i, err)
+			}
+			next.Close()
+			wantLines(t, eng, oldRule)
+		}
+	}
+}
+
 // A load built on a table another writer has since replaced is refused,
 // and nothing changes.
 func TestStaleGeneration(t *testing.T) {
