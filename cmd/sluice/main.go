@@ -8,7 +8,15 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 )
+
+// The main goroutine keeps the main thread to itself. The process's
+// /proc/PID/ns/net and /proc/PID/net/* follow the main thread: were a pif's
+// thread (switched into another network namespace, engine/pif.go) ever the
+// main thread, the daemon would seem to live in that namespace, and
+// `nsenter -t PID -n` would enter it.
+func init() { runtime.LockOSThread() }
 
 // Exit codes of the contract in DESIGN.md.
 const (

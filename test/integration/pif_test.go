@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sluice-proxy/sluice/internal/netnstest"
 	"github.com/sluice-proxy/sluice/internal/testpeer"
 )
@@ -39,6 +41,21 @@ rules:
 	d := startDaemon(t, forwardOpts{}, "run", "-c", file)
 	d.waitListening(fmt.Sprintf("127.0.0.1:%d", in))
 
+	t.Run("the daemon itself stays in the host namespace", func(t *testing.T) {
+		// Its pif threads live in inner and edge; the process's namespace
+		// (/proc/PID/ns/net follows the main thread, which `nsenter -t PID
+		// -n` enters) must stay ours.
+		var self, daemon unix.Stat_t
+		if err := unix.Stat(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), &self); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Stat(fmt.Sprintf("/proc/%d/ns/net", d.cmd.Process.Pid), &daemon); err != nil {
+			t.Fatal(err)
+		}
+		if daemon.Ino != self.Ino {
+			t.Errorf("the daemon's /proc/PID/ns/net is netns %d, not the host's %d", daemon.Ino, self.Ino)
+		}
+	})
 	t.Run("host into a loopback-only namespace", func(t *testing.T) {
 		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", in))
 		if err != nil {
