@@ -62,7 +62,9 @@ func openPif(name, path string) (*pif, error) {
 // while the pif lives. When the pif closes, the thread is switched back
 // before the runtime may hand it to other goroutines (netns.Enter); were it
 // left behind, and were it the main thread, the daemon's /proc/PID/net/*
-// and ns/net would show the pif's namespace for good.
+// and ns/net would show the pif's namespace for good. (While the pif lives
+// they would show it too: cmd/sluice keeps the main thread for its main
+// goroutine, so a pif thread is never the main thread there.)
 func (p *pif) run(f *os.File, ready chan<- error) {
 	defer close(p.done)
 	leave, err := netns.Enter(f)
