@@ -15,13 +15,10 @@ import (
 // threadNS returns the inode of the calling thread's network namespace.
 func threadNS(t *testing.T) uint64 {
 	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Ino
+	return inode(t, fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
 }
 
+// inode returns the inode of the file at path.
 func inode(t *testing.T, path string) uint64 {
 	t.Helper()
 	var st unix.Stat_t
