@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-proxy/sluice/internal/bitnames"
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -314,7 +315,7 @@ func TestPrime(t *testing.T) {
 			ch.Prime(tc.readable, tc.hup)
 			writer.Write([]byte("ping"))
 			writer.(*net.TCPConn).CloseWrite()
-			time.Sleep(20 * time.Millisecond) // on loopback both are queued by now
+			testpeer.DeliveredConn(t, writer.(*net.TCPConn))
 			ch.Pump(p)
 			if ch.Bytes != tc.wantBytes || ch.Flags()&(EmptyIn|ShutIn) != tc.wantFlag {
 				t.Fatalf("first pump: moved %d, flags %v; want %d, %v", ch.Bytes, ch.Flags(), tc.wantBytes, tc.wantFlag)

@@ -349,16 +349,23 @@ func TestShutdownDrains(t *testing.T) {
 	addr := lns[0].Addr().String()
 	c := dial(t, addr)
 	defer c.Close()
-	done := make(chan error, 1)
-	go func() { done <- testpeer.ExchangeSlow(c, 1000, 1<<20, 9, 200*time.Millisecond) }()
-	time.Sleep(50 * time.Millisecond)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := e.Shutdown(ctx); err != nil {
-		t.Fatalf("shutdown: %v", err)
-	}
-	if err := <-done; err != nil {
+	// Accepted, not only queued (Shutdown closes the listener, which resets
+	// what still waits in its accept queue), and live: the client has sent
+	// nothing yet, so the session cannot end before Shutdown begins.
+	waitStats(t, e, "the session to be accepted", func(s Stats) bool { return s.Sessions == 1 })
+	stopped := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		stopped <- e.Shutdown(ctx)
+	}()
+	waitFor(t, "the engine to start draining", e.Draining)
+	time.Sleep(300 * time.Millisecond) // the session outlives the stop's start by far
+	if err := testpeer.ExchangeSlow(c, 1000, 1<<20, 9, 200*time.Millisecond); err != nil {
 		t.Fatalf("session cut by a graceful stop: %v", err)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatalf("shutdown: %v", err)
 	}
 	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		t.Fatal("still accepting after shutdown")

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -163,7 +164,8 @@ func httpGet(t *testing.T, addr string, from string) (string, error) {
 func TestHealthDrain(t *testing.T) {
 	b := backend(t)
 	e, haddr := start(t, "tcp 127.0.0.1:0 health=http", Config{})
-	r, _ := rules.Parse("tcp 127.0.0.1:0 -> " + b.Addr())
+	line := "tcp 127.0.0.1:0 -> " + b.Addr()
+	r, _ := rules.Parse(line)
 	lns, err := e.Listen(r)
 	if err != nil {
 		t.Fatal(err)
@@ -175,7 +177,10 @@ func TestHealthDrain(t *testing.T) {
 	defer c.Close()
 	hold := make(chan struct{})
 	go func() { c.Write([]byte("x")); <-hold; c.Close() }() // a live session
-	time.Sleep(50 * time.Millisecond)
+	// Accepted, not only queued: Shutdown resets what waits in the queue.
+	waitStats(t, e, "the session to be accepted", func(s Stats) bool {
+		return slices.ContainsFunc(s.Rules, func(r RuleStats) bool { return r.Line == line && r.Sessions == 1 })
+	})
 	done := make(chan error, 1)
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -269,13 +274,16 @@ func TestHandshakeTimeout(t *testing.T) {
 func TestMaxConnInEngine(t *testing.T) {
 	b := backend(t)
 	e, addr := start(t, "tcp 127.0.0.1:0 -> "+b.Addr()+" maxconn=2", Config{})
+	inUse := func(n int) func() bool {
+		return func() bool { return e.Listeners()[0].Policy().Stats().MaxConnInUse == int64(n) }
+	}
 	c1, c2 := dial(t, addr), dial(t, addr)
-	time.Sleep(100 * time.Millisecond)
+	waitFor(t, "both conns to hold a slot", inUse(2))
 	if refusedFrom(t, addr, "") {
 		t.Fatal("third conn over maxconn=2 was served")
 	}
 	c1.Close()
-	time.Sleep(100 * time.Millisecond)
+	waitFor(t, "the closed conn's slot to free", inUse(1))
 	c4 := dial(t, addr)
 	if err := exchange(c4); err != nil {
 		t.Fatalf("after a slot freed: %v", err)

@@ -58,7 +58,7 @@ func (pr *pair) send(b []byte) {
 	if _, err := unix.Write(pr.client, b); err != nil {
 		pr.t.Fatal(err)
 	}
-	time.Sleep(5 * time.Millisecond) // loopback delivery
+	testpeer.Delivered(pr.t, pr.client)
 }
 
 func (pr *pair) run() (Result, conn.Code) {
@@ -194,7 +194,7 @@ func TestAcceptProxyRefusals(t *testing.T) {
 			}
 			if c.fin {
 				unix.Shutdown(pr.client, unix.SHUT_WR)
-				time.Sleep(5 * time.Millisecond)
+				testpeer.Delivered(t, pr.client)
 				pr.st.Set(PeerClosed) // as the loop does on EPOLLRDHUP
 			}
 			r, code := pr.run()
@@ -248,7 +248,7 @@ func TestHealthReplies(t *testing.T) {
 			t.Errorf("%s: reply %q, want %q...", c.line, got, c.want)
 		}
 		unix.Shutdown(pr.client, unix.SHUT_WR)
-		time.Sleep(5 * time.Millisecond)
+		testpeer.Delivered(t, pr.client)
 		r, code = pr.run()
 		expect(t, c.line+" after the client's close", r, code, Close, conn.CodeHealth)
 		s := pr.p.Stats()
