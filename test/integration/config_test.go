@@ -316,7 +316,9 @@ func TestConfigRunGracefulStop(t *testing.T) {
 	}
 
 	t.Run("transfer completes", func(t *testing.T) {
-		d, addr, _ := start(t, "20s")
+		d, addr, b := start(t, "20s")
+		// waitListening's probe reached the backend too: let it go first.
+		waitFor(t, 5*time.Second, "the readiness probe's backend conn to end", func() bool { return b.Conns() == 0 })
 		c, err := net.Dial("tcp", addr)
 		if err != nil {
 			t.Fatal(err)
@@ -331,7 +333,9 @@ func TestConfigRunGracefulStop(t *testing.T) {
 			finished = time.Now()
 			done <- err
 		}()
-		time.Sleep(500 * time.Millisecond)
+		// Accepted and forwarding, not only queued (SIGTERM resets what
+		// still waits in the accept queue).
+		waitFor(t, 5*time.Second, "the session to reach the backend", func() bool { return b.Conns() == 1 })
 		select {
 		case err := <-done:
 			t.Fatalf("the transfer ended before SIGTERM: %v", err)
