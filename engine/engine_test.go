@@ -6,6 +6,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -369,5 +370,34 @@ func TestShutdownDrains(t *testing.T) {
 	}
 	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		t.Fatal("still accepting after shutdown")
+	}
+}
+
+// Both ends of a session send small writes at once: TCP_NODELAY on the
+// backend socket, and on the client's, which inherits it from the listener.
+func TestSessionSocketsNoDelay(t *testing.T) {
+	b := backend(t)
+	e, addr := start(t, "tcp 127.0.0.1:0 -> "+b.Addr(), Config{Loops: 1})
+	c := dial(t, addr)
+	defer c.Close()
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	waitStats(t, e, "the session to connect its backend", func(s Stats) bool { return s.Sessions == 1 && s.Rules[0].Backends[0].Active == 1 })
+	var fds []int
+	e.onLoops(func(l *Loop) {
+		for _, h := range l.table {
+			if s, ok := h.(*session); ok && !slices.Contains(fds, s.cli.FD()) {
+				fds = append(fds, s.cli.FD(), s.srv.FD())
+			}
+		}
+	})
+	if len(fds) != 2 {
+		t.Fatalf("session fds %v, want the client's and the backend's", fds)
+	}
+	for i, fd := range fds {
+		if v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY); err != nil || v == 0 {
+			t.Errorf("%s socket: TCP_NODELAY = %d, %v", []string{"client", "backend"}[i], v, err)
+		}
 	}
 }

@@ -94,6 +94,11 @@ func listenSocket(p *pif, proto rules.Proto, addr netip.AddrPort) (int, netip.Ad
 		return fail("bind", err)
 	}
 	if typ == unix.SOCK_STREAM {
+		// Accepted sockets inherit it (Linux clones the listener's TCP
+		// state): no setsockopt per accepted client.
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+			return fail("setsockopt TCP_NODELAY", err)
+		}
 		if err := unix.Listen(fd, backlog); err != nil {
 			return fail("listen", err)
 		}

@@ -150,7 +150,7 @@ func newSession(l *Loop, ln *Listener, fd int, src netip.AddrPort) {
 			s.cli.Dst = la
 		}
 	}
-	_ = rawsys.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	// TCP_NODELAY came with the accept: listenSocket set it on the listener.
 	if err := l.register(fd, sessionEvents, s); err != nil {
 		l.log.Warn("register client", zap.Int("fd", fd), zap.Error(err))
 		s.cli.Close(true)
