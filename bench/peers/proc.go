@@ -113,7 +113,6 @@ func pss(pid int) (int64, error) {
 	return 0, fmt.Errorf("/proc/%d/smaps_rollup: no Pss", pid)
 }
 
-// cpuTimes returns the busy and total ticks of one CPU from /proc/stat.
 // timeWait returns the TCP sockets in TIME_WAIT (the "tw" count of
 // /proc/net/sockstat, this network namespace), or -1. Thousands of them mean
 // the ephemeral ports are running out, and every connect searches for one.
@@ -125,6 +124,8 @@ func timeWait() int64 {
 	return parseTimeWait(string(b))
 }
 
+// parseTimeWait returns the "tw" count of the "TCP:" line of a sockstat
+// text, or -1.
 func parseTimeWait(sockstat string) int64 {
 	for _, line := range strings.Split(sockstat, "\n") {
 		f := strings.Fields(line)
@@ -142,6 +143,7 @@ func parseTimeWait(sockstat string) int64 {
 	return -1
 }
 
+// cpuTimes returns the busy and total ticks of one CPU from /proc/stat.
 func cpuTimes(cpu int) (busy, total int64) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
