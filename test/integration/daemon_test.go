@@ -7,8 +7,10 @@ package integration
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -167,17 +169,28 @@ func startDaemon(t testing.TB, o forwardOpts, args ...string) *daemon {
 	return d
 }
 
-// waitListening waits until addr accepts connections; the test fails if
-// sluice exits first or 10 s pass.
+// waitListening waits until the daemon holds a TCP socket listening on addr
+// (127.0.0.1:PORT); the test fails if sluice exits first or 10 s pass. It
+// reads /proc instead of connecting: a probe connection would be a session,
+// reaching the rule's backend and blurring the counts of the test's own.
 func (d *daemon) waitListening(addr string) {
 	t := d.t
 	t.Helper()
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil || !ap.Addr().Is4() {
+		t.Fatalf("waitListening(%q): want an IPv4 ADDR:PORT (%v)", addr, err)
+	}
+	a4 := ap.Addr().As4()
+	// /proc/net/tcp writes the address as one 32-bit word in host order.
+	local := fmt.Sprintf("%08X:%04X", binary.LittleEndian.Uint32(a4[:]), ap.Port())
+	pid := d.cmd.Process.Pid
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			c.Close()
-			return
+		mine := socketInodes(t, pid)
+		for _, l := range procListens(t, fmt.Sprintf("/proc/%d/net/tcp", pid)) {
+			if l.local == local && mine[l.inode] {
+				return
+			}
 		}
 		select {
 		case err := <-d.exited:
@@ -186,7 +199,7 @@ func (d *daemon) waitListening(addr string) {
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("sluice did not listen on %s: %v\n%s", addr, err, d.stderr.String())
+			t.Fatalf("sluice did not listen on %s\n%s", addr, d.stderr.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -248,6 +261,19 @@ func fdLinks(t testing.TB, pid int) []string {
 		}
 	}
 	return links
+}
+
+// socketInodes returns the inodes of a process's open sockets, as /proc/net
+// tables write them.
+func socketInodes(t testing.TB, pid int) map[string]bool {
+	t.Helper()
+	inodes := map[string]bool{}
+	for _, l := range fdLinks(t, pid) {
+		if ino, ok := strings.CutPrefix(l, "socket:["); ok {
+			inodes[strings.TrimSuffix(ino, "]")] = true
+		}
+	}
+	return inodes
 }
 
 // fdKinds counts a process's open fds by kind: "socket", "pipe", "anon_inode", "other".

@@ -756,12 +756,7 @@ func TestFaultCtlKilledAtRandom(t *testing.T) {
 func straySockets(t testing.TB, pid int) []string {
 	t.Helper()
 	once := func() map[string]bool {
-		mine := map[string]bool{}
-		for _, l := range fdLinks(t, pid) {
-			if ino, ok := strings.CutPrefix(l, "socket:["); ok {
-				mine[strings.TrimSuffix(ino, "]")] = true
-			}
-		}
+		mine := socketInodes(t, pid)
 		for _, name := range []string{"tcp", "tcp6", "udp", "udp6", "unix"} {
 			b, err := os.ReadFile("/proc/net/" + name)
 			if err != nil {

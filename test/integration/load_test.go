@@ -342,7 +342,7 @@ type loadRun struct {
 func runPlans(t *testing.T, d *configDaemon, addrs []string, plans []testpeer.Plan, limit time.Duration) *loadRun {
 	t.Helper()
 	lr := &loadRun{}
-	// Sessions left from before (readiness probes) would blur the count.
+	// Sessions left from before would blur the count.
 	waitFor(t, 20*time.Second, "the daemon to have no live session", func() bool {
 		m, err := d.scrape()
 		return err == nil && m["sluice_sessions"] == 0
