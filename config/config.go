@@ -111,20 +111,12 @@ func DefaultCtlSocket() string {
 
 // RuleList returns the table's rules in file order.
 func (c *Config) RuleList() []*rules.Rule {
-	rs := make([]*rules.Rule, len(c.Rules))
-	for i, e := range c.Rules {
-		rs[i] = e.Rule
-	}
-	return rs
+	return rules.RulesOf(c.Rules)
 }
 
 // Ports returns the number of listen ports of the table.
 func (c *Config) Ports() int {
-	n := 0
-	for _, e := range c.Rules {
-		n += e.Rule.ListenPorts.Len()
-	}
-	return n
+	return rules.ListenPortCount(c.RuleList())
 }
 
 // Load reads and parses the file at path (named as given in messages). A

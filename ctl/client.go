@@ -310,7 +310,7 @@ func (c *Client) Load(ctx context.Context, base uint64, rs []*rules.Rule) (*Load
 		}
 		index := make(map[string]uint16, len(c.pifs))
 		for _, p := range c.pifs {
-			index[modelPif(p.Name)] = uint16(p.Index)
+			index[rules.ModelPif(p.Name)] = uint16(p.Index)
 		}
 		lines := make([]tableLine, len(rs))
 		c.order = make([]int, len(rs))

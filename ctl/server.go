@@ -429,11 +429,7 @@ func (ss *session) serve() error {
 
 func (s *Server) status() *Status {
 	gen, rs := s.snapshot()
-	ports := 0
-	for _, r := range rs {
-		ports += r.ListenPorts.Len()
-	}
-	return &Status{Generation: gen, Rules: len(rs), Ports: ports, Sessions: s.eng.Sessions(),
+	return &Status{Generation: gen, Rules: len(rs), Ports: rules.ListenPortCount(rs), Sessions: s.eng.Sessions(),
 		Pifs: 1 + len(s.eng.Pifs()), Writer: s.writer.Load()}
 }
 
@@ -474,7 +470,7 @@ func (ss *session) listTable() ([]Pif, uint64, error) {
 	gen, rs := s.snapshot()
 	index := make(map[string]uint16, len(pifs))
 	for _, p := range pifs {
-		index[modelPif(p.Name)] = uint16(p.Index)
+		index[rules.ModelPif(p.Name)] = uint16(p.Index)
 	}
 	lines := make([]tableLine, len(rs))
 	for i, r := range rs {
@@ -490,14 +486,6 @@ func (ss *session) listTable() ([]Pif, uint64, error) {
 	}
 	err = ss.send(func() error { return ss.w.writeTable(ss.ver, MsgRules, gen, lines) })
 	return pifs, gen, err
-}
-
-// modelPif is a pif's name as rules.Rule holds it: "" for host.
-func modelPif(name string) string {
-	if name == rules.HostPif {
-		return ""
-	}
-	return name
 }
 
 // TxnObserver is implemented by an Engine that wants to hear how each
@@ -556,10 +544,7 @@ func (ss *session) write() error {
 		}
 		return err
 	}
-	ld := &Loaded{Generation: s.eng.Generation(), Rules: len(rs)}
-	for _, r := range rs {
-		ld.Ports += r.ListenPorts.Len()
-	}
+	ld := &Loaded{Generation: s.eng.Generation(), Rules: len(rs), Ports: rules.ListenPortCount(rs)}
 	d := rules.TableDiff(s.eng.Rules(), rs)
 	ld.Kept, ld.Added, ld.Removed = len(d.Kept), len(d.Added), len(d.Removed)
 	if err := ss.send(func() error { return ss.w.writeLoaded(ss.ver, ld) }); err != nil {
@@ -669,7 +654,7 @@ func (ss *session) load(pifs []Pif) ([]*rules.Rule, error) {
 	s := ss.s
 	known := make(map[string]bool, len(pifs))
 	for _, p := range pifs {
-		known[modelPif(p.Name)] = true
+		known[rules.ModelPif(p.Name)] = true
 	}
 	var rs []*rules.Rule
 	var texts []string
@@ -705,7 +690,7 @@ func (ss *session) load(pifs []Pif) ([]*rules.Rule, error) {
 		if len(rs)+len(c.lines) > rules.MaxRules {
 			return nil, errorf(CodeTooLarge, "more than %d rules loaded, at most %d allowed", len(rs)+len(c.lines), rules.MaxRules)
 		}
-		pifName := modelPif(pifs[c.pif].Name)
+		pifName := rules.ModelPif(pifs[c.pif].Name)
 		for _, line := range c.lines {
 			idx := len(rs)
 			r, err := rules.Parse(line)
@@ -714,7 +699,7 @@ func (ss *session) load(pifs []Pif) ([]*rules.Rule, error) {
 			}
 			if r.ListenPif != pifName {
 				return nil, &Error{Code: CodeUnknownPif, Index: idx, Rule: line,
-					Msg: fmt.Sprintf("the rule listens in pif %q but was sent under pif %d (%q)", pifOrHost(r.ListenPif), c.pif, pifs[c.pif].Name)}
+					Msg: fmt.Sprintf("the rule listens in pif %q but was sent under pif %d (%q)", rules.PifName(r.ListenPif), c.pif, pifs[c.pif].Name)}
 			}
 			if !known[r.TargetPif] {
 				return nil, &Error{Code: CodeUnknownPif, Index: idx, Rule: line, Msg: fmt.Sprintf("target pif %q: the daemon has no such pif", r.TargetPif)}
@@ -739,11 +724,4 @@ func (ss *session) load(pifs []Pif) ([]*rules.Rule, error) {
 		return nil, e
 	}
 	return rs, nil
-}
-
-func pifOrHost(p string) string {
-	if p == "" {
-		return rules.HostPif
-	}
-	return p
 }

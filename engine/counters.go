@@ -431,11 +431,8 @@ func (e *Engine) counterStats(s *Stats) {
 		}
 	}
 	for _, r := range e.rules {
-		rs := RuleStats{Line: r.String(), Listen: r.ListenString(), Pif: r.ListenPif, Proto: r.Proto.String(),
+		rs := RuleStats{Line: r.String(), Listen: r.ListenString(), Pif: rules.PifName(r.ListenPif), Proto: r.Proto.String(),
 			Requested: r.ListenPorts.Len(), Failed: e.ctr.bindFailed[r], Terms: map[string]uint64{}}
-		if rs.Pif == "" {
-			rs.Pif = rules.HostPif
-		}
 		lns := anyPort[r]
 		if r.ListenPorts.First != 0 {
 			for _, k := range r.ListenKeys() {

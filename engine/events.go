@@ -34,12 +34,8 @@ func f(k string, v any) observe.Field { return observe.Field{Key: k, Value: v} }
 
 // tableState describes the active table. Called with e.mu held.
 func (e *Engine) tableState(typ string) observe.Event {
-	ports := 0
-	for _, r := range e.rules {
-		ports += r.ListenPorts.Len()
-	}
 	return observe.Event{Group: observe.GroupRules, Type: typ, Time: time.Now(), Fields: []observe.Field{
-		f("generation", e.gen), f("rules", len(e.rules)), f("ports", ports), f("pending", e.pending != nil)}}
+		f("generation", e.gen), f("rules", len(e.rules)), f("ports", rules.ListenPortCount(e.rules)), f("pending", e.pending != nil)}}
 }
 
 // Watch subscribes to groups with a queue of n events, then returns the

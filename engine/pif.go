@@ -10,6 +10,7 @@ import (
 
 	"github.com/sluice-proxy/sluice/internal/netns"
 	"github.com/sluice-proxy/sluice/internal/rawsys"
+	"github.com/sluice-proxy/sluice/rules"
 )
 
 // A pif is a place where sockets live: the host (the daemon's own network
@@ -122,7 +123,7 @@ func (p *pif) close() {
 // String names the pif as rules write it.
 func (p *pif) String() string {
 	if p == nil {
-		return "host"
+		return rules.HostPif
 	}
 	return p.name
 }

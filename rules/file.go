@@ -43,6 +43,15 @@ type Entry struct {
 	Line int
 }
 
+// RulesOf returns the rules of entries, in order.
+func RulesOf(entries []Entry) []*Rule {
+	rs := make([]*Rule, len(entries))
+	for i, e := range entries {
+		rs[i] = e.Rule
+	}
+	return rs
+}
+
 // ParseFile reads a rules file: one rule per line, blank lines skipped, '#'
 // starting a comment. It checks every rule and then the table as a whole.
 // It returns the entries, or an ErrorList with every problem found (the
@@ -79,10 +88,7 @@ func ParseFile(file string, src []byte) ([]Entry, error) {
 
 // CheckEntries runs ValidateTable over entries, naming rules by their line.
 func CheckEntries(file string, entries []Entry) ErrorList {
-	rs := make([]*Rule, len(entries))
-	for i, e := range entries {
-		rs[i] = e.Rule
-	}
+	rs := RulesOf(entries)
 	var errs ErrorList
 	for _, te := range ValidateTable(rs, func(i int) string { return fmt.Sprintf("line %d", entries[i].Line) }) {
 		line := 0

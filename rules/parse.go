@@ -81,10 +81,7 @@ func splitPif(s string) (string, string, error) {
 	if err := CheckPifName(pif); err != nil && pif != HostPif {
 		return "", "", err
 	}
-	if pif == HostPif {
-		pif = ""
-	}
-	return pif, rest, nil
+	return ModelPif(pif), rest, nil
 }
 
 // CheckPifName returns what is wrong with the name of a declared pif, or

@@ -14,6 +14,34 @@ import (
 // is the empty string; it is never written out.
 const HostPif = "host"
 
+// PifName is the name of pif p as the outside writes it: "host" for the
+// model's "" (the daemon's own namespace), else p.
+func PifName(p string) string {
+	if p == "" {
+		return HostPif
+	}
+	return p
+}
+
+// ModelPif is the inverse of PifName: a pif's name as Rule holds it ("" for
+// "host").
+func ModelPif(name string) string {
+	if name == HostPif {
+		return ""
+	}
+	return name
+}
+
+// ListenPortCount returns the number of listen ports of rs, summed over its
+// rules.
+func ListenPortCount(rs []*Rule) int {
+	n := 0
+	for _, r := range rs {
+		n += r.ListenPorts.Len()
+	}
+	return n
+}
+
 // Limits of one table. The control protocol's server hello advertises them.
 const (
 	MaxRules        = 4096  // rules in one table

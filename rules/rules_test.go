@@ -325,3 +325,31 @@ func TestSummaryVerdict(t *testing.T) {
 		t.Error("a strict rule with a failed port fails the verdict")
 	}
 }
+
+func TestPifNameRoundTrip(t *testing.T) {
+	for _, tc := range []struct{ model, name string }{{"", HostPif}, {"ns1", "ns1"}} {
+		if got := PifName(tc.model); got != tc.name {
+			t.Errorf("PifName(%q) = %q, want %q", tc.model, got, tc.name)
+		}
+		if got := ModelPif(tc.name); got != tc.model {
+			t.Errorf("ModelPif(%q) = %q, want %q", tc.name, got, tc.model)
+		}
+	}
+}
+
+func TestListenPortCount(t *testing.T) {
+	rs := []*Rule{
+		{ListenPorts: PortRange{First: 80, Last: 80}},
+		{ListenPorts: PortRange{First: 8000, Last: 8009}},
+	}
+	if n := ListenPortCount(rs); n != 11 {
+		t.Errorf("ListenPortCount = %d, want 11", n)
+	}
+	if n := ListenPortCount(nil); n != 0 {
+		t.Errorf("ListenPortCount(nil) = %d, want 0", n)
+	}
+	es := []Entry{{Rule: rs[0], Line: 1}, {Rule: rs[1], Line: 3}}
+	if got := RulesOf(es); len(got) != 2 || got[0] != rs[0] || got[1] != rs[1] {
+		t.Errorf("RulesOf = %v", got)
+	}
+}

@@ -42,10 +42,7 @@ func cmdCheck(args []string) error {
 		if err != nil {
 			return err
 		}
-		ports := 0
-		for _, e := range entries {
-			ports += e.Rule.ListenPorts.Len()
-		}
+		ports := rules.ListenPortCount(rules.RulesOf(entries))
 		fmt.Printf("%s: ok: %s, %s\n", rulesFile, count(len(entries), "rule"), count(ports, "listen port"))
 	}
 	return nil

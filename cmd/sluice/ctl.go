@@ -343,10 +343,7 @@ func (x *ctlCmd) apply(file string) error {
 	if err != nil {
 		return err // rules.ErrorList: FILE:LINE: message
 	}
-	rs := make([]*rules.Rule, len(entries))
-	for i, e := range entries {
-		rs[i] = e.Rule
-	}
+	rs := rules.RulesOf(entries)
 	return x.write("apply", func(*ctl.Table) ([]*rules.Rule, error) { return slices.Clone(rs), nil },
 		func(_ *ctl.Table, e *ctl.Error) error {
 			if e.Index < 0 || e.Index >= len(entries) {

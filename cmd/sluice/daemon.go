@@ -139,11 +139,7 @@ func at(c *config.Config, line int) string {
 // ("FILE:LINE: tcp 0.0.0.0:8080: port 8080: address already in use"); the
 // failed ports of weak rules are logged, not fatal.
 func applyInitial(c *config.Config, e *engine.Engine) error {
-	rs := make([]*rules.Rule, len(c.Rules))
-	for i, ent := range c.Rules {
-		rs[i] = ent.Rule
-	}
-	sum, err := e.Apply(rs)
+	sum, err := e.Apply(c.RuleList())
 	if err != nil {
 		return err
 	}

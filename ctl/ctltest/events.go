@@ -13,12 +13,8 @@ import (
 // that follow join with no gap and no overlap.
 
 func (e *Engine) state(typ string, gen uint64) observe.Event {
-	ports := 0
-	for _, r := range e.active {
-		ports += r.ListenPorts.Len()
-	}
 	return observe.Event{Group: observe.GroupRules, Type: typ, Time: time.Now(), Fields: []observe.Field{
-		{Key: "generation", Value: gen}, {Key: "rules", Value: len(e.active)}, {Key: "ports", Value: ports}, {Key: "pending", Value: e.pending}}}
+		{Key: "generation", Value: gen}, {Key: "rules", Value: len(e.active)}, {Key: "ports", Value: rules.ListenPortCount(e.active)}, {Key: "pending", Value: e.pending}}}
 }
 
 // publish sends a rules event. Called with e.mu held.
