@@ -49,6 +49,20 @@ func readWrite(trap uintptr, fd int, p []byte) (int, error) {
 	return int(r), nil
 }
 
+// Recv is recvfrom(2) without a source address (a stream socket's read with
+// flags, MSG_PEEK for the handshake's peeks): no sockaddr, so no allocation.
+func Recv(fd int, p []byte, flags int) (int, error) {
+	var ptr unsafe.Pointer
+	if len(p) > 0 {
+		ptr = unsafe.Pointer(&p[0])
+	}
+	r, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(ptr), uintptr(len(p)), uintptr(flags), 0, 0)
+	if e != 0 {
+		return -1, errnoErr(e)
+	}
+	return int(r), nil
+}
+
 // Splice moves up to n bytes from rfd to wfd; one of them must be a pipe.
 func Splice(rfd, wfd int, n int, flags int) (int64, error) {
 	r, _, e := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(rfd), 0, uintptr(wfd), 0, uintptr(n), uintptr(flags))
