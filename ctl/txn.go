@@ -30,6 +30,9 @@ package ctl
 // run's deferred rollback is what makes "every way out rolls back" hold,
 // and it runs before the TxnObserver call and the slot's release, so an
 // observer and the next writer both see the engine with no pending apply.
+// The observer hears TxnFailed for a transaction that ended above the
+// Engine.Apply row (and for one whose Engine.Rollback failed), TxnRolledBack
+// or TxnCommitted below it.
 
 import (
 	"errors"
