@@ -1,7 +1,8 @@
 // Package ctl is sluice's control protocol: the wire format (wire.go,
 // msg.go, codes.go), the server that runs one transaction per connection on
 // a unix socket and drives the engine through the Engine interface
-// (server.go, listen.go), the Go client library (client.go), and one
+// (server.go, listen.go; one control connection: ctlconn.go; the writing
+// transaction: txn.go), the Go client library (client.go), and one
 // transaction driven across several instances (multi.go: Multi).
 //
 // A transaction: server hello, client hello (with the service upgrade to

@@ -115,7 +115,7 @@ func waitIdle(t testing.TB, s *Server) {
 	t.Helper()
 	waitFor(t, "the server to be idle", func() bool {
 		s.mu.Lock()
-		n := len(s.sessions)
+		n := len(s.conns)
 		s.mu.Unlock()
 		return n == 0 && !s.writer.Load()
 	})

@@ -298,15 +298,15 @@ func decodeStatsChunk(f frame, out *[]observe.Counter) (bool, error) {
 
 // pifsThen sends PIFS, the answer to the hello, then reads the client's
 // request, which must be of type want.
-func (ss *session) pifsThen(want MsgType) (frame, error) {
-	pifs, err := ss.s.pifs()
+func (cc *ctlConn) pifsThen(want MsgType) (frame, error) {
+	pifs, err := cc.s.pifs()
 	if err != nil {
 		return frame{}, err
 	}
-	if err := ss.send(func() error { return ss.w.writePifs(ss.ver, pifs) }); err != nil {
+	if err := cc.send(func() error { return cc.w.writePifs(cc.ver, pifs) }); err != nil {
 		return frame{}, err
 	}
-	f, err := ss.readNext()
+	f, err := cc.readNext()
 	if err != nil {
 		return frame{}, err
 	}
@@ -320,9 +320,9 @@ func (ss *session) pifsThen(want MsgType) (frame, error) {
 // subscribed, then sent the current state, then every event as it comes,
 // until the client closes or falls behind by more than the queue
 // (slow-watcher) or the server closes.
-func (ss *session) watch() error {
-	s := ss.s
-	f, err := ss.pifsThen(MsgWatch)
+func (cc *ctlConn) watch() error {
+	s := cc.s
+	f, err := cc.pifsThen(MsgWatch)
 	if err != nil {
 		return err
 	}
@@ -343,26 +343,26 @@ func (ss *session) watch() error {
 	}
 	sub, state := s.eng.Watch(groups, s.cfg.watchQueue)
 	defer sub.Close()
-	ss.log.Debug("watching", zap.Stringer("groups", groups))
+	cc.log.Debug("watching", zap.Stringer("groups", groups))
 	var scratch []byte
 	for i := range state {
-		if scratch, err = ss.w.writeEvent(ss.ver, &state[i], scratch); err != nil {
+		if scratch, err = cc.w.writeEvent(cc.ver, &state[i], scratch); err != nil {
 			return err
 		}
 	}
-	if err := ss.send(func() error { return nil }); err != nil {
+	if err := cc.send(func() error { return nil }); err != nil {
 		return err
 	}
 	// The client says nothing more: a read that returns means it closed
 	// (or broke the protocol), or the server is closing.
 	gone := make(chan error, 1)
 	go func() {
-		if err := ss.setReadDeadline(time.Time{}); err != nil {
+		if err := cc.setReadDeadline(time.Time{}); err != nil {
 			gone <- err
 			return
 		}
 		var b [1]byte
-		n, err := ss.r.r.Read(b[:])
+		n, err := cc.r.r.Read(b[:])
 		if n > 0 {
 			err = errorf(CodeUnexpected, "a watcher sent data after WATCH")
 		}
@@ -381,31 +381,31 @@ func (ss *session) watch() error {
 		case <-sub.Overflowed():
 			return slow()
 		case err := <-gone:
-			if ss.isClosing() {
+			if cc.isClosing() {
 				return errClosing
 			}
 			var e *Error
 			if errors.As(err, &e) {
 				return e
 			}
-			ss.log.Debug("watcher left", zap.Error(err))
+			cc.log.Debug("watcher left", zap.Error(err))
 			return nil
 		case ev := <-sub.Events():
-			if scratch, err = ss.w.writeEvent(ss.ver, &ev, scratch); err != nil {
+			if scratch, err = cc.w.writeEvent(cc.ver, &ev, scratch); err != nil {
 				return err
 			}
 		batch:
 			for i := 1; i < watchBatch; i++ {
 				select {
 				case ev := <-sub.Events():
-					if scratch, err = ss.w.writeEvent(ss.ver, &ev, scratch); err != nil {
+					if scratch, err = cc.w.writeEvent(cc.ver, &ev, scratch); err != nil {
 						return err
 					}
 				default:
 					break batch
 				}
 			}
-			if err := ss.send(func() error { return nil }); err != nil {
+			if err := cc.send(func() error { return nil }); err != nil {
 				return err
 			}
 		}
@@ -413,9 +413,9 @@ func (ss *session) watch() error {
 }
 
 // sessions serves intent sessions: PIFS, the client's QUERY, SESSIONS.
-func (ss *session) sessions() error {
-	s := ss.s
-	f, err := ss.pifsThen(MsgQuery)
+func (cc *ctlConn) sessions() error {
+	s := cc.s
+	f, err := cc.pifsThen(MsgQuery)
 	if err != nil {
 		return err
 	}
@@ -431,13 +431,13 @@ func (ss *session) sessions() error {
 		l.List = l.List[:n]
 	}
 	l.Total = max(l.Total, len(l.List))
-	return ss.send(func() error { return ss.w.writeSessions(ss.ver, &l) })
+	return cc.send(func() error { return cc.w.writeSessions(cc.ver, &l) })
 }
 
 // stats serves intent stats: STATS.
-func (ss *session) stats() error {
-	cs := ss.s.eng.Counters()
-	return ss.send(func() error { return ss.w.writeStats(ss.ver, cs) })
+func (cc *ctlConn) stats() error {
+	cs := cc.s.eng.Counters()
+	return cc.send(func() error { return cc.w.writeStats(cc.ver, cs) })
 }
 
 // --- client ---

@@ -1,0 +1,298 @@
+package ctl
+
+// This file holds one control connection (ctlConn): its deadlines, reading
+// and sending whole frames, the hellos and the dispatch by intent, the
+// read-only intents status, pifs and list (watch, sessions and stats are in
+// watch.go), and finish, the ERROR a connection ends with. A control
+// connection is not a session: a session is a proxied one, everywhere else.
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sluice-proxy/sluice/rules"
+)
+
+// ctlConn is one control connection: one intent, served to its end (for
+// intent write, one transaction: a writeTxn). Its goroutine (run) does its
+// I/O, but for the one reader a watch adds (watch.go); Close reaches it
+// through shutdown alone, under mu.
+type ctlConn struct {
+	s    *Server
+	conn *net.UnixConn
+	id   uint64
+	log  *zap.Logger
+	r    frameReader
+	w    frameWriter
+	ver  uint8 // Version1 until the client hello is answered
+
+	mu      sync.Mutex
+	closing bool // the server is closing: deadlines are "now"
+}
+
+// run serves the connection, then closes it and leaves the server's set.
+func (cc *ctlConn) run() {
+	defer func() {
+		cc.conn.Close()
+		cc.s.mu.Lock()
+		delete(cc.s.conns, cc)
+		cc.s.mu.Unlock()
+		cc.s.wg.Done()
+	}()
+	cc.log = cc.s.log.With(zap.Uint64("conn", cc.id))
+	cc.r.r = bufio.NewReaderSize(cc.conn, 64<<10)
+	cc.w.w = bufio.NewWriterSize(cc.conn, 64<<10)
+	cc.w.onFrame = cc.refreshWriteDeadline
+	cc.finish(cc.serve())
+}
+
+// refuse answers a connection that is not served with an error, and closes
+// it.
+func (cc *ctlConn) refuse(e *Error) {
+	cc.s.errorsSent[min(int(e.Code), codeCount-1)].Add(1)
+	cc.s.log.Warn("control connection refused", zap.Stringer("code", e.Code), zap.String("error", e.Msg))
+	cc.w.w = bufio.NewWriterSize(cc.conn, 1024)
+	_ = cc.conn.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	if err := cc.w.writeError(Version1, e); err == nil {
+		_ = cc.w.flush()
+	}
+	cc.conn.Close()
+}
+
+// shutdown makes every blocked and later read or write of the connection
+// fail at once; the connection then rolls back what it must and ends.
+func (cc *ctlConn) shutdown() {
+	cc.mu.Lock()
+	cc.closing = true
+	_ = cc.conn.SetDeadline(time.Now())
+	cc.mu.Unlock()
+}
+
+func (cc *ctlConn) isClosing() bool {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	return cc.closing
+}
+
+var errClosing = errors.New("the control server is closing")
+
+func (cc *ctlConn) setReadDeadline(t time.Time) error {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if cc.closing {
+		return errClosing
+	}
+	return cc.conn.SetReadDeadline(t)
+}
+
+// refreshWriteDeadline gives the next frame written the I/O timeout, unless
+// the server is closing.
+func (cc *ctlConn) refreshWriteDeadline() {
+	cc.mu.Lock()
+	if !cc.closing {
+		_ = cc.conn.SetWriteDeadline(time.Now().Add(cc.s.cfg.ioTimeout))
+	}
+	cc.mu.Unlock()
+}
+
+// send writes one message, each frame of it under the I/O timeout, and
+// flushes it.
+func (cc *ctlConn) send(write func() error) error {
+	cc.mu.Lock()
+	closing := cc.closing
+	cc.mu.Unlock()
+	if closing {
+		return errClosing
+	}
+	if err := write(); err != nil {
+		return err
+	}
+	return cc.w.flush()
+}
+
+// read reads the next frame, whole, by deadline, in the agreed version.
+func (cc *ctlConn) read(deadline time.Time) (frame, error) {
+	if err := cc.setReadDeadline(deadline); err != nil {
+		return frame{}, err
+	}
+	f, err := cc.r.read()
+	if err != nil {
+		return frame{}, err
+	}
+	if f.ver != cc.ver {
+		return frame{}, errorf(CodeBadVersion, "%s frame in version %d, but this connection speaks version %d", f.typ, f.ver, cc.ver)
+	}
+	return f, nil
+}
+
+func (cc *ctlConn) readNext() (frame, error) {
+	return cc.read(time.Now().Add(cc.s.cfg.ioTimeout))
+}
+
+// finish ends the connection after serve: it sends the ERROR err calls for, if
+// any, and logs.
+func (cc *ctlConn) finish(err error) {
+	if err == nil {
+		return
+	}
+	var e *Error
+	switch {
+	case errors.As(err, &e):
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		cc.log.Debug("control client closed the connection", zap.Error(err))
+		return
+	case errors.Is(err, errClosing) || cc.isClosing():
+		e = errorf(CodeShuttingDown, "the daemon is stopping")
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		e = errorf(CodeTimeout, "no whole frame within %s: %v", cc.s.cfg.ioTimeout, err)
+	default:
+		cc.log.Info("control connection failed", zap.Error(err))
+		return
+	}
+	cc.s.errorsSent[min(int(e.Code), codeCount-1)].Add(1)
+	cc.log.Warn("control transaction ended with an error", zap.Stringer("code", e.Code), zap.String("error", e.Error()))
+	// Best effort, bounded: the client may be gone or not reading.
+	wait := cc.s.cfg.ioTimeout
+	if cc.isClosing() {
+		wait = 250 * time.Millisecond
+	}
+	_ = cc.conn.SetWriteDeadline(time.Now().Add(wait))
+	cc.w.onFrame = nil
+	if werr := cc.w.writeError(cc.ver, e); werr == nil {
+		_ = cc.w.flush()
+	}
+}
+
+// serve checks the peer, runs steps 1 and 2 (the hellos and the service
+// upgrade) and then what the intent asks for; intent write is the writing
+// transaction (txn.go). Its error is finish's to report.
+func (cc *ctlConn) serve() error {
+	s := cc.s
+	p, err := peerCred(cc.conn)
+	if err != nil {
+		return fmt.Errorf("reading the peer's credentials: %w", err)
+	}
+	cc.log = cc.log.With(zap.Uint32("uid", p.uid), zap.Int32("pid", p.pid))
+	if !peerAllowed(p.uid, s.uid) {
+		return errorf(CodePermissionDenied, "uid %d may not use this socket (only uid %d and root)", p.uid, s.uid)
+	}
+	// 1. server hello
+	if err := cc.send(func() error { return cc.w.writeHello(&s.hello) }); err != nil {
+		return err
+	}
+	// 2. client hello
+	f, err := cc.readNext()
+	if err != nil {
+		return err
+	}
+	if f.typ != MsgClientHello {
+		return errorf(CodeUnexpected, "%s before the client hello", f.typ)
+	}
+	ch, err := decodeClientHello(f)
+	if err != nil {
+		return err
+	}
+	if ch.Want == 0 {
+		return errorf(CodeBadValue, "client hello asks for version 0")
+	}
+	if !ch.Intent.Known() {
+		return errorf(CodeBadValue, "unknown intent %d", ch.Intent)
+	}
+	// The service upgrade: from now on, the lower of the two.
+	cc.ver = min(ch.Want, s.cfg.maxVersion)
+	cc.log = cc.log.With(zap.Stringer("intent", ch.Intent), zap.String("client", ch.Name), zap.Uint8("version", cc.ver))
+	cc.log.Debug("control connection")
+	switch ch.Intent {
+	case IntentStatus:
+		st := s.status()
+		return cc.send(func() error { return cc.w.writeStatus(cc.ver, st) })
+	case IntentPifs:
+		pifs, err := s.pifs()
+		if err != nil {
+			return err
+		}
+		return cc.send(func() error { return cc.w.writePifs(cc.ver, pifs) })
+	case IntentList:
+		_, _, err := cc.listTable()
+		return err
+	case IntentWatch:
+		return cc.watch()
+	case IntentSessions:
+		return cc.sessions()
+	case IntentStats:
+		return cc.stats()
+	}
+	return (&writeTxn{cc: cc}).run()
+}
+
+// status is the answer to intent status.
+func (s *Server) status() *Status {
+	gen, rs := s.snapshot()
+	return &Status{Generation: gen, Rules: len(rs), Ports: rules.ListenPortCount(rs), Sessions: s.eng.Sessions(),
+		Pifs: 1 + len(s.eng.Pifs()), Writer: s.writer.Load()}
+}
+
+// pifs lists the engine's pifs with "host" first, as PIFS carries them.
+func (s *Server) pifs() ([]Pif, error) {
+	names := s.eng.Pifs()
+	if 1+len(names) > MaxPifs {
+		return nil, errorf(CodeInternal, "the engine has %d pifs, the protocol carries at most %d", 1+len(names), MaxPifs)
+	}
+	pifs := make([]Pif, 0, 1+len(names))
+	pifs = append(pifs, Pif{Index: 0, Name: rules.HostPif})
+	for i, n := range names {
+		pifs = append(pifs, Pif{Index: i + 1, Name: n})
+	}
+	return pifs, nil
+}
+
+// snapshot reads the active table and its generation as one: a commit
+// between the two reads is seen and the reads are done again.
+func (s *Server) snapshot() (uint64, []*rules.Rule) {
+	for i := 0; ; i++ {
+		gen := s.eng.Generation()
+		rs := s.eng.Rules()
+		// Only a commit changes the generation, and only the one writer
+		// commits: a second try is all it takes in practice.
+		if s.eng.Generation() == gen || i == 100 {
+			return gen, rs
+		}
+	}
+}
+
+// listTable sends steps 3 and 4: PIFS, then RULES one pif at a time.
+func (cc *ctlConn) listTable() ([]Pif, uint64, error) {
+	s := cc.s
+	pifs, err := s.pifs()
+	if err != nil {
+		return nil, 0, err
+	}
+	gen, rs := s.snapshot()
+	index := make(map[string]uint16, len(pifs))
+	for _, p := range pifs {
+		index[rules.ModelPif(p.Name)] = uint16(p.Index)
+	}
+	lines := make([]tableLine, len(rs))
+	for i, r := range rs {
+		pi, ok := index[r.ListenPif]
+		if !ok {
+			return nil, 0, errorf(CodeInternal, "the active table listens in pif %q, which the engine does not list", r.ListenPif)
+		}
+		lines[i] = tableLine{pif: pi, line: r.String()}
+	}
+	slices.SortStableFunc(lines, func(a, b tableLine) int { return int(a.pif) - int(b.pif) })
+	if err := cc.send(func() error { return cc.w.writePifs(cc.ver, pifs) }); err != nil {
+		return nil, 0, err
+	}
+	err = cc.send(func() error { return cc.w.writeTable(cc.ver, MsgRules, gen, lines) })
+	return pifs, gen, err
+}
