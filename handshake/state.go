@@ -50,8 +50,6 @@ type State struct {
 
 	Version uint8            // PROXY version received (0: none)
 	TLVs    []proxyproto.TLV // kept from a v2 header: ALPN, authority, unique ID, netns
-	Tried   uint64           // bit i: backend i of the pool was tried (the session step's)
-	First   uint8            // the first backend the session step chose
 	flags   Flags            // see Flags
 	idx     uint8            // the running chain's next handler
 	outDone bool             // the incoming chain is finished; the outgoing one runs
