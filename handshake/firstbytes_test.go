@@ -83,3 +83,14 @@ func TestTrustedNotGated(t *testing.T) {
 		t.Error("a trusted source is gated")
 	}
 }
+
+// The gate runs on the session's events: a run borrows its State from the
+// pool and allocates nothing.
+func TestGateAllocatesNothing(t *testing.T) {
+	pr := newPair(t, "tcp 127.0.0.1:80 -> 127.0.0.1:81 accept-proxy=10.0.0.0/8", "127.0.0.1:5000")
+	pr.send([]byte("PRO"))
+	pr.p.RunGate(&pr.in) // warm the pool
+	if n := testing.AllocsPerRun(100, func() { pr.p.RunGate(&pr.in) }); n != 0 {
+		t.Errorf("RunGate allocates %v times a run", n)
+	}
+}

@@ -42,7 +42,8 @@ const peekSize = 256
 
 // State is one conn's handshake in progress. It is pooled: Get it when the
 // conn is accepted, Put it back when the session starts forwarding or ends,
-// so an established session holds none of it. Owned by one event loop.
+// so an established session holds none of it (the gate borrows one for each
+// run). Owned by one event loop.
 type State struct {
 	In  *conn.Conn // the client conn; accept-proxy rewrites its Src and Dst
 	Out *conn.Conn // the backend conn, for the outgoing chain
