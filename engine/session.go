@@ -47,11 +47,11 @@ func (s sessionState) String() string {
 type sessionFlags uint16
 
 const (
-	sfMaxConn    sessionFlags = 0x01 // holds one of the rule's maxconn slots
-	sfBackend    sessionFlags = 0x02 // counted on backend s.backend of the pool (leastconn)
-	sfPassed     sessionFlags = 0x04 // passed the incoming chain (logged at info when it ends)
-	sfConnected  sessionFlags = 0x08 // the backend connected (connUs is set)
-	sfCheckFirst sessionFlags = 0x10 // an untrusted source on an accept-proxy rule: its first bytes must not be a PROXY header
+	sfMaxConn   sessionFlags = 0x01 // holds one of the rule's maxconn slots
+	sfBackend   sessionFlags = 0x02 // counted on backend s.backend of the pool (leastconn)
+	sfPassed    sessionFlags = 0x04 // passed the incoming chain (logged at info when it ends)
+	sfConnected sessionFlags = 0x08 // the backend connected (connUs is set)
+	sfGate      sessionFlags = 0x10 // the client's first bytes must still pass the policy's gate (Policy.Gated)
 
 	// Before forwarding, what the events on each conn said (see Channel.Prime).
 	sfCliIn  sessionFlags = 0x20  // a readable event on the client
@@ -61,7 +61,7 @@ const (
 )
 
 var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"},
-	{Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}, {Bit: sfCheckFirst, Name: "CHECK_FIRST"},
+	{Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}, {Bit: sfGate, Name: "GATE"},
 	{Bit: sfCliIn, Name: "CLI_IN"}, {Bit: sfCliHup, Name: "CLI_HUP"}, {Bit: sfSrvIn, Name: "SRV_IN"}, {Bit: sfSrvHup, Name: "SRV_HUP"}}
 
 const allSessionFlags sessionFlags = 0x1ff
@@ -86,9 +86,11 @@ type session struct {
 	state    sessionState
 	flags    sessionFlags
 	backend  uint8           // index in the pool of the backend in use
+	first    uint8           // index in the pool of the backend the session step chose first
 	hsUs     uint32          // µs from start to the end of the incoming chain (sfPassed)
 	connUs   uint32          // µs from start to the backend connected (sfConnected)
 	orig     *netip.AddrPort // the client's own address when a PROXY header replaced it; nil: none
+	tried    uint64          // bit i: backend i of the pool was dialled (dial)
 }
 
 var _ handler = (*session)(nil)
@@ -209,7 +211,7 @@ func (s *session) sessionStep(l *Loop) {
 		s.finish(l, conn.CodeConnectRefused, false)
 		return
 	}
-	s.hs.First = uint8(s.ln.pool.Start(s.cli.Src.Addr(), l.now))
+	s.first = uint8(s.ln.pool.Start(s.cli.Src.Addr(), l.now))
 	s.dial(l, conn.CodeConnectRefused)
 }
 
@@ -220,14 +222,14 @@ func (s *session) sessionStep(l *Loop) {
 func (s *session) dial(l *Loop, code conn.Code) {
 	pool := s.ln.pool
 	for {
-		i := pool.Next(int(s.hs.First), s.hs.Tried, l.now)
+		i := pool.Next(int(s.first), s.tried, l.now)
 		if i < 0 {
 			break
 		}
-		if s.hs.Tried != 0 {
+		if s.tried != 0 {
 			s.ln.ctr.retry()
 		}
-		s.hs.Tried |= 1 << i
+		s.tried |= 1 << i
 		target := pool.Target(i)
 		fd, err := s.ln.targetPif.socket(family(target.Addr()), unix.SOCK_STREAM)
 		if err != nil {
@@ -236,7 +238,7 @@ func (s *session) dial(l *Loop, code conn.Code) {
 				// session of this loop frees an fd (or timeout.connect),
 				// and the listener stops accepting clients it could not
 				// serve either.
-				s.hs.Tried &^= 1 << i
+				s.tried &^= 1 << i
 				s.state = stWaitFd
 				l.fdWait = append(l.fdWait, s)
 				l.arm(&s.tmr, s.connectTimeout())
@@ -328,8 +330,8 @@ func (s *session) sendProxy(l *Loop) {
 
 // forward gives the handshake state back and starts the channels.
 func (s *session) forward(l *Loop) {
-	if s.hs.Has(handshake.Untrusted) {
-		s.flags |= sfCheckFirst
+	if s.ln.policy.Gated(s.hs) {
+		s.flags |= sfGate
 	}
 	handshake.Put(s.hs)
 	s.hs = nil
@@ -432,9 +434,9 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 // pump moves bytes both ways, turns an ended input into a shut output once
 // drained, and ends the session when both directions are done or one failed.
 func (s *session) pump(l *Loop) {
-	upOK := s.flags&sfCheckFirst == 0 || s.firstBytes(l)
+	upOK := s.flags&sfGate == 0 || s.gate(l)
 	if s.state != stForwarding {
-		return // refused by firstBytes
+		return // refused by the gate
 	}
 	spliced := s.up.Spliced + s.down.Spliced
 	up := 0
@@ -460,33 +462,22 @@ func (s *session) pump(l *Loop) {
 	}
 }
 
-// firstBytes looks at the first bytes of a client from outside its rule's
-// accept-proxy list before any of them is forwarded (the rule: such
-// a source may connect without a header, but a header from it is refused).
-// Only the signature is compared, nothing is parsed or consumed, and nothing
-// waits: the backend's bytes flow meanwhile, so server-first protocols work.
+// gate runs the policy's gate on the client (the first-bytes check of a
+// source accept-proxy did not trust) before any of its bytes is forwarded;
+// the backend's bytes flow meanwhile.
 //
-// It returns true once the client's bytes may flow (and clears
-// sfCheckFirst), false while they must wait: nothing arrived yet, or a strict
-// prefix of a signature did. A header finishes the session, counted as
-// proxy-not-trusted.
-func (s *session) firstBytes(l *Loop) bool {
-	var b [12]byte
-	n, _, err := unix.Recvfrom(s.cli.FD(), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-	switch {
-	case err == unix.EAGAIN || err == unix.EINTR:
-		return false
-	case err != nil || n == 0:
-		// An error or the end of input: the up channel reads and reports it.
-	case handshake.Signature(b[:n]) == handshake.SigMaybe:
-		return false
-	case handshake.Signature(b[:n]) == handshake.SigProxy:
-		s.ln.policy.RefuseUntrusted()
-		s.finish(l, conn.CodeProxyNotTrusted, true)
-		return false
+// It returns true once the client's bytes may flow (and clears sfGate),
+// false while they must wait, or when the gate refused the conn and the
+// session is finished.
+func (s *session) gate(l *Loop) bool {
+	switch r, code := s.ln.policy.RunGate(&s.cli); r {
+	case handshake.Done:
+		s.flags &^= sfGate
+		return true
+	case handshake.Fail:
+		s.finish(l, code, true)
 	}
-	s.flags &^= sfCheckFirst
-	return true
+	return false
 }
 
 // shutOut propagates an ended input to the other side as shutdown(SHUT_WR).

@@ -1,7 +1,6 @@
 package handshake
 
 import (
-	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -18,70 +17,55 @@ const DefaultTimeout = 5 * time.Second
 // most; past it the least recently seen source is forgotten.
 const DefaultRateTableSize = 1 << 16
 
-// Kind names a step of the chains, for the per-handler counters.
-type Kind uint8
+// stage is a step as a chain's order lists it: the kind it is counted under
+// and the constructor of its handler, which returns nil when rule r does not
+// ask for the stage. Constructors take what the rule's conns share from p
+// (the counters, the maxconn count, the rate table).
+type stage struct {
+	kind Kind
+	ctor func(r *rules.Rule, p *Policy) Handler
+}
 
-const (
-	KindMonitor     Kind = 0
-	KindHealth      Kind = 1
-	KindAcceptProxy Kind = 2
-	KindRules       Kind = 3
-	KindSession     Kind = 4 // the engine's session step: backend choice and connect
-	KindSendProxy   Kind = 5
-	kindCount            = 6
+// The chains, in order (the package doc says why this order). A new stage is
+// its file and one line here.
+var (
+	inOrder = [...]stage{
+		{KindMonitor, newMonitor},
+		{KindHealth, newHealth},
+		{KindAcceptProxy, newAcceptProxy},
+		{KindRules, newConnRules},
+	}
+	outOrder = [...]stage{
+		{KindSendProxy, newSendProxy},
+	}
+	gateOrder = [...]stage{
+		{KindAcceptProxy, newFirstBytes}, // counted with accept-proxy, whose trust it enforces
+	}
 )
 
-var kindNames = [kindCount]string{"monitor", "health", "accept-proxy", "rules", "session", "send-proxy"}
-
-func (k Kind) String() string {
-	if int(k) < len(kindNames) {
-		return kindNames[k]
+// build makes the chain of rule r from order, leaving out the stages r does
+// not ask for.
+func build(order []stage, r *rules.Rule, p *Policy) Chain {
+	var ch Chain
+	for _, s := range order {
+		if h := s.ctor(r, p); h != nil {
+			ch = append(ch, Step{Kind: s.kind, H: h})
+		}
 	}
-	return "kind-" + strconv.Itoa(int(k))
+	return ch
 }
 
-// codeSlots bounds the end codes counted per rule; conn codes are small and
-// only ever added, so this leaves room.
-const codeSlots = 32
-
-// Counters are one rule's handshake counters. Every field is an atomic: the
-// loops update them without a lock or an allocation; Stats reads them.
-type Counters struct {
-	Accepted       atomic.Uint64 // conns that entered the incoming chain
-	Passed         atomic.Uint64 // conns that passed it to the session step
-	MonitorHits    atomic.Uint64 // conns from a monitor network
-	HealthUp       atomic.Uint64 // health replies saying up (200, "OK")
-	HealthDown     atomic.Uint64 // health replies saying down (503, "DOWN")
-	ProxyV1        atomic.Uint64 // PROXY v1 headers accepted
-	ProxyV2        atomic.Uint64 // PROXY v2 headers accepted
-	ProxyLocal     atomic.Uint64 // of those, LOCAL / UNKNOWN (real addresses kept)
-	ProxyUntrusted atomic.Uint64 // conns from outside accept-proxy's list (no header expected)
-	RateRefused    atomic.Uint64 // refused by rate=
-	MaxConnRefused atomic.Uint64 // refused by maxconn=
-	SentV1         atomic.Uint64 // PROXY v1 headers sent to backends
-	SentV2         atomic.Uint64 // PROXY v2 headers sent to backends
-
-	refused [kindCount][codeSlots]atomic.Uint64 // conns a step closed, by step and code
-	ended   [codeSlots]atomic.Uint64            // conns ended, by code
-}
-
-func (c *Counters) refuse(k Kind, code conn.Code) {
-	if int(code) < codeSlots {
-		c.refused[k][code].Add(1)
-	}
-}
-
-// Policy is one rule's handshake: its incoming and outgoing chains and the
-// state they share across the rule's listeners and loops (the maxconn count,
-// the per-source rate table, the counters). Safe for concurrent use.
+// Policy is one rule's handshake: its chains and the state they share across
+// the rule's listeners and loops (the maxconn count, the per-source rate
+// table, the counters). Safe for concurrent use.
 type Policy struct {
 	rule    *rules.Rule
-	in      Chain
-	inKinds []Kind
-	out     Chain
+	in      Chain // before the session step
+	out     Chain // on the backend conn, once connected
+	gate    Chain // on the client's first bytes, once forwarding (see Gated)
 	timeout time.Duration
-	inUse   atomic.Int64 // conns holding a maxconn slot
-	rate    *limits.RateTable
+	inUse   atomic.Int64      // conns holding a maxconn slot
+	rate    *limits.RateTable // nil: the rule has no rate=
 	C       Counters
 }
 
@@ -92,37 +76,15 @@ func NewPolicy(r *rules.Rule, rateTableSize int) *Policy {
 	if p.timeout <= 0 {
 		p.timeout = DefaultTimeout
 	}
-	add := func(k Kind, h Handler) {
-		p.in = append(p.in, h)
-		p.inKinds = append(p.inKinds, k)
-	}
-	if len(r.Monitor) > 0 {
-		add(KindMonitor, &monitor{nets: r.Monitor, c: &p.C})
-	}
-	if r.Health != rules.HealthNone {
-		h := &health{always: len(r.Targets) == 0, up: tcpUp, down: tcpDown, c: &p.C}
-		if r.Health == rules.HealthHTTP {
-			h.up, h.down = httpUp, httpDown
+	if r.Rate > 0 {
+		if rateTableSize <= 0 {
+			rateTableSize = DefaultRateTableSize
 		}
-		add(KindHealth, h)
+		p.rate = limits.NewRateTable(r.Rate, rateTableSize)
 	}
-	if r.AcceptProxy {
-		add(KindAcceptProxy, &acceptProxy{trusted: r.Trusted, c: &p.C})
-	}
-	if len(r.Allow) > 0 || len(r.Deny) > 0 || r.Rate > 0 || r.MaxConn > 0 {
-		cr := &connRules{allow: r.Allow, deny: r.Deny, maxConn: int64(r.MaxConn), inUse: &p.inUse, c: &p.C}
-		if r.Rate > 0 {
-			if rateTableSize <= 0 {
-				rateTableSize = DefaultRateTableSize
-			}
-			p.rate = limits.NewRateTable(r.Rate, rateTableSize)
-			cr.rate = p.rate
-		}
-		add(KindRules, cr)
-	}
-	if r.SendProxy != rules.ProxyNone {
-		p.out = Chain{&sendProxy{version: uint8(r.SendProxy), c: &p.C}}
-	}
+	p.in = build(inOrder[:], r, p)
+	p.out = build(outOrder[:], r, p)
+	p.gate = build(gateOrder[:], r, p)
 	return p
 }
 
@@ -138,6 +100,11 @@ func (p *Policy) HasHealth() bool { return p.rule.Health != rules.HealthNone }
 
 // HasOut reports whether the outgoing chain has work (send-proxy).
 func (p *Policy) HasOut() bool { return len(p.out) > 0 }
+
+// Gated reports whether the conn of st must pass the gate once it forwards:
+// its source is outside accept-proxy's trusted list, so it may not send a
+// header. Ask before giving st back.
+func (p *Policy) Gated(st *State) bool { return len(p.gate) > 0 && st.flags&Untrusted != 0 }
 
 // Begin counts a new conn entering the incoming chain.
 func (p *Policy) Begin(st *State) {
@@ -160,7 +127,7 @@ func (p *Policy) RunIn(st *State) (Result, conn.Code) {
 		st.idx, st.off, st.out = 0, 0, nil
 		st.outDone = true
 	case Fail:
-		p.C.refuse(p.inKinds[i], code)
+		p.C.refuse(p.in[i].Kind, code)
 	}
 	return r, code
 }
@@ -171,7 +138,26 @@ func (p *Policy) RunOut(st *State) (Result, conn.Code) {
 	i, r, code := p.out.Run(st, int(st.idx))
 	st.idx = uint8(i)
 	if r == Fail {
-		p.C.refuse(KindSendProxy, code)
+		p.C.refuse(p.out[i].Kind, code)
+	}
+	return r, code
+}
+
+// RunGate runs the gate on in, the client conn of a forwarding session Gated
+// said must pass it, on the session's events until it is Done; the client's
+// bytes wait meanwhile, the backend's flow. The session keeps no State once
+// forwarding, so each run borrows one from the pool and starts the gate over:
+// gate handlers only peek, and consume nothing.
+//
+// Return convention: (Done, CodeNone) once the client's bytes may flow;
+// (WantRead, CodeNone) while they must wait; (Fail, code) to close the conn,
+// refused and counted.
+func (p *Policy) RunGate(in *conn.Conn) (Result, conn.Code) {
+	st := Get(in, nil)
+	i, r, code := p.gate.Run(st, 0)
+	Put(st)
+	if r == Fail {
+		p.C.refuse(p.gate[i].Kind, code)
 	}
 	return r, code
 }
@@ -184,8 +170,8 @@ func (p *Policy) Expired(st *State) conn.Code {
 		return conn.CodeHealth
 	}
 	k := KindSession
-	if !st.outDone && int(st.idx) < len(p.inKinds) {
-		k = p.inKinds[st.idx]
+	if !st.outDone && int(st.idx) < len(p.in) {
+		k = p.in[st.idx].Kind
 	}
 	p.C.refuse(k, conn.CodeHandshakeTimeout)
 	return conn.CodeHandshakeTimeout
@@ -204,52 +190,4 @@ func (p *Policy) Ended(code conn.Code) {
 	if int(code) < codeSlots {
 		p.C.ended[code].Add(1)
 	}
-}
-
-// Stats is a snapshot of a Policy's counters, in a form metrics can export.
-type Stats struct {
-	Accepted, Passed                             uint64
-	MonitorHits, HealthUp, HealthDown            uint64
-	ProxyV1, ProxyV2, ProxyLocal, ProxyUntrusted uint64
-	RateRefused, MaxConnRefused, SentV1, SentV2  uint64
-	MaxConnInUse                                 int64
-	RateSources                                  int                          // sources in the rate table
-	Refused                                      map[string]map[string]uint64 // by step, then by code name
-	Ended                                        map[string]uint64            // by code name
-}
-
-// Stats returns a snapshot of the counters. It allocates: call it from the
-// control side, never the data path.
-func (p *Policy) Stats() Stats {
-	c := &p.C
-	s := Stats{
-		Accepted: c.Accepted.Load(), Passed: c.Passed.Load(),
-		MonitorHits: c.MonitorHits.Load(), HealthUp: c.HealthUp.Load(), HealthDown: c.HealthDown.Load(),
-		ProxyV1: c.ProxyV1.Load(), ProxyV2: c.ProxyV2.Load(), ProxyLocal: c.ProxyLocal.Load(),
-		ProxyUntrusted: c.ProxyUntrusted.Load(), RateRefused: c.RateRefused.Load(),
-		MaxConnRefused: c.MaxConnRefused.Load(), SentV1: c.SentV1.Load(), SentV2: c.SentV2.Load(),
-		MaxConnInUse: p.inUse.Load(),
-		Refused:      map[string]map[string]uint64{}, Ended: map[string]uint64{},
-	}
-	if p.rate != nil {
-		s.RateSources = p.rate.Len()
-	}
-	for k := range c.refused {
-		for code := range c.refused[k] {
-			if n := c.refused[k][code].Load(); n > 0 {
-				m := s.Refused[Kind(k).String()]
-				if m == nil {
-					m = map[string]uint64{}
-					s.Refused[Kind(k).String()] = m
-				}
-				m[conn.Code(code).String()] = n
-			}
-		}
-	}
-	for code := range c.ended {
-		if n := c.ended[code].Load(); n > 0 {
-			s.Ended[conn.Code(code).String()] = n
-		}
-	}
-	return s
 }

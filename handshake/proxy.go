@@ -9,8 +9,6 @@ import (
 	"net/netip"
 
 	"github.com/pires/go-proxyproto"
-
-	"github.com/sluice-proxy/sluice/conn"
 )
 
 // Header size limits. go-proxyproto refuses a v2 length above its
@@ -100,10 +98,6 @@ func Signature(b []byte) Sig {
 	}
 	return SigNone
 }
-
-// RefuseUntrusted counts a conn refused because a source outside the
-// trusted list sent a PROXY header.
-func (p *Policy) RefuseUntrusted() { p.C.refuse(KindAcceptProxy, conn.CodeProxyNotTrusted) }
 
 // ParseHeader parses b, exactly one complete header (HeaderLen(b) ==
 // len(b)), with go-proxyproto. It returns the header, or an error wrapping

@@ -42,7 +42,8 @@ const peekSize = 256
 
 // State is one conn's handshake in progress. It is pooled: Get it when the
 // conn is accepted, Put it back when the session starts forwarding or ends,
-// so an established session holds none of it. Owned by one event loop.
+// so an established session holds none of it (the gate borrows one for each
+// run). Owned by one event loop.
 type State struct {
 	In  *conn.Conn // the client conn; accept-proxy rewrites its Src and Dst
 	Out *conn.Conn // the backend conn, for the outgoing chain
@@ -50,8 +51,6 @@ type State struct {
 
 	Version uint8            // PROXY version received (0: none)
 	TLVs    []proxyproto.TLV // kept from a v2 header: ALPN, authority, unique ID, netns
-	Tried   uint64           // bit i: backend i of the pool was tried (the session step's)
-	First   uint8            // the first backend the session step chose
 	flags   Flags            // see Flags
 	idx     uint8            // the running chain's next handler
 	outDone bool             // the incoming chain is finished; the outgoing one runs

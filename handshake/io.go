@@ -1,0 +1,54 @@
+package handshake
+
+import (
+	"net/netip"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/conn"
+	"github.com/sluice-proxy/sluice/internal/rawsys"
+)
+
+// containsAddr reports whether a lies in one of ps.
+func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
+	a = a.Unmap()
+	for _, p := range ps {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// recv is rawsys.Recv (recvfrom(2) without a source address, so a peek never
+// allocates), retried on EINTR, which rawsys hands to its caller. It returns
+// the bytes read (0 at end of stream) or the errno.
+func recv(fd int, p []byte, flags int) (int, error) {
+	for {
+		n, err := rawsys.Recv(fd, p, flags)
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
+}
+
+// flush writes st.out from st.off to fd without blocking.
+//
+// Return convention: (Done, CodeNone) when every byte is written;
+// (WantWrite, CodeNone) when the socket is full (st.off says how far it got);
+// (Fail, failCode) when the write failed.
+func (st *State) flush(fd int, failCode conn.Code) (Result, conn.Code) {
+	for int(st.off) < len(st.out) {
+		n, err := rawsys.Write(fd, st.out[st.off:])
+		switch {
+		case err == nil:
+			st.off += uint32(n)
+		case err == unix.EINTR:
+		case err == unix.EAGAIN:
+			return WantWrite, conn.CodeNone
+		default:
+			return Fail, failCode
+		}
+	}
+	return Done, conn.CodeNone
+}
