@@ -198,30 +198,26 @@ func (c *Channel) recv(p *Pools) int {
 		c.buf = p.getBuf()
 	}
 	room := len(c.buf) - int(c.w)
-	for {
-		n, err := rawsys.Read(int(c.in), c.buf[c.w:])
-		switch {
-		case n > 0:
-			c.w += int32(n)
-			if n == room && c.mode == rules.SpliceAuto && c.flags&noSplice == 0 && room == len(c.buf) {
-				c.flags |= toPipe // a whole buffer in one read: a bulk transfer
-			}
-			if n < room && c.flags&sawHup == 0 {
-				c.flags |= EmptyIn // a short read drained the socket: wait for the next edge
-			}
-			return n
-		case err == nil: // n == 0
-			c.flags |= ShutIn
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN:
-			c.flags |= EmptyIn
-		default:
-			c.flags |= ErrIn
+	n, err := rawsys.Read(int(c.in), c.buf[c.w:])
+	switch {
+	case n > 0:
+		c.w += int32(n)
+		if n == room && c.mode == rules.SpliceAuto && c.flags&noSplice == 0 && room == len(c.buf) {
+			c.flags |= toPipe // a whole buffer in one read: a bulk transfer
 		}
-		c.releaseIfEmpty(p)
-		return 0
+		if n < room && c.flags&sawHup == 0 {
+			c.flags |= EmptyIn // a short read drained the socket: wait for the next edge
+		}
+		return n
+	case err == nil: // n == 0
+		c.flags |= ShutIn
+	case err == unix.EAGAIN:
+		c.flags |= EmptyIn
+	default:
+		c.flags |= ErrIn
 	}
+	c.releaseIfEmpty(p)
+	return 0
 }
 
 // pick chooses the backing for the next bytes: a pipe for splice=on, or for
@@ -238,72 +234,64 @@ func (c *Channel) pick(p *Pools) {
 }
 
 func (c *Channel) spliceIn(p *Pools) int {
-	for {
-		n, err := rawsys.Splice(int(c.in), c.pipe.w, c.pipe.size-int(c.inPipe), unix.SPLICE_F_NONBLOCK)
-		switch {
-		case n > 0:
-			c.inPipe += int32(n)
-			return int(n)
-		case err == nil:
-			c.flags |= ShutIn
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN:
-			// Either the socket is empty or the pipe has no free slot (a pipe
-			// holds a number of page slots, not bytes). Only an empty pipe
-			// proves the socket is empty.
-			if c.inPipe > 0 {
-				c.flags |= pipeFull
-				return 0
-			}
-			c.flags |= EmptyIn
-		case err == unix.EINVAL && c.inPipe == 0:
-			// This pair cannot splice: go on with buffers.
-			c.flags |= noSplice
-			c.releaseIfEmpty(p)
-			return c.recv(p)
-		default:
-			c.flags |= ErrIn
+	n, err := rawsys.Splice(int(c.in), c.pipe.w, c.pipe.size-int(c.inPipe), unix.SPLICE_F_NONBLOCK)
+	switch {
+	case n > 0:
+		c.inPipe += int32(n)
+		return int(n)
+	case err == nil:
+		c.flags |= ShutIn
+	case err == unix.EAGAIN:
+		// Either the socket is empty or the pipe has no free slot (a pipe
+		// holds a number of page slots, not bytes). Only an empty pipe
+		// proves the socket is empty.
+		if c.inPipe > 0 {
+			c.flags |= pipeFull
+			return 0
 		}
+		c.flags |= EmptyIn
+	case err == unix.EINVAL && c.inPipe == 0:
+		// This pair cannot splice: go on with buffers.
+		c.flags |= noSplice
 		c.releaseIfEmpty(p)
-		return 0
+		return c.recv(p)
+	default:
+		c.flags |= ErrIn
 	}
+	c.releaseIfEmpty(p)
+	return 0
 }
 
 // send writes held bytes once. It returns the bytes written; on 0 the flags
 // tell why (FullOut or ErrOut).
 func (c *Channel) send(p *Pools) int {
-	for {
-		var n int
-		var err error
-		if c.pipe != nil {
-			var n64 int64
-			n64, err = rawsys.Splice(c.pipe.r, int(c.out), int(c.inPipe), unix.SPLICE_F_NONBLOCK)
-			n = int(n64)
-		} else {
-			n, err = rawsys.Write(int(c.out), c.buf[c.r:c.w])
-		}
-		switch {
-		case n > 0:
-			c.Bytes += uint64(n)
-			if c.pipe != nil {
-				c.inPipe -= int32(n)
-				c.Spliced += uint64(n)
-				c.flags &^= pipeFull
-			} else {
-				c.r += int32(n)
-			}
-			c.releaseIfEmpty(p)
-			return n
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN:
-			c.flags |= FullOut
-		default:
-			c.flags |= ErrOut
-		}
-		return 0
+	var n int
+	var err error
+	if c.pipe != nil {
+		var n64 int64
+		n64, err = rawsys.Splice(c.pipe.r, int(c.out), int(c.inPipe), unix.SPLICE_F_NONBLOCK)
+		n = int(n64)
+	} else {
+		n, err = rawsys.Write(int(c.out), c.buf[c.r:c.w])
 	}
+	switch {
+	case n > 0:
+		c.Bytes += uint64(n)
+		if c.pipe != nil {
+			c.inPipe -= int32(n)
+			c.Spliced += uint64(n)
+			c.flags &^= pipeFull
+		} else {
+			c.r += int32(n)
+		}
+		c.releaseIfEmpty(p)
+		return n
+	case err == unix.EAGAIN:
+		c.flags |= FullOut
+	default:
+		c.flags |= ErrOut
+	}
+	return 0
 }
 
 // releaseIfEmpty returns the buffer or pipe to the pool once nothing is held.

@@ -233,7 +233,7 @@ func (e *Engine) newListener(r *rules.Rule, i, fd int, bound netip.AddrPort, lp,
 	// Port i's key, made directly: r.ListenKeys()[i] would build the whole
 	// list for every port, quadratic in a range's length.
 	key := rules.Key{Pif: r.ListenPif, Proto: r.Proto, Addr: r.ListenAddr, Port: r.ListenPorts.First + uint16(i)}
-	ln := &Listener{e: e, fd: fd, addr: bound, key: key, rule: r, targets: r.TargetFor(i), listenPif: lp, targetPif: tp,
+	ln := &Listener{e: e, fd: fd, addr: bound, key: key, rule: r, listenPif: lp, targetPif: tp,
 		policy: pol, ctr: ctr, pool: balance.New(r.Balance, r.TargetFor(i))}
 	if r.Proto == rules.UDP {
 		if owner == nil {

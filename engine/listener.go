@@ -33,7 +33,6 @@ type Listener struct {
 	addr      netip.AddrPort
 	key       rules.Key // the listen key asked for (port 0: any free port)
 	rule      *rules.Rule
-	targets   []netip.AddrPort  // the backend pool for this port
 	listenPif *pif              // where the listening socket lives (nil: host)
 	targetPif *pif              // where backend sockets are made (nil: host)
 	udp       *udpState         // udp rules only
@@ -42,8 +41,7 @@ type Listener struct {
 	ctr       *RuleCounters     // the rule's data-path counters (shared by its ports)
 
 	closed   atomic.Bool
-	rr       atomic.Uint32 // round-robin cursor into targets
-	lastWarn atomic.Int64  // engine clock of the last out-of-fds warning
+	lastWarn atomic.Int64 // engine clock of the last out-of-fds warning
 
 	Accepted atomic.Uint64 // connections accepted
 	Paused   atomic.Uint64 // times accept was paused for lack of fds
@@ -90,7 +88,7 @@ func listenSocket(p *pif, proto rules.Proto, addr netip.AddrPort) (int, netip.Ad
 			return fail("setsockopt IPV6_V6ONLY", err)
 		}
 	}
-	if err := unix.Bind(fd, sockaddr(addr)); err != nil {
+	if err := rawsys.Bind(fd, addr); err != nil {
 		return fail("bind", err)
 	}
 	if typ == unix.SOCK_STREAM {
@@ -104,8 +102,8 @@ func listenSocket(p *pif, proto rules.Proto, addr netip.AddrPort) (int, netip.Ad
 		}
 	}
 	if addr.Port() == 0 {
-		if sa, err := unix.Getsockname(fd); err == nil {
-			addr = addrPort(sa)
+		if bound, err := rawsys.Getsockname(fd); err == nil {
+			addr = bound
 		}
 	}
 	return fd, addr, nil
@@ -123,7 +121,7 @@ func (ln *Listener) handle(l *Loop, _ int, _ uint32) {
 		if err != nil {
 			switch err {
 			case unix.EAGAIN:
-			case unix.EINTR, unix.ECONNABORTED, unix.EPROTO, unix.EPERM:
+			case unix.ECONNABORTED, unix.EPROTO, unix.EPERM:
 				continue // that one connection is gone; the next may be fine
 			case unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM: // outOfFds
 				ln.Paused.Add(1)
@@ -153,12 +151,4 @@ func (ln *Listener) warnOnce(l *Loop, err error) {
 		l.log.Warn("accept failed; pausing this listener briefly",
 			zap.Stringer("listen", ln.addr), zap.Error(err), zap.Uint64("pauses", ln.Paused.Load()))
 	}
-}
-
-// pickTarget returns the index of the first backend to try for a new session.
-func (ln *Listener) pickTarget() int {
-	if len(ln.targets) <= 1 {
-		return 0
-	}
-	return int(ln.rr.Add(1)-1) % len(ln.targets)
 }

@@ -105,9 +105,12 @@ func (l *Loop) post(fn func(*Loop)) {
 	l.wake()
 }
 
+// wake makes the loop's epoll_wait return: eventfd(2) adds the 8 bytes'
+// count. It never blocks (EFD_NONBLOCK; a full count is already a wake-up),
+// so it goes through rawsys like every call of the data path.
 func (l *Loop) wake() {
 	var one = [8]byte{1}
-	_, _ = unix.Write(l.wakefd, one[:])
+	_, _ = rawsys.Write(l.wakefd, one[:])
 }
 
 // register adds fd to the loop's epoll set with the given interest and routes
@@ -209,7 +212,7 @@ func (l *Loop) run() {
 			fd := int(events[i].Fd)
 			if fd == l.wakefd {
 				var buf [8]byte
-				_, _ = unix.Read(l.wakefd, buf[:])
+				_, _ = rawsys.Read(l.wakefd, buf[:])
 				continue
 			}
 			if h := l.table[fd]; h != nil && uint32(events[i].Pad) == l.gens[fd] {

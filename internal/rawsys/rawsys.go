@@ -12,9 +12,18 @@
 // in flight, microseconds at most. Never use them for a call that may block
 // (epoll_wait with a timeout, a blocking socket).
 //
-// Conventions, as in unix: each returns the count or fd, or -1 and the errno
-// (EINTR is the caller's to retry). Addresses travel as netip.AddrPort and
-// are converted on the stack: nothing here allocates.
+// Conventions, as in unix: each returns the count or fd, or -1 and the errno.
+// Addresses travel as netip.AddrPort and are converted on the stack: nothing
+// here allocates.
+//
+// EINTR: no caller ever sees it. Every call that a signal can interrupt
+// before it did anything is retried here, at once (none of them blocks, so
+// the retry costs one more trap). Two calls differ, because a retry would be
+// wrong: connect(2) interrupted goes on asynchronously, so Connect reports
+// EINPROGRESS and the end comes as a writable event, as for any connect in
+// flight; close(2) releases the fd on Linux even when it reports EINTR, so
+// Close never retries (the fd number may already be another thread's) and
+// reports success.
 package rawsys
 
 import (
@@ -24,6 +33,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// errnoErr boxes e without allocating for the common EAGAIN.
 func errnoErr(e unix.Errno) error {
 	switch e {
 	case unix.EAGAIN:
@@ -32,148 +42,247 @@ func errnoErr(e unix.Errno) error {
 	return e
 }
 
+// count is the convention of the calls that return a count or an fd: r, or
+// -1 and the errno.
+func count(r uintptr, e unix.Errno) (int, error) {
+	if e != 0 {
+		return -1, errnoErr(e)
+	}
+	return int(r), nil
+}
+
+// status is the convention of the calls that return nothing but success.
+func status(e unix.Errno) error {
+	if e != 0 {
+		return errnoErr(e)
+	}
+	return nil
+}
+
+// Every call below is a loop around its trap that runs again on EINTR (the
+// package doc says why, and which two calls differ). The trap stays written
+// out in each: a pointer converted to uintptr is only kept valid within the
+// syscall's own call expression.
+
 func Read(fd int, p []byte) (int, error) { return readWrite(unix.SYS_READ, fd, p) }
 
 func Write(fd int, p []byte) (int, error) { return readWrite(unix.SYS_WRITE, fd, p) }
 
 // readWrite is read(2) or write(2), as trap says.
 func readWrite(trap uintptr, fd int, p []byte) (int, error) {
-	var ptr unsafe.Pointer
+	ptr := bufPtr(p)
+	for {
+		r, _, e := unix.RawSyscall(trap, uintptr(fd), uintptr(ptr), uintptr(len(p)))
+		if e != unix.EINTR {
+			return count(r, e)
+		}
+	}
+}
+
+// bufPtr is p's first byte, or nil for an empty p.
+func bufPtr(p []byte) unsafe.Pointer {
 	if len(p) > 0 {
-		ptr = unsafe.Pointer(&p[0])
+		return unsafe.Pointer(&p[0])
 	}
-	r, _, e := unix.RawSyscall(trap, uintptr(fd), uintptr(ptr), uintptr(len(p)))
-	if e != 0 {
-		return -1, errnoErr(e)
-	}
-	return int(r), nil
+	return nil
 }
 
 // Recv is recvfrom(2) without a source address (a stream socket's read with
 // flags, MSG_PEEK for the handshake's peeks): no sockaddr, so no allocation.
 func Recv(fd int, p []byte, flags int) (int, error) {
-	var ptr unsafe.Pointer
-	if len(p) > 0 {
-		ptr = unsafe.Pointer(&p[0])
+	ptr := bufPtr(p)
+	for {
+		r, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(ptr), uintptr(len(p)), uintptr(flags), 0, 0)
+		if e != unix.EINTR {
+			return count(r, e)
+		}
 	}
-	r, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(ptr), uintptr(len(p)), uintptr(flags), 0, 0)
-	if e != 0 {
-		return -1, errnoErr(e)
+}
+
+// Recvfrom reads one datagram into p and returns its length and source (the
+// zero AddrPort for a family other than IPv4 and IPv6). The address is
+// decoded on the stack: unlike unix.Recvfrom, nothing is allocated.
+func Recvfrom(fd int, p []byte, flags int) (int, netip.AddrPort, error) {
+	ptr := bufPtr(p)
+	var rsa unix.RawSockaddrAny
+	for {
+		l := uint32(unsafe.Sizeof(rsa))
+		r, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(ptr), uintptr(len(p)), uintptr(flags),
+			uintptr(unsafe.Pointer(&rsa)), uintptr(unsafe.Pointer(&l)))
+		if e == unix.EINTR {
+			continue
+		}
+		if e != 0 {
+			return -1, netip.AddrPort{}, errnoErr(e)
+		}
+		return int(r), toAddrPort(&rsa), nil
 	}
-	return int(r), nil
+}
+
+// Sendto sends p as one datagram to to, without allocating (unix.Sendto
+// boxes a Sockaddr).
+func Sendto(fd int, p []byte, flags int, to netip.AddrPort) (int, error) {
+	ptr := bufPtr(p)
+	var rsa unix.RawSockaddrAny
+	l := fromAddrPort(to, &rsa)
+	for {
+		r, _, e := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(ptr), uintptr(len(p)), uintptr(flags),
+			uintptr(unsafe.Pointer(&rsa)), uintptr(l))
+		if e != unix.EINTR {
+			return count(r, e)
+		}
+	}
 }
 
 // Splice moves up to n bytes from rfd to wfd; one of them must be a pipe.
 func Splice(rfd, wfd int, n int, flags int) (int64, error) {
-	r, _, e := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(rfd), 0, uintptr(wfd), 0, uintptr(n), uintptr(flags))
-	if e != 0 {
-		return -1, errnoErr(e)
+	for {
+		r, _, e := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(rfd), 0, uintptr(wfd), 0, uintptr(n), uintptr(flags))
+		if e != unix.EINTR {
+			c, err := count(r, e)
+			return int64(c), err
+		}
 	}
-	return int64(r), nil
 }
 
 // Accept4 takes a connection from the non-blocking listener fd and returns
 // it with its peer's address.
 func Accept4(fd int, flags int) (int, netip.AddrPort, error) {
 	var rsa unix.RawSockaddrAny
-	l := uint32(unsafe.Sizeof(rsa))
-	r, _, e := unix.RawSyscall6(unix.SYS_ACCEPT4, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(unsafe.Pointer(&l)), uintptr(flags), 0, 0)
-	if e != 0 {
-		return -1, netip.AddrPort{}, errnoErr(e)
+	for {
+		l := uint32(unsafe.Sizeof(rsa))
+		r, _, e := unix.RawSyscall6(unix.SYS_ACCEPT4, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(unsafe.Pointer(&l)), uintptr(flags), 0, 0)
+		if e == unix.EINTR {
+			continue
+		}
+		if e != 0 {
+			return -1, netip.AddrPort{}, errnoErr(e)
+		}
+		return int(r), toAddrPort(&rsa), nil
 	}
-	return int(r), toAddrPort(&rsa), nil
 }
 
 // Socket makes a non-blocking, close-on-exec socket.
 func Socket(family, typ int) (int, error) {
-	r, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(family), uintptr(typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC), 0)
-	if e != 0 {
-		return -1, errnoErr(e)
+	for {
+		r, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(family), uintptr(typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC), 0)
+		if e != unix.EINTR {
+			return count(r, e)
+		}
 	}
-	return int(r), nil
 }
 
 // Connect starts a connect on the non-blocking fd: nil when it completed at
-// once, EINPROGRESS when its end comes as a writable event.
+// once (always, for a datagram socket that can route to), EINPROGRESS when
+// its end comes as a writable event. An interrupted connect goes on in the
+// kernel (a second call would say EALREADY): it is reported as EINPROGRESS.
 func Connect(fd int, to netip.AddrPort) error {
 	var rsa unix.RawSockaddrAny
 	l := fromAddrPort(to, &rsa)
 	_, _, e := unix.RawSyscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(l))
-	if e != 0 {
-		return errnoErr(e)
+	if e == unix.EINTR {
+		return unix.EINPROGRESS
 	}
-	return nil
+	return status(e)
+}
+
+// Bind binds fd to addr.
+func Bind(fd int, addr netip.AddrPort) error {
+	var rsa unix.RawSockaddrAny
+	l := fromAddrPort(addr, &rsa)
+	for {
+		_, _, e := unix.RawSyscall(unix.SYS_BIND, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(l))
+		if e != unix.EINTR {
+			return status(e)
+		}
+	}
 }
 
 // Getsockname returns the socket's local address.
 func Getsockname(fd int) (netip.AddrPort, error) {
 	var rsa unix.RawSockaddrAny
-	l := uint32(unsafe.Sizeof(rsa))
-	_, _, e := unix.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(unsafe.Pointer(&l)))
-	if e != 0 {
-		return netip.AddrPort{}, errnoErr(e)
+	for {
+		l := uint32(unsafe.Sizeof(rsa))
+		_, _, e := unix.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(unsafe.Pointer(&l)))
+		if e == unix.EINTR {
+			continue
+		}
+		if e != 0 {
+			return netip.AddrPort{}, errnoErr(e)
+		}
+		return toAddrPort(&rsa), nil
 	}
-	return toAddrPort(&rsa), nil
 }
 
 func SetsockoptInt(fd, level, opt, value int) error {
 	v := int32(value)
-	_, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
-	if e != 0 {
-		return errnoErr(e)
+	for {
+		_, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
+		if e != unix.EINTR {
+			return status(e)
+		}
 	}
-	return nil
 }
 
 func GetsockoptInt(fd, level, opt int) (int, error) {
 	var v int32
-	l := uint32(4)
-	_, _, e := unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), uintptr(unsafe.Pointer(&l)), 0)
-	if e != 0 {
-		return -1, errnoErr(e)
+	for {
+		l := uint32(4)
+		_, _, e := unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), uintptr(unsafe.Pointer(&l)), 0)
+		if e == unix.EINTR {
+			continue
+		}
+		if e != 0 {
+			return -1, errnoErr(e)
+		}
+		return int(v), nil
 	}
-	return int(v), nil
 }
 
 // LingerZero makes the next close of fd send a reset.
 func LingerZero(fd int) error {
 	lg := unix.Linger{Onoff: 1, Linger: 0}
-	_, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_LINGER, uintptr(unsafe.Pointer(&lg)), unsafe.Sizeof(lg), 0)
-	if e != 0 {
-		return errnoErr(e)
+	for {
+		_, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_LINGER, uintptr(unsafe.Pointer(&lg)), unsafe.Sizeof(lg), 0)
+		if e != unix.EINTR {
+			return status(e)
+		}
 	}
-	return nil
 }
 
 func Shutdown(fd, how int) error {
-	_, _, e := unix.RawSyscall(unix.SYS_SHUTDOWN, uintptr(fd), uintptr(how), 0)
-	if e != 0 {
-		return errnoErr(e)
+	for {
+		_, _, e := unix.RawSyscall(unix.SYS_SHUTDOWN, uintptr(fd), uintptr(how), 0)
+		if e != unix.EINTR {
+			return status(e)
+		}
 	}
-	return nil
 }
 
 // Close closes fd. Without SO_LINGER set to a positive time (never here),
-// close of a socket does not wait.
+// close of a socket does not wait. EINTR is success and never retried: Linux
+// has released the fd by then.
 func Close(fd int) error {
 	_, _, e := unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0)
-	if e != 0 {
-		return errnoErr(e)
+	if e == unix.EINTR {
+		return nil
 	}
-	return nil
+	return status(e)
 }
 
 // EpollCtl changes the epoll set epfd; ev may be nil for EPOLL_CTL_DEL.
 func EpollCtl(epfd, op, fd int, ev *unix.EpollEvent) error {
-	_, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(epfd), uintptr(op), uintptr(fd), uintptr(unsafe.Pointer(ev)), 0, 0)
-	if e != 0 {
-		return errnoErr(e)
+	for {
+		_, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(epfd), uintptr(op), uintptr(fd), uintptr(unsafe.Pointer(ev)), 0, 0)
+		if e != unix.EINTR {
+			return status(e)
+		}
 	}
-	return nil
 }
 
-// toAddrPort converts an AF_INET or AF_INET6 address (a v4-mapped one to
-// its v4 form); any other family gives the zero value.
+// toAddrPort decodes a kernel socket address, AF_INET or AF_INET6 (a
+// v4-mapped one to its v4 form); any other family gives the zero value. It
+// is the one decoder of the engine's addresses.
 func toAddrPort(rsa *unix.RawSockaddrAny) netip.AddrPort {
 	switch rsa.Addr.Family {
 	case unix.AF_INET:

@@ -161,3 +161,124 @@ func TestNoAllocations(t *testing.T) {
 		t.Errorf("%.1f allocations per run, want 0", allocs)
 	}
 }
+
+// udpSocket returns a non-blocking datagram socket bound by Bind to addr
+// (port 0) and its address.
+func udpSocket(t *testing.T, addr string) (int, netip.AddrPort) {
+	t.Helper()
+	ap := netip.MustParseAddrPort(addr)
+	fd, err := Socket(familyOf(ap), unix.SOCK_DGRAM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { Close(fd) })
+	if err := Bind(fd, ap); err != nil {
+		t.Skipf("bind %s: %v", addr, err) // no IPv6 on this host
+	}
+	got, err := Getsockname(fd)
+	if err != nil || got.Addr() != ap.Addr() || got.Port() == 0 {
+		t.Fatalf("getsockname = %v, %v; want %s with a port", got, err, ap.Addr())
+	}
+	return fd, got
+}
+
+// Datagrams both ways through Sendto and Recvfrom, both families: each keeps
+// its bounds, and its source is the sender's address.
+func TestDatagrams(t *testing.T) {
+	for _, addr := range []string{"127.0.0.1:0", "[::1]:0"} {
+		t.Run(addr, func(t *testing.T) {
+			a, aAddr := udpSocket(t, addr)
+			b, bAddr := udpSocket(t, addr)
+			buf := make([]byte, 64)
+			if n, _, err := Recvfrom(a, buf, 0); n != -1 || err != unix.EAGAIN {
+				t.Fatalf("recvfrom on an empty socket: %d, %v; want -1, EAGAIN", n, err)
+			}
+			for _, msg := range []string{"one", "", "three"} {
+				if n, err := Sendto(b, []byte(msg), 0, aAddr); n != len(msg) || err != nil {
+					t.Fatalf("sendto %q: %d, %v", msg, n, err)
+				}
+			}
+			for _, msg := range []string{"one", "", "three"} {
+				waitFd(t, a, unix.POLLIN)
+				n, src, err := Recvfrom(a, buf, 0)
+				if err != nil || string(buf[:n]) != msg || src != bAddr {
+					t.Fatalf("recvfrom: %q from %v, %v; want %q from %v", buf[:max(n, 0)], src, err, msg, bAddr)
+				}
+			}
+			// A connected datagram socket: Write to it, Recvfrom names it.
+			if err := Connect(b, aAddr); err != nil {
+				t.Fatalf("connect of a datagram socket: %v", err)
+			}
+			if n, err := Write(b, []byte("hi")); n != 2 || err != nil {
+				t.Fatalf("write: %d, %v", n, err)
+			}
+			waitFd(t, a, unix.POLLIN)
+			if n, src, err := Recvfrom(a, buf, 0); n != 2 || src != bAddr || err != nil {
+				t.Fatalf("recvfrom: %d from %v, %v", n, src, err)
+			}
+		})
+	}
+}
+
+// A connected datagram socket to a port with nothing bound: the kernel's
+// port-unreachable comes back as ECONNREFUSED on the next call.
+func TestDatagramRefused(t *testing.T) {
+	dead, deadAddr := udpSocket(t, "127.0.0.1:0")
+	Close(dead)
+	fd, _ := udpSocket(t, "127.0.0.1:0")
+	if err := Connect(fd, deadAddr); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Write(fd, []byte("anyone?")); err != nil {
+		t.Fatal(err)
+	}
+	waitFd(t, fd, unix.POLLIN|unix.POLLERR)
+	if _, err := Read(fd, make([]byte, 8)); err != unix.ECONNREFUSED {
+		t.Fatalf("read after the port-unreachable: %v, want ECONNREFUSED", err)
+	}
+}
+
+// Addresses round-trip through the kernel's form: a v4-mapped one comes back
+// as v4 (it is sent as AF_INET), an unknown family decodes to the zero value.
+func TestAddrPortRoundTrip(t *testing.T) {
+	for _, tc := range []struct {
+		in, want string
+		family   uint16
+	}{
+		{"127.0.0.1:80", "127.0.0.1:80", unix.AF_INET},
+		{"255.255.255.255:65535", "255.255.255.255:65535", unix.AF_INET},
+		{"[::ffff:10.0.0.1]:443", "10.0.0.1:443", unix.AF_INET},
+		{"[::1]:1", "[::1]:1", unix.AF_INET6},
+		{"[2001:db8::1]:8080", "[2001:db8::1]:8080", unix.AF_INET6},
+	} {
+		var rsa unix.RawSockaddrAny
+		l := fromAddrPort(netip.MustParseAddrPort(tc.in), &rsa)
+		if rsa.Addr.Family != tc.family {
+			t.Errorf("%s: family %d, want %d", tc.in, rsa.Addr.Family, tc.family)
+		}
+		if want := map[uint16]uint32{unix.AF_INET: unix.SizeofSockaddrInet4, unix.AF_INET6: unix.SizeofSockaddrInet6}[tc.family]; l != want {
+			t.Errorf("%s: length %d, want %d", tc.in, l, want)
+		}
+		if got := toAddrPort(&rsa); got != netip.MustParseAddrPort(tc.want) {
+			t.Errorf("%s: decoded %v, want %s", tc.in, got, tc.want)
+		}
+	}
+	rsa := unix.RawSockaddrAny{Addr: unix.RawSockaddr{Family: unix.AF_UNIX}}
+	if got := toAddrPort(&rsa); got.IsValid() {
+		t.Errorf("AF_UNIX decoded as %v, want the zero value", got)
+	}
+}
+
+// The per-datagram calls allocate nothing.
+func TestDatagramNoAllocations(t *testing.T) {
+	a, aAddr := udpSocket(t, "127.0.0.1:0")
+	b, _ := udpSocket(t, "127.0.0.1:0")
+	buf := make([]byte, 64)
+	allocs := testing.AllocsPerRun(100, func() {
+		Sendto(b, buf[:8], 0, aAddr)
+		Recvfrom(a, buf, 0)
+	})
+	if allocs != 0 {
+		t.Errorf("%.1f allocations per datagram, want 0", allocs)
+	}
+}
