@@ -28,41 +28,12 @@ func (Raw) Close(*Conn) error { return nil }
 
 var _ Layer = Raw{}
 
-// Status is what the outside sees of a Conn: three bits only.
-type Status uint8
-
-const (
-	SHR Status = 0x1 // no more input will be read
-	SHW Status = 0x2 // no more output will be written
-	ERR Status = 0x4 // the conn failed; only close is left
-)
-
-func (s Status) String() string {
-	var out []byte
-	for _, n := range [...]struct {
-		s    Status
-		name string
-	}{{SHR, "SHR"}, {SHW, "SHW"}, {ERR, "ERR"}} {
-		if s&n.s != 0 {
-			if len(out) > 0 {
-				out = append(out, '|')
-			}
-			out = append(out, n.name...)
-		}
-	}
-	if len(out) == 0 {
-		return "0"
-	}
-	return string(out)
-}
-
 // Conn is one file descriptor with its layer state. The zero value is unused;
 // call Init. A Conn is embedded in its owner (a session) to keep an idle
 // session to a single allocation.
 type Conn struct {
 	fd    int32
 	flags Flags
-	code  Code
 	data  Layer // nil means Raw
 
 	// Src and Dst are the conn's addresses: for an accepted conn the client and
@@ -94,7 +65,6 @@ func (c *Conn) Flags() Flags     { return c.flags }
 func (c *Conn) Set(f Flags)      { c.flags |= f }
 func (c *Conn) Clear(f Flags)    { c.flags &^= f }
 func (c *Conn) Has(f Flags) bool { return c.flags&f == f }
-func (c *Conn) Code() Code       { return c.code }
 
 // Op returns the state of the multi-step operation whose mask is op.
 func (c *Conn) Op(op Flags) Step { return Step((c.flags & op) >> shift(op)) }
@@ -106,46 +76,6 @@ func (c *Conn) SetOp(op Flags, s Step) {
 
 // Connected marks an outgoing connect as complete on both layers.
 func (c *Conn) Connected() { c.flags |= CtrlConnected | DataConnected }
-
-// Status folds the internal flags into SHR, SHW, ERR.
-func (c *Conn) Status() Status {
-	var s Status
-	if c.flags&(CtrlShutR|DataShutR) != 0 {
-		s |= SHR
-	}
-	if c.flags&(CtrlShutW|DataShutW) != 0 {
-		s |= SHW
-	}
-	if c.flags&(CtrlFailed|DataFailed) != 0 {
-		s |= ERR
-	}
-	return s
-}
-
-// Fail records why the conn ends and marks the socket failed. The first code
-// recorded wins: later failures are consequences of the first.
-func (c *Conn) Fail(code Code) {
-	c.flags |= CtrlFailed
-	c.SetCode(code)
-}
-
-// SetCode records why the conn ends unless a reason is already recorded.
-func (c *Conn) SetCode(code Code) {
-	if c.code == CodeNone {
-		c.code = code
-	}
-}
-
-// ShutR records the end of input. reported is true when a read returned 0
-// (the peer shut its write side); false when it is forced from above (a
-// timeout, an abort), in which case the owner keeps draining input until its
-// own shut-write is done, so the peer never sees a reset for unread data.
-func (c *Conn) ShutR(reported bool) {
-	c.flags |= CtrlShutR | DataShutR
-	if !reported {
-		c.flags |= ShutRForced
-	}
-}
 
 // Plain reports whether the conn has no data layer above the socket: its
 // write side ends with shutdown(2) or close(2) alone.

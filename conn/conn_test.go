@@ -90,32 +90,6 @@ func TestStepTransitions(t *testing.T) {
 	}
 }
 
-func TestStatus(t *testing.T) {
-	cases := []struct {
-		set  Flags
-		want Status
-	}{
-		{0, 0},
-		{CtrlShutR, SHR},
-		{DataShutR, SHR},
-		{CtrlShutW, SHW},
-		{DataShutW | CtrlShutR, SHR | SHW},
-		{CtrlFailed, ERR},
-		{DataFailed | CtrlShutW, SHW | ERR},
-	}
-	for _, tc := range cases {
-		var c Conn
-		c.Init(-1, nil, true)
-		c.Set(tc.set)
-		if got := c.Status(); got != tc.want {
-			t.Errorf("flags %v: status %v, want %v", tc.set, got, tc.want)
-		}
-	}
-	if (SHR | SHW | ERR).String() != "SHR|SHW|ERR" {
-		t.Error(SHR | SHW | ERR)
-	}
-}
-
 // agains is a data layer whose ShutW and Close say EAGAIN a given number of
 // times before they complete, as TLS does on a full socket buffer.
 type agains struct{ shutw, close, shutwCalls, closeCalls int }
@@ -166,9 +140,6 @@ func TestShutWSequenceResumesAfterEAGAIN(t *testing.T) {
 	}
 	if !c.Has(DataShutW | CtrlShutW | FDShutW) {
 		t.Fatalf("flags %v", c.Flags())
-	}
-	if c.Status() != SHW {
-		t.Fatalf("status %v", c.Status())
 	}
 	// The peer sees EOF: the CTRL step really called shutdown(2).
 	var buf [1]byte
@@ -240,29 +211,4 @@ func TestCloseSequence(t *testing.T) {
 			t.Fatalf("peer read: %v, want ECONNRESET", err)
 		}
 	})
-}
-
-func TestFailKeepsFirstCode(t *testing.T) {
-	var c Conn
-	c.Init(-1, nil, true)
-	c.Fail(CodeServerReset)
-	c.Fail(CodeClientReset)
-	c.SetCode(CodeIdleTimeout)
-	if c.Code() != CodeServerReset || c.Status() != ERR {
-		t.Fatalf("code %v status %v", c.Code(), c.Status())
-	}
-}
-
-func TestShutR(t *testing.T) {
-	var c Conn
-	c.Init(-1, nil, true)
-	c.ShutR(true)
-	if c.Status() != SHR || c.Has(ShutRForced) {
-		t.Fatalf("reported: %v", c.Flags())
-	}
-	c.Init(-1, nil, true)
-	c.ShutR(false)
-	if !c.Has(ShutRForced | CtrlShutR) {
-		t.Fatalf("forced: %v", c.Flags())
-	}
 }

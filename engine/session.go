@@ -549,7 +549,6 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	if s.flags&sfBackend != 0 {
 		s.ln.pool.Release(int(s.backend))
 	}
-	s.cli.SetCode(code)
 	for _, c := range [...]*conn.Conn{&s.cli, &s.srv} {
 		if fd := c.FD(); fd >= 0 {
 			l.forget(fd)

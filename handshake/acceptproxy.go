@@ -7,6 +7,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-proxy/sluice/conn"
+	"github.com/sluice-proxy/sluice/internal/rawsys"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -40,7 +41,7 @@ func (a *acceptProxy) Handshake(st *State) (Result, conn.Code) {
 	}
 	c.SetOp(conn.OpAcceptProxy, conn.StepStarted)
 	fd := c.FD()
-	n, err := recv(fd, st.peek[:], unix.MSG_PEEK)
+	n, err := rawsys.Recv(fd, st.peek[:], unix.MSG_PEEK)
 	switch {
 	case err == unix.EAGAIN:
 		if st.flags&PeerClosed != 0 {
@@ -68,7 +69,7 @@ func (a *acceptProxy) Handshake(st *State) (Result, conn.Code) {
 		if err == nil && avail >= hl {
 			buf := bigPool.Get().(*[maxHeaderLen]byte)
 			defer bigPool.Put(buf)
-			if m, err := recv(fd, buf[:hl], unix.MSG_PEEK); err == nil && m == hl {
+			if m, err := rawsys.Recv(fd, buf[:hl], unix.MSG_PEEK); err == nil && m == hl {
 				return a.take(st, fd, buf[:hl])
 			}
 		}
@@ -98,7 +99,7 @@ func (a *acceptProxy) take(st *State, fd int, hdr []byte) (Result, conn.Code) {
 			}
 		}
 	}
-	if n, err := recv(fd, hdr, 0); err != nil {
+	if n, err := rawsys.Recv(fd, hdr, 0); err != nil {
 		return Fail, conn.CodeClientReset
 	} else if n != len(hdr) {
 		return Fail, conn.CodeProxyTruncated // cannot happen: the bytes were peeked

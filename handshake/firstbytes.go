@@ -4,6 +4,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-proxy/sluice/conn"
+	"github.com/sluice-proxy/sluice/internal/rawsys"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -33,7 +34,7 @@ func newFirstBytes(r *rules.Rule, _ *Policy) Handler {
 // those).
 func (*firstBytes) Handshake(st *State) (Result, conn.Code) {
 	b := st.peek[:len(sigV2)] // the longer signature
-	n, err := recv(st.In.FD(), b, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	n, err := rawsys.Recv(st.In.FD(), b, unix.MSG_PEEK|unix.MSG_DONTWAIT)
 	switch {
 	case err == unix.EAGAIN:
 		return WantRead, conn.CodeNone

@@ -75,7 +75,6 @@ func (h *health) Handshake(st *State) (Result, conn.Code) {
 			st.off += uint32(n)
 		case err == nil:
 			return Close, conn.CodeHealth // the client closed: served
-		case err == unix.EINTR:
 		case err == unix.EAGAIN:
 			return WantRead, conn.CodeNone
 		default:

@@ -20,18 +20,6 @@ func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
-// recv is rawsys.Recv (recvfrom(2) without a source address, so a peek never
-// allocates), retried on EINTR, which rawsys hands to its caller. It returns
-// the bytes read (0 at end of stream) or the errno.
-func recv(fd int, p []byte, flags int) (int, error) {
-	for {
-		n, err := rawsys.Recv(fd, p, flags)
-		if err != unix.EINTR {
-			return n, err
-		}
-	}
-}
-
 // flush writes st.out from st.off to fd without blocking.
 //
 // Return convention: (Done, CodeNone) when every byte is written;
@@ -43,7 +31,6 @@ func (st *State) flush(fd int, failCode conn.Code) (Result, conn.Code) {
 		switch {
 		case err == nil:
 			st.off += uint32(n)
-		case err == unix.EINTR:
 		case err == unix.EAGAIN:
 			return WantWrite, conn.CodeNone
 		default:
