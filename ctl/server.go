@@ -494,14 +494,14 @@ func (ss *session) listTable() ([]Pif, uint64, error) {
 // (applied, then rolled back for any reason) or TxnFailed (ended before an
 // apply: invalid table, stale generation, protocol error, disconnect).
 type TxnObserver interface {
-	TxnEnded(outcome string)
+	TxnEnded(outcome rules.TxnOutcome)
 }
 
 // Outcomes given to TxnObserver.TxnEnded.
 const (
-	TxnCommitted  = "committed"
-	TxnRolledBack = "rolled_back"
-	TxnFailed     = "failed"
+	TxnCommitted  = rules.TxnCommitted
+	TxnRolledBack = rules.TxnRolledBack
+	TxnFailed     = rules.TxnFailed
 )
 
 // write runs the writing transaction, steps 3 to 10.

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -27,26 +28,42 @@ type TxnCounters struct {
 // outcome per writing transaction.
 func (e *Engine) Transactions() *TxnCounters { return &e.ctr.txn }
 
-// TxnEnded counts one writing transaction by its outcome ("committed",
-// "rolled_back", anything else is "failed"): the control server's
-// ctl.TxnObserver call.
-func (e *Engine) TxnEnded(outcome string) {
-	switch outcome {
-	case "committed":
+// TxnEnded counts one writing transaction by its outcome: the control
+// server's ctl.TxnObserver call. An outcome out of the list counts as
+// failed.
+func (e *Engine) TxnEnded(o rules.TxnOutcome) {
+	switch o {
+	case rules.TxnCommitted:
 		e.ctr.txn.Committed.Add(1)
-	case "rolled_back":
+	case rules.TxnRolledBack:
 		e.ctr.txn.RolledBack.Add(1)
 	default:
 		e.ctr.txn.Failed.Add(1)
 	}
 }
 
-// Txn ops, as TxnRecord.Op names them.
+// TxnOp is a table operation of the engine, as TxnRecord names it.
+type TxnOp uint8
+
 const (
-	OpApply    = "apply"
-	OpCommit   = "commit"
-	OpRollback = "rollback"
+	OpApply TxnOp = iota
+	OpCommit
+	OpRollback
+	txnOpCount
 )
+
+// txnOpNames are the operations' stable names: the label op of
+// sluice_table_operations_total and the status page's column.
+var txnOpNames = [txnOpCount]string{OpApply: "apply", OpCommit: "commit", OpRollback: "rollback"}
+
+// String returns the operation's stable name, or "op-N" for a value out of
+// the list.
+func (o TxnOp) String() string {
+	if o < txnOpCount {
+		return txnOpNames[o]
+	}
+	return "op-" + strconv.Itoa(int(o))
+}
 
 // recentTxns is how many table operations Stats shows.
 const recentTxns = 16
@@ -55,7 +72,7 @@ const recentTxns = 16
 // rollback.
 type TxnRecord struct {
 	Time       time.Time
-	Op         string         // OpApply, OpCommit, OpRollback
+	Op         TxnOp
 	Generation uint64         // apply: the generation a commit would give; commit: the new one; rollback: the one restored
 	Took       time.Duration  // the engine's own time for the step
 	Summary    *rules.Summary // apply and rollback: per rule, requested / bound / failed ports; nil for commit. Read only.
@@ -74,7 +91,7 @@ type engineCounters struct {
 }
 
 // note records a table operation. Called with e.mu held.
-func (e *Engine) note(op string, start time.Time, gen uint64, sum *rules.Summary) {
+func (e *Engine) note(op TxnOp, start time.Time, gen uint64, sum *rules.Summary) {
 	c := &e.ctr
 	took := time.Since(start)
 	c.recent[c.next] = TxnRecord{Time: start, Op: op, Generation: gen, Took: took, Summary: sum}
@@ -109,7 +126,7 @@ func (e *Engine) noteApply(start time.Time, rs []*rules.Rule, sum *rules.Summary
 
 // noteEnd records a commit or a rollback, and forgets the bind failures of
 // rules no longer in the table. Called with e.mu held.
-func (e *Engine) noteEnd(op string, start time.Time, sum *rules.Summary) {
+func (e *Engine) noteEnd(op TxnOp, start time.Time, sum *rules.Summary) {
 	if len(e.ctr.bindFailed) > 0 {
 		in := make(map[*rules.Rule]bool, len(e.rules))
 		for _, r := range e.rules {

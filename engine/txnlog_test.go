@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/sluice-proxy/sluice/rules"
 )
 
 // Applies, commits and rollbacks are counted and kept, newest first, with
@@ -57,7 +59,7 @@ func TestTableRecords(t *testing.T) {
 	}
 	var ops []string
 	for _, r := range tb.Recent {
-		ops = append(ops, r.Op)
+		ops = append(ops, r.Op.String())
 	}
 	if strings.Join(ops, ",") != "rollback,apply,commit,apply" {
 		t.Fatalf("recent %v", ops)
@@ -82,5 +84,50 @@ func TestTableRecords(t *testing.T) {
 	}
 	if tb := e.Stats().Table; len(tb.Recent) != recentTxns || tb.Recent[0].Op != OpRollback || tb.Recent[1].Op != OpApply || tb.Rollbacks != 11 {
 		t.Errorf("after 24 operations: %d kept, newest %s, %d rollbacks", len(tb.Recent), tb.Recent[0].Op, tb.Rollbacks)
+	}
+}
+
+// Every table operation has its name, distinct from the others: an
+// operation added without one fails here.
+func TestTxnOpNames(t *testing.T) {
+	seen := map[string]TxnOp{}
+	for op := range txnOpCount {
+		n := op.String()
+		if n == "" {
+			t.Errorf("op %d has no name", op)
+		}
+		if p, dup := seen[n]; dup {
+			t.Errorf("ops %d and %d are both %q", p, op, n)
+		}
+		seen[n] = op
+	}
+	for _, c := range []struct {
+		op   TxnOp
+		want string
+	}{{OpApply, "apply"}, {OpCommit, "commit"}, {OpRollback, "rollback"}, {txnOpCount, "op-3"}} {
+		if got := c.op.String(); got != c.want {
+			t.Errorf("%d: %q, want %q", c.op, got, c.want)
+		}
+	}
+}
+
+// TxnEnded counts each outcome in its own counter; one out of the list
+// counts as failed.
+func TestTxnEnded(t *testing.T) {
+	for _, c := range []struct {
+		o                             rules.TxnOutcome
+		committed, rolledBack, failed uint64
+	}{
+		{rules.TxnCommitted, 1, 0, 0},
+		{rules.TxnRolledBack, 0, 1, 0},
+		{rules.TxnFailed, 0, 0, 1},
+		{rules.TxnOutcomeCount, 0, 0, 1},
+	} {
+		var e Engine
+		e.TxnEnded(c.o)
+		tc := e.Transactions()
+		if got := [3]uint64{tc.Committed.Load(), tc.RolledBack.Load(), tc.Failed.Load()}; got != [3]uint64{c.committed, c.rolledBack, c.failed} {
+			t.Errorf("%v: committed, rolled back, failed %v", c.o, got)
+		}
 	}
 }

@@ -105,9 +105,9 @@ var tableFamilies = []metric{
 	{name: "table_operations_total", help: "Table operations of the engine: apply, commit, rollback.",
 		typ: prometheus.CounterValue, labels: []string{"op"},
 		samples: func(s *engine.Stats, emit func(float64, ...string)) {
-			emit(float64(s.Table.Applies), engine.OpApply)
-			emit(float64(s.Table.Commits), engine.OpCommit)
-			emit(float64(s.Table.Rollbacks), engine.OpRollback)
+			emit(float64(s.Table.Applies), engine.OpApply.String())
+			emit(float64(s.Table.Commits), engine.OpCommit.String())
+			emit(float64(s.Table.Rollbacks), engine.OpRollback.String())
 		}},
 	{name: "table_apply_seconds", help: "Time the engine took to apply a table (bind, sync the loops).",
 		hist: func(s *engine.Stats, emit func(engine.HistogramSnapshot, ...string)) { emit(s.Table.ApplyTime) }},

@@ -266,7 +266,7 @@ func (p *StatusPage) view(now time.Time) statusView {
 		v.Rules = append(v.Rules, rv)
 	}
 	for _, t := range st.Table.Recent {
-		tv := txnView{Time: t.Time.UTC().Format("15:04:05"), Op: t.Op, Generation: t.Generation,
+		tv := txnView{Time: t.Time.UTC().Format("15:04:05"), Op: t.Op.String(), Generation: t.Generation,
 			Took: t.Took.Round(time.Microsecond).String()}
 		if s := t.Summary; s != nil {
 			tv.HasSummary, tv.OK = true, s.OK()
