@@ -419,13 +419,8 @@ type Stats struct {
 // Stats returns the engine's counters. It allocates; call it from the
 // control side, never the data path.
 func (e *Engine) Stats() Stats {
-	s := Stats{Loops: len(e.loops), Sessions: e.active.Load(), Ended: map[string]uint64{},
+	s := Stats{Loops: len(e.loops), Sessions: e.active.Load(), Ended: conn.CountsByName(e.endCodes[:]),
 		ConnectErrors: e.connectErrors.Load()}
-	for i := range e.endCodes {
-		if n := e.endCodes[i].Load(); n > 0 {
-			s.Ended[conn.Code(i).String()] = n
-		}
-	}
 	for _, l := range e.loops {
 		p := l.pools.Stats()
 		s.Pools.BuffersInUse += p.BuffersInUse
