@@ -27,11 +27,11 @@ const cacheLine = 64
 
 // ruleShard is one loop's part of a rule's data-path counters.
 type ruleShard struct {
-	live     atomic.Int64  // sessions of the rule on this loop, from accept to end
-	bytesIn  atomic.Uint64 // client to backend
-	bytesOut atomic.Uint64 // backend to client
-	spliced  atomic.Uint64 // of both, moved through a pipe (the rest went through a buffer)
-	_        [cacheLine - 32]byte
+	live      atomic.Int64  // sessions of the rule on this loop, from accept to end
+	bytesUp   atomic.Uint64 // client to backend
+	bytesDown atomic.Uint64 // backend to client
+	spliced   atomic.Uint64 // of both, moved through a pipe (the rest went through a buffer)
+	_         [cacheLine - 32]byte
 }
 
 // RuleCounters are the engine's counters of one rule, shared by its ports.
@@ -89,10 +89,10 @@ func (c *RuleCounters) moved(l *Loop, up, down int, spliced uint64) {
 	}
 	sh := &c.shards[l.id]
 	if up > 0 {
-		sh.bytesIn.Add(uint64(up))
+		sh.bytesUp.Add(uint64(up))
 	}
 	if down > 0 {
-		sh.bytesOut.Add(uint64(down))
+		sh.bytesDown.Add(uint64(down))
 	}
 	if spliced > 0 {
 		sh.spliced.Add(spliced)

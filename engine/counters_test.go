@@ -128,8 +128,8 @@ func TestCountingAllocatesNothing(t *testing.T) {
 		t.Errorf("%v allocations per session's counting", allocs)
 	}
 	sh := &c.shards[1]
-	if sh.live.Load() != 0 || sh.bytesIn.Load() == 0 || c.connect.Snapshot().Count() == 0 || c.session.Snapshot().Sum == 0 {
-		t.Errorf("counts: live %d, in %d, connect %+v", sh.live.Load(), sh.bytesIn.Load(), c.connect.Snapshot())
+	if sh.live.Load() != 0 || sh.bytesUp.Load() == 0 || c.connect.Snapshot().Count() == 0 || c.session.Snapshot().Sum == 0 {
+		t.Errorf("counts: live %d, in %d, connect %+v", sh.live.Load(), sh.bytesUp.Load(), c.connect.Snapshot())
 	}
 }
 
@@ -240,8 +240,8 @@ func TestAccessLogAndRuleCounters(t *testing.T) {
 	if rs.Pif != "host" || rs.Proto != "tcp" || rs.Requested != 1 || len(rs.Listeners) != 1 || rs.Listeners[0].State != ListenerListening {
 		t.Errorf("rule %+v", rs)
 	}
-	if rs.Sessions != 0 || rs.BytesIn != 1016 || rs.BytesOut != 3032 || rs.Spliced > rs.BytesIn+rs.BytesOut {
-		t.Errorf("sessions %d, bytes in %d out %d spliced %d", rs.Sessions, rs.BytesIn, rs.BytesOut, rs.Spliced)
+	if rs.Sessions != 0 || rs.BytesUp != 1016 || rs.BytesDown != 3032 || rs.Spliced > rs.BytesUp+rs.BytesDown {
+		t.Errorf("sessions %d, bytes in %d out %d spliced %d", rs.Sessions, rs.BytesUp, rs.BytesDown, rs.Spliced)
 	}
 	if rs.Terms["--"] != 1 || rs.Terms["PR"] != 1 || len(rs.Terms) != 2 {
 		t.Errorf("terms %v", rs.Terms)

@@ -402,12 +402,12 @@ type Stats struct {
 	PipesOpen     int64         // whole process
 	PipesDenied   int64         // a pipe wanted, the budget said no
 
-	UDPFlows        int64  // live udp flows
-	UDPFlowsOpened  uint64 // udp flows opened, since start
-	UDPFlowsExpired uint64 // udp flows ended by timeout.idle
-	UDPDatagramsIn  uint64 // client to target, forwarded
-	UDPDatagramsOut uint64 // target to client, forwarded
-	UDPDropped      uint64 // datagrams not forwarded (table full, no fd, buffer full)
+	UDPFlows         int64  // live udp flows
+	UDPFlowsOpened   uint64 // udp flows opened, since start
+	UDPFlowsExpired  uint64 // udp flows ended by timeout.idle
+	UDPDatagramsUp   uint64 // client to target, forwarded
+	UDPDatagramsDown uint64 // target to client, forwarded
+	UDPDropped       uint64 // datagrams not forwarded (table full, no fd, buffer full)
 
 	// From counters.go:
 	FDs      int         // fds open in the process (/proc/self/fd); -1 if unreadable
@@ -436,8 +436,8 @@ func (e *Engine) Stats() Stats {
 			s.UDPFlows += u.FlowsActive.Load()
 			s.UDPFlowsOpened += u.FlowsOpened.Load()
 			s.UDPFlowsExpired += u.FlowsExpired.Load()
-			s.UDPDatagramsIn += u.DatagramsIn.Load()
-			s.UDPDatagramsOut += u.DatagramsOut.Load()
+			s.UDPDatagramsUp += u.DatagramsIn.Load()
+			s.UDPDatagramsDown += u.DatagramsOut.Load()
 			s.UDPDropped += u.Dropped.Load()
 		}
 	}

@@ -87,7 +87,7 @@ func (e *Engine) Counters() []observe.Counter {
 		ctr("pipes_in_use", int64(s.Pools.PipesInUse)), ctr("pipes_free", int64(s.Pools.PipesFree)),
 		ctr("pipes_open", s.PipesOpen), ctr("pipes_denied", s.PipesDenied),
 		ctr("udp_flows", s.UDPFlows), ctr("udp_flows_opened", int64(s.UDPFlowsOpened)), ctr("udp_flows_expired", int64(s.UDPFlowsExpired)),
-		ctr("udp_datagrams_in", int64(s.UDPDatagramsIn)), ctr("udp_datagrams_out", int64(s.UDPDatagramsOut)), ctr("udp_dropped", int64(s.UDPDropped)),
+		ctr("udp_datagrams_in", int64(s.UDPDatagramsUp)), ctr("udp_datagrams_out", int64(s.UDPDatagramsDown)), ctr("udp_dropped", int64(s.UDPDropped)),
 		ctr("fds", int64(s.FDs)), ctr("draining", b(s.Draining)), ctr("generation", int64(s.Table.Generation)), ctr("rules", int64(len(s.Rules))),
 	}
 	var ended []observe.Counter
@@ -123,7 +123,7 @@ func ruleCounters(r RuleStats) []observe.Counter {
 			up++
 		}
 	}
-	out := []observe.Counter{ctr(p+"sessions", r.Sessions), ctr(p+"bytes_in", int64(r.BytesIn)), ctr(p+"bytes_out", int64(r.BytesOut)),
+	out := []observe.Counter{ctr(p+"sessions", r.Sessions), ctr(p+"bytes_in", int64(r.BytesUp)), ctr(p+"bytes_out", int64(r.BytesDown)),
 		ctr(p+"spliced", int64(r.Spliced)), ctr(p+"connect_errors", int64(r.ConnectErrors)), ctr(p+"retries", int64(r.Retries)),
 		ctr(p+"ports_bound", int64(len(r.Listeners))), ctr(p+"ports_failed", int64(len(r.Failed))),
 		ctr(p+"backends", int64(len(r.Backends))), ctr(p+"backends_up", up)}

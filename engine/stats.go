@@ -30,10 +30,10 @@ type ListenerStats struct {
 
 // UDPStats are a udp rule's flow counters, summed over its ports.
 type UDPStats struct {
-	Flows                     int64 // live
-	Opened, Expired           uint64
-	DatagramsIn, DatagramsOut uint64 // client to target, target to client
-	Dropped                   uint64
+	Flows                      int64 // live
+	Opened, Expired            uint64
+	DatagramsUp, DatagramsDown uint64 // client to target, target to client
+	Dropped                    uint64
 }
 
 // RuleStats is one rule of the table, its sockets and its counters.
@@ -50,7 +50,7 @@ type RuleStats struct {
 	Policy handshake.Stats // accepted, passed, refused by step and code, health replies, PROXY headers
 
 	Sessions                     int64  // live, from accept to end
-	BytesIn, BytesOut, Spliced   uint64 // in: client to backend; Spliced: of both, through pipes
+	BytesUp, BytesDown, Spliced  uint64 // up: client to backend, down: backend to client; Spliced: of both, through pipes
 	ConnectErrors, Retries       uint64
 	Terms                        map[string]uint64 // sessions ended, by termination code ("SC")
 	Handshake, Connect, Duration HistogramSnapshot
@@ -129,8 +129,8 @@ func (e *Engine) counterStats(s *Stats) {
 				rs.UDP.Flows += u.FlowsActive.Load()
 				rs.UDP.Opened += u.FlowsOpened.Load()
 				rs.UDP.Expired += u.FlowsExpired.Load()
-				rs.UDP.DatagramsIn += u.DatagramsIn.Load()
-				rs.UDP.DatagramsOut += u.DatagramsOut.Load()
+				rs.UDP.DatagramsUp += u.DatagramsIn.Load()
+				rs.UDP.DatagramsDown += u.DatagramsOut.Load()
 				rs.UDP.Dropped += u.Dropped.Load()
 			}
 		}
@@ -141,8 +141,8 @@ func (e *Engine) counterStats(s *Stats) {
 			for i := range c.shards {
 				sh := &c.shards[i]
 				rs.Sessions += sh.live.Load()
-				rs.BytesIn += sh.bytesIn.Load()
-				rs.BytesOut += sh.bytesOut.Load()
+				rs.BytesUp += sh.bytesUp.Load()
+				rs.BytesDown += sh.bytesDown.Load()
 				rs.Spliced += sh.spliced.Load()
 			}
 			rs.ConnectErrors, rs.Retries = c.connectErrors.Load(), c.retries.Load()
@@ -165,8 +165,8 @@ func (e *Engine) counterStats(s *Stats) {
 type Totals struct {
 	Sessions  int64  // live
 	Accepted  uint64 // tcp conns accepted
-	BytesIn   uint64 // client to backend
-	BytesOut  uint64 // backend to client
+	BytesUp   uint64 // client to backend
+	BytesDown uint64 // backend to client
 	Datagrams uint64 // udp, both ways
 }
 
@@ -184,8 +184,8 @@ func (e *Engine) Totals() Totals {
 		if c := ln.ctr; !seen[c] { // once per rule: its ports share them
 			seen[c] = true
 			for i := range c.shards {
-				t.BytesIn += c.shards[i].bytesIn.Load()
-				t.BytesOut += c.shards[i].bytesOut.Load()
+				t.BytesUp += c.shards[i].bytesUp.Load()
+				t.BytesDown += c.shards[i].bytesDown.Load()
 			}
 		}
 	}

@@ -59,7 +59,7 @@ func TestTotals(t *testing.T) {
 	}
 	c.Close()
 	waitIdle(t, e)
-	if tot := e.Totals(); tot.Accepted != 1 || tot.BytesIn != 516 || tot.BytesOut != 732 || tot.Sessions != 0 {
+	if tot := e.Totals(); tot.Accepted != 1 || tot.BytesUp != 516 || tot.BytesDown != 732 || tot.Sessions != 0 {
 		t.Errorf("totals %+v", tot)
 	}
 }

@@ -81,8 +81,8 @@ var families = []metric{
 	{name: "udp_datagrams_total", help: "UDP datagrams forwarded, by direction.",
 		typ: prometheus.CounterValue, labels: []string{"direction"},
 		samples: func(s *engine.Stats, emit func(float64, ...string)) {
-			emit(float64(s.UDPDatagramsIn), "to_target")
-			emit(float64(s.UDPDatagramsOut), "to_client")
+			emit(float64(s.UDPDatagramsUp), "to_target")
+			emit(float64(s.UDPDatagramsDown), "to_client")
 		}},
 	{name: "udp_dropped_total", help: "UDP datagrams not forwarded (flow table full, no fd, buffer full).", typ: prometheus.CounterValue,
 		samples: one(func(s *engine.Stats) float64 { return float64(s.UDPDropped) })},

@@ -92,14 +92,14 @@ var ruleFamilies = []metric{
 	{name: "rule_bytes_total", help: "Bytes forwarded: in, client to backend; out, backend to client.",
 		typ: prometheus.CounterValue, labels: withRule("direction"),
 		samples: perRule(tcp, func(r *engine.RuleStats, emit func(float64, ...string)) {
-			emit(float64(r.BytesIn), "in")
-			emit(float64(r.BytesOut), "out")
+			emit(float64(r.BytesUp), "in")
+			emit(float64(r.BytesDown), "out")
 		})},
 	{name: "rule_bytes_moved_total", help: "Bytes forwarded (both ways) by how: splice(2) through a pipe, or a buffer.",
 		typ: prometheus.CounterValue, labels: withRule("via"),
 		samples: perRule(tcp, func(r *engine.RuleStats, emit func(float64, ...string)) {
 			emit(float64(r.Spliced), "splice")
-			emit(float64(r.BytesIn+r.BytesOut-min(r.Spliced, r.BytesIn+r.BytesOut)), "buffer")
+			emit(float64(r.BytesUp+r.BytesDown-min(r.Spliced, r.BytesUp+r.BytesDown)), "buffer")
 		})},
 	{name: "rule_connect_errors_total", help: "Backend connects of the rule that failed (each try of the pool).",
 		typ: prometheus.CounterValue, labels: withRule(),
@@ -134,8 +134,8 @@ var ruleFamilies = []metric{
 	{name: "rule_udp_datagrams_total", help: "UDP datagrams the rule forwarded, by direction.",
 		typ: prometheus.CounterValue, labels: withRule("direction"),
 		samples: perRule(udp, func(r *engine.RuleStats, emit func(float64, ...string)) {
-			emit(float64(r.UDP.DatagramsIn), "to_target")
-			emit(float64(r.UDP.DatagramsOut), "to_client")
+			emit(float64(r.UDP.DatagramsUp), "to_target")
+			emit(float64(r.UDP.DatagramsDown), "to_client")
 		})},
 	{name: "rule_udp_dropped_total", help: "UDP datagrams of the rule not forwarded.",
 		typ: prometheus.CounterValue, labels: withRule(),
