@@ -1,6 +1,9 @@
 package conn
 
-import "strconv"
+import (
+	"strconv"
+	"sync/atomic"
+)
 
 // Code says why a conn or session ended. Codes are stable numbers shown by
 // logs, metrics and ctl: they are only ever added, never renumbered.
@@ -58,4 +61,16 @@ func (c Code) String() string {
 		return codeNames[c]
 	}
 	return "code-" + strconv.Itoa(int(c))
+}
+
+// CountsByName returns counts read by code name, for stats: counts[i]
+// counts Code(i). Zero counts are left out; the map is never nil.
+func CountsByName(counts []atomic.Uint64) map[string]uint64 {
+	m := map[string]uint64{}
+	for i := range counts {
+		if n := counts[i].Load(); n > 0 {
+			m[Code(i).String()] = n
+		}
+	}
+	return m
 }

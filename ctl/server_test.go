@@ -118,7 +118,7 @@ func TestTransactionCommit(t *testing.T) {
 }
 
 // wantTxnOutcomes checks the transaction outcomes the engine heard, in order.
-func wantTxnOutcomes(t *testing.T, eng *ctltest.Engine, want ...string) {
+func wantTxnOutcomes(t *testing.T, eng *ctltest.Engine, want ...rules.TxnOutcome) {
 	t.Helper()
 	if got := eng.Outcomes(); !slices.Equal(got, want) {
 		t.Fatalf("transaction outcomes %q, want %q", got, want)

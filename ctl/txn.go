@@ -54,14 +54,14 @@ import (
 // (applied, then rolled back for any reason) or TxnFailed (ended before an
 // apply: invalid table, stale generation, protocol error, disconnect).
 type TxnObserver interface {
-	TxnEnded(outcome string)
+	TxnEnded(outcome rules.TxnOutcome)
 }
 
 // Outcomes given to TxnObserver.TxnEnded.
 const (
-	TxnCommitted  = "committed"
-	TxnRolledBack = "rolled_back"
-	TxnFailed     = "failed"
+	TxnCommitted  = rules.TxnCommitted
+	TxnRolledBack = rules.TxnRolledBack
+	TxnFailed     = rules.TxnFailed
 )
 
 // writeTxn is one writing transaction, on the connection of intent write.

@@ -156,6 +156,9 @@ func (s *session) keepOrig(src netip.AddrPort) {
 //	connect     from there to the backend connected (sessions that connected)
 //	duration    accept to end
 //	term        the two-letter termination code; end, code: the end code
+//
+// bytes_up, bytes_down and spliced are named by RuleDefs, beside the rule's
+// sums of them.
 func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
 	lvl := zapcore.InfoLevel
 	if s.flags&sfPassed == 0 {
@@ -185,9 +188,9 @@ func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
 		orig,
 		zap.Stringer("dst", s.cli.Dst),
 		backend,
-		zap.Uint64("bytes_up", s.up.Bytes),
-		zap.Uint64("bytes_down", s.down.Bytes),
-		zap.Uint64("spliced", s.up.Spliced+s.down.Spliced),
+		zap.Uint64(logBytesUp, s.up.Bytes),
+		zap.Uint64(logBytesDown, s.down.Bytes),
+		zap.Uint64(logSpliced, s.up.Spliced+s.down.Spliced),
 		hs,
 		connect,
 		zap.Duration("duration", time.Duration(l.now-s.start)),

@@ -4,7 +4,6 @@ import (
 	"net"
 	"os"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -13,7 +12,6 @@ import (
 	"github.com/pires/go-proxyproto"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
-	"golang.org/x/sys/unix"
 
 	"github.com/sluice-proxy/sluice/conn"
 	"github.com/sluice-proxy/sluice/internal/testpeer"
@@ -99,34 +97,6 @@ func TestTermCodesDocumented(t *testing.T) {
 	}
 }
 
-func TestHistogramBuckets(t *testing.T) {
-	var h Histogram
-	for _, us := range []uint64{0, 100, 101, 10e6, 10e6 + 1, 1 << 40} {
-		h.observe(us)
-	}
-	s := h.Snapshot()
-	if len(s.Bounds) != len(latencyBounds) || len(s.Counts) != len(s.Bounds)+1 {
-		t.Fatalf("%d bounds, %d counts", len(s.Bounds), len(s.Counts))
-	}
-	want := map[int]uint64{0: 2, 1: 1, len(s.Bounds) - 1: 1, len(s.Bounds): 2}
-	for i, n := range s.Counts {
-		if n != want[i] {
-			t.Errorf("bucket %d (le %v): %d, want %d", i, append(s.Bounds, -1)[i], n, want[i])
-		}
-	}
-	if s.Count() != 6 || s.Bounds[0] != 0.0001 || s.Bounds[len(s.Bounds)-1] != 10 {
-		t.Errorf("count %d, bounds %v", s.Count(), s.Bounds)
-	}
-	if wantSum := float64(0+100+101+10e6+10e6+1+1<<40) / 1e6; s.Sum != wantSum {
-		t.Errorf("sum %v, want %v", s.Sum, wantSum)
-	}
-	d := Histogram{bounds: durationBounds[:]}
-	d.observe(90e9) // 25 h: above the last bound (a day)
-	if s := d.Snapshot(); s.Counts[len(durationBounds)] != 1 || s.Bounds[len(s.Bounds)-1] != 86400 {
-		t.Errorf("duration histogram %+v", s)
-	}
-}
-
 func TestSinceUs(t *testing.T) {
 	for _, c := range []struct {
 		now, start int64
@@ -134,30 +104,6 @@ func TestSinceUs(t *testing.T) {
 	}{{5000, 1000, 4}, {1000, 5000, 0}, {int64(2 * time.Hour), 0, 1<<32 - 1}} {
 		if got := sinceUs(c.now, c.start); got != c.want {
 			t.Errorf("sinceUs(%d, %d) = %d, want %d", c.now, c.start, got, c.want)
-		}
-	}
-}
-
-// openFDs counts fds exactly: ten more after five pipes.
-func TestOpenFDs(t *testing.T) {
-	var fds [5][2]int
-	for try := 0; ; try++ {
-		before := openFDs()
-		for i := range fds {
-			if err := unix.Pipe2(fds[i][:], unix.O_CLOEXEC); err != nil {
-				t.Fatal(err)
-			}
-		}
-		after := openFDs()
-		for i := range fds {
-			unix.Close(fds[i][0])
-			unix.Close(fds[i][1])
-		}
-		if before > 0 && after-before == 10 {
-			return
-		}
-		if try == 5 { // another goroutine of the test binary opened or closed an fd meanwhile, every time
-			t.Fatalf("openFDs: %d before five pipes, %d after", before, after)
 		}
 	}
 }
@@ -182,8 +128,8 @@ func TestCountingAllocatesNothing(t *testing.T) {
 		t.Errorf("%v allocations per session's counting", allocs)
 	}
 	sh := &c.shards[1]
-	if sh.live.Load() != 0 || sh.bytesIn.Load() == 0 || c.connect.Snapshot().Count() == 0 || c.session.Snapshot().Sum == 0 {
-		t.Errorf("counts: live %d, in %d, connect %+v", sh.live.Load(), sh.bytesIn.Load(), c.connect.Snapshot())
+	if sh.live.Load() != 0 || sh.bytesUp.Load() == 0 || c.connect.Snapshot().Count() == 0 || c.session.Snapshot().Sum == 0 {
+		t.Errorf("counts: live %d, in %d, connect %+v", sh.live.Load(), sh.bytesUp.Load(), c.connect.Snapshot())
 	}
 }
 
@@ -294,8 +240,8 @@ func TestAccessLogAndRuleCounters(t *testing.T) {
 	if rs.Pif != "host" || rs.Proto != "tcp" || rs.Requested != 1 || len(rs.Listeners) != 1 || rs.Listeners[0].State != ListenerListening {
 		t.Errorf("rule %+v", rs)
 	}
-	if rs.Sessions != 0 || rs.BytesIn != 1016 || rs.BytesOut != 3032 || rs.Spliced > rs.BytesIn+rs.BytesOut {
-		t.Errorf("sessions %d, bytes in %d out %d spliced %d", rs.Sessions, rs.BytesIn, rs.BytesOut, rs.Spliced)
+	if rs.Sessions != 0 || rs.BytesUp != 1016 || rs.BytesDown != 3032 || rs.Spliced > rs.BytesUp+rs.BytesDown {
+		t.Errorf("sessions %d, bytes in %d out %d spliced %d", rs.Sessions, rs.BytesUp, rs.BytesDown, rs.Spliced)
 	}
 	if rs.Terms["--"] != 1 || rs.Terms["PR"] != 1 || len(rs.Terms) != 2 {
 		t.Errorf("terms %v", rs.Terms)
@@ -359,115 +305,6 @@ func TestRetriesAndConnectErrors(t *testing.T) {
 		} else if l["term"] != "--" || l["backend"] != b.Addr() || l["connect"] == nil {
 			t.Errorf("retried session's line: %v", l)
 		}
-	}
-}
-
-// Applies, commits and rollbacks are counted and kept, newest first, with
-// their summaries; the rules of a pending apply show their bind state.
-func TestTableRecords(t *testing.T) {
-	e := newEngine(t)
-	b := backend(t)
-	ports := freePorts(t, 2)
-	held, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer held.Close()
-	a := "tcp 127.0.0.1:" + strconv.Itoa(ports[0]) + " -> " + b.Addr()
-	bad := "tcp " + held.Addr().String() + " -> " + b.Addr()
-	c := "tcp 127.0.0.1:" + strconv.Itoa(ports[1]) + " -> " + b.Addr()
-	applyCommit(t, e, a)
-	sum, err := e.Apply(parseAll(t, a, bad, c))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if sum.OK() {
-		t.Fatal("an apply binding a held port passed")
-	}
-	st := e.Stats()
-	if !st.Table.Pending || len(st.Rules) != 3 {
-		t.Fatalf("pending apply: %+v", st.Table)
-	}
-	if l := st.Rules[0].Listeners; len(l) != 1 || l[0].State != ListenerListening {
-		t.Errorf("kept rule: %+v", st.Rules[0])
-	}
-	if r := st.Rules[1]; len(r.Listeners) != 0 || len(r.Failed) != 1 || !strings.Contains(r.Failed[0].Msg, "address already in use") {
-		t.Errorf("failed rule: %+v", r)
-	}
-	if l := st.Rules[2].Listeners; len(l) != 1 || l[0].State != ListenerPending {
-		t.Errorf("added rule: %+v", st.Rules[2])
-	}
-	if _, err := e.Rollback(); err != nil {
-		t.Fatal(err)
-	}
-	e.Transactions().RolledBack.Add(1) // as the control server would
-
-	st = e.Stats()
-	tb := st.Table
-	if tb.Pending || tb.Generation != 1 || tb.Applies != 2 || tb.Commits != 1 || tb.Rollbacks != 1 || tb.ApplyTime.Count() != 2 {
-		t.Errorf("table %+v", tb)
-	}
-	if tb.RolledBack != 1 || tb.Committed != 0 || tb.Failed != 0 {
-		t.Errorf("transactions %+v", tb)
-	}
-	var ops []string
-	for _, r := range tb.Recent {
-		ops = append(ops, r.Op)
-	}
-	if strings.Join(ops, ",") != "rollback,apply,commit,apply" {
-		t.Fatalf("recent %v", ops)
-	}
-	if s := tb.Recent[1].Summary; s == nil || s.OK() || len(s.Failures()) != 1 || tb.Recent[1].Generation != 2 {
-		t.Errorf("failed apply's record %+v", tb.Recent[1])
-	}
-	if tb.Recent[2].Summary != nil || tb.Recent[2].Generation != 1 || !tb.Recent[3].Summary.OK() {
-		t.Errorf("commit %+v, first apply %+v", tb.Recent[2], tb.Recent[3])
-	}
-	if len(st.Rules) != 1 || st.Rules[0].Line != a || len(st.Rules[0].Failed) != 0 || len(e.ctr.bindFailed) != 0 {
-		t.Errorf("after rollback: %+v, bind failures kept %v", st.Rules, e.ctr.bindFailed)
-	}
-
-	for i := 0; i < 10; i++ {
-		if _, err := e.Apply(parseAll(t, a)); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := e.Rollback(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if tb := e.Stats().Table; len(tb.Recent) != recentTxns || tb.Recent[0].Op != OpRollback || tb.Recent[1].Op != OpApply || tb.Rollbacks != 11 {
-		t.Errorf("after 24 operations: %d kept, newest %s, %d rollbacks", len(tb.Recent), tb.Recent[0].Op, tb.Rollbacks)
-	}
-}
-
-// A port-0 rule is named by the port it got, so two do not share a name.
-func TestPortZeroRuleNames(t *testing.T) {
-	b := backend(t)
-	e, addr := start(t, "tcp 127.0.0.1:0 -> "+b.Addr(), Config{})
-	r, _ := rules.Parse("tcp 127.0.0.1:0 -> " + b.Addr())
-	lns, err := e.Listen(r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	st := e.Stats()
-	if len(st.Rules) != 2 || st.Rules[0].Listen != "tcp "+addr || st.Rules[1].Listen != "tcp "+lns[0].Addr().String() {
-		t.Errorf("names %q, %q", st.Rules[0].Listen, st.Rules[1].Listen)
-	}
-}
-
-// Totals follow the traffic.
-func TestTotals(t *testing.T) {
-	needCounters(t)
-	b := backend(t)
-	e, addr := start(t, "tcp 127.0.0.1:0 -> "+b.Addr(), Config{})
-	c := dial(t, addr)
-	if err := testpeer.Exchange(c, 500, 700, 3); err != nil {
-		t.Fatal(err)
-	}
-	c.Close()
-	waitIdle(t, e)
-	if tot := e.Totals(); tot.Accepted != 1 || tot.BytesIn != 516 || tot.BytesOut != 732 || tot.Sessions != 0 {
-		t.Errorf("totals %+v", tot)
 	}
 }
 

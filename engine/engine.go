@@ -402,12 +402,12 @@ type Stats struct {
 	PipesOpen     int64         // whole process
 	PipesDenied   int64         // a pipe wanted, the budget said no
 
-	UDPFlows        int64  // live udp flows
-	UDPFlowsOpened  uint64 // udp flows opened, since start
-	UDPFlowsExpired uint64 // udp flows ended by timeout.idle
-	UDPDatagramsIn  uint64 // client to target, forwarded
-	UDPDatagramsOut uint64 // target to client, forwarded
-	UDPDropped      uint64 // datagrams not forwarded (table full, no fd, buffer full)
+	UDPFlows         int64  // live udp flows
+	UDPFlowsOpened   uint64 // udp flows opened, since start
+	UDPFlowsExpired  uint64 // udp flows ended by timeout.idle
+	UDPDatagramsUp   uint64 // client to target, forwarded
+	UDPDatagramsDown uint64 // target to client, forwarded
+	UDPDropped       uint64 // datagrams not forwarded (table full, no fd, buffer full)
 
 	// From counters.go:
 	FDs      int         // fds open in the process (/proc/self/fd); -1 if unreadable
@@ -419,13 +419,8 @@ type Stats struct {
 // Stats returns the engine's counters. It allocates; call it from the
 // control side, never the data path.
 func (e *Engine) Stats() Stats {
-	s := Stats{Loops: len(e.loops), Sessions: e.active.Load(), Ended: map[string]uint64{},
+	s := Stats{Loops: len(e.loops), Sessions: e.active.Load(), Ended: conn.CountsByName(e.endCodes[:]),
 		ConnectErrors: e.connectErrors.Load()}
-	for i := range e.endCodes {
-		if n := e.endCodes[i].Load(); n > 0 {
-			s.Ended[conn.Code(i).String()] = n
-		}
-	}
 	for _, l := range e.loops {
 		p := l.pools.Stats()
 		s.Pools.BuffersInUse += p.BuffersInUse
@@ -441,8 +436,8 @@ func (e *Engine) Stats() Stats {
 			s.UDPFlows += u.FlowsActive.Load()
 			s.UDPFlowsOpened += u.FlowsOpened.Load()
 			s.UDPFlowsExpired += u.FlowsExpired.Load()
-			s.UDPDatagramsIn += u.DatagramsIn.Load()
-			s.UDPDatagramsOut += u.DatagramsOut.Load()
+			s.UDPDatagramsUp += u.DatagramsIn.Load()
+			s.UDPDatagramsDown += u.DatagramsOut.Load()
 			s.UDPDropped += u.Dropped.Load()
 		}
 	}

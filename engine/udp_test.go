@@ -76,7 +76,7 @@ func TestUDPFlows(t *testing.T) {
 		t.Error(err)
 	}
 	waitStats(t, e, "every datagram counted once each way", func(s Stats) bool {
-		return s.UDPFlowsOpened == clients && s.UDPDatagramsIn == clients*each && s.UDPDatagramsOut == clients*each && s.UDPDropped == 0
+		return s.UDPFlowsOpened == clients && s.UDPDatagramsUp == clients*each && s.UDPDatagramsDown == clients*each && s.UDPDropped == 0
 	})
 	waitStats(t, e, "flows expire after timeout.idle", func(s Stats) bool { return s.UDPFlows == 0 && s.UDPFlowsExpired == clients })
 	// A client that comes back after expiry gets a new flow and is served.
@@ -95,7 +95,7 @@ func TestUDPLargeDatagrams(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The last reply may reach the client just before it is counted.
-	waitStats(t, e, "20 datagrams each way", func(s Stats) bool { return s.UDPDatagramsIn == 20 && s.UDPDatagramsOut == 20 })
+	waitStats(t, e, "20 datagrams each way", func(s Stats) bool { return s.UDPDatagramsUp == 20 && s.UDPDatagramsDown == 20 })
 }
 
 // The flow table is bounded: past MaxFlows, datagrams of new sources are

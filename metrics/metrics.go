@@ -29,8 +29,11 @@ import (
 // Namespace prefixes every metric of sluice's own.
 const Namespace = "sluice"
 
-// A metric is one family: its description and how to read its samples out
-// of a Stats snapshot. To add a metric, add an entry to families.
+// A metric is one family: its description, from engine.Families, and how
+// to read its samples out of a Stats snapshot: from the engine.CounterDefs
+// that name it, or, for the few whose label values are not fixed, by
+// a sampler of custom. To add a metric, add it to the engine's table
+// (engine/counternames.go).
 type metric struct {
 	name   string // after the namespace
 	help   string
@@ -42,89 +45,74 @@ type metric struct {
 	hist func(s *engine.Stats, emit func(h engine.HistogramSnapshot, labelValues ...string))
 }
 
-func one(f func(s *engine.Stats) float64) func(*engine.Stats, func(float64, ...string)) {
-	return func(s *engine.Stats, emit func(float64, ...string)) { emit(f(s)) }
+// custom samples the families that no engine.CounterDef names.
+var custom = map[*engine.Family]metric{
+	engine.FamSessionsEnded: {samples: endedSamples},
+	engine.FamTableApplySeconds: {hist: func(s *engine.Stats, emit func(engine.HistogramSnapshot, ...string)) {
+		emit(s.Table.ApplyTime)
+	}},
+	engine.FamRuleRefused:       {samples: perRule(engine.FamRuleRefused, refusedSamples)},
+	engine.FamRuleTerminations:  {samples: perRule(engine.FamRuleTerminations, termSamples)},
+	engine.FamRuleHandshakeSecs: {hist: perRuleHist(engine.FamRuleHandshakeSecs, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Handshake })},
+	engine.FamRuleConnectSecs:   {hist: perRuleHist(engine.FamRuleConnectSecs, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Connect })},
+	engine.FamRuleSessionSecs:   {hist: perRuleHist(engine.FamRuleSessionSecs, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Duration })},
 }
 
-var families = []metric{
-	{name: "event_loops", help: "Event loops running.", typ: prometheus.GaugeValue,
-		samples: one(func(s *engine.Stats) float64 { return float64(s.Loops) })},
-	{name: "sessions", help: "Live sessions.", typ: prometheus.GaugeValue,
-		samples: one(func(s *engine.Stats) float64 { return float64(s.Sessions) })},
-	{name: "sessions_ended_total", help: "Sessions ended, by end code (reason is the code's stable name).",
-		typ: prometheus.CounterValue, labels: []string{"code", "reason"}, samples: endedSamples},
-	{name: "connect_errors_total", help: "Backend connects that failed (each try of a pool counts).", typ: prometheus.CounterValue,
-		samples: one(func(s *engine.Stats) float64 { return float64(s.ConnectErrors) })},
-	{name: "buffers", help: "Channel buffers of the loops' pools, in use by sessions or free in the pools.",
-		typ: prometheus.GaugeValue, labels: []string{"state"},
-		samples: func(s *engine.Stats, emit func(float64, ...string)) {
-			emit(float64(s.Pools.BuffersInUse), "in_use")
-			emit(float64(s.Pools.BuffersFree), "free")
-		}},
-	{name: "pipes", help: "Splice pipes of the loops' pools, in use by sessions or free in the pools.",
-		typ: prometheus.GaugeValue, labels: []string{"state"},
-		samples: func(s *engine.Stats, emit func(float64, ...string)) {
-			emit(float64(s.Pools.PipesInUse), "in_use")
-			emit(float64(s.Pools.PipesFree), "free")
-		}},
-	{name: "pipes_open", help: "Splice pipes open in the process (the pipe budget's count).", typ: prometheus.GaugeValue,
-		samples: one(func(s *engine.Stats) float64 { return float64(s.PipesOpen) })},
-	{name: "pipes_denied_total", help: "Times a pipe was wanted and the pipe budget refused (the channel kept its buffer).",
-		typ:     prometheus.CounterValue,
-		samples: one(func(s *engine.Stats) float64 { return float64(s.PipesDenied) })},
-	{name: "udp_flows", help: "Live UDP flows (one per client address and port).", typ: prometheus.GaugeValue,
-		samples: one(func(s *engine.Stats) float64 { return float64(s.UDPFlows) })},
-	{name: "udp_flows_opened_total", help: "UDP flows opened.", typ: prometheus.CounterValue,
-		samples: one(func(s *engine.Stats) float64 { return float64(s.UDPFlowsOpened) })},
-	{name: "udp_flows_expired_total", help: "UDP flows ended by timeout.idle.", typ: prometheus.CounterValue,
-		samples: one(func(s *engine.Stats) float64 { return float64(s.UDPFlowsExpired) })},
-	{name: "udp_datagrams_total", help: "UDP datagrams forwarded, by direction.",
-		typ: prometheus.CounterValue, labels: []string{"direction"},
-		samples: func(s *engine.Stats, emit func(float64, ...string)) {
-			emit(float64(s.UDPDatagramsIn), "to_target")
-			emit(float64(s.UDPDatagramsOut), "to_client")
-		}},
-	{name: "udp_dropped_total", help: "UDP datagrams not forwarded (flow table full, no fd, buffer full).", typ: prometheus.CounterValue,
-		samples: one(func(s *engine.Stats) float64 { return float64(s.UDPDropped) })},
-	{name: "fds_open", help: "File descriptors open in the process (/proc/self/fd), read at scrape time.", typ: prometheus.GaugeValue,
-		samples: func(s *engine.Stats, emit func(float64, ...string)) {
-			if s.FDs >= 0 {
-				emit(float64(s.FDs))
+// valueTypes are the Prometheus types of the engine's kinds (a histogram's
+// is not used).
+var valueTypes = map[engine.Kind]prometheus.ValueType{
+	engine.KindGauge: prometheus.GaugeValue, engine.KindCounter: prometheus.CounterValue, engine.KindHistogram: prometheus.UntypedValue,
+}
+
+// buildFamilies makes a metric of every family of engine.Families, in its
+// order. It panics on a family that has neither a CounterDef nor a sampler
+// of custom, or that has both: the table is wrong (a test builds it).
+func buildFamilies() []metric {
+	defs := map[*engine.Family][]*engine.CounterDef{}
+	for _, t := range [][]engine.CounterDef{engine.EngineDefs, engine.TableDefs, engine.RuleDefs} {
+		for i := range t {
+			if d := &t[i]; d.Family != nil {
+				defs[d.Family] = append(defs[d.Family], d)
 			}
-		}},
-	{name: "draining", help: "1 once the daemon is stopping and drains its sessions.", typ: prometheus.GaugeValue,
-		samples: one(func(s *engine.Stats) float64 { return b2f(s.Draining) })},
-}
-
-// tableFamilies are the rule table's and the control transactions' metrics.
-var tableFamilies = []metric{
-	{name: "table_generation", help: "Generation of the active rule table (one more at each commit).", typ: prometheus.GaugeValue,
-		samples: one(func(s *engine.Stats) float64 { return float64(s.Table.Generation) })},
-	{name: "table_pending", help: "1 while an applied table awaits its commit or rollback.", typ: prometheus.GaugeValue,
-		samples: one(func(s *engine.Stats) float64 { return b2f(s.Table.Pending) })},
-	{name: "table_operations_total", help: "Table operations of the engine: apply, commit, rollback.",
-		typ: prometheus.CounterValue, labels: []string{"op"},
-		samples: func(s *engine.Stats, emit func(float64, ...string)) {
-			emit(float64(s.Table.Applies), engine.OpApply)
-			emit(float64(s.Table.Commits), engine.OpCommit)
-			emit(float64(s.Table.Rollbacks), engine.OpRollback)
-		}},
-	{name: "table_apply_seconds", help: "Time the engine took to apply a table (bind, sync the loops).",
-		hist: func(s *engine.Stats, emit func(engine.HistogramSnapshot, ...string)) { emit(s.Table.ApplyTime) }},
-	{name: "ctl_transactions_total", help: "Writing control transactions by outcome, as the control server counts them.",
-		typ: prometheus.CounterValue, labels: []string{"outcome"},
-		samples: func(s *engine.Stats, emit func(float64, ...string)) {
-			emit(float64(s.Table.Committed), "committed")
-			emit(float64(s.Table.RolledBack), "rolled_back")
-			emit(float64(s.Table.Failed), "failed")
-		}},
-}
-
-func b2f(b bool) float64 {
-	if b {
-		return 1
+		}
 	}
-	return 0
+	var out []metric
+	for _, f := range engine.Families {
+		m, ok := custom[f]
+		switch {
+		case ok && len(defs[f]) > 0:
+			panic("metrics: family " + f.Name + " has both counter defs and a sampler")
+		case !ok && len(defs[f]) == 0:
+			panic("metrics: family " + f.Name + " has nothing to sample")
+		case !ok:
+			m.samples = defSamples(f, defs[f])
+		}
+		m.name, m.help, m.typ, m.labels = f.Name, f.Help, valueTypes[f.Kind], f.Labels
+		if f.PerRule {
+			m.labels = withRule(f.Labels...)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// defSamples emits the samples of family f, one per def (per rule and def
+// for a per-rule family).
+func defSamples(f *engine.Family, defs []*engine.CounterDef) func(*engine.Stats, func(float64, ...string)) {
+	if f.PerRule {
+		return perRule(f, func(r *engine.RuleStats, emit func(float64, ...string)) {
+			for _, d := range defs {
+				emit(float64(d.Rule(r)), d.Labels...)
+			}
+		})
+	}
+	return func(s *engine.Stats, emit func(float64, ...string)) {
+		for _, d := range defs {
+			if v := d.Get(s); v >= 0 || !d.Known {
+				emit(float64(v), d.Labels...)
+			}
+		}
+	}
 }
 
 // endedSamples emits every end code this build knows, zero or not, so that
@@ -177,7 +165,7 @@ func NewCollector(stats func() engine.Stats) *Collector {
 }
 
 // allFamilies is every family the collector serves, in order.
-var allFamilies = slices.Concat(families, tableFamilies, ruleFamilies)
+var allFamilies = buildFamilies()
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {

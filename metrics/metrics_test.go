@@ -84,7 +84,7 @@ func TestCollector(t *testing.T) {
 	stats.Pools.BuffersInUse, stats.Pools.BuffersFree, stats.Pools.PipesInUse, stats.Pools.PipesFree = 4, 6, 1, 2
 	stats.PipesOpen, stats.PipesDenied = 3, 9
 	stats.UDPFlows, stats.UDPFlowsOpened, stats.UDPFlowsExpired = 12, 13, 14
-	stats.UDPDatagramsIn, stats.UDPDatagramsOut, stats.UDPDropped = 15, 16, 17
+	stats.UDPDatagramsUp, stats.UDPDatagramsDown, stats.UDPDropped = 15, 16, 17
 	stats.FDs, stats.Draining = 42, true
 	h := engine.HistogramSnapshot{Bounds: []float64{0.001, 0.01}, Counts: []uint64{1, 2, 3}, Sum: 1.5}
 	stats.Table = engine.TableStats{Generation: 4, Pending: true, Applies: 5, Commits: 3, Rollbacks: 2, ApplyTime: h,
@@ -93,11 +93,11 @@ func TestCollector(t *testing.T) {
 		Listeners: make([]engine.ListenerStats, 1), Failed: make([]rules.PortError, 1),
 		Policy: handshake.Stats{Accepted: 20, HealthUp: 3, HealthDown: 4, ProxyV1: 5, ProxyV2: 6,
 			Refused: map[string]map[string]uint64{"rules": {"denied": 7}, "accept-proxy": {"proxy-bad": 8}}},
-		Sessions: 9, BytesIn: 1000, BytesOut: 3000, Spliced: 2500, ConnectErrors: 10, Retries: 11,
+		Sessions: 9, BytesUp: 1000, BytesDown: 3000, Spliced: 2500, ConnectErrors: 10, Retries: 11,
 		Terms: map[string]uint64{"--": 12, "PR": 15}, Handshake: h, Connect: h, Duration: h}
 	udpRule := engine.RuleStats{Listen: "udp ns1/10.0.0.1:53", Pif: "ns1", Proto: "udp", Requested: 1,
 		Listeners: make([]engine.ListenerStats, 1),
-		UDP:       engine.UDPStats{Flows: 21, Opened: 22, DatagramsIn: 23, DatagramsOut: 24, Dropped: 25}}
+		UDP:       engine.UDPStats{Flows: 21, Opened: 22, DatagramsUp: 23, DatagramsDown: 24, Dropped: 25}}
 	stats.Rules = []engine.RuleStats{tcpRule, udpRule}
 	scrapes := 0
 	reg, err := NewRegistry(func() engine.Stats { scrapes++; return stats })

@@ -118,8 +118,8 @@ func (p *StatusPage) Close() error {
 
 // rateView is the traffic over one window.
 type rateView struct {
-	Window               string
-	Conns, In, Out, Dgrm string
+	Window                string
+	Conns, Up, Down, Dgrm string
 }
 
 // rates compares cur, read at now, with the sample a window ago (or the
@@ -146,7 +146,7 @@ func (p *StatusPage) rates(now time.Time, cur engine.Totals) []rateView {
 		}
 		lastSpan = span
 		if span == 0 {
-			out = append(out, rateView{Window: "last " + shortDuration(w), Conns: "–", In: "–", Out: "–", Dgrm: "–"})
+			out = append(out, rateView{Window: "last " + shortDuration(w), Conns: "–", Up: "–", Down: "–", Dgrm: "–"})
 			continue
 		}
 		dt := now.Sub(old.at).Seconds()
@@ -159,8 +159,8 @@ func (p *StatusPage) rates(now time.Time, cur engine.Totals) []rateView {
 		label := "last " + shortDuration(now.Sub(old.at).Round(time.Second))
 		out = append(out, rateView{Window: label,
 			Conns: strconv.FormatFloat(per(cur.Accepted, old.t.Accepted), 'f', 1, 64) + "/s",
-			In:    humanBytes(per(cur.BytesIn, old.t.BytesIn)) + "/s",
-			Out:   humanBytes(per(cur.BytesOut, old.t.BytesOut)) + "/s",
+			Up:    humanBytes(per(cur.BytesUp, old.t.BytesUp)) + "/s",
+			Down:  humanBytes(per(cur.BytesDown, old.t.BytesDown)) + "/s",
 			Dgrm:  strconv.FormatFloat(per(cur.Datagrams, old.t.Datagrams), 'f', 1, 64) + "/s",
 		})
 	}
@@ -193,7 +193,7 @@ type ruleView struct {
 	UpBackends, AllBackends  int
 	Sessions                 int64
 	Accepted, Refused        uint64
-	In, Out                  string
+	Up, Down                 string
 	HealthOK, HealthFail     uint64
 	UDP                      engine.UDPStats
 }
@@ -233,7 +233,7 @@ func (p *StatusPage) view(now time.Time) statusView {
 	for _, r := range st.Rules {
 		rv := ruleView{Line: r.Line, Listen: r.Listen, Pif: r.Pif, Proto: r.Proto,
 			Bound: len(r.Listeners), Requested: r.Requested, Sessions: r.Sessions,
-			Accepted: r.Policy.Accepted, In: humanBytes(float64(r.BytesIn)), Out: humanBytes(float64(r.BytesOut)),
+			Accepted: r.Policy.Accepted, Up: humanBytes(float64(r.BytesUp)), Down: humanBytes(float64(r.BytesDown)),
 			HealthOK: r.Policy.HealthUp, HealthFail: r.Policy.HealthDown, UDP: r.UDP}
 		rv.BindOK = len(r.Failed) == 0 && rv.Bound == rv.Requested
 		for _, byCode := range r.Policy.Refused {
@@ -266,7 +266,7 @@ func (p *StatusPage) view(now time.Time) statusView {
 		v.Rules = append(v.Rules, rv)
 	}
 	for _, t := range st.Table.Recent {
-		tv := txnView{Time: t.Time.UTC().Format("15:04:05"), Op: t.Op, Generation: t.Generation,
+		tv := txnView{Time: t.Time.UTC().Format("15:04:05"), Op: t.Op.String(), Generation: t.Generation,
 			Took: t.Took.Round(time.Microsecond).String()}
 		if s := t.Summary; s != nil {
 			tv.HasSummary, tv.OK = true, s.OK()
@@ -378,7 +378,7 @@ a{color:#1559b7}
 <h2>Traffic</h2>
 <div class="cards">
 <div class="card">Live sessions<b id="sessions">{{.Sessions}}</b></div>
-{{range .Rates}}<div class="card">Rates, {{.Window}}<b>{{.Conns}}</b><span class="meta">new connections · in {{.In}} · out {{.Out}}{{if $.UDP}} · {{.Dgrm}} datagrams{{end}}</span></div>
+{{range .Rates}}<div class="card">Rates, {{.Window}}<b>{{.Conns}}</b><span class="meta">new connections · in {{.Up}} · out {{.Down}}{{if $.UDP}} · {{.Dgrm}} datagrams{{end}}</span></div>
 {{end}}<div class="card">Open fds<b>{{if ge .FDs 0}}{{.FDs}}{{else}}?{{end}}</b><span class="meta">buffers {{.Buffers}}; pipes {{.Pipes}}</span></div>
 </div>
 
@@ -388,8 +388,8 @@ a{color:#1559b7}
 <div><code>{{.Line}}</code></div>
 <div class="meta">{{.Proto}} · pif {{.Pif}} · {{if .BindOK}}<span class="pill">{{.Bound}}/{{.Requested}} ports bound</span>{{else}}<span class="pill bad">{{.Bound}}/{{.Requested}} ports bound</span>{{end}}</div>
 {{if .Failed}}<ul class="bad">{{range .Failed}}<li>{{.}}</li>{{end}}</ul>{{end}}
-{{if eq .Proto "udp"}}<div>flows {{.UDP.Flows}} live, {{.UDP.Opened}} opened · datagrams {{.UDP.DatagramsIn}} in, {{.UDP.DatagramsOut}} out, {{.UDP.Dropped}} dropped</div>
-{{else}}<div>sessions <b>{{.Sessions}}</b> · accepted {{.Accepted}} · refused {{.Refused}} · in {{.In}} · out {{.Out}}{{if or .HealthOK .HealthFail}} · health replies {{.HealthOK}} ok, {{.HealthFail}} fail{{end}}</div>{{end}}
+{{if eq .Proto "udp"}}<div>flows {{.UDP.Flows}} live, {{.UDP.Opened}} opened · datagrams {{.UDP.DatagramsUp}} in, {{.UDP.DatagramsDown}} out, {{.UDP.Dropped}} dropped</div>
+{{else}}<div>sessions <b>{{.Sessions}}</b> · accepted {{.Accepted}} · refused {{.Refused}} · in {{.Up}} · out {{.Down}}{{if or .HealthOK .HealthFail}} · health replies {{.HealthOK}} ok, {{.HealthFail}} fail{{end}}</div>{{end}}
 <div class="scroll"><table>
 <tr><th>listener</th><th>state</th><th>accepted</th><th title="times accept paused for want of fds">paused</th></tr>
 {{range .Listeners}}<tr><td><code>{{.Addr}}</code></td><td>{{if eq .State "listening"}}<span class="ok">{{.State}}</span>{{else}}<span class="warn">{{.State}}</span>{{end}}</td><td>{{.Accepted}}</td><td>{{.Paused}}</td></tr>

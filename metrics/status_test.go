@@ -44,12 +44,12 @@ func TestStatusRates(t *testing.T) {
 	defer p.Close()
 	t0 := time.Now()
 	p.samples = nil
-	if r := p.rates(t0, engine.Totals{}); len(r) != 1 || r[0].Conns != "–" || r[0].In != "–" {
+	if r := p.rates(t0, engine.Totals{}); len(r) != 1 || r[0].Conns != "–" || r[0].Up != "–" {
 		t.Fatalf("no sample: %+v", r)
 	}
 	for i := 0; i <= 70; i++ { // a sample a second; from t0+10s on, 100 conns and 1 MiB in per second
 		n := uint64(max(0, i-10))
-		src.set(engine.Totals{Accepted: 100 * n, BytesIn: n << 20, BytesOut: 2 * n << 10, Datagrams: 0})
+		src.set(engine.Totals{Accepted: 100 * n, BytesUp: n << 20, BytesDown: 2 * n << 10, Datagrams: 0})
 		p.take(t0.Add(time.Duration(i) * time.Second))
 	}
 	if len(p.samples) > 64 {
@@ -57,7 +57,7 @@ func TestStatusRates(t *testing.T) {
 	}
 	now := t0.Add(70 * time.Second)
 	r := p.rates(now, src.Totals())
-	if len(r) != 2 || r[0].Window != "last 10s" || r[0].Conns != "100.0/s" || r[0].In != "1.0 MiB/s" || r[0].Out != "2.0 KiB/s" {
+	if len(r) != 2 || r[0].Window != "last 10s" || r[0].Conns != "100.0/s" || r[0].Up != "1.0 MiB/s" || r[0].Down != "2.0 KiB/s" {
 		t.Errorf("10 s window: %+v", r)
 	}
 	if r[1].Window != "last 1m" || r[1].Conns != "100.0/s" {
@@ -135,12 +135,12 @@ func TestStatusPageContent(t *testing.T) {
 				Backends: []balance.BackendStats{{Target: netip.MustParseAddrPort("10.0.0.1:80"), Up: true, Active: 4},
 					{Target: netip.MustParseAddrPort("10.0.0.2:80"), Up: false, Failures: 6}},
 				Policy:   handshake.Stats{Accepted: 31, HealthUp: 2, Refused: map[string]map[string]uint64{"rules": {"denied": 5}, "accept-proxy": {"proxy-bad": 1}}},
-				Sessions: 3, BytesIn: 1 << 20, BytesOut: 3 << 30},
+				Sessions: 3, BytesUp: 1 << 20, BytesDown: 3 << 30},
 			{Line: "tcp 127.0.0.1:8000-8026 -> 10.0.0.9:8000-8026 weak", Listen: "tcp 127.0.0.1:8000-8026", Pif: "ns1", Proto: "tcp", Requested: 28,
 				Listeners: many, Failed: []rules.PortError{{Port: 8027, Msg: "address already in use"}}},
 			{Line: "udp 127.0.0.1:5353 -> 10.0.0.3:53", Listen: "udp 127.0.0.1:5353", Pif: "host", Proto: "udp", Requested: 1,
 				Listeners: []engine.ListenerStats{{Addr: netip.MustParseAddrPort("127.0.0.1:5353"), State: engine.ListenerPending}},
-				UDP:       engine.UDPStats{Flows: 7, Opened: 8, DatagramsIn: 9, DatagramsOut: 10, Dropped: 11}},
+				UDP:       engine.UDPStats{Flows: 7, Opened: 8, DatagramsUp: 9, DatagramsDown: 10, Dropped: 11}},
 		}}
 	p := newStatusPage(&fakeSource{stats: st}, StatusInfo{Version: "v9.9", Config: "/etc/<sluice>.yaml", Refresh: 3 * time.Second}, time.Hour)
 	defer p.Close()

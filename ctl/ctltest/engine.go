@@ -28,7 +28,7 @@ type Engine struct {
 	sessions int64
 
 	applies, commits, rollbacks int
-	outcomes                    []string // as ctl.TxnObserver reported them
+	outcomes                    []rules.TxnOutcome // as ctl.TxnObserver reported them
 
 	hub      observe.Hub // rules and binds events, published with mu held (events.go)
 	live     []observe.Session
@@ -71,14 +71,14 @@ func (e *Engine) Counts() (applies, commits, rollbacks int) {
 }
 
 // TxnEnded records a writing transaction's outcome (ctl.TxnObserver).
-func (e *Engine) TxnEnded(outcome string) {
+func (e *Engine) TxnEnded(outcome rules.TxnOutcome) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.outcomes = append(e.outcomes, outcome)
 }
 
 // Outcomes returns the transaction outcomes reported so far, in order.
-func (e *Engine) Outcomes() []string {
+func (e *Engine) Outcomes() []rules.TxnOutcome {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return slices.Clone(e.outcomes)
