@@ -60,27 +60,16 @@ func (p *Policy) Stats() Stats {
 		ProxyUntrusted: c.ProxyUntrusted.Load(), RateRefused: c.RateRefused.Load(),
 		MaxConnRefused: c.MaxConnRefused.Load(), SentV1: c.SentV1.Load(), SentV2: c.SentV2.Load(),
 		MaxConnInUse: p.inUse.Load(),
-		Refused:      map[string]map[string]uint64{}, Ended: map[string]uint64{},
+		Refused:      map[string]map[string]uint64{},
 	}
 	if p.rate != nil {
 		s.RateSources = p.rate.Len()
 	}
 	for k := range c.refused {
-		for code := range c.refused[k] {
-			if n := c.refused[k][code].Load(); n > 0 {
-				m := s.Refused[Kind(k).String()]
-				if m == nil {
-					m = map[string]uint64{}
-					s.Refused[Kind(k).String()] = m
-				}
-				m[conn.Code(code).String()] = n
-			}
+		if m := conn.CountsByName(c.refused[k][:]); len(m) > 0 {
+			s.Refused[Kind(k).String()] = m
 		}
 	}
-	for code := range c.ended {
-		if n := c.ended[code].Load(); n > 0 {
-			s.Ended[conn.Code(code).String()] = n
-		}
-	}
+	s.Ended = conn.CountsByName(c.ended[:])
 	return s
 }
