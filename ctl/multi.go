@@ -106,6 +106,43 @@ func (o Outcome) String() string {
 // MarshalText names the outcome in JSON.
 func (o Outcome) MarshalText() ([]byte, error) { return []byte(o.String()), nil }
 
+// Decision is what a writing transaction does once its bind summaries are
+// in. It is the one rule for every writer: the one-socket `sluice ctl`, a
+// transaction across instances (Multi) and the daemon's initial table.
+type Decision uint8
+
+const (
+	DecideCommit   Decision = iota + 1 // every verdict good: commit
+	DecideForce                        // a verdict bad, committed anyway (--force)
+	DecideRollback                     // a verdict bad: roll back
+	decisionEnd                        // past the last: the names test stops here
+)
+
+var decisionText = [...]string{"", "commit", "force", "rollback"}
+
+func (d Decision) String() string {
+	if int(d) < len(decisionText) && d != 0 {
+		return decisionText[d]
+	}
+	return fmt.Sprintf("decision-%d", d)
+}
+
+// Commits reports whether the transaction goes on to its commit.
+func (d Decision) Commits() bool { return d == DecideCommit || d == DecideForce }
+
+// Decide returns what a transaction whose verdict (every bind summary OK)
+// is verdict does: commit when good, else commit anyway when force, else
+// roll back. A dry run never gets here: it ends after the load.
+func Decide(verdict, force bool) Decision {
+	switch {
+	case verdict:
+		return DecideCommit
+	case force:
+		return DecideForce
+	}
+	return DecideRollback
+}
+
 // Timing is how long one member took over one step.
 type Timing struct {
 	Step Step
@@ -289,7 +326,8 @@ func (r *multi) run(ctx context.Context, build func(*Member) ([]*rules.Rule, err
 	for _, m := range all {
 		r.res.Verdict = r.res.Verdict && m.Summary.OK
 	}
-	if !r.res.Verdict && !r.opt.Force {
+	d := Decide(r.res.Verdict, r.opt.Force)
+	if !d.Commits() {
 		r.res.Stopped = StepApply
 		r.rollback(ctx)
 		return
@@ -298,7 +336,7 @@ func (r *multi) run(ctx context.Context, build func(*Member) ([]*rules.Rule, err
 		r.rollback(ctx)
 		return
 	}
-	r.res.Forced = !r.res.Verdict
+	r.res.Forced = d == DecideForce
 	r.commit(ctx)
 }
 

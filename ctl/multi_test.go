@@ -407,3 +407,40 @@ func TestMultiArguments(t *testing.T) {
 		}
 	}
 }
+
+// Decide is the one commit-or-rollback rule of every writer.
+func TestDecide(t *testing.T) {
+	for _, tc := range []struct {
+		verdict, force bool
+		want           Decision
+		commits        bool
+	}{
+		{true, false, DecideCommit, true},
+		{true, true, DecideCommit, true}, // --force changes nothing when the verdict is good
+		{false, true, DecideForce, true},
+		{false, false, DecideRollback, false},
+	} {
+		d := Decide(tc.verdict, tc.force)
+		if d != tc.want || d.Commits() != tc.commits {
+			t.Errorf("Decide(verdict %v, force %v) = %s (commits %v), want %s (commits %v)", tc.verdict, tc.force, d, d.Commits(), tc.want, tc.commits)
+		}
+	}
+	if Decision(0).Commits() {
+		t.Error("the zero Decision commits")
+	}
+}
+
+// Every Decision has its own name; one without falls back to "decision-N".
+func TestDecisionNames(t *testing.T) {
+	seen := map[string]bool{}
+	for d := DecideCommit; d < decisionEnd; d++ {
+		name := d.String()
+		if strings.HasPrefix(name, "decision-") || seen[name] {
+			t.Errorf("decision %d: name %q missing or repeated", d, name)
+		}
+		seen[name] = true
+	}
+	if got := decisionEnd.String(); got != "decision-"+strconv.Itoa(int(decisionEnd)) {
+		t.Errorf("a decision past the names: %q", got)
+	}
+}

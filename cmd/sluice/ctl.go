@@ -438,13 +438,13 @@ func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, er
 	cancel()
 	ctx, cancel = x.ctx()
 	defer cancel()
-	if sum.OK || x.force {
+	if d := ctl.Decide(sum.OK, x.force); d.Commits() {
 		gen, err := c.Commit(ctx)
 		if err != nil {
 			return err
 		}
 		how := "verdict good"
-		if !sum.OK {
+		if d == ctl.DecideForce {
 			how = "verdict bad, committed anyway (--force)"
 		}
 		fmt.Fprintf(x.out, "%s: committed generation %d (listen keys: %d kept, %d added, %d removed)\n", how, gen, sum.Kept, sum.Added, sum.Removed)

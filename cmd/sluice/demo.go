@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/daemon"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -109,9 +110,9 @@ func runDemo(d *daemonFlags) error {
 		c.Ctl.Socket = filepath.Join(dir, "ctl.sock")
 		ctlFlag = " -s " + c.Ctl.Socket
 	}
-	return runConfig(c, d, func(r *running) {
+	return runConfig(c, d, func(d *daemon.Daemon) {
 		var addr, healthAddr netip.AddrPort
-		for _, ln := range r.e.Listeners() {
+		for _, ln := range d.Engine().Listeners() {
 			if ln.Rule().Health != rules.HealthNone {
 				healthAddr = ln.Addr()
 			} else {
@@ -119,16 +120,16 @@ func runDemo(d *daemonFlags) error {
 			}
 		}
 		if listen != demoListen || health != demoHealth {
-			r.log.Warn("demo: " + demoListen + " or " + demoHealth + " is in use; using an ephemeral port instead")
+			d.Log().Warn("demo: " + demoListen + " or " + demoHealth + " is in use; using an ephemeral port instead")
 		}
 		if metricsAddr != demoMetrics {
-			r.log.Warn("demo: " + demoMetrics + " is in use; metrics on an ephemeral port instead")
+			d.Log().Warn("demo: " + demoMetrics + " is in use; metrics on an ephemeral port instead")
 		}
-		r.log.Debug("demo configuration", zap.String("yaml", src))
+		d.Log().Debug("demo configuration", zap.String("yaml", src))
 		fmt.Printf("\nsluice demo is up: tcp %s -> %s (a built-in HTTP responder)\n", addr, target)
 		fmt.Printf("  try:      curl http://%s/\n", addr)
 		fmt.Printf("  health:   curl http://%s/   (200 while up, 503 while draining)\n", healthAddr)
-		fmt.Printf("  metrics:  curl http://%s/metrics   (status page: http://%s/)\n", r.metrics.Addr(), r.metrics.Addr())
+		fmt.Printf("  metrics:  curl http://%s/metrics   (status page: http://%s/)\n", d.Metrics().Addr(), d.Metrics().Addr())
 		self := os.Args[0] // as the user started it: ./bin/sluice under make run
 		fmt.Printf("  control:  %s ctl%s list    (then: %s ctl%s add 'tcp 127.0.0.1:8090 -> %s')\n", self, ctlFlag, self, ctlFlag, target)
 		fmt.Printf("  stop:     Ctrl-C (SIGINT) or SIGTERM; live sessions drain first\n")

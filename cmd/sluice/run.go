@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/daemon"
 )
 
 // cmdRun is the daemon on a configuration file, or on the built-in demo
@@ -28,8 +29,8 @@ func cmdRun(args []string) error {
 	if err != nil {
 		return err
 	}
-	return runConfig(c, &d, func(r *running) {
-		r.log.Info("sluice is up")
+	return runConfig(c, &d, func(d *daemon.Daemon) {
+		d.Log().Info("sluice is up")
 	})
 }
 
@@ -48,7 +49,7 @@ func loadConfig(file string) (*config.Config, error) {
 
 // runConfig applies the command line's flags over the file's settings and
 // serves.
-func runConfig(c *config.Config, d *daemonFlags, ready func(*running)) error {
+func runConfig(c *config.Config, d *daemonFlags, ready func(*daemon.Daemon)) error {
 	if err := d.override(c); err != nil {
 		return err
 	}

@@ -1,0 +1,343 @@
+// Package daemon owns the sluice daemon's life, apart from the command line
+// and the output, which stay in cmd/sluice.
+//
+// Start brings the parts up in order: the engine's loops, its pifs, the
+// loops running, the configuration's table as generation 1 (through the
+// same apply, commit and rollback as the control socket), the control
+// socket, the metrics endpoint. A step that fails undoes the steps before
+// it, so a daemon that did not start holds no port and no socket.
+//
+// Run serves until the first signal (SIGINT or SIGTERM, or a value on
+// Options.Signals), then stops; Stop stops at once. Stopping goes in its
+// own order, not the reverse of the start's:
+//
+//  1. the control socket closes: no table change during the drain, and an
+//     open transaction rolls back through the engine while it still runs;
+//  2. the engine drains: no new connection, live sessions may finish until
+//     the drain deadline (Config.Drain; a second signal ends it at once),
+//     then the rest are closed and the loops stop;
+//  3. the metrics endpoint closes last: scrapes go on during the drain.
+//
+// SIGHUP is not caught (issue 19 makes it a reload).
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/ctl"
+	"github.com/sluice-proxy/sluice/engine"
+	"github.com/sluice-proxy/sluice/metrics"
+)
+
+// The engine is what the control socket drives.
+var (
+	_ ctl.Engine      = (*engine.Engine)(nil)
+	_ ctl.TxnObserver = (*engine.Engine)(nil)
+)
+
+// Phase is one step of the daemon's life, in the order Start and then Stop
+// take them. A phase whose part is not configured (no control socket, no
+// metrics endpoint) is skipped.
+type Phase uint8
+
+const (
+	PhaseEngine       Phase = iota + 1 // the engine's loops created
+	PhasePifs                          // every pif of the configuration added
+	PhaseLoops                         // the loops running; from here on the signals are caught
+	PhaseTable                         // the configuration's table applied and committed as generation 1
+	PhaseCtl                           // the control socket served
+	PhaseMetrics                       // the metrics endpoint served
+	PhaseCloseCtl                      // the control socket closed, first: no table change during the drain
+	PhaseDrain                         // the engine drained, its remaining sessions closed, its loops stopped
+	PhaseCloseMetrics                  // the metrics endpoint closed, last: scrapes go on during the drain
+	phaseEnd                           // past the last: the names test stops here
+)
+
+var phaseText = [...]string{"", "engine", "pifs", "loops", "table", "ctl", "metrics", "close-ctl", "drain", "close-metrics"}
+
+func (p Phase) String() string {
+	if int(p) < len(phaseText) && p != 0 {
+		return phaseText[p]
+	}
+	return fmt.Sprintf("phase-%d", p)
+}
+
+// Options set up a daemon.
+type Options struct {
+	Config  *config.Config // validated; the daemon reads it and never changes it
+	CtlPath string         // the control socket; "" = none
+	Log     *zap.Logger    // nil: no logs
+	Version string         // the software's version, on the status page
+	// Signals stops the daemon (Run): the first value starts the drain, a
+	// second one ends it at once. nil: SIGINT and SIGTERM, caught from
+	// PhaseLoops on.
+	Signals <-chan os.Signal
+
+	// trace, for tests, is called before each phase begins, on the
+	// goroutine that runs it.
+	trace func(*Daemon, Phase)
+}
+
+// Daemon is a started daemon. Its parts are set once Start returns and
+// never change; Stop, Run and the accessors may be called from any
+// goroutine.
+type Daemon struct {
+	opt     Options
+	c       *config.Config
+	log     *zap.Logger
+	e       *engine.Engine  // nil until PhaseEngine succeeded
+	ctl     *ctl.Server     // nil without a control socket
+	metrics *metrics.Server // nil without metrics.listen
+	sig     <-chan os.Signal
+	unwatch func() // stops catching the signals; nil when Options.Signals was given
+
+	once sync.Once
+	done chan struct{} // closed when Stop has ended
+	err  error         // Stop's result, set before done closes
+}
+
+// Start starts a daemon on opt.Config, part by part (see the package
+// comment). On an error every part it had started is stopped again and the
+// error names the step: "starting the engine: …", "FILE:LINE: pif NAME
+// (netns PATH): …", one line "FILE:LINE: LISTEN: port N: …" per port the
+// table could not bind, "control socket: …", "metrics listen ADDR: …".
+func Start(opt Options) (*Daemon, error) {
+	if opt.Config == nil {
+		return nil, errors.New("daemon: no configuration")
+	}
+	d := &Daemon{opt: opt, c: opt.Config, log: opt.Log, sig: opt.Signals, done: make(chan struct{})}
+	if d.log == nil {
+		d.log = zap.NewNop()
+	}
+	if err := d.start(); err != nil {
+		// As the daemon failed to start, no drain: whatever started stops.
+		_ = d.halt(context.Background())
+		d.stopSignals()
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *Daemon) start() error {
+	c, log := d.c, d.log
+	d.phase(PhaseEngine)
+	e, err := engine.New(engine.Config{Loops: c.Loops, Log: log})
+	if err != nil {
+		return fmt.Errorf("starting the engine: %w", err)
+	}
+	d.e = e
+	d.phase(PhasePifs)
+	for _, p := range c.Pifs {
+		if err := e.AddPif(p.Name, p.Netns); err != nil {
+			return fmt.Errorf("%spif %s (netns %s): %w", at(c, p.Line), p.Name, p.Netns, err)
+		}
+		log.Info("pif added", zap.String("pif", p.Name), zap.String("netns", p.Netns))
+	}
+	d.phase(PhaseLoops)
+	e.Start()
+	if d.sig == nil {
+		sig := make(chan os.Signal, 2)
+		signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+		d.sig, d.unwatch = sig, func() { signal.Stop(sig) }
+	}
+	d.phase(PhaseTable)
+	if err := applyInitial(c, e); err != nil {
+		return err
+	}
+	for _, ln := range e.Listeners() {
+		log.Info("listening", zap.Stringer("rule", ln.Rule()), zap.Stringer("addr", ln.Addr()))
+	}
+	if len(c.Rules) == 0 {
+		log.Warn("the configuration has no rules: nothing to forward")
+	}
+	if d.opt.CtlPath != "" {
+		d.phase(PhaseCtl)
+		s, err := ctl.Serve(context.Background(), d.opt.CtlPath, e, log)
+		if err != nil {
+			return fmt.Errorf("control socket: %w (set ctl.socket, or stop the daemon that holds it)", err)
+		}
+		d.ctl = s
+	}
+	if c.Metrics.Listen.IsValid() {
+		d.phase(PhaseMetrics)
+		m, err := startMetrics(c, e, log, d.opt.Version)
+		if err != nil {
+			return err
+		}
+		d.metrics = m
+		log.Info("metrics listening", zap.String("url", "http://"+m.Addr().String()+"/metrics"))
+	}
+	return nil
+}
+
+// phase reports p to the test's trace.
+func (d *Daemon) phase(p Phase) {
+	if d.opt.trace != nil {
+		d.opt.trace(d, p)
+	}
+}
+
+// Engine is the daemon's engine.
+func (d *Daemon) Engine() *engine.Engine { return d.e }
+
+// Ctl is the control socket's server; nil without one.
+func (d *Daemon) Ctl() *ctl.Server { return d.ctl }
+
+// Metrics is the metrics endpoint; nil without metrics.listen.
+func (d *Daemon) Metrics() *metrics.Server { return d.metrics }
+
+// Log is the daemon's logger.
+func (d *Daemon) Log() *zap.Logger { return d.log }
+
+// Run serves until the first signal, then stops as Stop does, the drain
+// ended at once by a second signal. It returns Stop's result; when Stop is
+// called elsewhere first, Run returns once that Stop has ended.
+func (d *Daemon) Run() error {
+	select {
+	case s := <-d.sig:
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go func() { // a second signal stops at once
+			select {
+			case <-d.sig:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		return d.stop(ctx, s)
+	case <-d.done:
+		return d.err
+	}
+}
+
+// Stop stops the daemon in order (see the package comment). Live sessions
+// may finish until the drain deadline (Config.Drain) or until ctx ends,
+// whichever comes first; then the rest are closed, with a warning. It
+// returns nil once stopped; later calls wait for the first one and return
+// what it did.
+func (d *Daemon) Stop(ctx context.Context) error { return d.stop(ctx, nil) }
+
+// stop is Stop, sig the signal that asked for it (nil: none).
+func (d *Daemon) stop(ctx context.Context, sig os.Signal) error {
+	d.once.Do(func() {
+		fields := make([]zap.Field, 0, 3)
+		if sig != nil {
+			fields = append(fields, zap.Stringer("signal", sig))
+		}
+		fields = append(fields, zap.Int64("sessions", d.e.Stats().Sessions), zap.Duration("deadline", d.c.Drain))
+		d.log.Info("stopping: no new connections; draining live sessions", fields...)
+		ctx, cancel := context.WithTimeout(ctx, d.c.Drain)
+		defer cancel()
+		err := d.halt(ctx)
+		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+			d.log.Warn("drain deadline passed; remaining sessions closed")
+			err = nil
+		}
+		d.log.Info("stopped")
+		d.stopSignals()
+		d.err = err
+		close(d.done)
+	})
+	<-d.done
+	return d.err
+}
+
+// halt stops the parts that started, in the stop order: the control
+// socket, the engine (its drain bounded by ctx), the metrics endpoint. It
+// returns the engine's Shutdown error: ctx's when sessions were cut.
+func (d *Daemon) halt(ctx context.Context) error {
+	if d.ctl != nil {
+		d.phase(PhaseCloseCtl)
+		_ = d.ctl.Close()
+	}
+	var err error
+	if d.e != nil {
+		d.phase(PhaseDrain)
+		err = d.e.Shutdown(ctx)
+	}
+	if d.metrics != nil {
+		d.phase(PhaseCloseMetrics)
+		// Scrapes went on during the drain; the last ones may finish.
+		mctx, mcancel := context.WithTimeout(context.Background(), time.Second)
+		if merr := d.metrics.Close(mctx); merr != nil {
+			d.log.Warn("metrics server close", zap.Error(merr))
+		}
+		mcancel()
+	}
+	return err
+}
+
+// stopSignals stops catching the signals the daemon caught itself.
+func (d *Daemon) stopSignals() {
+	if d.unwatch != nil {
+		d.unwatch()
+	}
+}
+
+// at names where a rule or pif of c comes from: "FILE:LINE: ", or "" for
+// one given on the command line.
+func at(c *config.Config, line int) string {
+	if c.File == "" {
+		return ""
+	}
+	return fmt.Sprintf("%s:%d: ", c.File, line)
+}
+
+// applyInitial installs the configuration's table as generation 1, through
+// the same transaction, and the same decision (ctl.Decide, never forced),
+// as the control socket's: every port is bound or the daemon does not
+// start, and each failure names its rule's line ("FILE:LINE: tcp
+// 0.0.0.0:8080: port 8080: address already in use"); the failed ports of
+// weak rules are logged, not fatal.
+func applyInitial(c *config.Config, e *engine.Engine) error {
+	sum, err := e.Apply(c.RuleList())
+	if err != nil {
+		return err
+	}
+	var msgs []string
+	for i, res := range sum.Rules {
+		for _, f := range res.Failed {
+			msgs = append(msgs, fmt.Sprintf("%s%s: port %d: %s", at(c, c.Rules[i].Line), res.Listen, f.Port, f.Msg))
+		}
+	}
+	if !ctl.Decide(sum.OK(), false).Commits() {
+		if _, err := e.Rollback(); err != nil {
+			return err
+		}
+		return errors.New(strings.Join(msgs, "\n"))
+	}
+	if _, err := e.Commit(); err != nil {
+		return err
+	}
+	for _, m := range msgs {
+		e.Log().Warn("weak rule: port not bound", zap.String("failure", m))
+	}
+	return nil
+}
+
+// startMetrics serves /metrics from e's counters and the status page (the
+// server's Close stops the page's sampler).
+func startMetrics(c *config.Config, e *engine.Engine, log *zap.Logger, version string) (*metrics.Server, error) {
+	reg, err := metrics.NewRegistry(e.Stats)
+	if err != nil {
+		return nil, err
+	}
+	page := metrics.NewStatusPage(e, metrics.StatusInfo{Version: version, Config: c.File})
+	srv, err := metrics.Serve(c.Metrics.Listen, reg, page, log)
+	if err != nil {
+		page.Close()
+		return nil, err
+	}
+	return srv, nil
+}
