@@ -46,6 +46,7 @@ const (
 	StepCheck                    // before any commit: the transaction is still open and the daemon answers
 	StepCommit                   // commit, one member after another
 	StepRollback                 // rollback of every member that applied
+	stepCount                    // not a step: one past the last, for the test that names them all
 )
 
 var stepText = [...]string{"", "hello", "list", "load", "apply", "check", "commit", "rollback"}
@@ -92,6 +93,7 @@ const (
 	// OutcomePartial, for the whole transaction only: some members
 	// committed and others did not, or one is in doubt.
 	OutcomePartial
+	outcomeCount // not an outcome: one past the last, for the test that names them all
 )
 
 var outcomeText = [...]string{"pending", "unchanged", "committed", "rolled-back", "released", "in-doubt", "partial"}

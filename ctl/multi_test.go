@@ -444,3 +444,20 @@ func TestDecisionNames(t *testing.T) {
 		t.Errorf("a decision past the names: %q", got)
 	}
 }
+
+func TestStepAndOutcomeNames(t *testing.T) {
+	steps := map[string]bool{}
+	for s := StepHello; s < stepCount; s++ {
+		if n := s.String(); strings.HasPrefix(n, "step-") || steps[n] {
+			t.Errorf("step %d has no name of its own: %q", s, n)
+		}
+		steps[s.String()] = true
+	}
+	outcomes := map[string]bool{}
+	for o := OutcomePending; o < outcomeCount; o++ {
+		if n := o.String(); strings.HasPrefix(n, "outcome-") || outcomes[n] {
+			t.Errorf("outcome %d has no name of its own: %q", o, n)
+		}
+		outcomes[o.String()] = true
+	}
+}

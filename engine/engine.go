@@ -436,8 +436,8 @@ func (e *Engine) Stats() Stats {
 			s.UDPFlows += u.FlowsActive.Load()
 			s.UDPFlowsOpened += u.FlowsOpened.Load()
 			s.UDPFlowsExpired += u.FlowsExpired.Load()
-			s.UDPDatagramsUp += u.DatagramsIn.Load()
-			s.UDPDatagramsDown += u.DatagramsOut.Load()
+			s.UDPDatagramsUp += u.DatagramsUp.Load()
+			s.UDPDatagramsDown += u.DatagramsDown.Load()
 			s.UDPDropped += u.Dropped.Load()
 		}
 	}

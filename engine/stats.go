@@ -129,8 +129,8 @@ func (e *Engine) counterStats(s *Stats) {
 				rs.UDP.Flows += u.FlowsActive.Load()
 				rs.UDP.Opened += u.FlowsOpened.Load()
 				rs.UDP.Expired += u.FlowsExpired.Load()
-				rs.UDP.DatagramsUp += u.DatagramsIn.Load()
-				rs.UDP.DatagramsDown += u.DatagramsOut.Load()
+				rs.UDP.DatagramsUp += u.DatagramsUp.Load()
+				rs.UDP.DatagramsDown += u.DatagramsDown.Load()
 				rs.UDP.Dropped += u.Dropped.Load()
 			}
 		}
@@ -179,7 +179,7 @@ func (e *Engine) Totals() Totals {
 	for _, ln := range e.listeners {
 		t.Accepted += ln.Accepted.Load()
 		if u := ln.udp; u != nil {
-			t.Datagrams += u.DatagramsIn.Load() + u.DatagramsOut.Load()
+			t.Datagrams += u.DatagramsUp.Load() + u.DatagramsDown.Load()
 		}
 		if c := ln.ctr; !seen[c] { // once per rule: its ports share them
 			seen[c] = true

@@ -36,12 +36,12 @@ type udpState struct {
 	flows    map[netip.AddrPort]*flow
 	maxFlows int
 
-	FlowsOpened  atomic.Uint64
-	FlowsExpired atomic.Uint64
-	FlowsActive  atomic.Int64
-	DatagramsIn  atomic.Uint64 // client to target, forwarded
-	DatagramsOut atomic.Uint64 // target to client, forwarded
-	Dropped      atomic.Uint64 // not forwarded: flow table full, no fd, full socket buffer
+	FlowsOpened   atomic.Uint64
+	FlowsExpired  atomic.Uint64
+	FlowsActive   atomic.Int64
+	DatagramsUp   atomic.Uint64 // client to target, forwarded
+	DatagramsDown atomic.Uint64 // target to client, forwarded
+	Dropped       atomic.Uint64 // not forwarded: flow table full, no fd, full socket buffer
 }
 
 // flow is one client source of a udp rule and its socket to the target.
@@ -92,7 +92,7 @@ func (ln *Listener) handleUDP(l *Loop) {
 			}
 			continue
 		}
-		u.DatagramsIn.Add(1)
+		u.DatagramsUp.Add(1)
 	}
 }
 
@@ -192,7 +192,7 @@ func (f *flow) handle(l *Loop, _ int, _ uint32) {
 			u.Dropped.Add(1)
 			continue
 		}
-		u.DatagramsOut.Add(1)
+		u.DatagramsDown.Add(1)
 	}
 }
 

@@ -424,7 +424,7 @@ func TestUDPForwardAllocatesNothing(t *testing.T) {
 	if allocs != 0 {
 		t.Errorf("%.1f allocations per datagram each way, want 0", allocs)
 	}
-	if u := ln.udp; u.DatagramsIn.Load() != 101 || u.DatagramsOut.Load() != 101 || u.Dropped.Load() != 0 {
-		t.Errorf("in %d, out %d, dropped %d; want 101 each way", u.DatagramsIn.Load(), u.DatagramsOut.Load(), u.Dropped.Load())
+	if u := ln.udp; u.DatagramsUp.Load() != 101 || u.DatagramsDown.Load() != 101 || u.Dropped.Load() != 0 {
+		t.Errorf("in %d, out %d, dropped %d; want 101 each way", u.DatagramsUp.Load(), u.DatagramsDown.Load(), u.Dropped.Load())
 	}
 }
