@@ -10,8 +10,11 @@ FUZZTIME ?= 200000x
 
 all: build
 
+# The revision for `sluice version`, in case the go command cannot stamp it.
+REV := $(shell r=$$(git rev-parse --short=12 HEAD 2>/dev/null) && { git diff --quiet HEAD 2>/dev/null && echo $$r || echo $$r-dirty; })
+
 build:
-	$(GO) build -o $(BIN) ./cmd/sluice
+	$(GO) build -ldflags "-X main.buildRev=$(REV)" -o $(BIN) ./cmd/sluice
 
 # Build and start sluice on its built-in demo configuration.
 run: build

@@ -49,7 +49,7 @@ usage:
   sluice ctl [-s SOCKET] status|pifs|list|apply FILE|add RULE|del RULE
   sluice ctl [-s SOCKET] watch [GROUP...]|sessions [--rule KEY]|stats
                                          talk to a running daemon (sluice ctl -h)
-  sluice version
+  sluice version                         this build: module version, VCS revision (also --version)
 
 Run "sluice COMMAND -h" for a command's flags.
 `
@@ -73,7 +73,7 @@ func run(args []string) int {
 		err = cmdCheck(args[1:])
 	case "ctl": // its own exit codes: 3 rolled back, 4 busy (ctl.go)
 		return runCtl(args[1:], os.Stdout, os.Stderr)
-	case "version":
+	case "version", "--version", "-version":
 		fmt.Println("sluice", version)
 	case "-h", "--help", "help":
 		fmt.Print(usage)
@@ -93,5 +93,3 @@ func run(args []string) int {
 	}
 	return exitRuntime
 }
-
-const version = "0.1.0-dev"
