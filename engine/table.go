@@ -176,13 +176,17 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 	sum.Removed = len(p.paused)
 	for _, ln := range p.paused {
 		ln.closed.Store(true) // an EMFILE-paused loop must not resume it
+	}
+	regErr := e.syncLoops(p.paused, p.added, p.swapped)
+	for _, ln := range p.paused {
 		if ln.udp == nil {
-			// Out of LISTEN, still bound. Errors are ignored: the socket
-			// is no longer polled either way.
+			// Out of LISTEN, still bound. Only now that no loop polls it:
+			// the shutdown wakes the socket's pollers, and a loop would
+			// take that for an accept failure (EINVAL). Errors are
+			// ignored: the socket is no longer polled either way.
 			_ = unix.Shutdown(ln.fd, unix.SHUT_RD)
 		}
 	}
-	regErr := e.syncLoops(p.paused, p.added, p.swapped)
 	e.rules, e.listeners, e.pending = rs, next, p
 	if regErr != nil {
 		// Polling a new socket failed (ENOMEM, say): report it as that

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-proxy/sluice/internal/testpeer"
@@ -369,5 +370,34 @@ func TestApplyUDP(t *testing.T) {
 	applyCommit(t, e)
 	if s := e.Stats(); s.UDPFlows != 0 {
 		t.Fatalf("flows left after the rule was removed: %+v", s)
+	}
+}
+
+// Removing a rule pauses its socket without a false alarm: the loops stop
+// polling it before it leaves LISTEN, so no loop takes the shutdown's wake-up
+// for an accept failure (it logged "accept failed … invalid argument" at
+// every ctl del).
+func TestPauseIsNoAcceptFailure(t *testing.T) {
+	log, logs := observed(zap.NewAtomicLevelAt(zap.WarnLevel))
+	e, err := New(Config{Loops: 2, Log: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Start()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		e.Shutdown(ctx)
+	})
+	keep := "tcp 127.0.0.1:0 -> 127.0.0.1:9"
+	for i := 0; i < 20; i++ {
+		applyCommit(t, e, keep, "tcp 127.0.0.1:0 -> 127.0.0.1:10")
+		applyCommit(t, e, keep)
+	}
+	// A loop that saw a stale event handles it in its next batch: give
+	// both loops one round trip before reading the log.
+	e.onLoops(func(*Loop) {})
+	if n := logs.FilterMessage("accept failed; pausing this listener briefly").Len(); n > 0 {
+		t.Errorf("%d accept-failure warnings for 20 removed rules: %v", n, logs.All()[0].ContextMap())
 	}
 }
