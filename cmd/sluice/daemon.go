@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"strings"
 	"time"
 
@@ -73,15 +74,21 @@ func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
 }
 
 // parseCommand parses a command's flags and positional arguments. help is
-// true after -h (the usage is printed; the command does nothing more); a
-// bad flag is a usage error.
+// true after -h (the usage is printed on the flag set's output; the command
+// does nothing more); a bad flag is a usage error, printed once, by the
+// caller, with a pointer to -h (the flag package would print it and the
+// whole usage besides).
 func parseCommand(fs *flag.FlagSet, args []string) (pos []string, help bool, err error) {
+	out := fs.Output()
+	fs.SetOutput(io.Discard)
 	pos, err = parseInterleaved(fs, args)
+	fs.SetOutput(out)
 	if errors.Is(err, flag.ErrHelp) {
+		fs.Usage()
 		return nil, true, nil
 	}
 	if err != nil {
-		return nil, false, usageError{err}
+		return nil, false, usagef("%v (sluice %s -h lists the flags)", err, fs.Name())
 	}
 	return pos, false, nil
 }
