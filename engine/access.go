@@ -64,25 +64,28 @@ const (
 
 // whoByCode says who ended a session, by its end code.
 var whoByCode = [...]uint8{
-	conn.CodeNone:             whoInternal, // ended with no reason recorded: the engine's own doing
-	conn.CodeDone:             whoNormal,
-	conn.CodeProxyTruncated:   whoClient,
-	conn.CodeProxyBad:         whoProxy,
-	conn.CodeProxyNotTrusted:  whoProxy,
-	conn.CodeDenied:           whoProxy,
-	conn.CodeRateLimited:      whoProxy,
-	conn.CodeHandshakeTimeout: whoClientTimeout,
-	conn.CodeConnectRefused:   whoServer,
-	conn.CodeConnectTimeout:   whoServerTimeout,
-	conn.CodeClientReset:      whoClient,
-	conn.CodeServerReset:      whoServer,
-	conn.CodeIdleTimeout:      whoClientTimeout,
-	conn.CodeConnectError:     whoServer,
-	conn.CodeStopping:         whoInternal,
-	conn.CodeResource:         whoResource,
-	conn.CodeHealth:           whoNormal,
-	conn.CodeProxyOversized:   whoProxy,
-	conn.CodeProxyMissing:     whoProxy,
+	conn.CodeNone:              whoInternal, // ended with no reason recorded: the engine's own doing
+	conn.CodeDone:              whoNormal,
+	conn.CodeProxyTruncated:    whoClient,
+	conn.CodeProxyBad:          whoProxy,
+	conn.CodeProxyNotTrusted:   whoProxy,
+	conn.CodeDenied:            whoProxy,
+	conn.CodeRateLimited:       whoProxy,
+	conn.CodeHandshakeTimeout:  whoClientTimeout,
+	conn.CodeConnectRefused:    whoServer,
+	conn.CodeConnectTimeout:    whoServerTimeout,
+	conn.CodeClientReset:       whoClient,
+	conn.CodeServerReset:       whoServer,
+	conn.CodeIdleTimeout:       whoClientTimeout,
+	conn.CodeConnectError:      whoServer,
+	conn.CodeStopping:          whoInternal,
+	conn.CodeResource:          whoResource,
+	conn.CodeHealth:            whoNormal,
+	conn.CodeProxyOversized:    whoProxy,
+	conn.CodeProxyMissing:      whoProxy,
+	conn.CodeNoRoute:           whoProxy,
+	conn.CodeTLSHelloOversized: whoProxy,
+	conn.CodeTLSHelloBad:       whoProxy,
 }
 
 // phaseByState says in which phase a session in state st is.

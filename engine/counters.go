@@ -39,7 +39,7 @@ type ruleShard struct {
 // rule starts new ones (its sessions still running count in the old ones,
 // which Stats no longer shows).
 type RuleCounters struct {
-	name   string      // the rule's listen part, pif included: its label
+	name   string      // the rule's listen part, pif included, and its routing words: its label
 	shards []ruleShard // by loop id
 
 	connectErrors atomic.Uint64 // backend connects that failed (each try)
@@ -60,7 +60,7 @@ func (e *Engine) countersFor(c **RuleCounters, r *rules.Rule) *RuleCounters {
 }
 
 func (e *Engine) newRuleCounters(r *rules.Rule) *RuleCounters {
-	return &RuleCounters{name: r.ListenString(), shards: make([]ruleShard, len(e.loops)),
+	return &RuleCounters{name: r.RouteString(), shards: make([]ruleShard, len(e.loops)),
 		session: Histogram{bounds: durationBounds[:]}}
 }
 
@@ -72,6 +72,15 @@ func (ln *Listener) ruleName() string {
 		return rules.Key{Pif: ln.key.Pif, Proto: ln.key.Proto, Addr: ln.key.Addr, Port: ln.addr.Port()}.String()
 	}
 	return ln.ctr.name
+}
+
+// moveLive moves a live session of loop l from c to the counters of the
+// route the sni stage chose.
+func (c *RuleCounters) moveLive(l *Loop, to *RuleCounters) {
+	if CountersEnabled && c != to {
+		c.shards[l.id].live.Add(-1)
+		to.shards[l.id].live.Add(1)
+	}
 }
 
 // begin counts a new session of the rule on loop l.

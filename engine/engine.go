@@ -200,12 +200,12 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	if err != nil {
 		return nil, err
 	}
-	tp, err := e.pif(r.TargetPif)
-	if err != nil {
+	if _, err := e.pif(r.TargetPif); err != nil {
 		return nil, err
 	}
-	pol := handshake.NewPolicy(r, 0) // the rule's chains, counters, maxconn and rate state, shared by its ports
-	ctr := e.newRuleCounters(r)
+	g := []*rules.Rule{r}
+	pols := groupPolicies(g)
+	ctrs := make([]*RuleCounters, 1)
 	var lns []*Listener
 	for i, key := range r.ListenKeys() {
 		fd, bound, err := listenSocket(lp, r.Proto, netipAddrPort(key.Addr, key.Port))
@@ -215,7 +215,7 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 			}
 			return nil, fmt.Errorf("port %d: %w", key.Port, err)
 		}
-		lns = append(lns, e.newListener(r, i, fd, bound, lp, tp, pol, ctr, nil))
+		lns = append(lns, e.newGroupListener(g, i, fd, bound, lp, pols, ctrs, nil))
 	}
 	if err := e.registerListeners(lns); err != nil {
 		e.closeListeners(lns)
@@ -224,6 +224,35 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	e.listeners = append(e.listeners, lns...)
 	e.rules = append(e.rules, r)
 	return lns, nil
+}
+
+// groupPolicies builds the handshake policies of a key's routes g (a group
+// of rules.RouteGroups): one rule that does not route has its plain policy.
+func groupPolicies(g []*rules.Rule) []*handshake.Policy {
+	if len(g) == 1 && !g[0].IsRoute() {
+		return []*handshake.Policy{handshake.NewPolicy(g[0], 0)}
+	}
+	return handshake.NewRoutePolicies(g, 0)
+}
+
+// newGroupListener makes the listener of port i of the routes g on socket
+// fd: for a key that routes, the front listener (g[0]'s) holding one
+// listener per route, all on fd. pols are groupPolicies(g); ctrs[j] is made
+// for route j on first use, shared by the group's ports. Called with e.mu
+// held (the pifs were checked).
+func (e *Engine) newGroupListener(g []*rules.Rule, i, fd int, bound netip.AddrPort, lp *pif, pols []*handshake.Policy, ctrs []*RuleCounters, owner *Loop) *Listener {
+	var front *Listener
+	for j, r := range g {
+		tp, _ := e.pif(r.TargetPif)
+		ln := e.newListener(r, i, fd, bound, lp, tp, pols[j], e.countersFor(&ctrs[j], r), owner)
+		if j == 0 {
+			front = ln
+		}
+		if len(g) > 1 || r.IsRoute() {
+			front.routes = append(front.routes, ln)
+		}
+	}
+	return front
 }
 
 // newListener makes the listener of port i of rule r on socket fd. A udp

@@ -39,6 +39,7 @@ type Listener struct {
 	policy    *handshake.Policy // the rule's handshake chains and counters (shared by its ports)
 	pool      *balance.Pool     // the backend pool for this port: balancing and passive health
 	ctr       *RuleCounters     // the rule's data-path counters (shared by its ports)
+	routes    []*Listener       // a routed key's front listener: one per route, itself first (same fd); nil otherwise
 
 	closed   atomic.Bool
 	lastWarn atomic.Int64 // engine clock of the last out-of-fds warning
@@ -59,6 +60,46 @@ func (ln *Listener) Policy() *handshake.Policy { return ln.policy }
 
 // Pool returns the listener's backend pool (Stats shows each backend's state).
 func (ln *Listener) Pool() *balance.Pool { return ln.pool }
+
+// Routes returns the listeners of the routes of ln's key, ln first, or nil
+// when the key does not route.
+func (ln *Listener) Routes() []*Listener { return ln.routes }
+
+// routeFor returns the listener of route r of ln's key (ln itself when the
+// key does not route, or r is not among its routes).
+func (ln *Listener) routeFor(r *rules.Rule) *Listener {
+	for _, rl := range ln.routes {
+		if rl.rule == r {
+			return rl
+		}
+	}
+	return ln
+}
+
+// signature is what decides whether a kept socket keeps its listener: the
+// canonical lines of its rule, or of every route of its key.
+func (ln *Listener) signature(line func(*rules.Rule) string) string {
+	if ln.routes == nil {
+		return line(ln.rule)
+	}
+	sig := ""
+	for _, rl := range ln.routes {
+		sig += line(rl.rule) + "\n"
+	}
+	return sig
+}
+
+// groupSignature is signature for the routes g a listener would get.
+func groupSignature(g []*rules.Rule, line func(*rules.Rule) string) string {
+	if len(g) == 1 && !g[0].IsRoute() {
+		return line(g[0])
+	}
+	sig := ""
+	for _, r := range g {
+		sig += line(r) + "\n"
+	}
+	return sig
+}
 
 // listenSocket creates a non-blocking socket of pif p bound to addr: a
 // listening one for tcp, a bound datagram socket for udp. It returns the fd,

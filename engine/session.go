@@ -194,6 +194,14 @@ func (s *session) handshake(l *Loop) {
 // sessions while the daemon drains, picks a backend and dials it.
 func (s *session) sessionStep(l *Loop) {
 	l.e.handshaking.Add(-1)
+	if rts := s.ln.routes; rts != nil {
+		// The route the sni stage chose decides the rest: policy (outgoing
+		// chain, end counts), pool, target, timeouts, counters.
+		if i := s.hs.Route(); i >= 0 && i < len(rts) {
+			s.ln.ctr.moveLive(l, rts[i].ctr)
+			s.ln = rts[i]
+		}
+	}
 	s.state = stConnecting // the handshake is over, whatever happens next
 	s.flags |= sfPassed
 	s.hsUs = sinceUs(l.now, s.start)

@@ -111,7 +111,7 @@ func (e *Engine) counterStats(s *Stats) {
 		if r.ListenPorts.First != 0 {
 			for _, k := range r.ListenKeys() {
 				if ln := byKey[k]; ln != nil {
-					lns = append(lns, ln)
+					lns = append(lns, ln.routeFor(r))
 				}
 			}
 		}

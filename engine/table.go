@@ -122,26 +122,34 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 		canon[r] = r.String()
 		return canon[r]
 	}
-	for _, r := range rs {
-		res := rules.NewResult(r)
+	sum.Rules = make([]rules.RuleResult, len(rs))
+	resOf := make(map[*rules.Rule]*rules.RuleResult, len(rs))
+	for i, r := range rs {
+		sum.Rules[i] = rules.NewResult(r)
+		resOf[r] = &sum.Rules[i]
+	}
+	// A key's routes (rules with the same listen part) share its socket and
+	// its listener; a rule that routes nothing is a group of one.
+	for _, g := range rules.RouteGroups(rs) {
+		r := g[0]
 		lp, _ := e.pif(r.ListenPif)
-		tp, _ := e.pif(r.TargetPif)
-		// The rule's policy and counters are made with its first new
-		// listener: a kept, unchanged rule keeps its own, and costs nothing.
-		var pol *handshake.Policy
-		policy := func() *handshake.Policy {
-			if pol == nil {
-				pol = handshake.NewPolicy(r, 0)
+		// The group's policies and counters are made with its first new
+		// listener: a kept, unchanged group keeps its own, and costs nothing.
+		var pols []*handshake.Policy
+		policies := func() []*handshake.Policy {
+			if pols == nil {
+				pols = groupPolicies(g)
 			}
-			return pol
+			return pols
 		}
-		var ctr *RuleCounters
+		ctrs := make([]*RuleCounters, len(g))
+		sig := groupSignature(g, line)
 		for i, key := range r.ListenKeys() {
 			if old := byKey[key]; old != nil {
-				delete(byKey, key) // each socket moves to one rule only
+				delete(byKey, key) // each socket moves to one group only
 				ln := old
-				if line(old.rule) != line(r) {
-					ln = e.newListener(r, i, old.fd, old.addr, lp, tp, policy(), e.countersFor(&ctr, r), ownerOf(old))
+				if old.signature(line) != sig {
+					ln = e.newGroupListener(g, i, old.fd, old.addr, lp, policies(), ctrs, ownerOf(old))
 					if old.udp != nil {
 						// Live flows keep their rule and target, as tcp
 						// sessions do; sharing the table keeps them found
@@ -151,22 +159,27 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 					p.swapped[old] = ln
 				}
 				next = append(next, ln)
-				res.Bound++
+				for _, gr := range g {
+					resOf[gr].Bound++
+				}
 				sum.Kept++
 				continue
 			}
 			fd, bound, err := listenSocket(lp, r.Proto, netipAddrPort(key.Addr, key.Port))
 			if err != nil {
-				res.Failed = append(res.Failed, portError(key.Port, err))
+				for _, gr := range g {
+					resOf[gr].Failed = append(resOf[gr].Failed, portError(key.Port, err))
+				}
 				continue
 			}
-			ln := e.newListener(r, i, fd, bound, lp, tp, policy(), e.countersFor(&ctr, r), nil)
+			ln := e.newGroupListener(g, i, fd, bound, lp, policies(), ctrs, nil)
 			p.added = append(p.added, ln)
 			next = append(next, ln)
-			res.Bound++
+			for _, gr := range g {
+				resOf[gr].Bound++
+			}
 			sum.Added++
 		}
-		sum.Rules = append(sum.Rules, res)
 	}
 	for _, ln := range e.listeners { // what no new rule took is paused
 		if ln.key.Port == 0 || byKey[ln.key] == ln {
@@ -307,15 +320,21 @@ func (e *Engine) Rollback() (*rules.Summary, error) {
 		byRule[r] = &sum.Rules[i]
 	}
 	for _, ln := range e.listeners {
-		res := byRule[ln.rule]
-		if res == nil {
-			continue // a listener added by Listen outside the table
+		rls := ln.routes
+		if rls == nil {
+			rls = []*Listener{ln}
 		}
-		if err := failed[ln]; err != nil {
-			res.Failed = append(res.Failed, portError(ln.addr.Port(), fmt.Errorf("listen again: %w", err)))
-			continue
+		for _, rl := range rls {
+			res := byRule[rl.rule]
+			if res == nil {
+				continue // a listener added by Listen outside the table
+			}
+			if err := failed[ln]; err != nil {
+				res.Failed = append(res.Failed, portError(ln.addr.Port(), fmt.Errorf("listen again: %w", err)))
+				continue
+			}
+			res.Bound++
 		}
-		res.Bound++
 	}
 	sum.Kept = len(e.listeners) - len(failed)
 	e.noteEnd(OpRollback, start, sum)

@@ -7,8 +7,8 @@
 // (inOrder, outOrder, gateOrder); a step the rule does not ask for is left
 // out:
 //
-//	incoming: monitor, health, accept-proxy, rules   (then the engine's session step)
-//	outgoing: send-proxy                             (once the backend is connected)
+//	incoming: monitor, health, accept-proxy, rules, sni   (then the engine's session step)
+//	outgoing: send-proxy, sni (the hello's bytes)         (once the backend is connected)
 //	gate:     first-bytes (counted as accept-proxy)  (once forwarding, until done)
 //
 // monitor runs first so a balancer's probe from a monitor network gets its
@@ -91,6 +91,7 @@ const (
 	KindRules                   // 3
 	KindSession                 // 4: the engine's session step: backend choice and connect
 	KindSendProxy               // 5
+	KindSNI                     // 6: the ClientHello read and the route choice, and its bytes replayed to the backend
 	kindCount
 )
 
@@ -101,6 +102,7 @@ var kindNames = [kindCount]string{
 	KindRules:       "rules",
 	KindSession:     "session",
 	KindSendProxy:   "send-proxy",
+	KindSNI:         "sni",
 }
 
 func (k Kind) String() string {

@@ -34,9 +34,11 @@ var (
 		{KindHealth, newHealth},
 		{KindAcceptProxy, newAcceptProxy},
 		{KindRules, newConnRules},
+		{KindSNI, newSNI},
 	}
 	outOrder = [...]stage{
 		{KindSendProxy, newSendProxy},
+		{KindSNI, newReplay}, // after the PROXY header: the bytes the sni stage read
 	}
 	gateOrder = [...]stage{
 		{KindAcceptProxy, newFirstBytes}, // counted with accept-proxy, whose trust it enforces
@@ -66,23 +68,50 @@ type Policy struct {
 	timeout time.Duration
 	inUse   atomic.Int64      // conns holding a maxconn slot
 	rate    *limits.RateTable // nil: the rule has no rate=
+	router  *rules.Router     // the key's routes (sni.go); nil: the rule does not route
+	front   *Policy           // a route's: the policy of its key's first route, whose incoming chain runs; nil: itself
 	C       Counters
 }
 
 // NewPolicy builds the chains of rule r. rateTableSize bounds its rate table
 // (0: DefaultRateTableSize).
 func NewPolicy(r *rules.Rule, rateTableSize int) *Policy {
-	p := &Policy{rule: r, timeout: r.HandshakeTimeout}
+	return newPolicy(r, rateTableSize, nil, nil)
+}
+
+// NewRoutePolicies builds the policies of the routes of one listen key (a
+// valid group of rules.RouteGroups, of one rule or more). The first runs
+// the incoming chain, its sni stage choosing the route (State.Route), and
+// holds the key's maxconn count and rate table, as the options acting
+// before routing are the listener's; every route's outgoing chain writes
+// the bytes the sni stage read, and counts the sessions it got.
+func NewRoutePolicies(routes []*rules.Rule, rateTableSize int) []*Policy {
+	rt := rules.NewRouter(routes)
+	ps := make([]*Policy, len(routes))
+	for i, r := range routes {
+		var front *Policy
+		if i > 0 {
+			front = ps[0]
+		}
+		ps[i] = newPolicy(r, rateTableSize, rt, front)
+	}
+	return ps
+}
+
+func newPolicy(r *rules.Rule, rateTableSize int, rt *rules.Router, front *Policy) *Policy {
+	p := &Policy{rule: r, timeout: r.HandshakeTimeout, router: rt, front: front}
 	if p.timeout <= 0 {
 		p.timeout = DefaultTimeout
 	}
-	if r.Rate > 0 {
+	if r.Rate > 0 && front == nil {
 		if rateTableSize <= 0 {
 			rateTableSize = DefaultRateTableSize
 		}
 		p.rate = limits.NewRateTable(r.Rate, rateTableSize)
 	}
-	p.in = build(inOrder[:], r, p)
+	if front == nil {
+		p.in = build(inOrder[:], r, p)
+	}
 	p.out = build(outOrder[:], r, p)
 	p.gate = build(gateOrder[:], r, p)
 	return p
@@ -183,7 +212,12 @@ func (p *Policy) Refuse(code conn.Code) { p.C.refuse(KindSession, code) }
 
 // ReleaseSlot gives back a maxconn slot; call it once, when a conn whose
 // State had MaxConn ends.
-func (p *Policy) ReleaseSlot() { p.inUse.Add(-1) }
+func (p *Policy) ReleaseSlot() {
+	if p.front != nil {
+		p = p.front // a route's conns hold the key's slots
+	}
+	p.inUse.Add(-1)
+}
 
 // Ended counts a conn of the rule that ended, by its code.
 func (p *Policy) Ended(code conn.Code) {

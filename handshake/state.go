@@ -21,15 +21,17 @@ const (
 	Untrusted  Flags = 0x0020 // accept-proxy did not apply: the source is outside the trusted list
 	MaxConn    Flags = 0x0040 // the conn holds one of the rule's maxconn slots: ReleaseSlot at its end
 	Replied    Flags = 0x0080 // the health reply is written and the write side shut
+	Routed     Flags = 0x0100 // the sni stage chose a route (State.Route)
 )
 
 var flagNames = [...]bitnames.Name[Flags]{
 	{Bit: Health, Name: "HEALTH"}, {Bit: Failing, Name: "FAILING"}, {Bit: PeerClosed, Name: "PEER_CLOSED"}, {Bit: Proxied, Name: "PROXIED"},
 	{Bit: Local, Name: "LOCAL"}, {Bit: Untrusted, Name: "UNTRUSTED"}, {Bit: MaxConn, Name: "MAXCONN"}, {Bit: Replied, Name: "REPLIED"},
+	{Bit: Routed, Name: "ROUTED"},
 }
 
 // allFlags is the union of every named bit.
-const allFlags Flags = 0x00ff
+const allFlags Flags = 0x01ff
 
 // String names every set bit, joined by '|'; unknown bits are shown in hex.
 func (f Flags) String() string { return bitnames.Format(f, flagNames[:]) }
@@ -57,6 +59,7 @@ type State struct {
 	off     uint32           // bytes of out written, or of a health request drained
 	out     []byte           // bytes to write: the health reply or the outgoing PROXY header
 	peek    [peekSize]byte   // MSG_PEEK target; holds nothing between calls
+	sni     sniState         // the sni stage's (sni.go)
 }
 
 // Flags returns the handshake's flags.
@@ -79,6 +82,7 @@ func Get(in, out *conn.Conn) *State {
 
 // Put gives st back to the pool; st must not be used afterwards.
 func Put(st *State) {
+	st.sni.release()
 	*st = State{} // drop references (conns, TLVs) so the pool keeps nothing alive
 	statePool.Put(st)
 }

@@ -26,6 +26,7 @@ func (r *Rule) String() string {
 			writeAddrPorts(&b, t.Addr, t.Ports)
 		}
 	}
+	b.WriteString(r.routeWords())
 	if r.Weak {
 		b.WriteString(" weak")
 	}

@@ -340,6 +340,14 @@ func (r *Rule) setOption(name, val string, hasVal bool) error {
 		if err = needVal(); err == nil {
 			r.HandshakeTimeout, err = parseDuration(name, val)
 		}
+	case "sni":
+		if err = needVal(); err == nil {
+			r.SNI, err = parseNames(val)
+		}
+	case "alpn":
+		if err = needVal(); err == nil {
+			r.ALPN, err = parseALPN(val)
+		}
 	default:
 		return fmt.Errorf("unknown option %q", name)
 	}

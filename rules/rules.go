@@ -210,6 +210,12 @@ type Rule struct {
 	Splice      SpliceMode
 	Balance     Balance
 
+	// Routing by TLS ClientHello (routes.go): names lowercase without a
+	// trailing dot, "*.b.example.com" for a wildcard; ALPN protocol names.
+	// Empty: the rule matches any hello (the key's default route).
+	SNI  []string
+	ALPN []string
+
 	ConnectTimeout   time.Duration // 0 = the engine's default
 	IdleTimeout      time.Duration
 	HandshakeTimeout time.Duration

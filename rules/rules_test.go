@@ -238,6 +238,7 @@ func FuzzParse(f *testing.F) {
 	}
 	f.Add("tcp [::]:1-65535 -> 1.2.3.4:1")
 	f.Add("udp a/1.2.3.4:5 -> b/[::1]:6 rate=1/s")
+	f.Add("tcp 0.0.0.0:443 -> 127.0.0.1:1 sni=A.b.,*.c alpn=h2,x")
 	f.Fuzz(func(t *testing.T, line string) {
 		r, err := Parse(line)
 		if err != nil {

@@ -29,6 +29,9 @@ func TableDiff(old, new []*Rule) Diff {
 	newKeys := map[Key]bool{}
 	for _, r := range new {
 		for _, k := range r.ListenKeys() {
+			if newKeys[k] {
+				continue // a further route of a key already listed
+			}
 			newKeys[k] = true
 			if oldKeys[k] {
 				d.Kept = append(d.Kept, k)
@@ -40,6 +43,7 @@ func TableDiff(old, new []*Rule) Diff {
 	for _, r := range old {
 		for _, k := range r.ListenKeys() {
 			if !newKeys[k] {
+				newKeys[k] = true // listed once, however many routes it had
 				d.Removed = append(d.Removed, k)
 			}
 		}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -51,6 +52,9 @@ func (r *Rule) Validate() error {
 		if opt := r.tcpOnlyOption(); opt != "" {
 			return fmt.Errorf("option %s is for tcp rules only", opt)
 		}
+	}
+	if err := r.validateRoute(); err != nil {
+		return err
 	}
 	if len(r.Trusted) > 0 && !r.AcceptProxy {
 		return errors.New("trusted sources without accept-proxy")
@@ -141,8 +145,8 @@ type TableError struct {
 	Msg   string
 }
 
-// ValidateTable checks what no single rule can: the table's size limits and
-// listen keys that collide. Each rule is assumed valid on its own. name(i)
+// ValidateTable checks what no single rule can: the table's size limits,
+// listen keys that collide, and the routes of a shared key (routes.go). Each rule is assumed valid on its own. name(i)
 // says how messages refer to rule i ("line 7"); nil gives "rule i+1".
 // It returns the problems in rule order, or nil.
 func ValidateTable(rs []*Rule, name func(i int) string) []TableError {
@@ -162,6 +166,12 @@ func ValidateTable(rs []*Rule, name func(i int) string) []TableError {
 		wild  bool
 		port  uint16
 	}
+	routed := map[string]bool{} // listen parts some route has: validateRoutes checks those keys
+	for _, r := range rs {
+		if r.IsRoute() {
+			routed[r.listenString()] = true
+		}
+	}
 	exact := map[Key]int{}
 	byPort := map[portKey]int{}
 	total := 0
@@ -177,7 +187,7 @@ func ValidateTable(rs []*Rule, name func(i int) string) []TableError {
 		wild := r.ListenAddr.IsUnspecified()
 		for p := int(r.ListenPorts.First); p <= int(r.ListenPorts.Last); p++ {
 			k := Key{Pif: r.ListenPif, Proto: r.Proto, Addr: r.ListenAddr, Port: uint16(p)}
-			if j, dup := exact[k]; dup && j != i {
+			if j, dup := exact[k]; dup && j != i && !(sameRoutes(rs[j], r) && routed[r.listenString()]) {
 				errs = append(errs, TableError{i, fmt.Sprintf("listen %s is also %s's", k, name(j))})
 				break
 			}
@@ -193,6 +203,8 @@ func ValidateTable(rs []*Rule, name func(i int) string) []TableError {
 			}
 		}
 	}
+	errs = append(errs, validateRoutes(rs, name)...)
+	slices.SortStableFunc(errs, func(a, b TableError) int { return a.Index - b.Index })
 	return errs
 }
 
