@@ -305,12 +305,21 @@ func (d *Dir) Load() (*Table, error) {
 }
 
 // KeepPrev renames table.rules to table.rules.prev (replacing an older
-// one), durably.
+// one), durably: for a file that does not parse, kept as it was.
 func (d *Dir) KeepPrev() error {
 	if err := os.Rename(d.TablePath(), filepath.Join(d.path, PrevFile)); err != nil {
 		return fmt.Errorf("keeping the saved table: %w", err)
 	}
 	return syncDir(d.path)
+}
+
+// SavePrev writes t as table.rules.prev, atomically: the saved table kept
+// when the configuration's rules win over it. table.rules stays until the
+// next Commit replaces it, so a crash in between loses nothing.
+func (d *Dir) SavePrev(t *Table) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return writeAtomic(d.path, PrevFile, Format(t))
 }
 
 // Commit records a commit: t becomes table.rules (atomically: see the

@@ -125,6 +125,12 @@ func TestCommitLoadHistory(t *testing.T) {
 			t.Errorf("left behind: %s", e.Name())
 		}
 	}
+	if err := d.SavePrev(tb); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, PrevFile)); err != nil || !bytes.Equal(b, Format(tb)) {
+		t.Fatalf("prev: %v", err)
+	}
 	if err := d.KeepPrev(); err != nil {
 		t.Fatal(err)
 	}
