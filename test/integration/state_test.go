@@ -20,16 +20,7 @@ func startStateful(t *testing.T, cfg string, args ...string) *liveDaemon {
 	t.Helper()
 	d := &liveDaemon{daemon: startDaemon(t, forwardOpts{}, append([]string{"run", "-c", cfg}, args...)...), t: t}
 	d.sock = d.Ctl
-	waitFor(t, 10*time.Second, "the control socket", func() bool {
-		select {
-		case err := <-d.exited:
-			d.exited <- err
-			t.Fatalf("sluice exited: %v\n%s", err, d.stderr.String())
-		default:
-		}
-		_, err := d.tryStatus()
-		return err == nil
-	})
+	d.waitCtl()
 	return d
 }
 
