@@ -1,5 +1,5 @@
 // Package config reads sluice's YAML configuration file: the daemon's
-// settings (loops, log, ctl, metrics, drain), its pifs and its rule table.
+// settings (loops, log, ctl, metrics, state, drain), its pifs and its rule table.
 // Every problem found is reported, each as "FILE:LINE: message" through
 // rules.Error and rules.ErrorList. It does no I/O beyond reading the file.
 package config
@@ -54,6 +54,7 @@ type Config struct {
 	Log     Log           //
 	Ctl     Ctl           //
 	Metrics Metrics       //
+	State   State         //
 	Drain   time.Duration // on SIGTERM/SIGINT, how long live sessions may finish
 	Pifs    []Pif         // named network namespaces; host is implicit
 	Rules   []rules.Entry // the table, each rule with its line
@@ -68,6 +69,12 @@ type Log struct {
 // Ctl sets the control socket.
 type Ctl struct {
 	Socket string // "" = DefaultCtlSocket()
+}
+
+// State sets where the daemon keeps its committed table and its history
+// (package state).
+type State struct {
+	Dir string // absolute; "" = nothing is kept
 }
 
 // Metrics sets the Prometheus endpoint.
@@ -461,6 +468,13 @@ func (p *parser) top(c *Config, root *yaml.Node) {
 			p.mapping(v, "ctl", []field{{"socket", func(v *yaml.Node) { p.ctlSocket(c, v) }}})
 		}},
 		{"metrics", func(v *yaml.Node) { p.metrics(c, v) }},
+		{"state", func(v *yaml.Node) {
+			p.mapping(v, "state", []field{{"dir", func(v *yaml.Node) {
+				if s, ok := p.absPath(v, "state.dir"); ok {
+					c.State.Dir = s
+				}
+			}}})
+		}},
 		{"drain", func(v *yaml.Node) { p.drain(c, v) }},
 		{"pifs", func(v *yaml.Node) { pifs = v }},
 		{"rules", func(v *yaml.Node) { rulesNode = v }},

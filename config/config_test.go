@@ -150,14 +150,14 @@ func TestParseErrors(t *testing.T) {
 		{"yaml syntax first line", "log: {level: info\n", []string{"1: YAML: did not find expected ',' or '}'"}},
 		{"unknown anchor", "loops: 1\nlog: *nope\n", []string{"2: YAML: unknown anchor 'nope' referenced"}},
 		{"second document", "loops: 1\n---\nloops: 2\n", []string{"2: a second YAML document: a configuration is one document"}},
-		{"not a mapping", "- tcp 0.0.0.0:80 -> 1.2.3.4:80\n", []string{"1: want a mapping of loops, log, ctl, metrics, drain, pifs, rules, got a sequence"}},
-		{"scalar document", "hello\n", []string{`1: want a mapping of loops, log, ctl, metrics, drain, pifs, rules, got "hello"`}},
+		{"not a mapping", "- tcp 0.0.0.0:80 -> 1.2.3.4:80\n", []string{"1: want a mapping of loops, log, ctl, metrics, state, drain, pifs, rules, got a sequence"}},
+		{"scalar document", "hello\n", []string{`1: want a mapping of loops, log, ctl, metrics, state, drain, pifs, rules, got "hello"`}},
 		{"long scalar document", "# a rules file\ntcp 0.0.0.0:80 -> 127.0.0.1:80\ntcp 0.0.0.0:81 -> 127.0.0.1:81\n",
-			[]string{`2: want a mapping of loops, log, ctl, metrics, drain, pifs, rules, got "tcp 0.0.0.0:80 -> 127.0.0.1:80 tcp 0.0.0.0:81 -> 127.0.0.1:8"...`}},
+			[]string{`2: want a mapping of loops, log, ctl, metrics, state, drain, pifs, rules, got "tcp 0.0.0.0:80 -> 127.0.0.1:80 tcp 0.0.0.0:81 -> 127.0.0.1:8"...`}},
 		{"very long scalar", "log: " + strings.Repeat("x", 70) + "\n", []string{`1: log: want a mapping of level, format, got "` + strings.Repeat("x", 60) + `"...`}},
 		{"complex key", "? [a]\n: 1\n", []string{"1: want a plain word as a key, got a sequence"}},
 		{"duplicate key", "loops: 1\nlog: {}\nloops: 2\n", []string{`3: key "loops" given twice (first at line 1)`}},
-		{"unknown key", "loops: 1\nlooops: 2\n", []string{`2: unknown key "looops": want loops, log, ctl, metrics, drain, pifs or rules`}},
+		{"unknown key", "loops: 1\nlooops: 2\n", []string{`2: unknown key "looops": want loops, log, ctl, metrics, state, drain, pifs or rules`}},
 		{"unknown nested key", "log:\n  level: info\n  colour: red\n", []string{`3: log: unknown key "colour": want level or format`}},
 		{"duplicate nested key", "log: {level: info, level: warn}\n", []string{`1: log: key "level" given twice (first at line 1)`}},
 		{"merge key", "log: &l {level: info}\nctl:\n  <<: *l\n", []string{`3: ctl: unknown key "<<": want socket`}},
@@ -171,6 +171,8 @@ func TestParseErrors(t *testing.T) {
 		{"log level", "log: {level: verbose}\n", []string{`1: log.level: want debug, info, warn or error, got "verbose"`}},
 		{"log level mapping", "log:\n  level: {a: 1}\n", []string{`2: log.level: want debug, info, warn or error, got a mapping`}},
 		{"log format", "log: {format: xml}\n", []string{`1: log.format: want console or json, got "xml"`}},
+		{"state relative", "state: {dir: var/sluice}\n", []string{`1: state.dir: want an absolute path, got "var/sluice"`}},
+		{"state unknown key", "state: {path: /x}\n", []string{`1: state: unknown key "path": want dir`}},
 		{"ctl relative", "ctl: {socket: ctl.sock}\n", []string{`1: ctl.socket: want an absolute path, got "ctl.sock"`}},
 		{"ctl empty", "ctl: {socket: ''}\n", []string{`1: ctl.socket: want an absolute path, got ""`}},
 		{"ctl sequence", "ctl: {socket: [a]}\n", []string{`1: ctl.socket: want an absolute path, got a sequence`}},
@@ -230,7 +232,7 @@ rules:
 			`3: ctl.socket: want an absolute path, got "here"`,
 			`4: metrics.listen: want IP:PORT such as 127.0.0.1:9901 or [::1]:9901, got "nowhere"`,
 			`5: drain: want a duration from 0s to 24h such as 10s, got "soon"`,
-			`6: unknown key "whatever": want loops, log, ctl, metrics, drain, pifs or rules`,
+			`6: unknown key "whatever": want loops, log, ctl, metrics, state, drain, pifs or rules`,
 			`8: pif name "host" is reserved for the daemon's own network namespace`,
 			`9: pif "ok": netns: want an absolute path, got "rel"`,
 			`11: unknown option "frobnicate"`,
@@ -398,4 +400,11 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("round trip differs:\n%+v\n%+v", c, c2)
 		}
 	})
+}
+
+func TestStateDir(t *testing.T) {
+	c, err := Parse("s.yaml", []byte("state: {dir: /var/lib/sluice}\n"))
+	if err != nil || c.State.Dir != "/var/lib/sluice" {
+		t.Fatalf("state.dir: %+v, %v", c, err)
+	}
 }

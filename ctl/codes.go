@@ -176,7 +176,8 @@ const (
 	LimitMaxConfirmMs     LimitID = 8  // the longest confirm timeout
 	LimitIOTimeoutMs      LimitID = 9  // each frame read or written within this
 	LimitMaxClients       LimitID = 10 // connections served at once
-	limitCount                    = 11
+	LimitBootID           LimitID = 11 // not a bound: the id of this run of the daemon, new at every start
+	limitCount                    = 12
 )
 
 var limitNames = [limitCount]string{
@@ -190,6 +191,7 @@ var limitNames = [limitCount]string{
 	LimitMaxConfirmMs:     "max-confirm-ms",
 	LimitIOTimeoutMs:      "io-timeout-ms",
 	LimitMaxClients:       "max-clients",
+	LimitBootID:           "boot-id",
 }
 
 func (l LimitID) String() string {

@@ -34,6 +34,7 @@ type ctlConn struct {
 	r    frameReader
 	w    frameWriter
 	ver  uint8 // Version1 until the client hello is answered
+	who  Who   // the peer and its client name, set once the hello is read
 
 	mu      sync.Mutex
 	closing bool // the server is closing: deadlines are "now"
@@ -207,6 +208,7 @@ func (cc *ctlConn) serve() error {
 	if !ch.Intent.Known() {
 		return errorf(CodeBadValue, "unknown intent %d", ch.Intent)
 	}
+	cc.who = Who{UID: p.uid, PID: p.pid, Name: ch.Name}
 	// The service upgrade: from now on, the lower of the two.
 	cc.ver = min(ch.Want, s.cfg.maxVersion)
 	cc.log = cc.log.With(zap.Stringer("intent", ch.Intent), zap.String("client", ch.Name), zap.Uint8("version", cc.ver))

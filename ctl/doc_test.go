@@ -156,6 +156,7 @@ func TestDocTables(t *testing.T) {
 			LimitMaxPortsPerRule: uint64(h.Limits.MaxPortsPerRule), LimitMaxLineLen: uint64(h.Limits.MaxLineLen), LimitMaxPifs: uint64(h.Limits.MaxPifs),
 			LimitDefaultConfirmMs: uint64(h.Limits.DefaultConfirm.Milliseconds()), LimitMaxConfirmMs: uint64(h.Limits.MaxConfirm.Milliseconds()),
 			LimitIOTimeoutMs: uint64(h.Limits.IOTimeout.Milliseconds()), LimitMaxClients: uint64(h.Limits.MaxClients),
+			LimitBootID: h.Limits.BootID,
 		}
 		rows := tableAfter(t, doc, "Limit ids (stable")
 		if len(rows) != limitCount-1 || len(values) != limitCount-1 {

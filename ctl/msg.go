@@ -41,6 +41,11 @@ type Limits struct {
 	MaxConfirm      time.Duration
 	IOTimeout       time.Duration
 	MaxClients      int
+	// BootID is not a bound: it names this run of the daemon (a new one at
+	// every start; 0 = not sent). It rides in the limits list, which a
+	// client skips the ids it does not know of, so every client reads the
+	// hello as before.
+	BootID uint64
 }
 
 // limitField ties a limit id to its field: a count, or a duration carried
@@ -49,25 +54,30 @@ type limitField struct {
 	id LimitID
 	n  *int
 	d  *time.Duration
+	u  *uint64 // a value carried whole (the boot id)
 }
 
 // fields lists l's limits with their ids, in id order.
 func (l *Limits) fields() []limitField {
 	return []limitField{
-		{LimitMaxPayload, &l.MaxPayload, nil},
-		{LimitMaxRules, &l.MaxRules, nil},
-		{LimitMaxPorts, &l.MaxPorts, nil},
-		{LimitMaxPortsPerRule, &l.MaxPortsPerRule, nil},
-		{LimitMaxLineLen, &l.MaxLineLen, nil},
-		{LimitMaxPifs, &l.MaxPifs, nil},
-		{LimitDefaultConfirmMs, nil, &l.DefaultConfirm},
-		{LimitMaxConfirmMs, nil, &l.MaxConfirm},
-		{LimitIOTimeoutMs, nil, &l.IOTimeout},
-		{LimitMaxClients, &l.MaxClients, nil},
+		{LimitMaxPayload, &l.MaxPayload, nil, nil},
+		{LimitMaxRules, &l.MaxRules, nil, nil},
+		{LimitMaxPorts, &l.MaxPorts, nil, nil},
+		{LimitMaxPortsPerRule, &l.MaxPortsPerRule, nil, nil},
+		{LimitMaxLineLen, &l.MaxLineLen, nil, nil},
+		{LimitMaxPifs, &l.MaxPifs, nil, nil},
+		{LimitDefaultConfirmMs, nil, &l.DefaultConfirm, nil},
+		{LimitMaxConfirmMs, nil, &l.MaxConfirm, nil},
+		{LimitIOTimeoutMs, nil, &l.IOTimeout, nil},
+		{LimitMaxClients, &l.MaxClients, nil, nil},
+		{LimitBootID, nil, nil, &l.BootID},
 	}
 }
 
 func (f limitField) get() uint64 {
+	if f.u != nil {
+		return *f.u
+	}
 	if f.d != nil {
 		return uint64(max(*f.d, 0) / time.Millisecond)
 	}
@@ -76,6 +86,10 @@ func (f limitField) get() uint64 {
 
 // set stores v, clamped to what the field holds.
 func (f limitField) set(v uint64) {
+	if f.u != nil {
+		*f.u = v
+		return
+	}
 	if f.d != nil {
 		*f.d = time.Duration(min(v, uint64(math.MaxInt64/int64(time.Millisecond)))) * time.Millisecond
 		return

@@ -130,6 +130,9 @@ func serve(ctx context.Context, path string, eng Engine, log *zap.Logger, cfg co
 	s := &Server{path: path, eng: eng, log: log.Named("ctl"), cfg: cfg, ln: ln, uid: uint32(os.Geteuid()),
 		conns: map[*ctlConn]struct{}{}}
 	s.hello = cfg.hello()
+	if b, ok := eng.(Booted); ok {
+		s.hello.Limits.BootID = b.BootID()
+	}
 	s.stop = context.AfterFunc(ctx, func() { _ = s.Close() })
 	s.wg.Add(1)
 	go s.accept()

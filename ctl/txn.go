@@ -114,7 +114,8 @@ func (tx *writeTxn) run() error {
 		return err
 	}
 	ld := &Loaded{Generation: s.eng.Generation(), Rules: len(rs), Ports: rules.ListenPortCount(rs)}
-	d := rules.TableDiff(s.eng.Rules(), rs)
+	old := s.eng.Rules()
+	d := rules.TableDiff(old, rs)
 	ld.Kept, ld.Added, ld.Removed = len(d.Kept), len(d.Added), len(d.Removed)
 	if err := cc.send(func() error { return cc.w.writeLoaded(cc.ver, ld) }); err != nil {
 		return err
@@ -183,6 +184,9 @@ func (tx *writeTxn) run() error {
 		tx.pending = false
 		s.committed.Add(1)
 		cc.log.Info("table committed", zap.Uint64("generation", gen))
+		if r, ok := s.eng.(CommitRecorder); ok {
+			r.Committed(Commit{Generation: gen, Old: old, New: rs, Who: cc.who})
+		}
 		release()
 		// 10.
 		return cc.send(func() error { return cc.w.writeCommitted(cc.ver, gen) })

@@ -18,6 +18,11 @@
 //     then the rest are closed and the loops stop;
 //  3. the metrics endpoint closes last: scrapes go on during the drain.
 //
+// With a state dir (Options.StateDir, package state) every commit — the
+// initial table, each control transaction — is written there before it is
+// acknowledged, and the start decides between the saved table and the
+// file's rules (state.Decide; see start.go).
+//
 // SIGHUP is not caught (issue 19 makes it a reload).
 package daemon
 
@@ -38,6 +43,8 @@ import (
 	"github.com/sluice-proxy/sluice/ctl"
 	"github.com/sluice-proxy/sluice/engine"
 	"github.com/sluice-proxy/sluice/metrics"
+	"github.com/sluice-proxy/sluice/rules"
+	"github.com/sluice-proxy/sluice/state"
 )
 
 // The engine is what the control socket drives.
@@ -55,7 +62,7 @@ const (
 	PhaseEngine       Phase = iota + 1 // the engine's loops created
 	PhasePifs                          // every pif of the configuration added
 	PhaseLoops                         // the loops running; from here on the signals are caught
-	PhaseTable                         // the configuration's table applied and committed as generation 1
+	PhaseTable                         // the first table applied and committed: the saved one or the configuration's (start.go)
 	PhaseCtl                           // the control socket served
 	PhaseMetrics                       // the metrics endpoint served
 	PhaseCloseCtl                      // the control socket closed, first: no table change during the drain
@@ -79,6 +86,10 @@ type Options struct {
 	CtlPath string         // the control socket; "" = none
 	Log     *zap.Logger    // nil: no logs
 	Version string         // the software's version, on the status page
+	// StateDir keeps the committed table across restarts ("" = nothing
+	// kept); Fresh starts from the configuration's rules whatever it holds.
+	StateDir string
+	Fresh    bool
 	// Signals stops the daemon (Run): the first value starts the drain, a
 	// second one ends it at once. nil: SIGINT and SIGTERM, caught from
 	// PhaseLoops on.
@@ -101,6 +112,11 @@ type Daemon struct {
 	metrics *metrics.Server // nil without metrics.listen
 	sig     <-chan os.Signal
 	unwatch func() // stops catching the signals; nil when Options.Signals was given
+	bootID  uint64 // this run's id, in the control socket's hello
+
+	st     *state.Dir // nil without a state dir
+	recMu  sync.Mutex // orders the commits written to st, and guards digest
+	digest string     // of the configuration's rules the active table grew from
 
 	once sync.Once
 	done chan struct{} // closed when Stop has ended
@@ -116,7 +132,7 @@ func Start(opt Options) (*Daemon, error) {
 	if opt.Config == nil {
 		return nil, errors.New("daemon: no configuration")
 	}
-	d := &Daemon{opt: opt, c: opt.Config, log: opt.Log, sig: opt.Signals, done: make(chan struct{})}
+	d := &Daemon{opt: opt, c: opt.Config, log: opt.Log, sig: opt.Signals, done: make(chan struct{}), bootID: newBootID()}
 	if d.log == nil {
 		d.log = zap.NewNop()
 	}
@@ -152,7 +168,7 @@ func (d *Daemon) start() error {
 		d.sig, d.unwatch = sig, func() { signal.Stop(sig) }
 	}
 	d.phase(PhaseTable)
-	if err := applyInitial(c, e); err != nil {
+	if err := d.startTable(); err != nil {
 		return err
 	}
 	for _, ln := range e.Listeners() {
@@ -163,7 +179,7 @@ func (d *Daemon) start() error {
 	}
 	if d.opt.CtlPath != "" {
 		d.phase(PhaseCtl)
-		s, err := ctl.Serve(context.Background(), d.opt.CtlPath, e, log)
+		s, err := ctl.Serve(context.Background(), d.opt.CtlPath, ctlEngine{e, d}, log)
 		if err != nil {
 			return fmt.Errorf("control socket: %w (set ctl.socket, or stop the daemon that holds it)", err)
 		}
@@ -294,36 +310,37 @@ func at(c *config.Config, line int) string {
 	return fmt.Sprintf("%s:%d: ", c.File, line)
 }
 
-// applyInitial installs the configuration's table as generation 1, through
-// the same transaction, and the same decision (ctl.Decide, never forced),
-// as the control socket's: every port is bound or the daemon does not
-// start, and each failure names its rule's line ("FILE:LINE: tcp
-// 0.0.0.0:8080: port 8080: address already in use"); the failed ports of
-// weak rules are logged, not fatal.
-func applyInitial(c *config.Config, e *engine.Engine) error {
-	sum, err := e.Apply(c.RuleList())
+// applyTable installs rs as the first table, through the same
+// transaction, and the same decision (ctl.Decide, never forced), as the
+// control socket's: every port is bound or the daemon does not start, and
+// each failure names its rule (where(i), then "tcp 0.0.0.0:8080: port 8080:
+// address already in use"); the failed ports of weak rules are logged, not
+// fatal. It returns the committed generation.
+func applyTable(e *engine.Engine, rs []*rules.Rule, where func(i int) string) (uint64, error) {
+	sum, err := e.Apply(rs)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	var msgs []string
 	for i, res := range sum.Rules {
 		for _, f := range res.Failed {
-			msgs = append(msgs, fmt.Sprintf("%s%s: port %d: %s", at(c, c.Rules[i].Line), res.Listen, f.Port, f.Msg))
+			msgs = append(msgs, fmt.Sprintf("%s%s: port %d: %s", where(i), res.Listen, f.Port, f.Msg))
 		}
 	}
 	if !ctl.Decide(sum.OK(), false).Commits() {
 		if _, err := e.Rollback(); err != nil {
-			return err
+			return 0, err
 		}
-		return errors.New(strings.Join(msgs, "\n"))
+		return 0, errors.New(strings.Join(msgs, "\n"))
 	}
-	if _, err := e.Commit(); err != nil {
-		return err
+	gen, err := e.Commit()
+	if err != nil {
+		return 0, err
 	}
 	for _, m := range msgs {
 		e.Log().Warn("weak rule: port not bound", zap.String("failure", m))
 	}
-	return nil
+	return gen, nil
 }
 
 // startMetrics serves /metrics from e's counters and the status page (the

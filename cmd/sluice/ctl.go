@@ -13,6 +13,7 @@ import (
 	"github.com/sluice-proxy/sluice/config"
 	"github.com/sluice-proxy/sluice/ctl"
 	"github.com/sluice-proxy/sluice/rules"
+	"github.com/sluice-proxy/sluice/state"
 )
 
 const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
@@ -22,6 +23,8 @@ const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
   apply FILE [--dry-run] [--force] [--timeout DUR] [--json]
                           replace the table in one transaction
   add RULE | del RULE     add or remove one rule (one quoted argument)
+  diff FILE               what apply FILE would change: "- line", "~ old" / "  new",
+                          "+ line"; exit 0 none, 1 some, 2 invalid file (or no daemon)
   watch [GROUP...] [--count N]
                           events as JSON lines: the current state first, then
                           each change (groups: rules, binds, health, sessions)
@@ -39,6 +42,10 @@ type exitError struct {
 
 func (e *exitError) Error() string { return e.err.Error() }
 func (e *exitError) Unwrap() error { return e.err }
+
+// errSilent ends a command with its exit code and no message: the output
+// said it all (diff's differences).
+var errSilent = errors.New("(no message)")
 
 // stringList is a flag that may be given several times.
 type stringList []string
@@ -77,6 +84,9 @@ func runCtlWith(args []string, stdout, stderr io.Writer, between func(ctl.Step))
 		return exitOK
 	}
 	var list rules.ErrorList
+	if errors.Is(err, errSilent) {
+		return ctlExitCode(err)
+	}
 	if errors.As(err, &list) { // FILE:LINE: message, one per line
 		for _, e := range list {
 			fmt.Fprintln(stderr, e)
@@ -133,7 +143,7 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 		return err
 	}
 	if len(pos) == 0 {
-		return usagef("want a verb: status, pifs, list, apply FILE, add RULE, del RULE, watch, sessions, stats")
+		return usagef("want a verb: status, pifs, list, apply FILE, diff FILE, add RULE, del RULE, watch, sessions, stats")
 	}
 	verb, rest := pos[0], pos[1:]
 	switch verb {
@@ -152,15 +162,17 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 	if x.rule != "" || x.count != 0 {
 		return usagef("%s: --rule is for sessions, --count for watch", verb)
 	}
-	want := map[string]int{"status": 0, "pifs": 0, "list": 0, "apply": 1, "add": 1, "del": 1}
+	want := map[string]int{"status": 0, "pifs": 0, "list": 0, "apply": 1, "add": 1, "del": 1, "diff": 1}
 	n, ok := want[verb]
 	switch {
 	case !ok:
-		return usagef("unknown verb %q: want status, pifs, list, apply, add, del, watch, sessions or stats", verb)
+		return usagef("unknown verb %q: want status, pifs, list, apply, diff, add, del, watch, sessions or stats", verb)
 	case len(rest) != n && n == 0:
 		return usagef("%s: unexpected argument %q", verb, rest[0])
-	case len(rest) != n && verb == "apply":
-		return usagef("apply: want one rules FILE, got %d arguments", len(rest))
+	case len(rest) != n && (verb == "apply" || verb == "diff"):
+		return usagef("%s: want one rules FILE, got %d arguments", verb, len(rest))
+	case verb == "diff" && (x.dryRun || x.force || x.json || len(socks) > 1):
+		return usagef("diff: --dry-run, --force, --json and several -s are for apply, add and del")
 	case len(rest) != n:
 		return usagef("%s: want one rule line as one argument (quote it: '%s tcp 0.0.0.0:8443 -> 127.0.0.1:443'), got %d arguments", verb, verb, len(rest))
 	case n == 0 && (x.dryRun || x.force || x.json):
@@ -193,6 +205,8 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 		return x.list()
 	case "apply":
 		return x.apply(rest[0])
+	case "diff":
+		return x.diff(rest[0])
 	case "add":
 		return x.add(rest[0])
 	}
@@ -281,6 +295,9 @@ func (x *ctlCmd) status() error {
 	fmt.Fprintf(tw, "software\t%s\n", h.Software)
 	fmt.Fprintf(tw, "protocol\tversion %d\n", c.Version())
 	fmt.Fprintf(tw, "features\t%s\n", strings.Join(h.Features, ", "))
+	if h.Limits.BootID != 0 {
+		fmt.Fprintf(tw, "boot id\t%016x\n", h.Limits.BootID)
+	}
 	fmt.Fprintf(tw, "generation\t%d\n", st.Generation)
 	fmt.Fprintf(tw, "rules\t%d\n", st.Rules)
 	fmt.Fprintf(tw, "ports\t%d\n", st.Ports)
@@ -353,6 +370,35 @@ func (x *ctlCmd) apply(file string) error {
 		})
 }
 
+// diff prints what `apply FILE` would change in the active table: "- line"
+// removed, "~ old" / "  new" changed, "+ line" added. It exits 0 when
+// nothing would change, 1 when something would (as diff(1)), 2 when the
+// file does not validate. It reads the table as a reader: never busy.
+func (x *ctlCmd) diff(file string) error {
+	src, err := config.ReadFile(file)
+	if err != nil {
+		return usageError{err}
+	}
+	entries, err := rules.ParseFile(file, src)
+	if err != nil {
+		return err
+	}
+	if errs := rules.CheckEntries(file, entries); len(errs) > 0 {
+		return errs
+	}
+	c, t, err := x.readTable(ctl.IntentList)
+	if err != nil { // trouble is 2, as diff(1) has it: 1 means "differences"
+		return &exitError{exitUsage, err}
+	}
+	c.Close()
+	ch := state.DiffLines(t.Lines, state.Lines(rules.RulesOf(entries)))
+	if ch.Empty() {
+		return nil
+	}
+	fmt.Fprint(x.out, ch.Format())
+	return &exitError{exitRuntime, errSilent}
+}
+
 // add appends one rule to the active table, in one transaction.
 func (x *ctlCmd) add(line string) error {
 	r, err := rules.Parse(line)
@@ -423,6 +469,7 @@ func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, er
 		return err
 	}
 	if x.dryRun {
+		fmt.Fprint(x.out, state.DiffLines(t.Lines, state.Lines(rs)).Format())
 		fmt.Fprintf(x.out, "valid: %s, %s; applying would keep %d, add %d and remove %d listen keys (generation %d; nothing changed)\n",
 			count(ld.Rules, "rule"), count(ld.Ports, "listen port"), ld.Kept, ld.Added, ld.Removed, ld.Generation)
 		return nil

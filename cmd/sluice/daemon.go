@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -24,6 +25,8 @@ type daemonFlags struct {
 	logLevel  string
 	logFormat string
 	drain     time.Duration
+	stateDir  string
+	fresh     bool
 }
 
 func (d *daemonFlags) register(fs *flag.FlagSet) {
@@ -32,6 +35,8 @@ func (d *daemonFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&d.logLevel, "log-level", config.DefaultLogLevel, "log level: debug, info, warn, error (overrides log.level)")
 	fs.StringVar(&d.logFormat, "log-format", config.DefaultLogFormat, "log format: console or json (overrides log.format)")
 	fs.DurationVar(&d.drain, "drain-timeout", config.DefaultDrain, "on SIGTERM/SIGINT, how long live sessions may finish before they are closed (overrides drain)")
+	fs.StringVar(&d.stateDir, "state", "", "keep the committed table and its history in DIR across restarts (overrides state.dir)")
+	fs.BoolVar(&d.fresh, "fresh", false, "start from the configuration's rules, whatever the state dir holds (the generations continue)")
 }
 
 // override sets c's settings from the flags given on the command line.
@@ -46,8 +51,20 @@ func (d *daemonFlags) override(c *config.Config) error {
 			c.Log.Format = d.logFormat
 		case "drain-timeout":
 			c.Drain = d.drain
+		case "state":
+			c.State.Dir = d.stateDir
 		}
 	})
+	if c.State.Dir != "" && !filepath.IsAbs(c.State.Dir) {
+		abs, err := filepath.Abs(c.State.Dir)
+		if err != nil {
+			return usagef("--state %s: %v", c.State.Dir, err)
+		}
+		c.State.Dir = abs
+	}
+	if d.fresh && c.State.Dir == "" {
+		return usagef("--fresh: no state dir (set state.dir, or --state DIR)")
+	}
 	if c.Loops < 0 {
 		return usagef("--loops %d: want 0 (one per CPU) or more", c.Loops)
 	}
@@ -130,13 +147,14 @@ func newLogger(level, format string) (*zap.Logger, error) {
 // the metrics endpoint). ready, if set, runs once all are up. It blocks
 // until SIGINT or SIGTERM, then drains live sessions for up to c.Drain (a
 // second signal stops at once).
-func serve(c *config.Config, ctlPath string, ready func(*daemon.Daemon)) error {
+func serve(c *config.Config, df *daemonFlags, ctlPath string, ready func(*daemon.Daemon)) error {
 	log, err := newLogger(c.Log.Level, c.Log.Format)
 	if err != nil {
 		return err
 	}
 	defer log.Sync()
-	d, err := daemon.Start(daemon.Options{Config: c, CtlPath: ctlPath, Log: log, Version: version})
+	d, err := daemon.Start(daemon.Options{Config: c, CtlPath: ctlPath, Log: log, Version: version,
+		StateDir: c.State.Dir, Fresh: df.fresh})
 	if err != nil {
 		return err
 	}
@@ -171,5 +189,5 @@ func cmdForward(args []string) error {
 	if err := d.override(c); err != nil {
 		return err
 	}
-	return serve(c, ctlPath, nil)
+	return serve(c, &d, ctlPath, nil)
 }

@@ -39,6 +39,7 @@ const usage = `sluice: a TCP/UDP stream proxy
 
 usage:
   sluice run [-c FILE] [--loops N] [--log-level L] [--log-format F] [--drain-timeout D]
+             [--state DIR [--fresh]]
                                          the daemon on a YAML configuration file;
                                          without -c, on its built-in demo configuration
   sluice check -c FILE                   validate a configuration file

@@ -53,5 +53,5 @@ func runConfig(c *config.Config, d *daemonFlags, ready func(*daemon.Daemon)) err
 	if err := d.override(c); err != nil {
 		return err
 	}
-	return serve(c, c.CtlSocket(), ready)
+	return serve(c, d, c.CtlSocket(), ready)
 }

@@ -51,7 +51,15 @@ func startLive(t *testing.T, tb liveTable) *liveDaemon {
 	for p := range tb.via {
 		d.waitListening(fmt.Sprintf("127.0.0.1:%d", p))
 	}
-	// The control socket is served once the table is applied.
+	d.waitCtl()
+	return d
+}
+
+// waitCtl waits until the control socket answers (it is served once the
+// table is applied); the test fails if sluice exits first.
+func (d *liveDaemon) waitCtl() {
+	t := d.t
+	t.Helper()
 	waitFor(t, 10*time.Second, "the control socket", func() bool {
 		select {
 		case err := <-d.exited:
@@ -62,7 +70,6 @@ func startLive(t *testing.T, tb liveTable) *liveDaemon {
 		_, err := d.tryStatus()
 		return err == nil
 	})
-	return d
 }
 
 func ctlCtx() (context.Context, context.CancelFunc) {

@@ -24,6 +24,8 @@ var layer = map[string]int{
 	"internal/netnstest": 1,
 	// 1: one connection, one direction, one pool; the configuration file.
 	"conn": 1, "channel": 1, "balance": 1, "config": 1,
+	// state: the committed table on disk (imports rules only).
+	"state": 1,
 	// 2: the handshake chain over a conn.
 	"handshake": 2,
 	// 3: the event loops that wire them.

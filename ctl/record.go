@@ -1,0 +1,45 @@
+package ctl
+
+import "github.com/sluice-proxy/sluice/rules"
+
+// Who is the author of a writing transaction: the peer credentials of its
+// connection and the name its client hello gave.
+type Who struct {
+	UID  uint32
+	PID  int32
+	Name string
+}
+
+// Commit is one committed writing transaction, as a CommitRecorder hears it.
+type Commit struct {
+	Generation uint64        // the new active generation
+	Old, New   []*rules.Rule // the table before, and the one committed
+	Who        Who
+}
+
+// CommitRecorder is implemented by an Engine that records each commit (the
+// daemon's state dir). Committed runs after Engine.Commit and before
+// COMMITTED is sent, on the transaction's goroutine: a client told
+// "committed" knows the record was made. Its failure is the recorder's to
+// log; the commit stands.
+type CommitRecorder interface {
+	Committed(c Commit)
+}
+
+// Booted is implemented by an Engine that knows the id of this run of the
+// daemon: the server hello carries it (limit boot-id), so a client can tell
+// a restart. 0 = none sent.
+type Booted interface {
+	BootID() uint64
+}
+
+// Hold takes the writer slot for a table change made beside the control
+// socket (the daemon's reload), so that no writing transaction is between
+// its load and its apply meanwhile. ok is false when a writer holds the
+// slot (the caller says busy); otherwise release frees it.
+func (s *Server) Hold() (release func(), ok bool) {
+	if !s.writer.CompareAndSwap(false, true) {
+		return nil, false
+	}
+	return func() { s.writer.Store(false) }, true
+}
