@@ -312,13 +312,11 @@ func (l *Loop) fdFreed() {
 	l.inFreed = true
 	defer func() { l.inFreed = false }()
 	for len(l.fdWait) > 0 {
+		// The head dials again; it stays first in line, with its deadline,
+		// until it got its fd (dial takes it off the list) or ended.
 		s := l.fdWait[0]
-		l.fdWait[0] = nil
-		l.fdWait = l.fdWait[1:]
-		l.wheel.del(&s.tmr)
-		s.state = stConnecting
 		s.dial(l, conn.CodeConnectRefused)
-		if s.state == stWaitFd { // still short: it is parked again, at the end
+		if s.state == stWaitFd { // still short
 			if !l.resumeTmr.armed() {
 				l.arm(&l.resumeTmr.timer, acceptRetry)
 			}
@@ -330,11 +328,14 @@ func (l *Loop) fdFreed() {
 	}
 }
 
-// unpark takes s off the list of sessions waiting for an fd.
+// unpark takes s off the list of sessions waiting for an fd, keeping the
+// others' order.
 func (l *Loop) unpark(s *session) {
 	for i, w := range l.fdWait {
 		if w == s {
-			l.fdWait = append(l.fdWait[:i], l.fdWait[i+1:]...)
+			copy(l.fdWait[i:], l.fdWait[i+1:])
+			l.fdWait[len(l.fdWait)-1] = nil
+			l.fdWait = l.fdWait[:len(l.fdWait)-1]
 			return
 		}
 	}

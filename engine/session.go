@@ -58,13 +58,16 @@ const (
 	sfCliHup sessionFlags = 0x40  // an event on the client with RDHUP, HUP or ERR
 	sfSrvIn  sessionFlags = 0x80  // a readable event on the backend conn
 	sfSrvHup sessionFlags = 0x100 // an event on the backend conn with RDHUP, HUP or ERR
+
+	sfParked sessionFlags = 0x200 // waited for an fd on this dial: on l.fdWait until it dials, its timer the first connect deadline
 )
 
 var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"},
 	{Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}, {Bit: sfGate, Name: "GATE"},
-	{Bit: sfCliIn, Name: "CLI_IN"}, {Bit: sfCliHup, Name: "CLI_HUP"}, {Bit: sfSrvIn, Name: "SRV_IN"}, {Bit: sfSrvHup, Name: "SRV_HUP"}}
+	{Bit: sfCliIn, Name: "CLI_IN"}, {Bit: sfCliHup, Name: "CLI_HUP"}, {Bit: sfSrvIn, Name: "SRV_IN"}, {Bit: sfSrvHup, Name: "SRV_HUP"},
+	{Bit: sfParked, Name: "PARKED"}}
 
-const allSessionFlags sessionFlags = 0x1ff
+const allSessionFlags sessionFlags = 0x3ff
 
 func (f sessionFlags) String() string { return bitnames.Format(f, sessionFlagNames[:]) }
 
@@ -237,9 +240,15 @@ func (s *session) dial(l *Loop, code conn.Code) {
 				// Keep the client: the session waits, parked, until a
 				// session of this loop frees an fd (or timeout.connect),
 				// and the listener stops accepting clients it could not
-				// serve either.
+				// serve either. A session fdFreed retried is still
+				// parked: it keeps its place, its deadline and its one
+				// count.
 				s.tried &^= 1 << i
 				s.state = stWaitFd
+				if s.flags&sfParked != 0 {
+					return
+				}
+				s.flags |= sfParked
 				l.fdWait = append(l.fdWait, s)
 				l.arm(&s.tmr, s.connectTimeout())
 				s.ln.Paused.Add(1)
@@ -271,15 +280,30 @@ func (s *session) dial(l *Loop, code conn.Code) {
 			s.finish(l, conn.CodeResource, true)
 			return
 		}
+		// A session that waited for this fd connects within what is left
+		// of the deadline it got when it parked.
+		parked := s.flags&sfParked != 0
+		s.unpark(l)
 		if err == nil {
 			s.established(l)
 			return
 		}
 		s.state = stConnecting
-		l.arm(&s.tmr, s.connectTimeout())
+		if !parked {
+			l.arm(&s.tmr, s.connectTimeout())
+		}
 		return
 	}
 	s.finish(l, code, false)
+}
+
+// unpark takes s off the loop's list of sessions waiting for an fd, if it
+// is on it.
+func (s *session) unpark(l *Loop) {
+	if s.flags&sfParked != 0 {
+		s.flags &^= sfParked
+		l.unpark(s)
+	}
 }
 
 // connectFailed drops the backend conn in flight, marks its backend down and
@@ -523,12 +547,10 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	}
 	forwarding := s.state == stForwarding
 	term := s.term(code)
-	switch s.state {
-	case stHandshake:
+	if s.state == stHandshake {
 		l.e.handshaking.Add(-1)
-	case stWaitFd:
-		l.unpark(s)
 	}
+	s.unpark(l)
 	s.state = stClosed
 	l.wheel.del(&s.tmr)
 	if forwarding {
