@@ -106,6 +106,10 @@ func (c *Channel) Readable(hup bool) {
 	}
 }
 
+// HupSeen reports whether the input's last event carried RDHUP, HUP or ERR
+// (as primed): no byte will follow those already queued.
+func (c *Channel) HupSeen() bool { return c.flags&sawHup != 0 }
+
 // Writable records a writable (or hang-up) event on the output.
 func (c *Channel) Writable() { c.flags &^= FullOut }
 

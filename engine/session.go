@@ -60,14 +60,15 @@ const (
 	sfSrvHup sessionFlags = 0x100 // an event on the backend conn with RDHUP, HUP or ERR
 
 	sfParked sessionFlags = 0x200 // waited for an fd on this dial: on l.fdWait until it dials, its timer the first connect deadline
+	sfHeld   sessionFlags = 0x400 // the gate holds a strict prefix of a PROXY signature: the timer bounds the wait (sfGate)
 )
 
 var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"},
 	{Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}, {Bit: sfGate, Name: "GATE"},
 	{Bit: sfCliIn, Name: "CLI_IN"}, {Bit: sfCliHup, Name: "CLI_HUP"}, {Bit: sfSrvIn, Name: "SRV_IN"}, {Bit: sfSrvHup, Name: "SRV_HUP"},
-	{Bit: sfParked, Name: "PARKED"}}
+	{Bit: sfParked, Name: "PARKED"}, {Bit: sfHeld, Name: "HELD"}}
 
-const allSessionFlags sessionFlags = 0x3ff
+const allSessionFlags sessionFlags = 0x7ff
 
 func (f sessionFlags) String() string { return bitnames.Format(f, sessionFlagNames[:]) }
 
@@ -117,6 +118,12 @@ func (s *session) expire(l *Loop) {
 		s.finish(l, conn.CodeConnectTimeout, true)
 	case stForwarding:
 		deadline := s.active + int64(s.idleTimeout())
+		if s.flags&sfHeld != 0 && l.now < deadline {
+			// The gate's bound: the client sent a strict prefix of a
+			// signature and neither finished it nor ended its input.
+			s.finish(l, s.ln.policy.GateExpired(), true)
+			return
+		}
 		if l.now < deadline {
 			l.wheel.add(&s.tmr, (deadline+int64(tick)-1)/int64(tick))
 			return
@@ -492,14 +499,20 @@ func (s *session) pump(l *Loop) {
 //
 // It returns true once the client's bytes may flow (and clears sfGate),
 // false while they must wait, or when the gate refused the conn and the
-// session is finished.
+// session is finished. Held bytes wait at most timeout.handshake (or
+// timeout.idle if shorter) from when the gate first held them (sfHeld).
 func (s *session) gate(l *Loop) bool {
-	switch r, code := s.ln.policy.RunGate(&s.cli); r {
+	switch r, code := s.ln.policy.RunGate(&s.cli, s.up.HupSeen()); r {
 	case handshake.Done:
-		s.flags &^= sfGate
+		s.flags &^= sfGate | sfHeld
 		return true
 	case handshake.Fail:
 		s.finish(l, code, true)
+	case handshake.WantRead:
+		if code != conn.CodeNone && s.flags&sfHeld == 0 {
+			s.flags |= sfHeld
+			l.arm(&s.tmr, min(s.ln.policy.Timeout(), s.idleTimeout()))
+		}
 	}
 	return false
 }
