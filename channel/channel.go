@@ -168,6 +168,18 @@ func (c *Channel) Pump(p *Pools) int {
 	return moved
 }
 
+// Flush writes held bytes to out until nothing is held or out is full or
+// failed (FullOut, ErrOut); it never reads, so the input may be closed
+// already (a channel whose input failed delivers what it read). It returns
+// the bytes written.
+func (c *Channel) Flush(p *Pools) int {
+	moved := 0
+	for c.Held() > 0 && c.flags&(FullOut|ErrOut) == 0 {
+		moved += c.send(p)
+	}
+	return moved
+}
+
 // room reports whether a read may be tried now, choosing the backing when
 // nothing is held.
 func (c *Channel) room() bool {

@@ -265,7 +265,7 @@ func (l *Loop) shutdownSessions() {
 	for fd, h := range l.table {
 		switch h := h.(type) {
 		case *session:
-			if fd == h.cli.FD() {
+			if fd == h.cli.FD() || h.cli.FD() < 0 { // (a draining session may have its backend conn alone)
 				h.finish(l, conn.CodeStopping, true)
 			}
 		case *flow:

@@ -30,9 +30,10 @@ const (
 	stForwarding                     // both conns up; channels pumping; no handshake state held
 	stClosed                         // fds closed; waiting for the GC
 	stWaitFd                         // out of fds for the backend socket: parked on the loop's fdWait list
+	stDraining                       // one side failed and is closed; the other gets what sluice holds for it, then a reset
 )
 
-var stateNames = [...]string{"handshake", "connecting", "send-proxy", "forwarding", "closed", "wait-fd"}
+var stateNames = [...]string{"handshake", "connecting", "send-proxy", "forwarding", "closed", "wait-fd", "draining"}
 
 func (s sessionState) String() string {
 	if int(s) < len(stateNames) {
@@ -116,6 +117,8 @@ func (s *session) expire(l *Loop) {
 			l.healthChanged(s.ln, int(s.backend), false)
 		}
 		s.finish(l, conn.CodeConnectTimeout, true)
+	case stDraining:
+		s.drain(l)
 	case stForwarding:
 		deadline := s.active + int64(s.idleTimeout())
 		if s.flags&sfHeld != 0 && l.now < deadline {
@@ -440,6 +443,12 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 		} else if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 			s.finish(l, conn.CodeClientReset, true)
 		}
+	case stDraining:
+		// Only the healthy side is still open and polled.
+		if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			s.drainChannel().Writable()
+			s.drain(l)
+		}
 	case stForwarding:
 		const in = unix.EPOLLIN | hup
 		const out = unix.EPOLLOUT | unix.EPOLLHUP | unix.EPOLLERR
@@ -479,7 +488,7 @@ func (s *session) pump(l *Loop) {
 		s.ln.ctr.moved(l, up, down, s.up.Spliced+s.down.Spliced-spliced)
 	}
 	if s.up.Failed() || s.down.Failed() {
-		s.finish(l, s.failCode(), true)
+		s.failed(l)
 		return
 	}
 	if s.up.WantShutOut() {
@@ -542,6 +551,69 @@ func (s *session) shutOut(l *Loop, c *conn.Conn, ch, other *channel.Channel) {
 	}
 }
 
+// failed ends a session one side of which failed (a reset, a write error):
+// that side is closed with a reset at once, and the healthy side first gets
+// what it was already given or sluice holds for it (drain), then a reset, so
+// the abnormal end still reaches it. The direction towards the failed side is
+// dropped: nobody is left to take it.
+func (s *session) failed(l *Loop) {
+	bad := &s.srv
+	if s.failCode() == conn.CodeClientReset {
+		bad = &s.cli
+	}
+	if s.drainChannel().Flags()&channel.ErrOut != 0 {
+		// Both sides failed: nothing can be delivered.
+		s.finish(l, s.failCode(), true)
+		return
+	}
+	l.forget(bad.FD())
+	bad.Close(true)
+	s.state = stDraining
+	s.drain(l)
+}
+
+// drainChannel is, once a side failed, the channel towards the healthy side.
+func (s *session) drainChannel() *channel.Channel {
+	if s.cli.FD() < 0 || s.failCode() == conn.CodeClientReset {
+		return &s.up
+	}
+	return &s.down
+}
+
+// drain writes what the channel holds to the healthy side, then waits for
+// its socket's send queue to empty (SIOCOUTQ, polled on the wheel, less
+// often the longer it takes), and ends the session with the reset the
+// failed side's code promises. Nothing moving for timeout.idle ends the wait.
+func (s *session) drain(l *Loop) {
+	code, good, ch := conn.CodeServerReset, &s.cli, &s.down
+	if s.cli.FD() < 0 {
+		code, good, ch = conn.CodeClientReset, &s.srv, &s.up
+	}
+	spliced := ch.Spliced
+	if n := ch.Flush(l.pools); n > 0 {
+		s.active = l.now
+		if ch == &s.up {
+			s.ln.ctr.moved(l, n, 0, ch.Spliced-spliced)
+		} else {
+			s.ln.ctr.moved(l, 0, n, ch.Spliced-spliced)
+		}
+	}
+	waited := l.now - s.active
+	if ch.Flags()&channel.ErrOut != 0 || waited >= int64(s.idleTimeout()) {
+		s.finish(l, code, true)
+		return
+	}
+	if ch.Held() > 0 {
+		l.arm(&s.tmr, s.idleTimeout()-time.Duration(waited)) // the writable event comes first
+		return
+	}
+	if q, err := unix.IoctlGetInt(good.FD(), unix.SIOCOUTQ); err != nil || q == 0 {
+		s.finish(l, code, true)
+		return
+	}
+	l.arm(&s.tmr, min(max(time.Duration(waited)/8, tick), time.Second))
+}
+
 // failCode says who failed: a read error on a side or a write error to it.
 func (s *session) failCode() conn.Code {
 	if s.up.Flags()&channel.ErrIn != 0 || s.down.Flags()&channel.ErrOut != 0 {
@@ -558,7 +630,7 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	if s.state == stClosed {
 		return
 	}
-	forwarding := s.state == stForwarding
+	forwarding := s.state == stForwarding || s.state == stDraining
 	term := s.term(code)
 	if s.state == stHandshake {
 		l.e.handshaking.Add(-1)
