@@ -79,7 +79,7 @@ func TestWakeAfterStop(t *testing.T) {
 // on its own goroutine, with its clock stepped tick by tick.
 func TestFdWaitKeepsDeadlineAndOrder(t *testing.T) {
 	const connect = time.Second
-	bfd := rawListener(t)
+	bfd := rawListener(t, 16)
 	baddr, err := rawsys.Getsockname(bfd)
 	if err != nil {
 		t.Fatal(err)
@@ -197,9 +197,9 @@ func TestFdWaitKeepsDeadlineAndOrder(t *testing.T) {
 	}
 }
 
-// rawListener is a listening socket nobody accepts on: connects to it
-// complete in the kernel's backlog.
-func rawListener(t *testing.T) int {
+// rawListener is a listening socket on 127.0.0.1 nobody accepts on:
+// connects to it complete in the kernel's backlog.
+func rawListener(t *testing.T, backlog int) int {
 	t.Helper()
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -209,7 +209,7 @@ func rawListener(t *testing.T) int {
 	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Listen(fd, 16); err != nil {
+	if err := unix.Listen(fd, backlog); err != nil {
 		t.Fatal(err)
 	}
 	return fd
