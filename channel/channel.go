@@ -106,6 +106,10 @@ func (c *Channel) Readable(hup bool) {
 	}
 }
 
+// HupSeen reports whether the input's last event carried RDHUP, HUP or ERR
+// (as primed): no byte will follow those already queued.
+func (c *Channel) HupSeen() bool { return c.flags&sawHup != 0 }
+
 // Writable records a writable (or hang-up) event on the output.
 func (c *Channel) Writable() { c.flags &^= FullOut }
 
@@ -160,6 +164,18 @@ func (c *Channel) Pump(p *Pools) int {
 		if !progress {
 			break
 		}
+	}
+	return moved
+}
+
+// Flush writes held bytes to out until nothing is held or out is full or
+// failed (FullOut, ErrOut); it never reads, so the input may be closed
+// already (a channel whose input failed delivers what it read). It returns
+// the bytes written.
+func (c *Channel) Flush(p *Pools) int {
+	moved := 0
+	for c.Held() > 0 && c.flags&(FullOut|ErrOut) == 0 {
+		moved += c.send(p)
 	}
 	return moved
 }

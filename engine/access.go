@@ -96,6 +96,7 @@ var phaseByState = [...]uint8{
 	stForwarding: phaseData,
 	stClosed:     phaseData,
 	stWaitFd:     phaseConnect,
+	stDraining:   phaseData,
 }
 
 // termNames are the codes' two letters, made once so logging one costs no

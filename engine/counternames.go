@@ -3,6 +3,7 @@ package engine
 import (
 	"sort"
 
+	"github.com/sluice-proxy/sluice/internal/logsink"
 	"github.com/sluice-proxy/sluice/observe"
 	"github.com/sluice-proxy/sluice/rules"
 )
@@ -74,6 +75,7 @@ var (
 	famUDPDatagrams      = &Family{Name: "udp_datagrams_total", Help: "UDP datagrams forwarded, by direction.", Kind: KindCounter, Labels: []string{"direction"}}
 	famUDPDropped        = &Family{Name: "udp_dropped_total", Help: "UDP datagrams not forwarded (flow table full, no fd, buffer full).", Kind: KindCounter}
 	famFDsOpen           = &Family{Name: "fds_open", Help: "File descriptors open in the process (/proc/self/fd), read at scrape time.", Kind: KindGauge}
+	famLogDropped        = &Family{Name: "log_dropped_total", Help: "Log lines dropped because the log output (stderr) did not take them in time; the data path never waits for it.", Kind: KindCounter}
 	famDraining          = &Family{Name: "draining", Help: "1 once the daemon is stopping and drains its sessions.", Kind: KindGauge}
 	famTableGeneration   = &Family{Name: "table_generation", Help: "Generation of the active rule table (one more at each commit).", Kind: KindGauge}
 	famTablePending      = &Family{Name: "table_pending", Help: "1 while an applied table awaits its commit or rollback.", Kind: KindGauge}
@@ -106,7 +108,7 @@ var (
 // samples them itself.
 var Families = []*Family{
 	famEventLoops, famSessions, FamSessionsEnded, famConnectErrors, famBuffers, famPipes, famPipesOpen, famPipesDenied,
-	famUDPFlows, famUDPFlowsOpened, famUDPFlowsExpired, famUDPDatagrams, famUDPDropped, famFDsOpen, famDraining,
+	famUDPFlows, famUDPFlowsOpened, famUDPFlowsExpired, famUDPDatagrams, famUDPDropped, famFDsOpen, famLogDropped, famDraining,
 	famTableGeneration, famTablePending, famTableOperations, FamTableApplySeconds, famCtlTransactions,
 	famRulePorts, famRuleConnections, FamRuleRefused, famRuleSessions, FamRuleTerminations, famRuleBytes, famRuleBytesMoved,
 	famRuleConnectErrors, famRuleConnectRetries, famRuleHealthReplies, famRuleProxyHeaders,
@@ -140,6 +142,8 @@ var EngineDefs = []CounterDef{
 	{Stat: "udp_datagrams_out", Family: famUDPDatagrams, Labels: []string{"to_client"}, Get: func(s *Stats) int64 { return int64(s.UDPDatagramsDown) }},
 	{Stat: "udp_dropped", Family: famUDPDropped, Get: func(s *Stats) int64 { return int64(s.UDPDropped) }},
 	{Stat: "fds", Family: famFDsOpen, Known: true, Get: func(s *Stats) int64 { return int64(s.FDs) }},
+	// Process-wide, read at scrape time: the log writer is the process's, not the engine's.
+	{Stat: "log_dropped", Family: famLogDropped, Get: func(*Stats) int64 { return int64(logsink.Dropped()) }},
 	{Stat: "draining", Family: famDraining, Get: func(s *Stats) int64 { return b2i(s.Draining) }},
 	{Stat: "generation", Family: famTableGeneration, Get: func(s *Stats) int64 { return int64(s.Table.Generation) }},
 	{Stat: "rules", Get: func(s *Stats) int64 { return int64(len(s.Rules)) }},

@@ -126,14 +126,38 @@ func (e *Engine) Start() {
 	}
 }
 
-// onLoops runs fn on every loop and waits until all have run it.
+// onLoops runs fn on every loop and waits until all have run it; a loop
+// that has stopped is skipped.
 func (e *Engine) onLoops(fn func(*Loop)) {
 	var wg sync.WaitGroup
 	wg.Add(len(e.loops))
 	for _, l := range e.loops {
-		l.post(func(l *Loop) { fn(l); wg.Done() })
+		if !l.post(func(l *Loop) { fn(l); wg.Done() }) {
+			wg.Done()
+		}
 	}
 	wg.Wait()
+}
+
+// firstErr keeps the first error reported by the loops of an onLoops call,
+// which report concurrently.
+type firstErr struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (f *firstErr) set(err error) {
+	f.mu.Lock()
+	if f.err == nil {
+		f.err = err
+	}
+	f.mu.Unlock()
+}
+
+func (f *firstErr) get() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.err
 }
 
 // ErrStopped is returned for work asked of an engine that has stopped.
@@ -276,18 +300,15 @@ func (e *Engine) newListener(r *rules.Rule, i, fd int, bound netip.AddrPort, lp,
 // registerListeners starts polling lns: a tcp listener on every loop, a udp
 // one on its owner loop. It returns the first epoll error, naming the port.
 func (e *Engine) registerListeners(lns []*Listener) error {
-	var regErr error
-	var errMu sync.Mutex
+	var regErr firstErr
 	e.onLoops(func(l *Loop) {
 		for _, ln := range lns {
 			if err := l.registerListener(ln); err != nil {
-				errMu.Lock()
-				regErr = fmt.Errorf("port %d: epoll_ctl: %w", ln.addr.Port(), err)
-				errMu.Unlock()
+				regErr.set(fmt.Errorf("port %d: epoll_ctl: %w", ln.addr.Port(), err))
 			}
 		}
 	})
-	return regErr
+	return regErr.get()
 }
 
 // closeListeners stops polling lns on every loop, then closes them. Called

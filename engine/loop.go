@@ -42,9 +42,10 @@ type Loop struct {
 	now    int64 // nanoseconds since base, read once per wake-up
 	log    *zap.Logger
 
-	mu    sync.Mutex
-	tasks []func(*Loop)
-	stop  bool
+	mu     sync.Mutex
+	tasks  []func(*Loop)
+	stop   bool
+	closed bool // the loop has stopped and closed wakefd: nothing may be posted or woken
 
 	paused    []*Listener // listeners this loop stopped polling (out of fds)
 	resumeTmr loopTimer
@@ -98,17 +99,34 @@ func newLoop(e *Engine, id int, tableSize int) (*Loop, error) {
 }
 
 // post runs fn on the loop's goroutine soon. Safe from any goroutine.
-func (l *Loop) post(fn func(*Loop)) {
+// It returns false, and fn never runs, when the loop has stopped.
+func (l *Loop) post(fn func(*Loop)) bool {
 	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return false
+	}
 	l.tasks = append(l.tasks, fn)
-	l.mu.Unlock()
-	l.wake()
+	l.signal()
+	return true
 }
 
-// wake makes the loop's epoll_wait return: eventfd(2) adds the 8 bytes'
-// count. It never blocks (EFD_NONBLOCK; a full count is already a wake-up),
-// so it goes through rawsys like every call of the data path.
+// wake makes the loop's epoll_wait return. Safe from any goroutine; a no-op
+// once the loop has stopped.
 func (l *Loop) wake() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.closed {
+		l.signal()
+	}
+}
+
+// signal writes to the eventfd: eventfd(2) adds the 8 bytes' count. It never
+// blocks (EFD_NONBLOCK; a full count is already a wake-up), so it goes
+// through rawsys like every call of the data path. Called with l.mu held and
+// the loop not closed: the loop closes wakefd under l.mu, and a write after
+// that would land in whatever file got the number since.
+func (l *Loop) signal() {
 	var one = [8]byte{1}
 	_, _ = rawsys.Write(l.wakefd, one[:])
 }
@@ -232,6 +250,9 @@ func (l *Loop) runTasks() bool {
 	l.mu.Lock()
 	tasks, stop := l.tasks, l.stop
 	l.tasks = nil
+	// Stopping: from now on post refuses and wake does nothing, so no task
+	// is left behind unrun and nothing writes to wakefd once it is closed.
+	l.closed = stop
 	l.mu.Unlock()
 	for _, fn := range tasks {
 		fn(l)
@@ -244,7 +265,7 @@ func (l *Loop) shutdownSessions() {
 	for fd, h := range l.table {
 		switch h := h.(type) {
 		case *session:
-			if fd == h.cli.FD() {
+			if fd == h.cli.FD() || h.cli.FD() < 0 { // (a draining session may have its backend conn alone)
 				h.finish(l, conn.CodeStopping, true)
 			}
 		case *flow:
@@ -252,6 +273,9 @@ func (l *Loop) shutdownSessions() {
 		}
 	}
 	l.pools.Close()
+	l.mu.Lock()
+	l.closed = true // (runTasks set it already when asked to stop)
+	l.mu.Unlock()
 	unix.Close(l.epfd)
 	unix.Close(l.wakefd)
 }
@@ -288,13 +312,11 @@ func (l *Loop) fdFreed() {
 	l.inFreed = true
 	defer func() { l.inFreed = false }()
 	for len(l.fdWait) > 0 {
+		// The head dials again; it stays first in line, with its deadline,
+		// until it got its fd (dial takes it off the list) or ended.
 		s := l.fdWait[0]
-		l.fdWait[0] = nil
-		l.fdWait = l.fdWait[1:]
-		l.wheel.del(&s.tmr)
-		s.state = stConnecting
 		s.dial(l, conn.CodeConnectRefused)
-		if s.state == stWaitFd { // still short: it is parked again, at the end
+		if s.state == stWaitFd { // still short
 			if !l.resumeTmr.armed() {
 				l.arm(&l.resumeTmr.timer, acceptRetry)
 			}
@@ -306,11 +328,14 @@ func (l *Loop) fdFreed() {
 	}
 }
 
-// unpark takes s off the list of sessions waiting for an fd.
+// unpark takes s off the list of sessions waiting for an fd, keeping the
+// others' order.
 func (l *Loop) unpark(s *session) {
 	for i, w := range l.fdWait {
 		if w == s {
-			l.fdWait = append(l.fdWait[:i], l.fdWait[i+1:]...)
+			copy(l.fdWait[i:], l.fdWait[i+1:])
+			l.fdWait[len(l.fdWait)-1] = nil
+			l.fdWait = l.fdWait[:len(l.fdWait)-1]
 			return
 		}
 	}

@@ -30,9 +30,10 @@ const (
 	stForwarding                     // both conns up; channels pumping; no handshake state held
 	stClosed                         // fds closed; waiting for the GC
 	stWaitFd                         // out of fds for the backend socket: parked on the loop's fdWait list
+	stDraining                       // one side failed and is closed; the other gets what sluice holds for it, then a reset
 )
 
-var stateNames = [...]string{"handshake", "connecting", "send-proxy", "forwarding", "closed", "wait-fd"}
+var stateNames = [...]string{"handshake", "connecting", "send-proxy", "forwarding", "closed", "wait-fd", "draining"}
 
 func (s sessionState) String() string {
 	if int(s) < len(stateNames) {
@@ -58,13 +59,17 @@ const (
 	sfCliHup sessionFlags = 0x40  // an event on the client with RDHUP, HUP or ERR
 	sfSrvIn  sessionFlags = 0x80  // a readable event on the backend conn
 	sfSrvHup sessionFlags = 0x100 // an event on the backend conn with RDHUP, HUP or ERR
+
+	sfParked sessionFlags = 0x200 // waited for an fd on this dial: on l.fdWait until it dials, its timer the first connect deadline
+	sfHeld   sessionFlags = 0x400 // the gate holds a strict prefix of a PROXY signature: the timer bounds the wait (sfGate)
 )
 
 var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"},
 	{Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}, {Bit: sfGate, Name: "GATE"},
-	{Bit: sfCliIn, Name: "CLI_IN"}, {Bit: sfCliHup, Name: "CLI_HUP"}, {Bit: sfSrvIn, Name: "SRV_IN"}, {Bit: sfSrvHup, Name: "SRV_HUP"}}
+	{Bit: sfCliIn, Name: "CLI_IN"}, {Bit: sfCliHup, Name: "CLI_HUP"}, {Bit: sfSrvIn, Name: "SRV_IN"}, {Bit: sfSrvHup, Name: "SRV_HUP"},
+	{Bit: sfParked, Name: "PARKED"}, {Bit: sfHeld, Name: "HELD"}}
 
-const allSessionFlags sessionFlags = 0x1ff
+const allSessionFlags sessionFlags = 0x7ff
 
 func (f sessionFlags) String() string { return bitnames.Format(f, sessionFlagNames[:]) }
 
@@ -112,8 +117,16 @@ func (s *session) expire(l *Loop) {
 			l.healthChanged(s.ln, int(s.backend), false)
 		}
 		s.finish(l, conn.CodeConnectTimeout, true)
+	case stDraining:
+		s.drain(l)
 	case stForwarding:
 		deadline := s.active + int64(s.idleTimeout())
+		if s.flags&sfHeld != 0 && l.now < deadline {
+			// The gate's bound: the client sent a strict prefix of a
+			// signature and neither finished it nor ended its input.
+			s.finish(l, s.ln.policy.GateExpired(), true)
+			return
+		}
 		if l.now < deadline {
 			l.wheel.add(&s.tmr, (deadline+int64(tick)-1)/int64(tick))
 			return
@@ -245,9 +258,15 @@ func (s *session) dial(l *Loop, code conn.Code) {
 				// Keep the client: the session waits, parked, until a
 				// session of this loop frees an fd (or timeout.connect),
 				// and the listener stops accepting clients it could not
-				// serve either.
+				// serve either. A session fdFreed retried is still
+				// parked: it keeps its place, its deadline and its one
+				// count.
 				s.tried &^= 1 << i
 				s.state = stWaitFd
+				if s.flags&sfParked != 0 {
+					return
+				}
+				s.flags |= sfParked
 				l.fdWait = append(l.fdWait, s)
 				l.arm(&s.tmr, s.connectTimeout())
 				s.ln.Paused.Add(1)
@@ -279,15 +298,30 @@ func (s *session) dial(l *Loop, code conn.Code) {
 			s.finish(l, conn.CodeResource, true)
 			return
 		}
+		// A session that waited for this fd connects within what is left
+		// of the deadline it got when it parked.
+		parked := s.flags&sfParked != 0
+		s.unpark(l)
 		if err == nil {
 			s.established(l)
 			return
 		}
 		s.state = stConnecting
-		l.arm(&s.tmr, s.connectTimeout())
+		if !parked {
+			l.arm(&s.tmr, s.connectTimeout())
+		}
 		return
 	}
 	s.finish(l, code, false)
+}
+
+// unpark takes s off the loop's list of sessions waiting for an fd, if it
+// is on it.
+func (s *session) unpark(l *Loop) {
+	if s.flags&sfParked != 0 {
+		s.flags &^= sfParked
+		l.unpark(s)
+	}
 }
 
 // connectFailed drops the backend conn in flight, marks its backend down and
@@ -417,6 +451,12 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 		} else if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 			s.finish(l, conn.CodeClientReset, true)
 		}
+	case stDraining:
+		// Only the healthy side is still open and polled.
+		if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			s.drainChannel().Writable()
+			s.drain(l)
+		}
 	case stForwarding:
 		const in = unix.EPOLLIN | hup
 		const out = unix.EPOLLOUT | unix.EPOLLHUP | unix.EPOLLERR
@@ -456,7 +496,7 @@ func (s *session) pump(l *Loop) {
 		s.ln.ctr.moved(l, up, down, s.up.Spliced+s.down.Spliced-spliced)
 	}
 	if s.up.Failed() || s.down.Failed() {
-		s.finish(l, s.failCode(), true)
+		s.failed(l)
 		return
 	}
 	if s.up.WantShutOut() {
@@ -476,14 +516,20 @@ func (s *session) pump(l *Loop) {
 //
 // It returns true once the client's bytes may flow (and clears sfGate),
 // false while they must wait, or when the gate refused the conn and the
-// session is finished.
+// session is finished. Held bytes wait at most timeout.handshake (or
+// timeout.idle if shorter) from when the gate first held them (sfHeld).
 func (s *session) gate(l *Loop) bool {
-	switch r, code := s.ln.policy.RunGate(&s.cli); r {
+	switch r, code := s.ln.policy.RunGate(&s.cli, s.up.HupSeen()); r {
 	case handshake.Done:
-		s.flags &^= sfGate
+		s.flags &^= sfGate | sfHeld
 		return true
 	case handshake.Fail:
 		s.finish(l, code, true)
+	case handshake.WantRead:
+		if code != conn.CodeNone && s.flags&sfHeld == 0 {
+			s.flags |= sfHeld
+			l.arm(&s.tmr, min(s.ln.policy.Timeout(), s.idleTimeout()))
+		}
 	}
 	return false
 }
@@ -513,6 +559,69 @@ func (s *session) shutOut(l *Loop, c *conn.Conn, ch, other *channel.Channel) {
 	}
 }
 
+// failed ends a session one side of which failed (a reset, a write error):
+// that side is closed with a reset at once, and the healthy side first gets
+// what it was already given or sluice holds for it (drain), then a reset, so
+// the abnormal end still reaches it. The direction towards the failed side is
+// dropped: nobody is left to take it.
+func (s *session) failed(l *Loop) {
+	bad := &s.srv
+	if s.failCode() == conn.CodeClientReset {
+		bad = &s.cli
+	}
+	if s.drainChannel().Flags()&channel.ErrOut != 0 {
+		// Both sides failed: nothing can be delivered.
+		s.finish(l, s.failCode(), true)
+		return
+	}
+	l.forget(bad.FD())
+	bad.Close(true)
+	s.state = stDraining
+	s.drain(l)
+}
+
+// drainChannel is, once a side failed, the channel towards the healthy side.
+func (s *session) drainChannel() *channel.Channel {
+	if s.cli.FD() < 0 || s.failCode() == conn.CodeClientReset {
+		return &s.up
+	}
+	return &s.down
+}
+
+// drain writes what the channel holds to the healthy side, then waits for
+// its socket's send queue to empty (SIOCOUTQ, polled on the wheel, less
+// often the longer it takes), and ends the session with the reset the
+// failed side's code promises. Nothing moving for timeout.idle ends the wait.
+func (s *session) drain(l *Loop) {
+	code, good, ch := conn.CodeServerReset, &s.cli, &s.down
+	if s.cli.FD() < 0 {
+		code, good, ch = conn.CodeClientReset, &s.srv, &s.up
+	}
+	spliced := ch.Spliced
+	if n := ch.Flush(l.pools); n > 0 {
+		s.active = l.now
+		if ch == &s.up {
+			s.ln.ctr.moved(l, n, 0, ch.Spliced-spliced)
+		} else {
+			s.ln.ctr.moved(l, 0, n, ch.Spliced-spliced)
+		}
+	}
+	waited := l.now - s.active
+	if ch.Flags()&channel.ErrOut != 0 || waited >= int64(s.idleTimeout()) {
+		s.finish(l, code, true)
+		return
+	}
+	if ch.Held() > 0 {
+		l.arm(&s.tmr, s.idleTimeout()-time.Duration(waited)) // the writable event comes first
+		return
+	}
+	if q, err := unix.IoctlGetInt(good.FD(), unix.SIOCOUTQ); err != nil || q == 0 {
+		s.finish(l, code, true)
+		return
+	}
+	l.arm(&s.tmr, min(max(time.Duration(waited)/8, tick), time.Second))
+}
+
 // failCode says who failed: a read error on a side or a write error to it.
 func (s *session) failCode() conn.Code {
 	if s.up.Flags()&channel.ErrIn != 0 || s.down.Flags()&channel.ErrOut != 0 {
@@ -529,14 +638,12 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	if s.state == stClosed {
 		return
 	}
-	forwarding := s.state == stForwarding
+	forwarding := s.state == stForwarding || s.state == stDraining
 	term := s.term(code)
-	switch s.state {
-	case stHandshake:
+	if s.state == stHandshake {
 		l.e.handshaking.Add(-1)
-	case stWaitFd:
-		l.unpark(s)
 	}
+	s.unpark(l)
 	s.state = stClosed
 	l.wheel.del(&s.tmr)
 	if forwarding {

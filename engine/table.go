@@ -235,7 +235,7 @@ func portError(port uint16, err error) rules.PortError {
 // their new Listener (also in a loop's list of listeners paused for lack of
 // fds). It returns the first error of registering an added listener.
 func (e *Engine) syncLoops(stop, start []*Listener, swap map[*Listener]*Listener) error {
-	var regErr error
+	var regErr firstErr // every loop may report at once
 	e.onLoops(func(l *Loop) {
 		for _, ln := range stop {
 			if ln.udp == nil || ln.udp.loop == l {
@@ -243,8 +243,8 @@ func (e *Engine) syncLoops(stop, start []*Listener, swap map[*Listener]*Listener
 			}
 		}
 		for _, ln := range start {
-			if err := l.registerListener(ln); err != nil && regErr == nil {
-				regErr = fmt.Errorf("port %d: epoll_ctl: %w", ln.addr.Port(), err)
+			if err := l.registerListener(ln); err != nil {
+				regErr.set(fmt.Errorf("port %d: epoll_ctl: %w", ln.addr.Port(), err))
 			}
 		}
 		for old, ln := range swap {
@@ -258,7 +258,7 @@ func (e *Engine) syncLoops(stop, start []*Listener, swap map[*Listener]*Listener
 			}
 		}
 	})
-	return regErr
+	return regErr.get()
 }
 
 // Commit makes the pending apply final: paused sockets are closed, the old

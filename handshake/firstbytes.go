@@ -12,8 +12,9 @@ import (
 // source outside the list may connect without a header, but a header from it
 // is refused. It looks at the client's first bytes before any of them is
 // forwarded; only the signature is compared, nothing is parsed or consumed,
-// and nothing waits for the client: the backend's bytes flow meanwhile, so
-// server-first protocols work.
+// and nothing waits for a silent client: the backend's bytes flow meanwhile,
+// so server-first protocols work. Only a strict prefix of a signature is
+// held, and that wait is bounded (see Handshake).
 type firstBytes struct{}
 
 var _ Handler = (*firstBytes)(nil)
@@ -27,11 +28,14 @@ func newFirstBytes(r *rules.Rule, _ *Policy) Handler {
 	return &firstBytes{}
 }
 
-// Handshake returns (WantRead, CodeNone) while nothing arrived yet or the
-// bytes are a strict prefix of a signature, (Fail, CodeProxyNotTrusted) for
-// a stream that starts with a signature, and (Done, CodeNone) for any other
-// start, an error or the end of input (the up channel reads and reports
-// those).
+// Handshake returns (WantRead, CodeNone) while nothing arrived yet,
+// (WantRead, CodeHandshakeTimeout) while the bytes are a strict prefix of a
+// signature and the client may still send more (the owner bounds that wait
+// by the policy's Timeout, then ends the conn with the code),
+// (Fail, CodeProxyNotTrusted) for a stream that starts with a signature, and
+// (Done, CodeNone) for any other start, a prefix the client ended its input
+// after (PeerClosed: no header can follow, the bytes are payload), an error
+// or the end of input (the up channel reads and reports those).
 func (*firstBytes) Handshake(st *State) (Result, conn.Code) {
 	b := st.peek[:len(sigV2)] // the longer signature
 	n, err := rawsys.Recv(st.In.FD(), b, unix.MSG_PEEK|unix.MSG_DONTWAIT)
@@ -43,7 +47,10 @@ func (*firstBytes) Handshake(st *State) (Result, conn.Code) {
 	}
 	switch Signature(b[:n]) {
 	case SigMaybe:
-		return WantRead, conn.CodeNone
+		if st.flags&PeerClosed != 0 {
+			return Done, conn.CodeNone
+		}
+		return WantRead, conn.CodeHandshakeTimeout
 	case SigProxy:
 		return Fail, conn.CodeProxyNotTrusted
 	}

@@ -21,6 +21,7 @@ func TestFirstBytesGate(t *testing.T) {
 		code  conn.Code
 	}
 	wait := func(b string) part { return part{b, WantRead, conn.CodeNone} }
+	hold := func(b string) part { return part{b, WantRead, conn.CodeHandshakeTimeout} } // a prefix: a bounded wait
 	pass := func(b string) part { return part{b, Done, conn.CodeNone} }
 	refuse := func(b string) part { return part{b, Fail, conn.CodeProxyNotTrusted} }
 	for _, c := range []struct {
@@ -31,16 +32,15 @@ func TestFirstBytesGate(t *testing.T) {
 		{name: "nothing yet", parts: []part{wait("")}},
 		{name: "payload", parts: []part{pass("GET / HTTP/1.0\r\n\r\n")}},
 		{name: "one byte of payload", parts: []part{pass("G")}},
-		{name: "v1 prefix, then payload", parts: []part{wait("P"), wait("RO"), pass("XIMA")}},
-		{name: "v1 prefix, then the rest", parts: []part{wait("PRO"), refuse("XY TCP4 1.2.3.4 5.6.7.8 1 2\r\n")}},
+		{name: "v1 prefix, then payload", parts: []part{hold("P"), hold("RO"), pass("XIMA")}},
+		{name: "v1 prefix, then the rest", parts: []part{hold("PRO"), refuse("XY TCP4 1.2.3.4 5.6.7.8 1 2\r\n")}},
 		{name: "v1 signature", parts: []part{refuse("PROXY")}},
-		{name: "v2 prefix", parts: []part{wait("\r\n\r\n\x00\r\nQU")}},
-		{name: "v2 signature", parts: []part{wait("\r\n\r\n\x00\r\nQU"), refuse("IT\n\x21\x11\x00\x0c")}},
-		{name: "v2 prefix, then payload", parts: []part{wait("\r\n\r\n"), pass("GET")}},
+		{name: "v2 prefix", parts: []part{hold("\r\n\r\n\x00\r\nQU")}},
+		{name: "v2 signature", parts: []part{hold("\r\n\r\n\x00\r\nQU"), refuse("IT\n\x21\x11\x00\x0c")}},
+		{name: "v2 prefix, then payload", parts: []part{hold("\r\n\r\n"), pass("GET")}},
 		{name: "closed empty", parts: []part{pass("")}, fin: true},
-		// A prefix then the end of input still waits: the peek sees the
-		// prefix first (issue 15 revisits the waiting).
-		{name: "closed after a prefix", parts: []part{wait("PRO")}, fin: true},
+		// A prefix then the end of input is no header: no more can come.
+		{name: "closed after a prefix", parts: []part{pass("PRO")}, fin: true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			pr := newPair(t, "tcp 127.0.0.1:80 -> 127.0.0.1:81 accept-proxy=10.0.0.0/8", "127.0.0.1:5000")
@@ -57,7 +57,8 @@ func TestFirstBytesGate(t *testing.T) {
 					unix.Shutdown(pr.client, unix.SHUT_WR)
 					testpeer.Delivered(t, pr.client)
 				}
-				r, code := pr.p.RunGate(&pr.in)
+				ended := c.fin && i == len(c.parts)-1 // as the session says from the event's RDHUP
+				r, code := pr.p.RunGate(&pr.in, ended)
 				expect(t, fmt.Sprintf("after %q", sent), r, code, p.want, p.code)
 			}
 			refused := pr.p.Stats().Refused["accept-proxy"]["proxy-not-trusted"]
@@ -89,8 +90,8 @@ func TestTrustedNotGated(t *testing.T) {
 func TestGateAllocatesNothing(t *testing.T) {
 	pr := newPair(t, "tcp 127.0.0.1:80 -> 127.0.0.1:81 accept-proxy=10.0.0.0/8", "127.0.0.1:5000")
 	pr.send([]byte("PRO"))
-	pr.p.RunGate(&pr.in) // warm the pool
-	if n := testing.AllocsPerRun(100, func() { pr.p.RunGate(&pr.in) }); n != 0 {
+	pr.p.RunGate(&pr.in, false) // warm the pool
+	if n := testing.AllocsPerRun(100, func() { pr.p.RunGate(&pr.in, false) }); n != 0 {
 		t.Errorf("RunGate allocates %v times a run", n)
 	}
 }

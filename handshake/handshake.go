@@ -64,7 +64,9 @@ func (r Result) String() string {
 // Handler advances one handshake step of the conn whose state is st.
 //
 // Return convention: (Done, CodeNone) when finished; (WantRead|WantWrite,
-// CodeNone) to be called again on readiness; (Fail, code) to close the conn,
+// CodeNone) to be called again on readiness (a gate handler holding bytes
+// that may not wait long returns (WantRead, code): see Policy.RunGate);
+// (Fail, code) to close the conn,
 // code saying why; (Close, code) when the conn has been fully served (a
 // health reply). A handler never blocks and must not keep st after it
 // returns.

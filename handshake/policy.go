@@ -174,21 +174,35 @@ func (p *Policy) RunOut(st *State) (Result, conn.Code) {
 
 // RunGate runs the gate on in, the client conn of a forwarding session Gated
 // said must pass it, on the session's events until it is Done; the client's
-// bytes wait meanwhile, the backend's flow. The session keeps no State once
-// forwarding, so each run borrows one from the pool and starts the gate over:
-// gate handlers only peek, and consume nothing.
+// bytes wait meanwhile, the backend's flow. ended says the client's input
+// has ended (an event carried RDHUP/HUP): bytes held then are all there will
+// be. The session keeps no State once forwarding, so each run borrows one
+// from the pool and starts the gate over: gate handlers only peek, and
+// consume nothing.
 //
 // Return convention: (Done, CodeNone) once the client's bytes may flow;
-// (WantRead, CodeNone) while they must wait; (Fail, code) to close the conn,
-// refused and counted.
-func (p *Policy) RunGate(in *conn.Conn) (Result, conn.Code) {
+// (WantRead, CodeNone) while they must wait for the client to send;
+// (WantRead, code) while the gate holds bytes that must not wait past
+// Timeout(): the owner ends the conn with GateExpired then; (Fail, code) to
+// close the conn, refused and counted.
+func (p *Policy) RunGate(in *conn.Conn, ended bool) (Result, conn.Code) {
 	st := Get(in, nil)
+	if ended {
+		st.flags |= PeerClosed
+	}
 	i, r, code := p.gate.Run(st, 0)
 	Put(st)
 	if r == Fail {
 		p.C.refuse(p.gate[i].Kind, code)
 	}
 	return r, code
+}
+
+// GateExpired counts a conn whose held first bytes waited past Timeout() at
+// the gate (RunGate said (WantRead, code)) and returns the code it ends with.
+func (p *Policy) GateExpired() conn.Code {
+	p.C.refuse(p.gate[0].Kind, conn.CodeHandshakeTimeout)
+	return conn.CodeHandshakeTimeout
 }
 
 // Expired says how a conn whose incoming chain ran out of time ends: a

@@ -5,8 +5,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -14,6 +16,7 @@ import (
 
 	"github.com/sluice-proxy/sluice/config"
 	"github.com/sluice-proxy/sluice/daemon"
+	"github.com/sluice-proxy/sluice/internal/logsink"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -135,12 +138,23 @@ func newLogger(level, format string) (*zap.Logger, error) {
 	default:
 		return nil, usagef("--log-format %q: want console or json", format)
 	}
-	cfg.Level = zap.NewAtomicLevelAt(lvl)
-	cfg.Sampling = nil
-	cfg.DisableCaller = true
-	cfg.OutputPaths = []string{"stderr"}
-	return cfg.Build()
+	// Not cfg.Build: its stderr is written synchronously, and a log line of
+	// an event loop must never wait for a slow reader of stderr (a stuck
+	// journald pipe). logsink buffers and drops, counted.
+	enc := zapcore.NewJSONEncoder(cfg.EncoderConfig)
+	if format == "console" {
+		enc = zapcore.NewConsoleEncoder(cfg.EncoderConfig)
+	}
+	out := stderrSink()
+	opts := []zap.Option{zap.ErrorOutput(out)}
+	if !cfg.DisableStacktrace {
+		opts = append(opts, zap.AddStacktrace(zapcore.ErrorLevel))
+	}
+	return zap.New(zapcore.NewCore(enc, out, zap.NewAtomicLevelAt(lvl)), opts...), nil
 }
+
+// stderrSink is the process's one non-blocking writer for stderr.
+var stderrSink = sync.OnceValue(func() *logsink.Writer { return logsink.New(os.Stderr, 0) })
 
 // serve runs the daemon on a configuration (package daemon: pifs, the
 // engine, every rule's listeners, the control socket at ctlPath unless "",

@@ -1,0 +1,216 @@
+package engine
+
+import (
+	"context"
+	"net/netip"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/conn"
+	"github.com/sluice-proxy/sluice/internal/rawsys"
+)
+
+// onLoop runs fn on l's goroutine and waits for it: fn may touch everything
+// the loop owns (its clock, wheel, table, sessions) as the loop itself does.
+func onLoop(l *Loop, fn func()) {
+	done := make(chan struct{})
+	l.post(func(*Loop) { fn(); close(done) })
+	<-done
+}
+
+// Every loop that fails to register an added listener reports it, at the
+// same time: the first error must be kept under a lock (go test -race).
+func TestSyncLoopsErrorRace(t *testing.T) {
+	e, _ := start(t, "tcp 127.0.0.1:0 -> 127.0.0.1:1", Config{Loops: 4})
+	ln := e.Listeners()[0]
+	// Already polled by every loop: each one's epoll_ctl says EEXIST.
+	if err := e.syncLoops(nil, []*Listener{ln}, nil); err == nil {
+		t.Fatal("registering a listener every loop already polls: no error")
+	}
+}
+
+// A stopped loop closed its eventfd; a wake-up asked of it afterwards must
+// not write to whatever file got that number since.
+func TestWakeAfterStop(t *testing.T) {
+	e, err := New(Config{Loops: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Start()
+	l := e.loops[0]
+	old := l.wakefd
+	if err := e.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// Take the freed number with a file of our own.
+	var mine []int
+	defer func() {
+		for _, fd := range mine {
+			unix.Close(fd)
+		}
+	}()
+	reused := -1
+	for i := 0; i < 64 && reused < 0; i++ {
+		fd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mine = append(mine, fd)
+		if fd == old {
+			reused = fd
+		}
+	}
+	if reused < 0 {
+		t.Skipf("fd %d was not handed out again", old)
+	}
+	l.wake()
+	var buf [8]byte
+	if n, err := unix.Read(reused, buf[:]); err != unix.EAGAIN {
+		t.Errorf("the stopped loop's wake wrote into fd %d, now another file (read %d, %v)", reused, n, err)
+	}
+}
+
+// Sessions parked for want of an fd (real EMFILE: the open-files limit is
+// lowered to the fds in use) keep the connect deadline they got when they
+// first parked and their place in line, however often the resume timer
+// retries them, and each counts one pause. The loop is driven by the test
+// on its own goroutine, with its clock stepped tick by tick.
+func TestFdWaitKeepsDeadlineAndOrder(t *testing.T) {
+	const connect = time.Second
+	bfd := rawListener(t, 16)
+	baddr, err := rawsys.Getsockname(bfd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, _ := start(t, "tcp 127.0.0.1:0 -> "+baddr.String()+" timeout.connect=1s", Config{Loops: 1})
+	ln := e.Listeners()[0]
+	l := e.loops[0]
+
+	var peers []int
+	defer func() {
+		for _, fd := range peers {
+			unix.Close(fd)
+		}
+	}()
+	clients := make([]int, 3)
+	for i := range clients {
+		p, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		clients[i] = p[0]
+		peers = append(peers, p[1])
+	}
+
+	type seen struct {
+		order            []int // indexes of the parked sessions, head first
+		states           [3]sessionState
+		pauses, resource uint64
+		timeouts         uint64 // connect-timeout
+	}
+	var at []seen // after A's deadline, after C's
+	onLoop(l, func() {
+		var rl unix.Rlimit
+		unix.Getrlimit(unix.RLIMIT_NOFILE, &rl)
+		probe, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+		if err != nil {
+			t.Errorf("eventfd: %v", err)
+			return
+		}
+		unix.Close(probe)
+		low := rl
+		low.Cur = uint64(probe) // the lowest free fd is at the limit: every new fd is EMFILE
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &low); err != nil {
+			t.Errorf("setrlimit: %v", err)
+			return
+		}
+		defer unix.Setrlimit(unix.RLIMIT_NOFILE, &rl)
+
+		ss := make([]*session, 3)
+		index := func(s *session) int {
+			for i, x := range ss {
+				if x == s {
+					return i
+				}
+			}
+			return -1
+		}
+		snap := func() seen {
+			var v seen
+			for _, s := range l.fdWait {
+				v.order = append(v.order, index(s))
+			}
+			for i, s := range ss {
+				v.states[i] = s.state
+			}
+			v.pauses = ln.Paused.Load()
+			v.resource = e.endCodes[conn.CodeResource].Load()
+			v.timeouts = e.endCodes[conn.CodeConnectTimeout].Load()
+			return v
+		}
+		t0 := l.now
+		step := func(to time.Duration) {
+			for l.now < t0+int64(to) {
+				l.now += int64(tick)
+				l.wheel.advance(l, l.now/int64(tick))
+			}
+		}
+		// A, B, C park 300 ms apart; their deadlines are 1.0, 1.3, 1.6 s.
+		for i, fd := range clients {
+			step(time.Duration(i) * 300 * time.Millisecond)
+			newSession(l, ln, fd, netip.MustParseAddrPort("127.0.0.1:1000"))
+			clients[i] = -1
+			ss[i] = l.fdWait[len(l.fdWait)-1]
+		}
+		// The resume timer retried them every 100 ms meanwhile. At A's
+		// deadline A ends (resource); the fd its client held goes to B,
+		// the oldest left, and C waits on. B's connect (never polled: the
+		// test holds the loop) times out at B's first deadline, its two
+		// fds go to C, whose connect times out at C's.
+		step(connect + 2*tick)
+		at = append(at, snap())
+		step(600*time.Millisecond + connect + 2*tick)
+		at = append(at, snap())
+		for _, s := range ss {
+			s.finish(l, conn.CodeStopping, true)
+		}
+	})
+	if t.Failed() {
+		return
+	}
+	a, c := at[0], at[1]
+	t.Logf("at A's deadline: parked %v, states %v, pauses %d, resource %d, connect-timeout %d", a.order, a.states, a.pauses, a.resource, a.timeouts)
+	t.Logf("at C's deadline: parked %v, states %v, pauses %d, resource %d, connect-timeout %d", c.order, c.states, c.pauses, c.resource, c.timeouts)
+	if a.states[0] != stClosed || a.resource != 1 {
+		t.Errorf("A still %v at its first connect deadline (resource %d): retries gave it a fresh one", a.states[0], a.resource)
+	}
+	if a.states[1] == stWaitFd || len(a.order) != 1 || a.order[0] != 2 {
+		t.Errorf("the fd A freed did not go to B, the oldest waiting: B %v, parked %v", a.states[1], a.order)
+	}
+	if c.states[2] != stClosed || c.timeouts != 2 {
+		t.Errorf("C still %v at its first connect deadline (connect-timeout %d)", c.states[2], c.timeouts)
+	}
+	if a.pauses != 3 {
+		t.Errorf("%d pauses counted for 3 sessions that each paused once", a.pauses)
+	}
+}
+
+// rawListener is a listening socket on 127.0.0.1 nobody accepts on:
+// connects to it complete in the kernel's backlog.
+func rawListener(t *testing.T, backlog int) int {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, backlog); err != nil {
+		t.Fatal(err)
+	}
+	return fd
+}
