@@ -163,9 +163,11 @@ func (s *Scanner) Message(raw, scratch []byte) []byte {
 	for n < s.msgLen {
 		rec := int(raw[off+3])<<8 | int(raw[off+4])
 		off += recHdrLen
-		c := copy(scratch[n:s.msgLen], raw[off:off+rec])
-		n += c
-		off += rec
+		// The record that ends the message may go on past it, and past
+		// what the client sent so far: copy only what raw holds.
+		end := min(off+rec, len(raw))
+		n += copy(scratch[n:s.msgLen], raw[off:end])
+		off = end
 	}
 	return scratch[:s.msgLen]
 }
