@@ -60,6 +60,7 @@ func (r *Rule) String() string {
 	writeDurOpt(&b, "timeout.connect", r.ConnectTimeout)
 	writeDurOpt(&b, "timeout.idle", r.IdleTimeout)
 	writeDurOpt(&b, "timeout.handshake", r.HandshakeTimeout)
+	writeCheck(&b, r.Check)
 	return b.String()
 }
 

@@ -234,6 +234,9 @@ func (r *Rule) setOption(name, val string, hasVal bool) error {
 		}
 		return nil
 	}
+	if isCheckOption(name) {
+		return r.setCheckOption(name, val, hasVal)
+	}
 	var err error
 	switch name {
 	case "weak":

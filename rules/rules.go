@@ -213,6 +213,8 @@ type Rule struct {
 	ConnectTimeout   time.Duration // 0 = the engine's default
 	IdleTimeout      time.Duration
 	HandshakeTimeout time.Duration
+
+	Check Check // active health checks of the pool (check.go)
 }
 
 // Key is a listen key: the identity of one listening socket, kept across

@@ -238,6 +238,9 @@ func FuzzParse(f *testing.F) {
 	}
 	f.Add("tcp [::]:1-65535 -> 1.2.3.4:1")
 	f.Add("udp a/1.2.3.4:5 -> b/[::1]:6 rate=1/s")
+	for _, tc := range checkLines {
+		f.Add(tc.in)
+	}
 	f.Fuzz(func(t *testing.T, line string) {
 		r, err := Parse(line)
 		if err != nil {

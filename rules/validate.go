@@ -71,6 +71,9 @@ func (r *Rule) Validate() error {
 	if r.Rate < 0 || r.MaxConn < 0 || r.ConnectTimeout < 0 || r.IdleTimeout < 0 || r.HandshakeTimeout < 0 {
 		return errors.New("negative rate, maxconn or timeout")
 	}
+	if err := r.validateCheck(); err != nil {
+		return err
+	}
 	return nil
 }
 
