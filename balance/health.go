@@ -123,3 +123,6 @@ func (h *Health) Stats() CheckStats {
 	}
 	return s
 }
+
+// Check returns backend i's active-check state, nil when it has none.
+func (p *Pool) Check(i int) *Health { return p.backends[i].check }

@@ -29,8 +29,14 @@ const (
 	CodeHealth           Code = 16 // answered as a health probe
 	CodeProxyOversized   Code = 17 // PROXY header longer than allowed (v1: no CRLF in 107 bytes; v2: length over 4096)
 	CodeProxyMissing     Code = 18 // a source that must send a PROXY header sent other bytes first
-	codeCount                 = 19
+	// 19-23 are reserved for routing and TLS (no-route, tls-*: DESIGN.md).
+	CodeNoBackend Code = 24 // every backend of a checked pool is down by its checks
+	codeCount          = 25
 )
+
+// reservedCode reports numbers given to codes of other work, not in this
+// build yet: they print as "code-N" until they come.
+func reservedCode(c Code) bool { return c >= 19 && c <= 23 }
 
 var codeNames = [codeCount]string{
 	CodeNone:             "none",
@@ -52,6 +58,7 @@ var codeNames = [codeCount]string{
 	CodeHealth:           "health",
 	CodeProxyOversized:   "proxy-oversized",
 	CodeProxyMissing:     "proxy-missing",
+	CodeNoBackend:        "no-backend",
 }
 
 // String returns the code's stable name, or "code-N" for a number this

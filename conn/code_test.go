@@ -18,7 +18,7 @@ func TestCountsByName(t *testing.T) {
 		{"none", nil, 0, map[string]uint64{}},
 		{"all zero", nil, 4, map[string]uint64{}},
 		{"some", map[int]uint64{int(CodeDone): 3, int(CodeDenied): 1}, 8, map[string]uint64{"done": 3, "denied": 1}},
-		{"unknown code", map[int]uint64{codeCount + 1: 2}, codeCount + 4, map[string]uint64{"code-20": 2}},
+		{"unknown code", map[int]uint64{codeCount + 1: 2}, codeCount + 4, map[string]uint64{"code-26": 2}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			counts := make([]atomic.Uint64, c.size)

@@ -83,6 +83,7 @@ var whoByCode = [...]uint8{
 	conn.CodeHealth:           whoNormal,
 	conn.CodeProxyOversized:   whoProxy,
 	conn.CodeProxyMissing:     whoProxy,
+	conn.CodeNoBackend:        whoServer, // no server available, HAProxy's SC
 }
 
 // phaseByState says in which phase a session in state st is.

@@ -63,6 +63,7 @@ type Engine struct {
 	ctr           engineCounters    // table operations and transactions (counters.go)
 	hub           observe.Hub       // events for ctl watch (events.go)
 	sessLimit     *observe.Limiter  // bounds the session events a second
+	chk           engineChecks      // active health checks (checks.go)
 }
 
 // New creates the loops; Start runs them.
@@ -216,11 +217,14 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 			return nil, fmt.Errorf("port %d: %w", key.Port, err)
 		}
 		lns = append(lns, e.newListener(r, i, fd, bound, lp, tp, pol, ctr, nil))
+		e.attachChecks(lns[len(lns)-1], nil)
 	}
 	if err := e.registerListeners(lns); err != nil {
 		e.closeListeners(lns)
+		e.pruneChecks()
 		return nil, err
 	}
+	e.startChecks()
 	e.listeners = append(e.listeners, lns...)
 	e.rules = append(e.rules, r)
 	return lns, nil
@@ -304,6 +308,7 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	// live sessions finish; the others close at once (a refused connect is
 	// their signal).
 	e.draining.Store(true)
+	e.stopChecks(e.allChecks())
 	if p := e.pending; p != nil {
 		// An apply awaiting its commit: its paused sockets are in no
 		// table; close them with the rest.

@@ -62,8 +62,11 @@ func (e *Engine) Watch(groups observe.Group, n int) (*observe.Sub, []observe.Eve
 			}
 			seen[ln] = true
 			for _, b := range ln.pool.Stats(now) {
-				state = append(state, observe.Event{Group: observe.GroupHealth, Type: observe.TypeState, Time: time.Now(),
-					Fields: []observe.Field{f("rule", ln.ruleName()), f("backend", b.Target.String()), f("up", b.Up), f("failures", b.Failures)}})
+				fs := []observe.Field{f("rule", ln.ruleName()), f("backend", b.Target.String()), f("up", b.Up), f("failures", b.Failures)}
+				if b.Checked {
+					fs = append(fs, f("check_up", b.Check.Up), f("check", b.Check.Last.String()))
+				}
+				state = append(state, observe.Event{Group: observe.GroupHealth, Type: observe.TypeState, Time: time.Now(), Fields: fs})
 			}
 		}
 	}
@@ -122,7 +125,7 @@ func (l *Loop) healthChanged(ln *Listener, i int, up bool) {
 		typ = "up"
 	}
 	h.Publish(observe.Event{Group: observe.GroupHealth, Type: typ, Fields: []observe.Field{
-		f("rule", ln.ruleName()), f("backend", ln.pool.Target(i).String())}})
+		f("rule", ln.ruleName()), f("backend", ln.pool.Target(i).String()), f("by", "passive")}})
 }
 
 // sessionEvent tells watchers a session started forwarding or ended,

@@ -142,6 +142,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 				ln := old
 				if line(old.rule) != line(r) {
 					ln = e.newListener(r, i, old.fd, old.addr, lp, tp, policy(), e.countersFor(&ctr, r), ownerOf(old))
+					e.attachChecks(ln, old)
 					if old.udp != nil {
 						// Live flows keep their rule and target, as tcp
 						// sessions do; sharing the table keeps them found
@@ -161,6 +162,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 				continue
 			}
 			ln := e.newListener(r, i, fd, bound, lp, tp, policy(), e.countersFor(&ctr, r), nil)
+			e.attachChecks(ln, nil)
 			p.added = append(p.added, ln)
 			next = append(next, ln)
 			res.Bound++
@@ -183,6 +185,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 		}
 	}
 	regErr := e.syncLoops(p.paused, p.added, p.swapped)
+	e.startChecks()
 	e.rules, e.listeners, e.pending = rs, next, p
 	if regErr != nil {
 		// Polling a new socket failed (ENOMEM, say): report it as that
@@ -256,6 +259,7 @@ func (e *Engine) Commit() (uint64, error) {
 	}
 	e.pending = nil
 	e.closeListeners(p.paused)
+	e.pruneChecks()
 	e.gen++
 	e.noteEnd(OpCommit, start, nil)
 	e.publishTable("committed")
@@ -294,6 +298,7 @@ func (e *Engine) Rollback() (*rules.Summary, error) {
 	}
 	regErr := e.syncLoops(nil, resume, back)
 	e.rules, e.listeners = p.oldRules, p.oldListeners
+	e.pruneChecks()
 	sum := &rules.Summary{Generation: e.gen, Removed: len(p.added)}
 	byRule := map[*rules.Rule]*rules.RuleResult{}
 	for _, r := range e.rules {
