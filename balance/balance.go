@@ -192,6 +192,7 @@ func (p *Pool) Stats(now int64) []BackendStats {
 		out[i] = BackendStats{Target: t, Up: !p.down(i, now), Active: b.active.Load(), Failures: b.fails.Load()}
 		if b.check != nil {
 			out[i].Checked, out[i].Check = true, b.check.Stats()
+			out[i].Check.For = time.Duration(now - out[i].Check.Since)
 		}
 	}
 	return out

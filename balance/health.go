@@ -109,6 +109,7 @@ type CheckStats struct {
 	Latency time.Duration
 	Reason  string              // why the last check failed; "" after a success
 	Counts  [ResultCount]uint64 // checks by result
+	For     time.Duration       // Pool.Stats: time in this state (since the engine's start if it never changed)
 }
 
 // Stats returns the state of the checks.

@@ -310,3 +310,20 @@ func (e *Engine) allChecks() []*ruleChecks {
 	}
 	return out
 }
+
+// checkStats fills the check fields of a checked rule's stats: each
+// backend once, and the checks' latency. Called with e.mu held.
+func (e *Engine) checkStats(rs *RuleStats) {
+	rc := e.chk.byLine[rs.Line]
+	if rc == nil {
+		return
+	}
+	rs.CheckTime = rc.latency.Snapshot()
+	seen := make(map[netip.AddrPort]bool, len(rc.list))
+	for _, b := range rs.Backends {
+		if b.Checked && !seen[b.Target] {
+			seen[b.Target] = true
+			rs.Checked = append(rs.Checked, b)
+		}
+	}
+}
