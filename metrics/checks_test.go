@@ -33,7 +33,7 @@ func TestBackendCheckMetrics(t *testing.T) {
 	res := func(r string) string { return "pif=host,result=" + r + ",rule=tcp " + lns[0].Addr().String() }
 	srv := serveEngine(t, e, "v")
 	got := scrapeWant(t, srv.Addr(), map[string]float64{
-		"sluice_backend_up{backend=" + b.Addr() + "," + rule + "}":  1,
+		"sluice_backend_up{backend=" + b.Addr() + "," + rule + "}": 1,
 		"sluice_backend_up{backend=" + refusing + "," + rule + "}": 0,
 	})
 	for _, k := range []string{
