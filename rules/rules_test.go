@@ -70,8 +70,8 @@ func TestParseModel(t *testing.T) {
 	want := &Rule{
 		Proto: TCP, ListenPif: "ns1", ListenAddr: netip.IPv6Unspecified(), ListenPorts: PortRange{8000, 8002},
 		Targets: []Target{
-			{netip.MustParseAddr("10.0.0.1"), PortRange{9000, 9002}},
-			{netip.MustParseAddr("10.0.0.2"), PortRange{7000, 7000}},
+			{Addr: netip.MustParseAddr("10.0.0.1"), Ports: PortRange{9000, 9002}},
+			{Addr: netip.MustParseAddr("10.0.0.2"), Ports: PortRange{7000, 7000}},
 		},
 		Weak: true, ConnectTimeout: 2 * time.Second,
 	}
@@ -239,6 +239,9 @@ func FuzzParse(f *testing.F) {
 	f.Add("tcp [::]:1-65535 -> 1.2.3.4:1")
 	f.Add("udp a/1.2.3.4:5 -> b/[::1]:6 rate=1/s")
 	for _, tc := range checkLines {
+		f.Add(tc.in)
+	}
+	for _, tc := range nameLines {
 		f.Add(tc.in)
 	}
 	f.Fuzz(func(t *testing.T, line string) {
