@@ -46,7 +46,6 @@ type ruleChecks struct {
 	tp      *pif
 	byAddr  map[netip.AddrPort]*checker
 	list    []*checker
-	started bool
 	latency Histogram // check latencies of every backend (successes and failures)
 
 	noResource atomic.Uint64 // checks not started: no fd
@@ -59,6 +58,7 @@ type engineChecks struct {
 	rule     *rules.Rule // attachChecks' last rule and its checks
 	rc       *ruleChecks
 	inFlight []int // checks in flight, by loop
+	next     int   // the loop of the next checker, round robin
 }
 
 // checker checks one backend. Its fields past the constant ones are its
@@ -132,35 +132,39 @@ func (e *Engine) attachChecks(ln *Listener, old *Listener) {
 	}
 }
 
-// startChecks starts the checks of rules made since the last call, each
-// rule's spread over its interval and over the loops. Called with e.mu held.
+// startChecks starts the checkers made since the last call (a new rule's,
+// or a name's new address), each rule's new ones spread over its interval,
+// all of them over the loops. Called with e.mu held.
 func (e *Engine) startChecks() {
 	e.chk.rule, e.chk.rc = nil, nil
-	var start []*ruleChecks
+	if e.chk.inFlight == nil {
+		e.chk.inFlight = make([]int, len(e.loops))
+	}
+	type start struct {
+		c      *checker
+		offset time.Duration
+	}
+	var todo []start
 	for _, rc := range e.chk.byLine {
-		if !rc.started {
-			rc.started = true
-			start = append(start, rc)
+		var fresh []*checker
+		for _, c := range rc.list {
+			if c.loop == nil {
+				fresh = append(fresh, c)
+			}
+		}
+		for k, c := range fresh {
+			c.loop = e.loops[e.chk.next%len(e.loops)]
+			e.chk.next++
+			todo = append(todo, start{c, check.Offset(k, len(fresh), rc.spec.Interval)})
 		}
 	}
-	if len(start) == 0 {
+	if len(todo) == 0 {
 		return
 	}
-	n := len(e.loops)
-	if e.chk.inFlight == nil {
-		e.chk.inFlight = make([]int, n)
-	}
-	for _, rc := range start {
-		for k, c := range rc.list {
-			c.loop = e.loops[k%n]
-		}
-	}
 	e.onLoops(func(l *Loop) {
-		for _, rc := range start {
-			for k, c := range rc.list {
-				if c.loop == l {
-					l.arm(&c.tmr, check.Offset(k, len(rc.list), rc.spec.Interval))
-				}
+		for _, s := range todo {
+			if s.c.loop == l {
+				l.arm(&s.c.tmr, s.offset)
 			}
 		}
 	})
@@ -326,4 +330,43 @@ func (e *Engine) checkStats(rs *RuleStats) {
 			rs.Checked = append(rs.Checked, b)
 		}
 	}
+}
+
+// dropGoneCheckers stops the checkers of r's backends that no pool of r's
+// listeners has any more (a name's address that went away). Called with
+// e.mu held.
+func (e *Engine) dropGoneCheckers(r *rules.Rule) {
+	rc := e.chk.byLine[r.String()]
+	if rc == nil {
+		return
+	}
+	alive := map[netip.AddrPort]bool{}
+	for _, ln := range e.listeners {
+		if ln.rule == r {
+			for i := 0; i < ln.pool.Len(); i++ {
+				alive[ln.pool.Target(i)] = true
+			}
+		}
+	}
+	var gone []*checker
+	keep := rc.list[:0]
+	for _, c := range rc.list {
+		if alive[c.target] {
+			keep = append(keep, c)
+		} else {
+			gone = append(gone, c)
+			delete(rc.byAddr, c.target)
+		}
+	}
+	rc.list = keep
+	if len(gone) == 0 {
+		return
+	}
+	e.onLoops(func(l *Loop) {
+		for _, c := range gone {
+			if c.loop == l {
+				c.stop(l)
+			}
+		}
+	})
 }

@@ -86,14 +86,19 @@ func (e *Engine) Sessions() int64 { return e.active.Load() }
 // (see above). The rules must be valid, alone and as a table; pifs must
 // exist. It returns the summary of what was bound and what failed; the
 // change stays pending until Commit or Rollback, whatever the verdict.
-// Errors: ErrPending, ErrStopped, or an unknown pif (nothing changed then).
+// Errors: ErrPending, ErrStopped, an unknown pif, or a target's host name
+// that does not resolve (names.go) (nothing changed then).
 func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 	start := time.Now()
+	if err := e.resolveRules(rs); err != nil {
+		return nil, err
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.started || e.stopped {
 		return nil, ErrStopped
 	}
+	e.startResolver(rs)
 	if e.pending != nil {
 		return nil, ErrPending
 	}
