@@ -10,7 +10,6 @@ import (
 
 	"github.com/sluice-proxy/sluice/balance"
 	"github.com/sluice-proxy/sluice/check"
-	"github.com/sluice-proxy/sluice/observe"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -80,16 +79,16 @@ type checker struct {
 var _ handler = (*checker)(nil)
 var _ expirer = (*checker)(nil)
 
-// checksFor returns the checks of r (line: its canonical line), made if
-// the table has none for that line yet. Called with e.mu held.
-func (e *Engine) checksFor(r *rules.Rule, line string, tp *pif) *ruleChecks {
+// checksFor returns the checks of r (line: its canonical line; name: its
+// name in events and logs), made if the table has none for that line yet. Called with e.mu held.
+func (e *Engine) checksFor(r *rules.Rule, line, name string, tp *pif) *ruleChecks {
 	if rc := e.chk.byLine[line]; rc != nil {
 		return rc
 	}
 	if e.chk.byLine == nil {
 		e.chk.byLine = map[string]*ruleChecks{}
 	}
-	rc := &ruleChecks{line: line, name: r.ListenString(), spec: r.Check.Effective(), tp: tp, byAddr: map[netip.AddrPort]*checker{}}
+	rc := &ruleChecks{line: line, name: name, spec: r.Check.Effective(), tp: tp, byAddr: map[netip.AddrPort]*checker{}}
 	e.chk.byLine[line] = rc
 	return rc
 }
@@ -105,7 +104,7 @@ func (e *Engine) attachChecks(ln *Listener, old *Listener) {
 	}
 	if e.chk.rule != r {
 		// Ports of one rule come in a row: one canonical line per rule.
-		e.chk.rule, e.chk.rc = r, e.checksFor(r, r.String(), ln.targetPif)
+		e.chk.rule, e.chk.rc = r, e.checksFor(r, r.String(), ln.ruleName(), ln.targetPif)
 	}
 	rc := e.chk.rc
 	for i := 0; i < ln.pool.Len(); i++ {
@@ -291,19 +290,7 @@ func (l *Loop) checkChanged(c *checker, reason *string) {
 	}
 	l.log.Info("backend health changed", zap.String("rule", c.rc.name), zap.Stringer("backend", c.target),
 		zap.Bool("up", up), zap.String("by", "check"), zap.String("reason", why))
-	h := &l.e.hub
-	if !h.Watched(observe.GroupHealth) {
-		return
-	}
-	typ := "down"
-	if up {
-		typ = "up"
-	}
-	fs := []observe.Field{f("rule", c.rc.name), f("backend", c.target.String()), f("by", "check")}
-	if why != "" {
-		fs = append(fs, f("reason", why))
-	}
-	h.Publish(observe.Event{Group: observe.GroupHealth, Type: typ, Time: time.Now(), Fields: fs})
+	l.e.publishHealth(c.rc.name, c.target, up, "check", why)
 }
 
 // allChecks lists every rule's checks. Called with e.mu held.

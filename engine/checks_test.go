@@ -25,10 +25,13 @@ type httpBackend struct {
 	checks atomic.Int64
 }
 
-func newHTTPBackend(t *testing.T, name string) *httpBackend {
+func newHTTPBackend(t *testing.T, name string) *httpBackend { return newHTTPBackendOn(t, name, nil) }
+
+// newHTTPBackendOn is newHTTPBackend on listener ln (nil: any loopback port).
+func newHTTPBackendOn(t *testing.T, name string, ln net.Listener) *httpBackend {
 	b := &httpBackend{name: name}
 	b.health.Store(200)
-	b.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	b.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/healthz" {
 			b.checks.Add(1)
 			w.WriteHeader(int(b.health.Load()))
@@ -36,6 +39,11 @@ func newHTTPBackend(t *testing.T, name string) *httpBackend {
 		}
 		io.WriteString(w, b.name)
 	}))
+	if ln != nil {
+		b.srv.Listener.Close()
+		b.srv.Listener = ln
+	}
+	b.srv.Start()
 	t.Cleanup(b.srv.Close)
 	return b
 }

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"net/netip"
 	"time"
 
 	"github.com/sluice-proxy/sluice/conn"
@@ -116,7 +117,13 @@ func (e *Engine) publishTable(typ string) {
 // transitions are published (balance.Pool.Failed and Connected say which
 // calls are).
 func (l *Loop) healthChanged(ln *Listener, i int, up bool) {
-	h := &l.e.hub
+	l.e.publishHealth(ln.ruleName(), ln.pool.Target(i), up, "passive", "")
+}
+
+// publishHealth tells watchers a backend of rule went up or down, by
+// "passive" health or "check"s (reason: why the last check failed, or "").
+func (e *Engine) publishHealth(rule string, backend netip.AddrPort, up bool, by, reason string) {
+	h := &e.hub
 	if !h.Watched(observe.GroupHealth) {
 		return
 	}
@@ -124,8 +131,11 @@ func (l *Loop) healthChanged(ln *Listener, i int, up bool) {
 	if up {
 		typ = "up"
 	}
-	h.Publish(observe.Event{Group: observe.GroupHealth, Type: typ, Fields: []observe.Field{
-		f("rule", ln.ruleName()), f("backend", ln.pool.Target(i).String()), f("by", "passive")}})
+	fs := []observe.Field{f("rule", rule), f("backend", backend.String()), f("by", by)}
+	if reason != "" {
+		fs = append(fs, f("reason", reason))
+	}
+	h.Publish(observe.Event{Group: observe.GroupHealth, Type: typ, Time: time.Now(), Fields: fs})
 }
 
 // sessionEvent tells watchers a session started forwarding or ended,

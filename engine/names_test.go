@@ -51,8 +51,7 @@ func TestNamesFollowResolution(t *testing.T) {
 	if err != nil {
 		t.Skipf("127.0.0.2:%d: %v", port, err)
 	}
-	go serveName(bl, "b")
-	defer bl.Close()
+	newHTTPBackendOn(t, "b", bl)
 
 	names := &fakeNames{m: map[string][]netip.Addr{}}
 	names.set("web", "127.0.0.1")
@@ -104,21 +103,6 @@ func TestNamesFollowResolution(t *testing.T) {
 	}
 	if got := via(t, addr); got != "b" {
 		t.Errorf("name gone: %q, want the last address kept", got)
-	}
-}
-
-func serveName(ln net.Listener, name string) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		go func() {
-			defer c.Close()
-			buf := make([]byte, 512)
-			c.Read(buf)
-			fmt.Fprintf(c, "HTTP/1.0 200 OK\r\n\r\n%s", name)
-		}()
 	}
 }
 

@@ -1,14 +1,13 @@
 package rules
 
 import (
-	"reflect"
 	"strings"
 	"testing"
 	"time"
 )
 
 // checkLines parse, and print as their canonical form ("" = canonical).
-var checkLines = []struct{ in, canon string }{
+var checkLines = []lineCase{
 	{"tcp 0.0.0.0:80 -> 127.0.0.1:8080 check=tcp", ""},
 	{"tcp 0.0.0.0:80 -> 127.0.0.1:8080,127.0.0.2:8080 check=http check.path=/healthz check.port=8081", ""},
 	{"tcp 0.0.0.0:80 -> 127.0.0.1:8080 check.fall=5 check.rise=1 check.timeout=500ms check.interval=1s check=http",
@@ -19,24 +18,7 @@ var checkLines = []struct{ in, canon string }{
 }
 
 func TestCheckOptionsRoundTrip(t *testing.T) {
-	for _, tc := range checkLines {
-		r, err := Parse(tc.in)
-		if err != nil {
-			t.Errorf("Parse(%q): %v", tc.in, err)
-			continue
-		}
-		want := tc.canon
-		if want == "" {
-			want = tc.in
-		}
-		if got := r.String(); got != want {
-			t.Errorf("Parse(%q).String() = %q, want %q", tc.in, got, want)
-		}
-		r2, err := Parse(r.String())
-		if err != nil || !reflect.DeepEqual(r, r2) {
-			t.Errorf("round trip of %q: %v\n%#v\n%#v", tc.in, err, r, r2)
-		}
-	}
+	roundTrip(t, checkLines)
 	r, _ := Parse("tcp 0.0.0.0:80 -> 127.0.0.1:8080 check=http check.port=81 check.rise=4")
 	want := Check{Kind: CheckHTTP, Path: "/", Port: 81, Interval: 2 * time.Second, Timeout: time.Second, Rise: 4, Fall: 3}
 	if got := r.Check.Effective(); got != want {

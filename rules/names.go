@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 )
@@ -94,20 +95,11 @@ func (r *Rule) setResolveOption(val string, hasVal bool) error {
 func (r *Rule) Hosts() []string {
 	var out []string
 	for _, t := range r.Targets {
-		if t.Host != "" && !containsString(out, t.Host) {
+		if t.Host != "" && !slices.Contains(out, t.Host) {
 			out = append(out, t.Host)
 		}
 	}
 	return out
-}
-
-func containsString(l []string, s string) bool {
-	for _, x := range l {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // ResolveEvery returns how often the rule's names are resolved again: 0
@@ -168,19 +160,10 @@ func (r *Rule) TargetForAddrs(i int, lookup func(host string) []netip.Addr) []ne
 				break
 			}
 			ap := netip.AddrPortFrom(a.Unmap(), port)
-			if !containsAddrPort(pool, ap) {
+			if !slices.Contains(pool, ap) {
 				pool = append(pool, ap)
 			}
 		}
 	}
 	return pool
-}
-
-func containsAddrPort(l []netip.AddrPort, a netip.AddrPort) bool {
-	for _, x := range l {
-		if x == a {
-			return true
-		}
-	}
-	return false
 }

@@ -8,7 +8,7 @@ import (
 	"time"
 )
 
-var nameLines = []struct{ in, canon string }{
+var nameLines = []lineCase{
 	{"tcp 0.0.0.0:80 -> web:80", ""},
 	{"tcp 0.0.0.0:80 -> Web.Internal.:80,10.0.0.1:80 resolve=5s", "tcp 0.0.0.0:80 -> web.internal:80,10.0.0.1:80 resolve=5s"},
 	{"tcp 0.0.0.0:80 -> ns1/db-1.example.com:5432 resolve=off check=tcp", "tcp 0.0.0.0:80 -> ns1/db-1.example.com:5432 check=tcp resolve=off"},
@@ -16,23 +16,7 @@ var nameLines = []struct{ in, canon string }{
 }
 
 func TestNamesRoundTrip(t *testing.T) {
-	for _, tc := range nameLines {
-		r, err := Parse(tc.in)
-		if err != nil {
-			t.Errorf("Parse(%q): %v", tc.in, err)
-			continue
-		}
-		want := tc.canon
-		if want == "" {
-			want = tc.in
-		}
-		if got := r.String(); got != want {
-			t.Errorf("Parse(%q).String() = %q, want %q", tc.in, got, want)
-		}
-		if r2, err := Parse(r.String()); err != nil || !reflect.DeepEqual(r, r2) {
-			t.Errorf("round trip of %q: %v", tc.in, err)
-		}
-	}
+	roundTrip(t, nameLines)
 	r, _ := Parse("tcp 0.0.0.0:8000-8001 -> web:9000-9001,10.0.0.1:80,web:7000")
 	if h := r.Hosts(); len(h) != 1 || h[0] != "web" || r.ResolveEvery() != DefaultResolve {
 		t.Errorf("Hosts %v every %s", h, r.ResolveEvery())

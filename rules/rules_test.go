@@ -9,8 +9,12 @@ import (
 	"time"
 )
 
-// Lines that parse, and their canonical form ("" = the line is canonical).
-var goodLines = []struct{ in, canon string }{
+// lineCase is a line that parses, and its canonical form ("" = the line is
+// canonical).
+type lineCase struct{ in, canon string }
+
+// Lines that parse, and their canonical form.
+var goodLines = []lineCase{
 	{"tcp 0.0.0.0:8080 -> 127.0.0.1:80", ""},
 	{"tcp 0.0.0.0:8080 -> 127.0.0.1:80 send-proxy=v2", ""},
 	{"tcp 0.0.0.0:8081 health=http", ""},
@@ -36,8 +40,13 @@ var goodLines = []struct{ in, canon string }{
 	{"tcp 0.0.0.0:80 -> 127.0.0.1:8080 timeout.idle=2h0m0s", "tcp 0.0.0.0:80 -> 127.0.0.1:8080 timeout.idle=2h"},
 }
 
-func TestParseCanonicalRoundTrip(t *testing.T) {
-	for _, tc := range goodLines {
+func TestParseCanonicalRoundTrip(t *testing.T) { roundTrip(t, goodLines) }
+
+// roundTrip checks that each case parses, prints as its canonical form, and
+// parses back to the same rule.
+func roundTrip(t *testing.T, cases []lineCase) {
+	t.Helper()
+	for _, tc := range cases {
 		r, err := Parse(tc.in)
 		if err != nil {
 			t.Errorf("Parse(%q): %v", tc.in, err)
