@@ -1,10 +1,12 @@
 package integration
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -121,6 +123,15 @@ backend b
 		return func() bool { return strings.HasPrefix(haproxyServerStatus(t, sock, "b", "s"), want) }
 	}
 	within(t, 5*time.Second, "HAProxy sees UP", haproxySees("UP L7OK"))
+	// ctl watch health, from now on: the transitions say by=check.
+	var watchOut bytes.Buffer
+	watch := exec.Command(sluiceBin, "ctl", "-s", d.Ctl, "watch", "health")
+	watch.Stdout = &watchOut
+	if err := watch.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { watch.Process.Kill(); watch.Wait() }()
+	time.Sleep(200 * time.Millisecond) // subscribed before the first change
 
 	seen := map[string]int{}
 	for i := 0; i < 6; i++ {
@@ -174,6 +185,14 @@ backend b
 	took = within(t, 2*interval+timeout+200*time.Millisecond, "traffic back to a", func() bool { return fetch(t, addr) == "a" })
 	t.Logf("a healthy again: traffic back after %s (rise 2 × interval %s)", took, interval)
 	within(t, 5*time.Second, "HAProxy sees UP again", haproxySees("UP L7OK"))
+	watch.Process.Kill()
+	watch.Wait()
+	evs := watchOut.String()
+	for _, want := range []string{`"type":"state"`, `"type":"down"`, `"by":"check"`, `"reason":"status not 2xx or 3xx"`, `"type":"up"`} {
+		if !strings.Contains(evs, want) {
+			t.Errorf("ctl watch health has no %s:\n%s", want, evs)
+		}
+	}
 	logs := d.stderr.String()
 	if !strings.Contains(logs, "backend health changed") || !strings.Contains(logs, "status not 2xx or 3xx") {
 		t.Errorf("no log line of the transitions:\n%s", logs)
