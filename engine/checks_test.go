@@ -260,3 +260,29 @@ func TestChecksAcrossApply(t *testing.T) {
 		t.Errorf("%d rules' checks left", n)
 	}
 }
+
+// A TCP backend that stops listening is taken out by check=tcp within
+// fall × interval + timeout (before any client had to find it refused),
+// and put back after rise successes once it listens again.
+func TestTCPCheckBackendStopsListening(t *testing.T) {
+	a, b := newHTTPBackend(t, "a"), newHTTPBackend(t, "b")
+	aAddr := a.addr()
+	e, addr := start(t, fmt.Sprintf("tcp 127.0.0.1:0 -> %s,%s check=tcp check.interval=100ms check.timeout=50ms check.fall=2 check.rise=2", aAddr, b.addr()), Config{})
+	pool := e.Listeners()[0].Pool()
+	a.srv.Close()
+	took := waitWithin(t, 2*100*time.Millisecond+50*time.Millisecond+300*time.Millisecond, "a down by its checks", func() bool { return pool.Check(0).Down() })
+	t.Logf("a down by check=tcp after %s", took)
+	if st := pool.Stats(0)[0]; st.Check.Reason != "connection refused" || st.Failures != 0 {
+		t.Errorf("a: %+v (failures %d: a client found it refused first)", st.Check, st.Failures)
+	}
+	if !onlyTo(t, addr, "b", 4) {
+		t.Error("traffic still reaches a")
+	}
+	ln, err := net.Listen("tcp", aAddr)
+	if err != nil {
+		t.Skipf("listen again on %s: %v", aAddr, err)
+	}
+	newHTTPBackendOn(t, "a2", ln)
+	waitWithin(t, time.Second, "a up again", func() bool { return !pool.Check(0).Down() })
+	waitWithin(t, time.Second, "traffic back to a", func() bool { return via(t, addr) == "a2" || via(t, addr) == "a2" })
+}
