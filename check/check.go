@@ -41,15 +41,16 @@ func Addr(c rules.Check, target netip.AddrPort) netip.AddrPort {
 	return target
 }
 
-// Request returns the HTTP check's request for a backend reached as host:
-// "GET PATH HTTP/1.1", Host, Connection: close. The path was validated by
-// rules (printable, no blanks), so it goes in as is.
-func Request(path string, host netip.AddrPort) []byte {
-	b := make([]byte, 0, 64+len(path))
+// Request returns the HTTP check's request for a backend known as host
+// ("10.0.0.1:80", or "web:80" for a target given by name): "GET PATH
+// HTTP/1.1", Host, Connection: close. The path and the host were validated
+// by rules (printable, no blanks), so they go in as they are.
+func Request(path, host string) []byte {
+	b := make([]byte, 0, 64+len(path)+len(host))
 	b = append(b, "GET "...)
 	b = append(b, path...)
 	b = append(b, " HTTP/1.1\r\nHost: "...)
-	b = host.AppendTo(b)
+	b = append(b, host...)
 	b = append(b, "\r\nUser-Agent: sluice-check\r\nConnection: close\r\n\r\n"...)
 	return b
 }

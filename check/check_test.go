@@ -68,7 +68,7 @@ func TestHTTPCheck(t *testing.T) {
 	}))
 	defer srv.Close()
 	addr := netip.MustParseAddrPort(srv.Listener.Addr().String())
-	req := Request("/healthz?x=1", addr)
+	req := Request("/healthz?x=1", addr.String())
 	for _, c := range []struct {
 		status int32
 		res    balance.Result
@@ -119,7 +119,7 @@ func TestHTTPCheckSilentBackend(t *testing.T) {
 		}
 	}()
 	addr := netip.MustParseAddrPort(ln.Addr().String())
-	if done, _, _ := run(t, addr, rules.CheckHTTP, Request("/", addr), 300*time.Millisecond); done {
+	if done, _, _ := run(t, addr, rules.CheckHTTP, Request("/", addr.String()), 300*time.Millisecond); done {
 		t.Error("a silent backend's check ended by itself")
 	}
 	// Bytes that are not HTTP fail at once.
@@ -134,7 +134,7 @@ func TestHTTPCheckSilentBackend(t *testing.T) {
 		}
 	}()
 	a2 := netip.MustParseAddrPort(ln2.Addr().String())
-	if done, res, reason := run(t, a2, rules.CheckHTTP, Request("/", a2), 2*time.Second); !done || res != balance.ResultFail || reason != ReasonBadReply {
+	if done, res, reason := run(t, a2, rules.CheckHTTP, Request("/", a2.String()), 2*time.Second); !done || res != balance.ResultFail || reason != ReasonBadReply {
 		t.Errorf("ssh banner: %v %s %q", done, res, reason)
 	}
 }

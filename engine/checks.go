@@ -2,6 +2,8 @@ package engine
 
 import (
 	"net/netip"
+	"slices"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -114,7 +116,7 @@ func (e *Engine) attachChecks(ln *Listener, old *Listener) {
 			c = &checker{rc: rc, target: t, addr: check.Addr(rc.spec, t)}
 			c.tmr.owner = c
 			if rc.spec.Kind == rules.CheckHTTP {
-				c.req = check.Request(rc.spec.Path, t)
+				c.req = check.Request(rc.spec.Path, e.hostOf(r, t))
 			}
 			if old != nil {
 				for j := 0; j < old.pool.Len(); j++ {
@@ -129,6 +131,17 @@ func (e *Engine) attachChecks(ln *Listener, old *Listener) {
 		}
 		ln.pool.SetCheck(i, &c.health)
 	}
+}
+
+// hostOf names backend t of r as an HTTP check's Host says it: the target's
+// host name when t is one of its addresses, else the address.
+func (e *Engine) hostOf(r *rules.Rule, t netip.AddrPort) string {
+	for _, tg := range r.Targets {
+		if tg.Host != "" && t.Port() >= tg.Ports.First && t.Port() <= tg.Ports.Last && slices.Contains(e.addrsOf(tg.Host), t.Addr()) {
+			return tg.Host + ":" + strconv.Itoa(int(t.Port()))
+		}
+	}
+	return t.String()
 }
 
 // startChecks starts the checkers made since the last call (a new rule's,
