@@ -1,7 +1,8 @@
 // Package balance chooses a backend of a pool for a new session: round
 // robin, least connections, or by source address, skipping backends that
 // passive health marked down (a connect that was refused or timed out) for a
-// while. Safe for concurrent use by every loop; atomics only.
+// while, and backends that active checks say are down (health.go). Safe for
+// concurrent use by every loop; atomics only.
 package balance
 
 import (
@@ -33,7 +34,8 @@ type backend struct {
 	downUntil atomic.Int64 // engine clock (ns); 0 or past: up
 	active    atomic.Int32 // sessions on it (leastconn)
 	fails     atomic.Uint64
-	_         [40]byte // one cache line each: loops update neighbours concurrently
+	check     *Health  // active checks' state (shared by the rule's pools); nil: not checked
+	_         [32]byte // one cache line each: loops update neighbours concurrently
 }
 
 // New returns the pool of targets (at most MaxBackends) balanced by mode.
@@ -88,14 +90,15 @@ func (p *Pool) Start(src netip.Addr, now int64) int {
 }
 
 // Next returns the backend to try after the ones in tried (bit i: backend i
-// tried), scanning from start: the first up one, else the first down one
-// (every backend down: try anyway), or -1 when all were tried.
+// tried), scanning from start: the first up one, else the first one passive
+// health marked down (every backend down: try anyway), or -1 when all were
+// tried. A backend that checks say is down is never returned.
 func (p *Pool) Next(start int, tried uint64, now int64) int {
 	n := len(p.targets)
 	fallback := -1
 	for k := 0; k < n; k++ {
 		i := (start + k) % n
-		if tried&(1<<i) != 0 {
+		if tried&(1<<i) != 0 || p.checkDown(i) {
 			continue
 		}
 		if !p.down(i, now) {
@@ -108,7 +111,34 @@ func (p *Pool) Next(start int, tried uint64, now int64) int {
 	return fallback
 }
 
-func (p *Pool) down(i int, now int64) bool { return p.backends[i].downUntil.Load() > now }
+// down reports whether backend i is down at time now, by checks or passive
+// health.
+func (p *Pool) down(i int, now int64) bool {
+	return p.checkDown(i) || p.backends[i].downUntil.Load() > now
+}
+
+func (p *Pool) checkDown(i int) bool {
+	c := p.backends[i].check
+	return c != nil && c.Down()
+}
+
+// SetCheck gives backend i the active checks' state h. Call it before the
+// pool is used.
+func (p *Pool) SetCheck(i int, h *Health) { p.backends[i].check = h }
+
+// NoBackend reports whether the pool is checked and every backend of it is
+// down by its checks: a new session then has nowhere to go (no-backend).
+func (p *Pool) NoBackend() bool {
+	if len(p.targets) == 0 {
+		return false
+	}
+	for i := range p.backends {
+		if !p.checkDown(i) {
+			return false
+		}
+	}
+	return true
+}
 
 // Failed marks backend i down until now + DownFor. It reports whether this
 // is a transition: the backend was up (never marked, or its mark expired).
@@ -147,9 +177,11 @@ func (p *Pool) AllDown(now int64) bool {
 // BackendStats is one backend's state.
 type BackendStats struct {
 	Target   netip.AddrPort
-	Up       bool
+	Up       bool // by checks and passive health
 	Active   int32
 	Failures uint64
+	Checked  bool       // the backend has active checks; Check is theirs
+	Check    CheckStats // Check.Up: up by its checks alone
 }
 
 // Stats returns every backend's state at time now.
@@ -158,6 +190,10 @@ func (p *Pool) Stats(now int64) []BackendStats {
 	for i, t := range p.targets {
 		b := &p.backends[i]
 		out[i] = BackendStats{Target: t, Up: !p.down(i, now), Active: b.active.Load(), Failures: b.fails.Load()}
+		if b.check != nil {
+			out[i].Checked, out[i].Check = true, b.check.Stats()
+			out[i].Check.For = time.Duration(now - out[i].Check.Since)
+		}
 	}
 	return out
 }

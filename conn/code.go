@@ -32,8 +32,14 @@ const (
 	CodeNoRoute           Code = 19 // no route of the listen key matched the ClientHello (or not TLS, and no default route)
 	CodeTLSHelloOversized Code = 20 // the ClientHello is longer than 16 KiB (or its framing than 32 KiB)
 	CodeTLSHelloBad       Code = 21 // the ClientHello is malformed, or the client ended its stream inside it
-	codeCount                  = 22
+	// 22 and 23 are reserved for TLS termination (tls-handshake, tls-backend: DESIGN.md).
+	CodeNoBackend Code = 24 // every backend of a checked pool is down by its checks
+	codeCount          = 25
 )
+
+// reservedCode reports numbers given to codes of other work, not in this
+// build yet: they print as "code-N" until they come.
+func reservedCode(c Code) bool { return c == 22 || c == 23 }
 
 var codeNames = [codeCount]string{
 	CodeNone:              "none",
@@ -58,6 +64,7 @@ var codeNames = [codeCount]string{
 	CodeNoRoute:           "no-route",
 	CodeTLSHelloOversized: "tls-hello-oversized",
 	CodeTLSHelloBad:       "tls-hello-bad",
+	CodeNoBackend:         "no-backend",
 }
 
 // String returns the code's stable name, or "code-N" for a number this

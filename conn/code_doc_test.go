@@ -15,6 +15,9 @@ func TestCodesDocumented(t *testing.T) {
 		t.Fatal(err)
 	}
 	for c := CodeDone; int(c) < len(codeNames); c++ {
+		if reservedCode(c) {
+			continue
+		}
 		if row := fmt.Sprintf("| %d | `%s` |", c, c); !strings.Contains(string(readme), row) {
 			t.Errorf("README.md has no row %q for code %d", row, c)
 		}

@@ -86,6 +86,7 @@ var whoByCode = [...]uint8{
 	conn.CodeNoRoute:           whoProxy,
 	conn.CodeTLSHelloOversized: whoProxy,
 	conn.CodeTLSHelloBad:       whoProxy,
+	conn.CodeNoBackend:         whoServer, // no server available, HAProxy's SC
 }
 
 // phaseByState says in which phase a session in state st is.

@@ -3,6 +3,7 @@ package engine
 import (
 	"sort"
 
+	"github.com/sluice-proxy/sluice/balance"
 	"github.com/sluice-proxy/sluice/internal/logsink"
 	"github.com/sluice-proxy/sluice/observe"
 	"github.com/sluice-proxy/sluice/rules"
@@ -101,6 +102,10 @@ var (
 	famRuleUDPFlowsOpened = &Family{Name: "rule_udp_flows_opened_total", Help: "UDP flows the rule opened.", Kind: KindCounter, PerRule: true, Proto: udp}
 	famRuleUDPDatagrams   = &Family{Name: "rule_udp_datagrams_total", Help: "UDP datagrams the rule forwarded, by direction.", Kind: KindCounter, Labels: []string{"direction"}, PerRule: true, Proto: udp}
 	famRuleUDPDropped     = &Family{Name: "rule_udp_dropped_total", Help: "UDP datagrams of the rule not forwarded.", Kind: KindCounter, PerRule: true, Proto: udp}
+
+	FamBackendUp        = &Family{Name: "backend_up", Help: "1 when the backend is up (its checks and passive health), else 0; rules with check= only (RuleStats.Checked).", Kind: KindGauge, Labels: []string{"backend"}, PerRule: true, Proto: tcp}
+	FamBackendChecks    = &Family{Name: "backend_checks_total", Help: "Active checks of the backend by result: ok, fail, timeout; rules with check= only (RuleStats.Checked).", Kind: KindCounter, Labels: []string{"backend", "result"}, PerRule: true, Proto: tcp}
+	FamBackendCheckSecs = &Family{Name: "backend_check_seconds", Help: "Latency of the rule's active checks, every backend and result (RuleStats.CheckTime).", Kind: KindHistogram, PerRule: true, Proto: tcp}
 )
 
 // Families are every Prometheus family of the engine's counters, in the
@@ -114,6 +119,7 @@ var Families = []*Family{
 	famRuleConnectErrors, famRuleConnectRetries, famRuleHealthReplies, famRuleProxyHeaders,
 	FamRuleHandshakeSecs, FamRuleConnectSecs, FamRuleSessionSecs,
 	famRuleUDPFlows, famRuleUDPFlowsOpened, famRuleUDPDatagrams, famRuleUDPDropped,
+	FamBackendUp, FamBackendChecks, FamBackendCheckSecs,
 }
 
 func b2i(b bool) int64 {
@@ -181,6 +187,9 @@ var RuleDefs = []CounterDef{
 	{Stat: "ports_failed", Family: famRulePorts, Labels: []string{"failed"}, Rule: func(r *RuleStats) int64 { return int64(len(r.Failed)) }},
 	{Stat: "backends", Rule: func(r *RuleStats) int64 { return int64(len(r.Backends)) }},
 	{Stat: "backends_up", Rule: backendsUp},
+	{Stat: "checks_ok", Rule: func(r *RuleStats) int64 { return checkCount(r, balance.ResultOK) }},
+	{Stat: "checks_failed", Rule: func(r *RuleStats) int64 { return checkCount(r, balance.ResultFail) }},
+	{Stat: "checks_timeout", Rule: func(r *RuleStats) int64 { return checkCount(r, balance.ResultTimeout) }},
 
 	{Family: famRuleBytesMoved, Labels: []string{"buffer"}, Rule: func(r *RuleStats) int64 {
 		return int64(r.BytesUp + r.BytesDown - min(r.Spliced, r.BytesUp+r.BytesDown))
@@ -204,6 +213,15 @@ func backendsUp(r *RuleStats) int64 {
 		if be.Up {
 			n++
 		}
+	}
+	return n
+}
+
+// checkCount sums the checks of the rule's backends that ended with res.
+func checkCount(r *RuleStats, res balance.Result) int64 {
+	n := int64(0)
+	for _, be := range r.Checked {
+		n += int64(be.Check.Counts[res])
 	}
 	return n
 }

@@ -75,6 +75,8 @@ func TestEveryStatsFieldHasADef(t *testing.T) {
 		"RuleStats.Listeners":  "counted: ports_bound",
 		"RuleStats.Failed":     "counted: ports_failed",
 		"RuleStats.Backends":   "counted: backends, backends_up",
+		"RuleStats.Checked":    "backend_up, backend_checks_total; counted: checks_ok, checks_failed, checks_timeout",
+		"RuleStats.CheckTime":  "backend_check_seconds",
 		"Stats.Rules":          "counted: rules; each rule by RuleDefs",
 		"RuleStats.Line":       "a name, not a number",
 		"RuleStats.Listen":     "the rule label",

@@ -43,6 +43,7 @@ func TestTermCodes(t *testing.T) {
 		{conn.CodeConnectRefused, stConnecting, false, "SC"},
 		{conn.CodeConnectError, stConnecting, false, "SC"},
 		{conn.CodeConnectTimeout, stConnecting, false, "sC"},
+		{conn.CodeNoBackend, stConnecting, false, "SC"},
 		{conn.CodeConnectTimeout, stSendProxy, false, "sC"},
 		{conn.CodeServerReset, stSendProxy, false, "SC"},
 		{conn.CodeClientReset, stConnecting, false, "CC"},

@@ -63,6 +63,8 @@ type Engine struct {
 	ctr           engineCounters    // table operations and transactions (counters.go)
 	hub           observe.Hub       // events for ctl watch (events.go)
 	sessLimit     *observe.Limiter  // bounds the session events a second
+	chk           engineChecks      // active health checks (checks.go)
+	names         engineNames       // target host names (names.go)
 }
 
 // New creates the loops; Start runs them.
@@ -215,11 +217,15 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	if len(r.Targets) == 0 && (r.Proto != rules.TCP || r.Health == rules.HealthNone) {
 		return nil, fmt.Errorf("rule %q has no target and no health reply", r.String())
 	}
+	if err := e.resolveRules([]*rules.Rule{r}); err != nil {
+		return nil, err
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.started || e.stopped {
 		return nil, ErrStopped
 	}
+	e.startResolver([]*rules.Rule{r})
 	lp, err := e.pif(r.ListenPif)
 	if err != nil {
 		return nil, err
@@ -240,11 +246,14 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 			return nil, fmt.Errorf("port %d: %w", key.Port, err)
 		}
 		lns = append(lns, e.newGroupListener(g, i, fd, bound, lp, pols, ctrs, nil))
+		e.attachGroupChecks(lns[len(lns)-1], nil)
 	}
 	if err := e.registerListeners(lns); err != nil {
 		e.closeListeners(lns)
+		e.pruneChecks()
 		return nil, err
 	}
+	e.startChecks()
 	e.listeners = append(e.listeners, lns...)
 	e.rules = append(e.rules, r)
 	return lns, nil
@@ -287,7 +296,7 @@ func (e *Engine) newListener(r *rules.Rule, i, fd int, bound netip.AddrPort, lp,
 	// list for every port, quadratic in a range's length.
 	key := rules.Key{Pif: r.ListenPif, Proto: r.Proto, Addr: r.ListenAddr, Port: r.ListenPorts.First + uint16(i)}
 	ln := &Listener{e: e, fd: fd, addr: bound, key: key, rule: r, listenPif: lp, targetPif: tp,
-		policy: pol, ctr: ctr, pool: balance.New(r.Balance, r.TargetFor(i))}
+		policy: pol, ctr: ctr, pool: balance.New(r.Balance, e.targetsFor(r, i))}
 	if r.Proto == rules.UDP {
 		if owner == nil {
 			owner = e.loops[int(e.nextLoop.Add(1)-1)%len(e.loops)]
@@ -354,6 +363,7 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	// live sessions finish; the others close at once (a refused connect is
 	// their signal).
 	e.draining.Store(true)
+	e.stopChecks(e.allChecks())
 	if p := e.pending; p != nil {
 		// An apply awaiting its commit: its paused sockets are in no
 		// table; close them with the rest.
@@ -399,6 +409,7 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	for _, l := range e.loops {
 		<-l.done
 	}
+	e.stopResolver()
 	e.mu.Lock()
 	e.closePifs()
 	e.mu.Unlock()

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"net/netip"
 	"time"
 
 	"github.com/sluice-proxy/sluice/conn"
@@ -62,8 +63,11 @@ func (e *Engine) Watch(groups observe.Group, n int) (*observe.Sub, []observe.Eve
 			}
 			seen[ln] = true
 			for _, b := range ln.pool.Stats(now) {
-				state = append(state, observe.Event{Group: observe.GroupHealth, Type: observe.TypeState, Time: time.Now(),
-					Fields: []observe.Field{f("rule", ln.ruleName()), f("backend", b.Target.String()), f("up", b.Up), f("failures", b.Failures)}})
+				fs := []observe.Field{f("rule", ln.ruleName()), f("backend", b.Target.String()), f("up", b.Up), f("failures", b.Failures)}
+				if b.Checked {
+					fs = append(fs, f("check_up", b.Check.Up), f("check", b.Check.Last.String()))
+				}
+				state = append(state, observe.Event{Group: observe.GroupHealth, Type: observe.TypeState, Time: time.Now(), Fields: fs})
 			}
 		}
 	}
@@ -113,7 +117,13 @@ func (e *Engine) publishTable(typ string) {
 // transitions are published (balance.Pool.Failed and Connected say which
 // calls are).
 func (l *Loop) healthChanged(ln *Listener, i int, up bool) {
-	h := &l.e.hub
+	l.e.publishHealth(ln.ruleName(), ln.pool.Target(i), up, "passive", "")
+}
+
+// publishHealth tells watchers a backend of rule went up or down, by
+// "passive" health or "check"s (reason: why the last check failed, or "").
+func (e *Engine) publishHealth(rule string, backend netip.AddrPort, up bool, by, reason string) {
+	h := &e.hub
 	if !h.Watched(observe.GroupHealth) {
 		return
 	}
@@ -121,8 +131,11 @@ func (l *Loop) healthChanged(ln *Listener, i int, up bool) {
 	if up {
 		typ = "up"
 	}
-	h.Publish(observe.Event{Group: observe.GroupHealth, Type: typ, Fields: []observe.Field{
-		f("rule", ln.ruleName()), f("backend", ln.pool.Target(i).String())}})
+	fs := []observe.Field{f("rule", rule), f("backend", backend.String()), f("by", by)}
+	if reason != "" {
+		fs = append(fs, f("reason", reason))
+	}
+	h.Publish(observe.Event{Group: observe.GroupHealth, Type: typ, Time: time.Now(), Fields: fs})
 }
 
 // sessionEvent tells watchers a session started forwarding or ended,

@@ -226,6 +226,12 @@ func (s *session) sessionStep(l *Loop) {
 		s.finish(l, conn.CodeStopping, false)
 		return
 	}
+	if s.ln.pool.NoBackend() {
+		// Every backend is down by its checks: closed at once, no connect.
+		s.ln.policy.Refuse(conn.CodeNoBackend)
+		s.finish(l, conn.CodeNoBackend, false)
+		return
+	}
 	if s.ln.pool.Len() == 0 {
 		// A health-only rule answers every conn itself; nothing reaches here.
 		s.ln.policy.Refuse(conn.CodeConnectRefused)

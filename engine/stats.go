@@ -46,6 +46,8 @@ type RuleStats struct {
 	Failed    []rules.PortError      // ports that failed to bind at its apply
 	Listeners []ListenerStats        // bound ports
 	Backends  []balance.BackendStats // every port's pool, in port order (passive health)
+	Checked   []balance.BackendStats // check= rules: each backend once, in the order first seen (checkStats)
+	CheckTime HistogramSnapshot      // check= rules: the latency of every check
 
 	Policy handshake.Stats // accepted, passed, refused by step and code, health replies, PROXY headers
 
@@ -155,6 +157,7 @@ func (e *Engine) counterStats(s *Stats) {
 			}
 			rs.Handshake, rs.Connect, rs.Duration = c.handshake.Snapshot(), c.connect.Snapshot(), c.session.Snapshot()
 		}
+		e.checkStats(&rs)
 		s.Rules = append(s.Rules, rs)
 	}
 }

@@ -86,14 +86,19 @@ func (e *Engine) Sessions() int64 { return e.active.Load() }
 // (see above). The rules must be valid, alone and as a table; pifs must
 // exist. It returns the summary of what was bound and what failed; the
 // change stays pending until Commit or Rollback, whatever the verdict.
-// Errors: ErrPending, ErrStopped, or an unknown pif (nothing changed then).
+// Errors: ErrPending, ErrStopped, an unknown pif, or a target's host name
+// that does not resolve (names.go) (nothing changed then).
 func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 	start := time.Now()
+	if err := e.resolveRules(rs); err != nil {
+		return nil, err
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.started || e.stopped {
 		return nil, ErrStopped
 	}
+	e.startResolver(rs)
 	if e.pending != nil {
 		return nil, ErrPending
 	}
@@ -150,6 +155,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 				ln := old
 				if old.signature(line) != sig {
 					ln = e.newGroupListener(g, i, old.fd, old.addr, lp, policies(), ctrs, ownerOf(old))
+					e.attachGroupChecks(ln, old)
 					if old.udp != nil {
 						// Live flows keep their rule and target, as tcp
 						// sessions do; sharing the table keeps them found
@@ -173,6 +179,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 				continue
 			}
 			ln := e.newGroupListener(g, i, fd, bound, lp, policies(), ctrs, nil)
+			e.attachGroupChecks(ln, nil)
 			p.added = append(p.added, ln)
 			next = append(next, ln)
 			for _, gr := range g {
@@ -200,6 +207,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 			_ = unix.Shutdown(ln.fd, unix.SHUT_RD)
 		}
 	}
+	e.startChecks()
 	e.rules, e.listeners, e.pending = rs, next, p
 	if regErr != nil {
 		// Polling a new socket failed (ENOMEM, say): report it as that
@@ -273,6 +281,7 @@ func (e *Engine) Commit() (uint64, error) {
 	}
 	e.pending = nil
 	e.closeListeners(p.paused)
+	e.pruneChecks()
 	e.gen++
 	e.noteEnd(OpCommit, start, nil)
 	e.publishTable("committed")
@@ -311,6 +320,7 @@ func (e *Engine) Rollback() (*rules.Summary, error) {
 	}
 	regErr := e.syncLoops(nil, resume, back)
 	e.rules, e.listeners = p.oldRules, p.oldListeners
+	e.pruneChecks()
 	sum := &rules.Summary{Generation: e.gen, Removed: len(p.added)}
 	byRule := map[*rules.Rule]*rules.RuleResult{}
 	for _, r := range e.rules {

@@ -56,6 +56,9 @@ var custom = map[*engine.Family]metric{
 	engine.FamRuleHandshakeSecs: {hist: perRuleHist(engine.FamRuleHandshakeSecs, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Handshake })},
 	engine.FamRuleConnectSecs:   {hist: perRuleHist(engine.FamRuleConnectSecs, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Connect })},
 	engine.FamRuleSessionSecs:   {hist: perRuleHist(engine.FamRuleSessionSecs, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Duration })},
+	engine.FamBackendUp:         {samples: perRule(engine.FamBackendUp, backendUpSamples)},
+	engine.FamBackendChecks:     {samples: perRule(engine.FamBackendChecks, backendCheckSamples)},
+	engine.FamBackendCheckSecs:  {hist: checkedHist(engine.FamBackendCheckSecs)},
 }
 
 // valueTypes are the Prometheus types of the engine's kinds (a histogram's
@@ -137,11 +140,18 @@ func endedSamples(s *engine.Stats, emit func(float64, ...string)) {
 	}
 }
 
-// endCodes lists the end codes this build names: from 1 (0 is "none")
-// until the first number conn has no name for ("code-N").
+// endCodes lists the end codes this build names, from 1 (0 is "none"):
+// numbers may be reserved for codes still to come (they print "code-N"),
+// so the scan goes on past them until maxGap unnamed numbers in a row.
 func endCodes() []conn.Code {
+	const maxGap = 16
 	var codes []conn.Code
-	for c := conn.Code(1); c < 1024 && !strings.HasPrefix(c.String(), "code-"); c++ {
+	for c, gap := conn.Code(1), 0; c < 1024 && gap < maxGap; c++ {
+		if strings.HasPrefix(c.String(), "code-") {
+			gap++
+			continue
+		}
+		gap = 0
 		codes = append(codes, c)
 	}
 	return codes

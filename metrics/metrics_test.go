@@ -20,6 +20,7 @@ import (
 	"github.com/sluice-proxy/sluice/conn"
 	"github.com/sluice-proxy/sluice/engine"
 	"github.com/sluice-proxy/sluice/handshake"
+	"github.com/sluice-proxy/sluice/internal/logsink"
 	"github.com/sluice-proxy/sluice/internal/testpeer"
 	"github.com/sluice-proxy/sluice/rules"
 )
@@ -183,7 +184,13 @@ func TestCollector(t *testing.T) {
 		want[base+"_count{"+lb+"}"], want[base+"_sum{"+lb+"}"] = 6, 1.5
 		want[base+"_bucket{le=0.001,"+lb+"}"], want[base+"_bucket{le=0.01,"+lb+"}"], want[base+"_bucket{le=+Inf,"+lb+"}"] = 1, 3, 6
 	}
-	for c := conn.Code(1); !strings.HasPrefix(c.String(), "code-"); c++ {
+	// A process-wide count (the log writer's), not one of stats'.
+	want["sluice_log_dropped_total"] = float64(logsink.Dropped())
+	codes := endCodes()
+	if len(codes) == 0 || codes[len(codes)-1] < conn.CodeNoBackend || codes[0] != conn.CodeDone {
+		t.Fatalf("end codes %v: past the reserved numbers, up to no-backend at least", codes)
+	}
+	for _, c := range codes {
 		want[fmt.Sprintf("sluice_sessions_ended_total{code=%d,reason=%s}", c, c)] = float64(stats.Ended[c.String()])
 	}
 	if want["sluice_sessions_ended_total{code=1,reason=done}"] != 11 || want["sluice_sessions_ended_total{code=8,reason=connect-refused}"] != 2 {

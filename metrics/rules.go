@@ -3,6 +3,7 @@ package metrics
 import (
 	"slices"
 
+	"github.com/sluice-proxy/sluice/balance"
 	"github.com/sluice-proxy/sluice/engine"
 )
 
@@ -66,5 +67,36 @@ func refusedSamples(r *engine.RuleStats, emit func(float64, ...string)) {
 func termSamples(r *engine.RuleStats, emit func(float64, ...string)) {
 	for _, t := range sortedKeys(r.Terms) {
 		emit(float64(r.Terms[t]), t)
+	}
+}
+
+// backendUpSamples emits each checked backend's state, 1 up, 0 down.
+func backendUpSamples(r *engine.RuleStats, emit func(float64, ...string)) {
+	for _, b := range r.Checked {
+		v := 0.0
+		if b.Up {
+			v = 1
+		}
+		emit(v, b.Target.String())
+	}
+}
+
+// backendCheckSamples emits each checked backend's checks by result.
+func backendCheckSamples(r *engine.RuleStats, emit func(float64, ...string)) {
+	for _, b := range r.Checked {
+		for res := balance.Result(0); res < balance.ResultCount; res++ {
+			emit(float64(b.Check.Counts[res]), b.Target.String(), res.String())
+		}
+	}
+}
+
+// checkedHist emits the check latency of each rule with checks.
+func checkedHist(fam *engine.Family) func(*engine.Stats, func(engine.HistogramSnapshot, ...string)) {
+	return func(s *engine.Stats, emit func(engine.HistogramSnapshot, ...string)) {
+		for i := range s.Rules {
+			if r := &s.Rules[i]; len(r.Checked) > 0 {
+				emit(r.CheckTime, r.Listen, r.Pif)
+			}
+		}
 	}
 }

@@ -208,6 +208,10 @@ type backendView struct {
 	Up       bool
 	Active   int32
 	Failures uint64
+	Checked  bool   // the rule has check=: the fields below are its checks'
+	Since    string // how long in its state
+	Last     string // the last check's result and latency, "ok 1.2ms"
+	Reason   string // why the last check failed
 }
 
 type txnView struct {
@@ -288,7 +292,14 @@ func mergeBackends(bs []balance.BackendStats) []backendView {
 		i, seen := at[b.Target]
 		if !seen {
 			at[b.Target] = len(out)
-			out = append(out, backendView{Addr: b.Target.String(), Up: b.Up, Active: b.Active, Failures: b.Failures})
+			bv := backendView{Addr: b.Target.String(), Up: b.Up, Active: b.Active, Failures: b.Failures, Checked: b.Checked}
+			if c := b.Check; b.Checked {
+				bv.Since, bv.Reason = shortDuration(c.For.Round(time.Second)), c.Reason
+				if c.LastAt != 0 {
+					bv.Last = c.Last.String() + " " + c.Latency.Round(10*time.Microsecond).String()
+				}
+			}
+			out = append(out, bv)
 			continue
 		}
 		out[i].Up = out[i].Up && b.Up
@@ -396,9 +407,9 @@ a{color:#1559b7}
 {{end}}{{if .MoreListeners}}<tr><td colspan="4" class="meta">… and {{.MoreListeners}} more</td></tr>{{end}}
 </table></div>
 {{if .Backends}}<div class="scroll"><table>
-<tr><th>backend ({{.UpBackends}}/{{.AllBackends}} up)</th><th>health</th><th>sessions</th><th title="connects that failed">fails</th></tr>
-{{range .Backends}}<tr><td><code>{{.Addr}}</code></td><td>{{if .Up}}<span class="pill">up</span>{{else}}<span class="pill bad">down</span>{{end}}</td><td>{{.Active}}</td><td>{{.Failures}}</td></tr>
-{{end}}{{if .MoreBackends}}<tr><td colspan="4" class="meta">… and {{.MoreBackends}} more</td></tr>{{end}}
+<tr><th>backend ({{.UpBackends}}/{{.AllBackends}} up)</th><th>health</th><th>sessions</th><th title="connects that failed">fails</th><th title="active checks: time in this state">since</th><th title="the last check's result and latency">last check</th><th>reason</th></tr>
+{{range .Backends}}<tr><td><code>{{.Addr}}</code></td><td>{{if .Up}}<span class="pill">up</span>{{else}}<span class="pill bad">down</span>{{end}}</td><td>{{.Active}}</td><td>{{.Failures}}</td>{{if .Checked}}<td>{{.Since}}</td><td>{{.Last}}</td><td>{{.Reason}}</td>{{else}}<td colspan="3" class="meta">passive only</td>{{end}}</tr>
+{{end}}{{if .MoreBackends}}<tr><td colspan="7" class="meta">… and {{.MoreBackends}} more</td></tr>{{end}}
 </table></div>{{end}}
 </section>
 {{end}}

@@ -23,6 +23,10 @@ func (r *Rule) String() string {
 			if i > 0 {
 				b.WriteByte(',')
 			}
+			if t.Host != "" {
+				b.WriteString(t.Host + ":" + t.Ports.String())
+				continue
+			}
 			writeAddrPorts(&b, t.Addr, t.Ports)
 		}
 	}
@@ -61,6 +65,8 @@ func (r *Rule) String() string {
 	writeDurOpt(&b, "timeout.connect", r.ConnectTimeout)
 	writeDurOpt(&b, "timeout.idle", r.IdleTimeout)
 	writeDurOpt(&b, "timeout.handshake", r.HandshakeTimeout)
+	writeCheck(&b, r.Check)
+	writeResolve(&b, r.Resolve)
 	return b.String()
 }
 

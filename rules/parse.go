@@ -127,11 +127,11 @@ func parseTarget(s string) (string, []Target, error) {
 		if len(ts) == MaxTargets {
 			return "", nil, fmt.Errorf("target %q: more than %d backends", s, MaxTargets)
 		}
-		addr, ports, err := parseAddrPorts(part)
+		t, err := parseTargetPart(part)
 		if err != nil {
 			return "", nil, fmt.Errorf("target %q: %w", s, err)
 		}
-		ts = append(ts, Target{Addr: addr, Ports: ports})
+		ts = append(ts, t)
 	}
 	return pif, ts, nil
 }
@@ -233,6 +233,12 @@ func (r *Rule) setOption(name, val string, hasVal bool) error {
 			return fmt.Errorf("option %s needs a value (%s=...)", name, name)
 		}
 		return nil
+	}
+	if isCheckOption(name) {
+		return r.setCheckOption(name, val, hasVal)
+	}
+	if name == "resolve" {
+		return r.setResolveOption(val, hasVal)
 	}
 	var err error
 	switch name {

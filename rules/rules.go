@@ -177,9 +177,12 @@ func (p PortRange) String() string {
 }
 
 // Target is one backend of a pool: an address and a port or port range.
+// A target given by name has Host set and no Addr: each address the name
+// resolves to is a backend (names.go).
 type Target struct {
 	Addr  netip.Addr
 	Ports PortRange
+	Host  string // a host name, lower case; "" for an address
 }
 
 // Rule is one line of the table: where to listen, what to do with a new
@@ -219,6 +222,9 @@ type Rule struct {
 	ConnectTimeout   time.Duration // 0 = the engine's default
 	IdleTimeout      time.Duration
 	HandshakeTimeout time.Duration
+
+	Check   Check         // active health checks of the pool (check.go)
+	Resolve time.Duration // names: re-resolve interval; 0 = DefaultResolve, ResolveOff = once (names.go)
 }
 
 // Key is a listen key: the identity of one listening socket, kept across
@@ -250,18 +256,6 @@ func (r *Rule) ListenKeys() []Key {
 
 // TargetFor returns the backend pool of the i-th listen port: a target whose
 // range has the listen range's length is offset by i, a single-port target is
-// used as is. It returns nil for a rule without targets.
-func (r *Rule) TargetFor(i int) []netip.AddrPort {
-	if len(r.Targets) == 0 {
-		return nil
-	}
-	pool := make([]netip.AddrPort, 0, len(r.Targets))
-	for _, t := range r.Targets {
-		port := t.Ports.First
-		if t.Ports.Len() > 1 {
-			port += uint16(i)
-		}
-		pool = append(pool, netip.AddrPortFrom(t.Addr, port))
-	}
-	return pool
-}
+// used as is. It returns nil for a rule without targets. Targets given by
+// name are left out (TargetForAddrs has their addresses).
+func (r *Rule) TargetFor(i int) []netip.AddrPort { return r.TargetForAddrs(i, nil) }

@@ -9,8 +9,12 @@ import (
 	"time"
 )
 
-// Lines that parse, and their canonical form ("" = the line is canonical).
-var goodLines = []struct{ in, canon string }{
+// lineCase is a line that parses, and its canonical form ("" = the line is
+// canonical).
+type lineCase struct{ in, canon string }
+
+// Lines that parse, and their canonical form.
+var goodLines = []lineCase{
 	{"tcp 0.0.0.0:8080 -> 127.0.0.1:80", ""},
 	{"tcp 0.0.0.0:8080 -> 127.0.0.1:80 send-proxy=v2", ""},
 	{"tcp 0.0.0.0:8081 health=http", ""},
@@ -36,8 +40,13 @@ var goodLines = []struct{ in, canon string }{
 	{"tcp 0.0.0.0:80 -> 127.0.0.1:8080 timeout.idle=2h0m0s", "tcp 0.0.0.0:80 -> 127.0.0.1:8080 timeout.idle=2h"},
 }
 
-func TestParseCanonicalRoundTrip(t *testing.T) {
-	for _, tc := range goodLines {
+func TestParseCanonicalRoundTrip(t *testing.T) { roundTrip(t, goodLines) }
+
+// roundTrip checks that each case parses, prints as its canonical form, and
+// parses back to the same rule.
+func roundTrip(t *testing.T, cases []lineCase) {
+	t.Helper()
+	for _, tc := range cases {
 		r, err := Parse(tc.in)
 		if err != nil {
 			t.Errorf("Parse(%q): %v", tc.in, err)
@@ -70,8 +79,8 @@ func TestParseModel(t *testing.T) {
 	want := &Rule{
 		Proto: TCP, ListenPif: "ns1", ListenAddr: netip.IPv6Unspecified(), ListenPorts: PortRange{8000, 8002},
 		Targets: []Target{
-			{netip.MustParseAddr("10.0.0.1"), PortRange{9000, 9002}},
-			{netip.MustParseAddr("10.0.0.2"), PortRange{7000, 7000}},
+			{Addr: netip.MustParseAddr("10.0.0.1"), Ports: PortRange{9000, 9002}},
+			{Addr: netip.MustParseAddr("10.0.0.2"), Ports: PortRange{7000, 7000}},
 		},
 		Weak: true, ConnectTimeout: 2 * time.Second,
 	}
@@ -239,6 +248,12 @@ func FuzzParse(f *testing.F) {
 	f.Add("tcp [::]:1-65535 -> 1.2.3.4:1")
 	f.Add("udp a/1.2.3.4:5 -> b/[::1]:6 rate=1/s")
 	f.Add("tcp 0.0.0.0:443 -> 127.0.0.1:1 sni=A.b.,*.c alpn=h2,x")
+	for _, tc := range checkLines {
+		f.Add(tc.in)
+	}
+	for _, tc := range nameLines {
+		f.Add(tc.in)
+	}
 	f.Fuzz(func(t *testing.T, line string) {
 		r, err := Parse(line)
 		if err != nil {

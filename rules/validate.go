@@ -75,20 +75,33 @@ func (r *Rule) Validate() error {
 	if r.Rate < 0 || r.MaxConn < 0 || r.ConnectTimeout < 0 || r.IdleTimeout < 0 || r.HandshakeTimeout < 0 {
 		return errors.New("negative rate, maxconn or timeout")
 	}
+	if err := r.validateCheck(); err != nil {
+		return err
+	}
+	if err := r.validateNames(); err != nil {
+		return err
+	}
 	return nil
 }
 
 func (r *Rule) validateTarget(t Target) error {
-	if !t.Addr.IsValid() {
+	if t.Host != "" {
+		if t.Addr.IsValid() || !isHostName(t.Host) || t.Host != strings.ToLower(t.Host) {
+			return fmt.Errorf("target %q: not a lower-case host name without an address", t.Host)
+		}
+	} else if !t.Addr.IsValid() {
 		return errors.New("target with no address")
 	}
-	if t.Addr.IsUnspecified() {
+	if t.Host == "" && t.Addr.IsUnspecified() {
 		return fmt.Errorf("target %s: an unspecified address is not a place to connect to", t.Addr)
 	}
 	if t.Ports.Last < t.Ports.First {
 		return fmt.Errorf("port range %d-%d is reversed", t.Ports.First, t.Ports.Last)
 	}
 	if t.Ports.First == 0 {
+		if t.Host != "" {
+			return fmt.Errorf("target %s:0: port 0 is not a port to connect to", t.Host)
+		}
 		return fmt.Errorf("target %s: port 0 is not a port to connect to", netip.AddrPortFrom(t.Addr, 0))
 	}
 	if n := t.Ports.Len(); n != 1 && n != r.ListenPorts.Len() {

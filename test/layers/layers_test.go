@@ -28,6 +28,8 @@ var layer = map[string]int{
 	"state": 1,
 	// 2: the handshake chain over a conn.
 	"handshake": 2,
+	// 2: one active health check of a backend.
+	"check": 2,
 	// 3: the event loops that wire them.
 	"engine": 3,
 	// 4: what drives or reads the engine: ctl through its small Engine
