@@ -233,6 +233,10 @@ func (d *Daemon) Run() error {
 	for {
 		select {
 		case <-d.hup:
+			if d.opt.Reload == nil {
+				d.log.Warn("SIGHUP: no configuration file to reload; ignored")
+				continue
+			}
 			d.log.Info("SIGHUP: reloading the configuration file")
 			// Reload logs its outcome; the daemon serves on whatever it is.
 			_, _ = d.Reload(state.Self("reload (SIGHUP)"))
