@@ -95,8 +95,15 @@ func (s *Server) pendingLeft() (uint64, time.Duration) {
 
 // leave keeps the writing transaction's apply pending until deadline: the
 // writer slot stays held (the caller does not free it) and a timer rolls
-// back at the deadline.
-func (s *Server) leave(p *pendingTxn) {
+// back at the deadline. It reports false, leaving nothing, once the server
+// is closing: the caller rolls back. (s.mu is held across the check and
+// the hand-over, so Close either sees the pending transaction or is seen.)
+func (s *Server) leave(p *pendingTxn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
 	s.pmu.Lock()
 	s.pending = p
 	p.timer = time.AfterFunc(time.Until(p.deadline), func() {
@@ -110,18 +117,21 @@ func (s *Server) leave(p *pendingTxn) {
 	if w, ok := s.eng.(ConfirmWatcher); ok {
 		w.ConfirmPending(p.gen, p.deadline)
 	}
+	return true
 }
 
-// takePending takes p from the server if it is still the pending one (nil:
-// whichever is); it reports whether the caller now ends it.
+// takePending takes p from the server if it is still the pending one; it
+// reports whether the caller now ends it (endTaken, which Close waits for
+// through s.ending).
 func (s *Server) takePending(p *pendingTxn) bool {
 	s.pmu.Lock()
 	defer s.pmu.Unlock()
-	if s.pending == nil || (p != nil && s.pending != p) {
+	if s.pending == nil || s.pending != p {
 		return false
 	}
 	s.pending.timer.Stop()
 	s.pending = nil
+	s.ending.Add(1)
 	return true
 }
 
@@ -129,6 +139,7 @@ func (s *Server) takePending(p *pendingTxn) bool {
 // frees the writer slot. It returns the new generation or the restored
 // table's summary.
 func (s *Server) endTaken(p *pendingTxn, commit bool, why string) (uint64, *rules.Summary, error) {
+	defer s.ending.Done()
 	defer s.writer.Store(false)
 	defer func() {
 		if w, ok := s.eng.(ConfirmWatcher); ok {
@@ -160,7 +171,8 @@ func (s *Server) endTaken(p *pendingTxn, commit bool, why string) (uint64, *rule
 }
 
 // closePending rolls back a pending commit-confirmed transaction, if any,
-// as the server closes.
+// as the server closes, and waits for one that its deadline or a confirm
+// is ending already.
 func (s *Server) closePending() {
 	s.pmu.Lock()
 	p := s.pending
@@ -168,6 +180,7 @@ func (s *Server) closePending() {
 	if p != nil && s.takePending(p) {
 		_, _, _ = s.endTaken(p, false, "the daemon is stopping")
 	}
+	s.ending.Wait()
 }
 
 // endPending serves intents confirm (commit) and rollback.

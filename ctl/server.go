@@ -103,6 +103,7 @@ type Server struct {
 	// holds the writer slot (confirm.go).
 	pmu     sync.Mutex
 	pending *pendingTxn
+	ending  sync.WaitGroup // endTaken calls under way
 	nextID  atomic.Uint64
 
 	mu     sync.Mutex

@@ -210,8 +210,11 @@ func (tx *writeTxn) run() error {
 			tx.rollback("confirm timeout")
 			return errorf(CodeConfirmTimeout, "no commit within the confirm timeout of %s: rolled back", confirm)
 		}
+		if !s.leave(p) {
+			tx.rollback("the daemon is stopping")
+			return errClosing
+		}
 		tx.pending, tx.detached = false, true
-		s.leave(p)
 		return cc.send(func() error {
 			return cc.w.writePending(cc.ver, &Pending{Generation: p.gen, Left: time.Until(p.deadline)})
 		})

@@ -259,10 +259,17 @@ func TestCtlConfirm(t *testing.T) {
 		t.Fatalf("add --confirm: %d %q %s", code, out, errs)
 	}
 	d.stop(10 * time.Second)
-	log := d.stderr.String()
-	rb, stopped := strings.Index(log, "the daemon is stopping"), strings.LastIndex(log, "stopped")
-	if rb < 0 || stopped < rb {
-		t.Fatalf("no rollback before the stop:\n%s", tail(log, 3000))
+	rb, drained := -1, -1
+	for i, l := range lines(d.stderr.String()) {
+		switch {
+		case strings.Contains(l, "table rolled back") && strings.Contains(l, "the daemon is stopping"):
+			rb = i
+		case strings.Contains(l, "engine stopped") || strings.HasSuffix(l, "\tstopped"):
+			drained = i
+		}
+	}
+	if rb < 0 || drained < rb {
+		t.Fatalf("no rollback before the drain's end (lines %d, %d):\n%s", rb, drained, tail(d.stderr.String(), 3000))
 	}
 	d = startStateful(t, cfg, "--state", dir)
 	wantLog(t, d, "resuming generation 2 saved at")
