@@ -180,6 +180,15 @@ func (c *Client) Hello(ctx context.Context, intent Intent) error {
 			want = MsgStatus
 		case IntentStats:
 			want = MsgStats
+		case IntentReload: // SUMMARY, unless nothing was applied
+			want = MsgReloaded
+			if f.typ == MsgSummary {
+				want = MsgSummary
+			}
+		case IntentConfirm:
+			want = MsgCommitted
+		case IntentRollback:
+			want = MsgSummary
 		}
 		if f.typ != want {
 			return errorf(CodeUnexpected, "the server answered the hello with %s, want %s", f.typ, want)
@@ -422,12 +431,19 @@ func (c *Client) inCallerOrder(err error) error {
 	return err
 }
 
-func (c *Client) readSummary() (*Summary, error) {
+func (c *Client) readSummary() (*Summary, error) { return c.readSummaryFrom(nil) }
+
+// readSummaryFrom reads a SUMMARY whose first frame, when not nil, was
+// read already (the answer to a hello).
+func (c *Client) readSummaryFrom(first *frame) (*Summary, error) {
 	s := &Summary{Detail: c.ver >= Version2}
 	var head *summaryChunk
 	for {
-		f, err := c.expect(MsgSummary)
-		if err != nil {
+		var f frame
+		var err error
+		if first != nil {
+			f, first = *first, nil
+		} else if f, err = c.expect(MsgSummary); err != nil {
 			return nil, err
 		}
 		ch, err := decodeSummaryChunk(f)

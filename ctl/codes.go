@@ -3,12 +3,14 @@ package ctl
 import "strconv"
 
 // Protocol versions. Version1 is the base; Version2 adds the per-port
-// detail of a SUMMARY. See docs/ctl-protocol.md.
+// detail of a SUMMARY; Version3 adds the boot id and a pending
+// commit-confirmed transaction to STATUS. See docs/ctl-protocol.md.
 const (
 	Version1 uint8 = 1
 	Version2 uint8 = 2
+	Version3 uint8 = 3
 	// MaxVersion is the highest version this build speaks.
-	MaxVersion = Version2
+	MaxVersion = Version3
 )
 
 // MsgType is a frame's message type. The numbers are the wire's.
@@ -33,7 +35,12 @@ const (
 	MsgQuery       MsgType = 0x10 // client → server, intent sessions: which sessions
 	MsgSessions    MsgType = 0x11 // server → client, intent sessions (chunked)
 	MsgStats       MsgType = 0x12 // server → client, intent stats
-	msgTypeCount           = 0x13
+	MsgRecent      MsgType = 0x13 // client → server, intent history: how many commits
+	MsgHistory     MsgType = 0x14 // server → client, intent history (chunked)
+	MsgReloaded    MsgType = 0x15 // server → client, intent reload: the outcome
+	MsgLeave       MsgType = 0x16 // client → server, step 9: leave the apply pending (commit-confirmed)
+	MsgPending     MsgType = 0x17 // server → client, step 9: the apply stays pending until its deadline
+	msgTypeCount           = 0x18
 )
 
 var msgNames = [msgTypeCount]string{
@@ -55,6 +62,11 @@ var msgNames = [msgTypeCount]string{
 	MsgQuery:       "QUERY",
 	MsgSessions:    "SESSIONS",
 	MsgStats:       "STATS",
+	MsgRecent:      "RECENT",
+	MsgHistory:     "HISTORY",
+	MsgReloaded:    "RELOADED",
+	MsgLeave:       "LEAVE",
+	MsgPending:     "PENDING",
 }
 
 // Known reports whether t is a message type of the protocol.
@@ -71,14 +83,18 @@ func (t MsgType) String() string {
 type Intent uint8
 
 const (
-	IntentStatus   Intent = 1 // STATUS, then close
-	IntentPifs     Intent = 2 // PIFS, then close
-	IntentList     Intent = 3 // PIFS and RULES, then close
-	IntentWrite    Intent = 4 // the writing transaction, steps 3-10
-	IntentWatch    Intent = 5 // PIFS, WATCH, then EVENTs until either side closes
-	IntentSessions Intent = 6 // PIFS, QUERY, SESSIONS, then close
-	IntentStats    Intent = 7 // STATS, then close
-	intentCount           = 8
+	IntentStatus   Intent = 1  // STATUS, then close
+	IntentPifs     Intent = 2  // PIFS, then close
+	IntentList     Intent = 3  // PIFS and RULES, then close
+	IntentWrite    Intent = 4  // the writing transaction, steps 3-10
+	IntentWatch    Intent = 5  // PIFS, WATCH, then EVENTs until either side closes
+	IntentSessions Intent = 6  // PIFS, QUERY, SESSIONS, then close
+	IntentStats    Intent = 7  // STATS, then close
+	IntentHistory  Intent = 8  // PIFS, RECENT, HISTORY, then close
+	IntentReload   Intent = 9  // the configuration file re-read and applied: SUMMARY and RELOADED, then close
+	IntentConfirm  Intent = 10 // the pending commit-confirmed apply committed: COMMITTED, then close
+	IntentRollback Intent = 11 // the pending commit-confirmed apply rolled back: SUMMARY, then close
+	intentCount           = 12
 )
 
 var intentNames = [intentCount]string{
@@ -89,6 +105,10 @@ var intentNames = [intentCount]string{
 	IntentWatch:    "watch",
 	IntentSessions: "sessions",
 	IntentStats:    "stats",
+	IntentHistory:  "history",
+	IntentReload:   "reload",
+	IntentConfirm:  "confirm",
+	IntentRollback: "rollback",
 }
 
 // Known reports whether i is an intent of the protocol.
@@ -127,7 +147,10 @@ const (
 	CodeTooManyClients   Code = 18 // the server's connection limit is reached
 	CodeInternal         Code = 19 // the engine reported a state the server cannot describe
 	CodeSlowWatcher      Code = 20 // a watcher's event queue overflowed: it was cut off
-	codeCount                 = 21
+	CodeNoState          Code = 21 // the daemon keeps no state dir: no history
+	CodeNoPending        Code = 22 // confirm or rollback, but no commit-confirmed apply is pending
+	CodeNoReload         Code = 23 // the daemon has no configuration file to reload
+	codeCount                 = 24
 )
 
 var codeNames = [codeCount]string{
@@ -151,6 +174,9 @@ var codeNames = [codeCount]string{
 	CodeTooManyClients:   "too-many-clients",
 	CodeInternal:         "internal",
 	CodeSlowWatcher:      "slow-watcher",
+	CodeNoState:          "no-state",
+	CodeNoPending:        "no-pending",
+	CodeNoReload:         "no-reload",
 }
 
 // String returns the code's stable name, or "code-N" for a number this
@@ -210,4 +236,7 @@ const (
 	FeatureWatch          = "watch"           // intent watch: event groups, state first
 	FeatureSessions       = "sessions"        // intent sessions: the live sessions
 	FeatureStats          = "stats"           // intent stats: the engine's counters
+	FeatureHistory        = "history"         // intent history: the last commits of the state dir
+	FeatureReload         = "reload"          // intent reload: the configuration file applied again
+	FeatureConfirmLater   = "confirm-later"   // LEAVE at step 9, intents confirm and rollback
 )

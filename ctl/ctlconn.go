@@ -232,6 +232,12 @@ func (cc *ctlConn) serve() error {
 		return cc.sessions()
 	case IntentStats:
 		return cc.stats()
+	case IntentHistory:
+		return cc.history()
+	case IntentReload:
+		return cc.reload()
+	case IntentConfirm, IntentRollback:
+		return cc.s.endPending(cc, ch.Intent == IntentConfirm)
 	}
 	return (&writeTxn{cc: cc}).run()
 }
@@ -239,8 +245,10 @@ func (cc *ctlConn) serve() error {
 // status is the answer to intent status.
 func (s *Server) status() *Status {
 	gen, rs := s.snapshot()
-	return &Status{Generation: gen, Rules: len(rs), Ports: rules.ListenPortCount(rs), Sessions: s.eng.Sessions(),
-		Pifs: 1 + len(s.eng.Pifs()), Writer: s.writer.Load()}
+	st := &Status{Generation: gen, Rules: len(rs), Ports: rules.ListenPortCount(rs), Sessions: s.eng.Sessions(),
+		Pifs: 1 + len(s.eng.Pifs()), Writer: s.writer.Load(), BootID: s.hello.Limits.BootID}
+	st.ConfirmGen, st.ConfirmLeft = s.pendingLeft()
+	return st
 }
 
 // pifs lists the engine's pifs with "host" first, as PIFS carries them.

@@ -240,7 +240,8 @@ func TestEveryNumberHasAName(t *testing.T) {
 	stable := map[Code]string{1: "bad-frame", 2: "too-large", 3: "bad-version", 4: "unexpected", 5: "timeout", 6: "busy",
 		7: "stale-generation", 8: "invalid-rule", 9: "invalid-table", 10: "unknown-pif", 11: "bad-value", 12: "apply-failed",
 		13: "commit-failed", 14: "rollback-failed", 15: "confirm-timeout", 16: "shutting-down", 17: "permission-denied",
-		18: "too-many-clients", 19: "internal", 20: "slow-watcher"}
+		18: "too-many-clients", 19: "internal", 20: "slow-watcher",
+		21: "no-state", 22: "no-pending", 23: "no-reload"}
 	for c, name := range stable {
 		if c.String() != name {
 			t.Errorf("code %d is %q, was %q: codes are never renumbered", c, c, name)

@@ -201,6 +201,10 @@ type Status struct {
 	Sessions   int64
 	Pifs       int  // host included
 	Writer     bool // a writing transaction is open
+	// Version 3 only (zero from an older server):
+	BootID      uint64        // this run of the daemon (the hello's boot-id)
+	ConfirmGen  uint64        // a commit-confirmed apply is pending: the generation it gets if confirmed; 0 = none
+	ConfirmLeft time.Duration // until that one rolls back by itself
 }
 
 // tableLine is one rule line of RULES or LOAD with its listen pif's index.
@@ -387,6 +391,11 @@ func (fw *frameWriter) writeStatus(ver uint8, s *Status) error {
 	fw.u64(uint64(max(s.Sessions, 0)))
 	fw.u16(uint16(min(s.Pifs, math.MaxUint16)))
 	fw.bool(s.Writer)
+	if ver >= Version3 {
+		fw.u64(s.BootID)
+		fw.u64(s.ConfirmGen)
+		fw.u64(uint64(max(s.ConfirmLeft, 0) / time.Millisecond))
+	}
 	return fw.finish()
 }
 
@@ -623,6 +632,11 @@ func decodeStatus(f frame) (*Status, error) {
 	s.Sessions = int64(min(sessions, math.MaxInt64))
 	s.Pifs = int(d.u16("pifs"))
 	s.Writer = d.bool("writer")
+	if f.ver >= Version3 {
+		s.BootID = d.u64("boot-id")
+		s.ConfirmGen = d.u64("confirm-generation")
+		s.ConfirmLeft = time.Duration(min(d.u64("confirm-left-ms"), uint64(MaxConfirm/time.Millisecond))) * time.Millisecond
+	}
 	return s, d.end()
 }
 

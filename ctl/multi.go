@@ -83,8 +83,9 @@ const (
 	// OutcomeReleased: APPLY was sent and the connection was dropped
 	// without a COMMIT (no answer in time, a disconnect, a failed check).
 	// By the protocol the daemon rolls back (a dead daemon has nothing to
-	// roll back: its restart serves its configured table); the client has no
-	// answer that confirms it.
+	// roll back: restarted, it serves its last committed table — its state
+	// dir's, or without one its configured table); the client has no answer
+	// that confirms it.
 	OutcomeReleased
 	// OutcomeInDoubt: COMMIT was sent and not answered (or the daemon said
 	// its rollback failed): the new table may be active. The daemon's
@@ -202,7 +203,7 @@ func (m *Member) Report() string {
 			fmt.Fprintf(&b, "; generation %d is still active", m.Base.Generation)
 		}
 	case OutcomeReleased:
-		b.WriteString("not committed: the connection was dropped after APPLY, so the daemon rolls back by itself (a dead one serves its configured table when restarted)")
+		b.WriteString("not committed: the connection was dropped after APPLY, so the daemon rolls back by itself (a dead one, restarted, serves its last committed table)")
 	case OutcomeInDoubt:
 		b.WriteString("IN DOUBT: the new table may be active")
 		if m.Summary != nil && m.Base != nil {

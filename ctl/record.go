@@ -35,11 +35,12 @@ type Booted interface {
 
 // Hold takes the writer slot for a table change made beside the control
 // socket (the daemon's reload), so that no writing transaction is between
-// its load and its apply meanwhile. ok is false when a writer holds the
-// slot (the caller says busy); otherwise release frees it.
-func (s *Server) Hold() (release func(), ok bool) {
+// its load and its apply meanwhile. When a writer holds the slot it returns
+// the *Error busy a writer would get (naming a pending commit-confirmed
+// transaction and its time left); otherwise release frees the slot.
+func (s *Server) Hold() (release func(), err error) {
 	if !s.writer.CompareAndSwap(false, true) {
-		return nil, false
+		return nil, s.busy()
 	}
-	return func() { s.writer.Store(false) }, true
+	return func() { s.writer.Store(false) }, nil
 }

@@ -85,15 +85,15 @@ func TestCommitRecordedBeforeAnswer(t *testing.T) {
 func TestHoldSlot(t *testing.T) {
 	eng := ctltest.New(1, nil)
 	s, path := startServer(t, eng, nil)
-	release, ok := s.Hold()
-	if !ok {
-		t.Fatal("slot not free")
+	release, err := s.Hold()
+	if err != nil {
+		t.Fatal("slot not free:", err)
 	}
-	if _, ok := s.Hold(); ok {
-		t.Fatal("slot taken twice")
+	if _, err := s.Hold(); CodeOf(err) != CodeBusy {
+		t.Fatal("slot taken twice:", err)
 	}
 	c := mustDial(t, ctxT(t), path, Options{})
-	err := c.Hello(ctxT(t), IntentWrite)
+	err = c.Hello(ctxT(t), IntentWrite)
 	if err == nil {
 		_, err = c.Pifs(ctxT(t))
 	}

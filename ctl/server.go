@@ -80,7 +80,8 @@ func (cfg *config) hello() ServerHello {
 			MaxPortsPerRule: rules.MaxPortsPerRule, MaxLineLen: rules.MaxLineLen, MaxPifs: MaxPifs,
 			DefaultConfirm: cfg.defaultConfirm, MaxConfirm: cfg.maxConfirm, IOTimeout: cfg.ioTimeout,
 			MaxClients: cfg.maxClients},
-		Features: []string{FeatureTxn, FeatureConfirmTimeout, FeatureConcurrentRead, FeaturePeerCred, FeatureWatch, FeatureSessions, FeatureStats},
+		Features: []string{FeatureTxn, FeatureConfirmTimeout, FeatureConcurrentRead, FeaturePeerCred, FeatureWatch, FeatureSessions, FeatureStats,
+			FeatureHistory, FeatureReload, FeatureConfirmLater},
 	}
 }
 
@@ -98,7 +99,12 @@ type Server struct {
 	stop  func() bool // detaches Close from the context
 
 	writer atomic.Bool // the writer slot: a writing transaction holds the socket (txn.go)
-	nextID atomic.Uint64
+	// pending is the commit-confirmed apply left past its connection; it
+	// holds the writer slot (confirm.go).
+	pmu     sync.Mutex
+	pending *pendingTxn
+	ending  sync.WaitGroup // endTaken calls under way
+	nextID  atomic.Uint64
 
 	mu     sync.Mutex
 	closed bool
@@ -159,6 +165,9 @@ func (s *Server) Close() error {
 		cc.shutdown()
 	}
 	s.mu.Unlock()
+	// A daemon stop during a pending commit-confirmed apply rolls it back
+	// first, while the engine still runs.
+	s.closePending()
 	s.stop()
 	s.wg.Wait()
 	s.log.Info("control socket closed", zap.String("socket", s.path))

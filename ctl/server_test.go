@@ -42,7 +42,7 @@ func TestReadOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if *st != (Status{Generation: 3, Rules: 3, Ports: 4, Sessions: 5, Pifs: 2}) || c.Version() != Version2 {
+	if *st != (Status{Generation: 3, Rules: 3, Ports: 4, Sessions: 5, Pifs: 2}) || c.Version() != Version3 {
 		t.Fatalf("status %+v, version %d", st, c.Version())
 	}
 
@@ -475,7 +475,7 @@ func TestBadFrames(t *testing.T) {
 		{"hello name over its bound", false, withPayload(1, MsgClientHello, append([]byte{2, 4, 0, 200}, make([]byte, 200)...)), CodeTooLarge},
 		{"hello in version 2", false, hello(2, 2, IntentStatus), CodeBadVersion},
 		{"want 0", false, hello(1, 0, IntentStatus), CodeBadValue},
-		{"unknown intent", false, hello(1, 2, 9), CodeBadValue},
+		{"unknown intent", false, hello(1, 2, 99), CodeBadValue},
 		{"commit before hello", false, withPayload(1, MsgCommit, nil), CodeUnexpected},
 		{"commit before load", true, withPayload(2, MsgCommit, nil), CodeUnexpected},
 		{"version 1 frame on a version 2 connection", true, withPayload(1, MsgCommit, nil), CodeBadVersion},
@@ -768,12 +768,12 @@ func TestUpgrade(t *testing.T) {
 			})
 		}
 	}
-	t.Run("a future client asking for v3 gets v2", func(t *testing.T) {
+	t.Run("a future client asking for v4 gets v3", func(t *testing.T) {
 		eng := ctltest.New(1, nil)
 		_, path := startServer(t, eng, nil)
 		r := dialRaw(t, path, true)
-		r.do(func(fw *frameWriter) error { return fw.writeClientHello(&ClientHello{Want: 3, Intent: IntentStatus}) })
-		if f := r.expect(MsgStatus); f.ver != Version2 {
+		r.do(func(fw *frameWriter) error { return fw.writeClientHello(&ClientHello{Want: 4, Intent: IntentStatus}) })
+		if f := r.expect(MsgStatus); f.ver != Version3 {
 			t.Fatalf("answered in v%d", f.ver)
 		}
 	})

@@ -66,8 +66,9 @@ const (
 
 // writeTxn is one writing transaction, on the connection of intent write.
 type writeTxn struct {
-	cc      *ctlConn
-	pending bool // applied, neither committed nor rolled back
+	cc       *ctlConn
+	pending  bool // applied, neither committed nor rolled back
+	detached bool // left pending past the connection (LEAVE): the server's now (confirm.go)
 }
 
 // run runs the writing transaction, steps 3 to 10 (see the file's comment
@@ -77,27 +78,31 @@ type writeTxn struct {
 func (tx *writeTxn) run() error {
 	cc, s := tx.cc, tx.cc.s
 	if !s.writer.CompareAndSwap(false, true) {
-		return errorf(CodeBusy, "another writing transaction holds the control socket")
+		return s.busy()
 	}
 	// The slot is freed once the engine has no pending apply, before the
 	// last answer (COMMITTED, or the rollback's SUMMARY) is sent: a client
 	// that has its answer may start the next transaction at once, and is
 	// never told busy by the one it just finished.
 	release := sync.OnceFunc(func() { s.writer.Store(false) })
-	defer release()
+	defer func() {
+		if !tx.detached { // a pending commit-confirmed apply keeps the slot
+			release()
+		}
+	}()
 	// How the transaction ended, for an engine that counts it: registered
-	// first, so it runs after the deferred rollback of a pending apply.
+	// first, so it runs after the deferred rollback of a pending apply. A
+	// detached one is counted when it ends (confirm.go).
 	committedBefore, rolledBackBefore := s.committed.Load(), s.rolledBack.Load()
 	defer func() {
-		if o, ok := s.eng.(TxnObserver); ok {
-			switch {
-			case s.committed.Load() != committedBefore:
-				o.TxnEnded(TxnCommitted)
-			case s.rolledBack.Load() != rolledBackBefore:
-				o.TxnEnded(TxnRolledBack)
-			default:
-				o.TxnEnded(TxnFailed)
-			}
+		switch {
+		case tx.detached:
+		case s.committed.Load() != committedBefore:
+			s.observe(TxnCommitted)
+		case s.rolledBack.Load() != rolledBackBefore:
+			s.observe(TxnRolledBack)
+		default:
+			s.observe(TxnFailed)
 		}
 	}()
 	// 3, 4.
@@ -177,16 +182,11 @@ func (tx *writeTxn) run() error {
 		if err := decodeEmpty(f); err != nil {
 			return err
 		}
-		gen, err := s.eng.Commit()
+		gen, err := s.commit(cc.log, old, rs, cc.who)
 		if err != nil {
 			return errorf(CodeCommitFailed, "%v (rolled back)", err)
 		}
 		tx.pending = false
-		s.committed.Add(1)
-		cc.log.Info("table committed", zap.Uint64("generation", gen))
-		if r, ok := s.eng.(CommitRecorder); ok {
-			r.Committed(Commit{Generation: gen, Old: old, New: rs, Who: cc.who})
-		}
 		release()
 		// 10.
 		return cc.send(func() error { return cc.w.writeCommitted(cc.ver, gen) })
@@ -201,25 +201,72 @@ func (tx *writeTxn) run() error {
 		release()
 		// 10.
 		return cc.send(func() error { return cc.w.writeSummary(cc.ver, summaryFrom(rsum)) })
+	case MsgLeave:
+		if err := decodeEmpty(f); err != nil {
+			return err
+		}
+		p := &pendingTxn{gen: sum.Generation, old: old, new: rs, who: cc.who, deadline: applied.Add(confirm)}
+		if time.Until(p.deadline) <= 0 {
+			tx.rollback("confirm timeout")
+			return errorf(CodeConfirmTimeout, "no commit within the confirm timeout of %s: rolled back", confirm)
+		}
+		if !s.leave(p) {
+			tx.rollback("the daemon is stopping")
+			return errClosing
+		}
+		tx.pending, tx.detached = false, true
+		return cc.send(func() error {
+			return cc.w.writePending(cc.ver, &Pending{Generation: p.gen, Left: time.Until(p.deadline)})
+		})
 	}
-	return errorf(CodeUnexpected, "%s where COMMIT or ROLLBACK was expected", f.typ)
+	return errorf(CodeUnexpected, "%s where COMMIT, ROLLBACK or LEAVE was expected", f.typ)
+}
+
+// observe tells an engine that counts transactions how one ended.
+func (s *Server) observe(o rules.TxnOutcome) {
+	if ob, ok := s.eng.(TxnObserver); ok {
+		ob.TxnEnded(o)
+	}
+}
+
+// commit commits the engine's pending apply of new over old, counts and
+// logs it, and has it recorded (CommitRecorder) as who's: the record is
+// made before the caller answers COMMITTED. A failed Engine.Commit leaves
+// the apply pending: the caller rolls back.
+func (s *Server) commit(log *zap.Logger, old, new []*rules.Rule, who Who) (uint64, error) {
+	gen, err := s.eng.Commit()
+	if err != nil {
+		return 0, err
+	}
+	s.committed.Add(1)
+	log.Info("table committed", zap.Uint64("generation", gen))
+	if r, ok := s.eng.(CommitRecorder); ok {
+		r.Committed(Commit{Generation: gen, Old: old, New: new, Who: who})
+	}
+	return gen, nil
 }
 
 // rollback undoes the pending apply; why is for the log. It returns the
 // summary of the restored table, or the engine's error (logged here).
 func (tx *writeTxn) rollback(why string) (*rules.Summary, error) {
-	cc := tx.cc
 	tx.pending = false
-	sum, err := cc.s.eng.Rollback()
+	return tx.cc.s.rollback(tx.cc.log, why)
+}
+
+// rollback undoes the engine's pending apply; why is for the log. It
+// returns the summary of the restored table, or the engine's error (logged
+// here).
+func (s *Server) rollback(log *zap.Logger, why string) (*rules.Summary, error) {
+	sum, err := s.eng.Rollback()
 	if err == nil && sum == nil {
 		err = errors.New("the engine rolled back but gave no summary")
 	}
 	if err != nil {
-		cc.log.Error("rollback failed", zap.String("why", why), zap.Error(err))
+		log.Error("rollback failed", zap.String("why", why), zap.Error(err))
 		return nil, err
 	}
-	cc.s.rolledBack.Add(1)
-	cc.log.Info("table rolled back", zap.String("why", why), zap.Uint64("generation", sum.Generation))
+	s.rolledBack.Add(1)
+	log.Info("table rolled back", zap.String("why", why), zap.Uint64("generation", sum.Generation))
 	return sum, nil
 }
 

@@ -217,7 +217,7 @@ func TestMalformed(t *testing.T) {
 	}{
 		{"bad magic", []byte("GET / HTTP/1.0\r\n"), nil, CodeBadFrame, ""},
 		{"version 0", header(0, MsgHello, 0), nil, CodeBadVersion, ""},
-		{"version 3", header(3, MsgHello, 0), nil, CodeBadVersion, ""},
+		{"version 4", header(4, MsgHello, 0), nil, CodeBadVersion, ""},
 		{"unknown type", header(1, 0x7f, 0), nil, CodeBadFrame, ""},
 		{"type 0", header(1, 0, 0), nil, CodeBadFrame, ""},
 		{"length over the bound", header(1, MsgLoad, MaxPayload+1), nil, CodeTooLarge, ""},
@@ -334,6 +334,15 @@ func FuzzDecode(f *testing.F) {
 	f.Add(encodeFrames(f, func(fw *frameWriter) error {
 		return fw.writeStatus(1, &Status{Generation: 1, Rules: 2, Ports: 3, Sessions: 4, Pifs: 1})
 	}))
+	f.Add(encodeFrames(f, func(fw *frameWriter) error {
+		return fw.writeStatus(3, &Status{Generation: 1, BootID: 9, ConfirmGen: 2, ConfirmLeft: time.Second})
+	}))
+	f.Add(encodeFrames(f, func(fw *frameWriter) error { return fw.writeRecent(3, 10) }))
+	f.Add(encodeFrames(f, func(fw *frameWriter) error { return fw.writeHistory(3, []string{`{"generation":1}`, "{}"}) }))
+	f.Add(encodeFrames(f, func(fw *frameWriter) error {
+		return fw.writeReloaded(3, &Reload{Outcome: ReloadRolledBack, Generation: 4, Restart: []string{"loops"}})
+	}))
+	f.Add(encodeFrames(f, func(fw *frameWriter) error { return fw.writePending(3, &Pending{Generation: 5, Left: time.Minute}) }))
 	f.Add(header(1, MsgLoad, MaxPayload+1))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		fr := frameReader{r: bytes.NewReader(in)}
@@ -468,6 +477,43 @@ func fuzzOne(t *testing.T, fm frame) {
 	case MsgStats:
 		var cs []observe.Counter
 		_, _ = decodeStatsChunk(fm, &cs)
+	case MsgRecent:
+		if n, err := decodeRecent(fm); err == nil {
+			n2, err := decodeRecent(again(func(fw *frameWriter) error { return fw.writeRecent(fm.ver, n) }))
+			if err != nil {
+				t.Fatal(err)
+			}
+			same(n, n2)
+		}
+	case MsgHistory:
+		var es []string
+		if last, err := decodeHistoryChunk(fm, &es); err == nil && last {
+			var es2 []string
+			if _, err := decodeHistoryChunk(again(func(fw *frameWriter) error { return fw.writeHistory(fm.ver, es) }), &es2); err != nil {
+				t.Fatal(err)
+			}
+			same(es, es2)
+		}
+	case MsgReloaded:
+		if r, err := decodeReloaded(fm); err == nil {
+			r2, err := decodeReloaded(again(func(fw *frameWriter) error {
+				return fw.writeReloaded(fm.ver, &Reload{Outcome: r.Outcome, Generation: r.Generation, Restart: r.Restart})
+			}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			same(r, r2)
+		}
+	case MsgPending:
+		if p, err := decodePending(fm); err == nil {
+			p2, err := decodePending(again(func(fw *frameWriter) error { return fw.writePending(fm.ver, p) }))
+			if err != nil {
+				t.Fatal(err)
+			}
+			same(p, p2)
+		}
+	case MsgLeave:
+		_ = decodeEmpty(fm)
 	default:
 		t.Fatalf("the reader let through unknown type %s", fm.typ)
 	}

@@ -23,7 +23,8 @@
 // acknowledged, and the start decides between the saved table and the
 // file's rules (state.Decide; see start.go).
 //
-// SIGHUP is not caught (issue 19 makes it a reload).
+// SIGHUP (when the daemon catches its own signals) reloads the
+// configuration file: Reload, reload.go.
 package daemon
 
 import (
@@ -94,6 +95,11 @@ type Options struct {
 	// second one ends it at once. nil: SIGINT and SIGTERM, caught from
 	// PhaseLoops on.
 	Signals <-chan os.Signal
+	// Reload reads the configuration file again, the command line's flags
+	// applied over it, for SIGHUP and `sluice ctl reload`; nil: no file to
+	// reload. Level, when set, is the logger's level: a reload changes it.
+	Reload func() (*config.Config, error)
+	Level  *zap.AtomicLevel
 
 	// trace, for tests, is called before each phase begins, on the
 	// goroutine that runs it.
@@ -111,12 +117,14 @@ type Daemon struct {
 	ctl     *ctl.Server     // nil without a control socket
 	metrics *metrics.Server // nil without metrics.listen
 	sig     <-chan os.Signal
-	unwatch func() // stops catching the signals; nil when Options.Signals was given
-	bootID  uint64 // this run's id, in the control socket's hello
+	hup     chan os.Signal // SIGHUP: a reload; nil when Options.Signals was given
+	unwatch func()         // stops catching the signals; nil when Options.Signals was given
+	bootID  uint64         // this run's id, in the control socket's hello
 
-	st     *state.Dir // nil without a state dir
-	recMu  sync.Mutex // orders the commits written to st, and guards digest
-	digest string     // of the configuration's rules the active table grew from
+	st     *state.Dir    // nil without a state dir
+	recMu  sync.Mutex    // orders the commits written to st, and guards digest
+	digest string        // of the configuration's rules the active table grew from
+	drain  time.Duration // the drain deadline: the file's, as last reloaded
 
 	once sync.Once
 	done chan struct{} // closed when Stop has ended
@@ -132,7 +140,8 @@ func Start(opt Options) (*Daemon, error) {
 	if opt.Config == nil {
 		return nil, errors.New("daemon: no configuration")
 	}
-	d := &Daemon{opt: opt, c: opt.Config, log: opt.Log, sig: opt.Signals, done: make(chan struct{}), bootID: newBootID()}
+	d := &Daemon{opt: opt, c: opt.Config, log: opt.Log, sig: opt.Signals, done: make(chan struct{}), bootID: newBootID(),
+		drain: opt.Config.Drain}
 	if d.log == nil {
 		d.log = zap.NewNop()
 	}
@@ -163,9 +172,10 @@ func (d *Daemon) start() error {
 	d.phase(PhaseLoops)
 	e.Start()
 	if d.sig == nil {
-		sig := make(chan os.Signal, 2)
+		sig, hup := make(chan os.Signal, 2), make(chan os.Signal, 1)
 		signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
-		d.sig, d.unwatch = sig, func() { signal.Stop(sig) }
+		signal.Notify(hup, syscall.SIGHUP)
+		d.sig, d.hup, d.unwatch = sig, hup, func() { signal.Stop(sig); signal.Stop(hup) }
 	}
 	d.phase(PhaseTable)
 	if err := d.startTable(); err != nil {
@@ -220,21 +230,38 @@ func (d *Daemon) Log() *zap.Logger { return d.log }
 // ended at once by a second signal. It returns Stop's result; when Stop is
 // called elsewhere first, Run returns once that Stop has ended.
 func (d *Daemon) Run() error {
-	select {
-	case s := <-d.sig:
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
-		go func() { // a second signal stops at once
-			select {
-			case <-d.sig:
-				cancel()
-			case <-ctx.Done():
+	for {
+		select {
+		case <-d.hup:
+			if d.opt.Reload == nil {
+				d.log.Warn("SIGHUP: no configuration file to reload; ignored")
+				continue
 			}
-		}()
-		return d.stop(ctx, s)
-	case <-d.done:
-		return d.err
+			d.log.Info("SIGHUP: reloading the configuration file")
+			// Reload logs its outcome; the daemon serves on whatever it is.
+			_, _ = d.Reload(state.Self("reload (SIGHUP)"))
+			continue
+		case s := <-d.sig:
+			return d.serveStop(s)
+		case <-d.done:
+			return d.err
+		}
 	}
+}
+
+// serveStop is Run's stop on signal s, a second signal ending the drain
+// at once.
+func (d *Daemon) serveStop(s os.Signal) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { // a second signal stops at once
+		select {
+		case <-d.sig:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return d.stop(ctx, s)
 }
 
 // Stop stops the daemon in order (see the package comment). Live sessions
@@ -251,9 +278,12 @@ func (d *Daemon) stop(ctx context.Context, sig os.Signal) error {
 		if sig != nil {
 			fields = append(fields, zap.Stringer("signal", sig))
 		}
-		fields = append(fields, zap.Int64("sessions", d.e.Stats().Sessions), zap.Duration("deadline", d.c.Drain))
+		d.recMu.Lock()
+		drain := d.drain
+		d.recMu.Unlock()
+		fields = append(fields, zap.Int64("sessions", d.e.Stats().Sessions), zap.Duration("deadline", drain))
 		d.log.Info("stopping: no new connections; draining live sessions", fields...)
-		ctx, cancel := context.WithTimeout(ctx, d.c.Drain)
+		ctx, cancel := context.WithTimeout(ctx, drain)
 		defer cancel()
 		err := d.halt(ctx)
 		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {

@@ -80,6 +80,7 @@ var (
 	famDraining          = &Family{Name: "draining", Help: "1 once the daemon is stopping and drains its sessions.", Kind: KindGauge}
 	famTableGeneration   = &Family{Name: "table_generation", Help: "Generation of the active rule table (one more at each commit).", Kind: KindGauge}
 	famTablePending      = &Family{Name: "table_pending", Help: "1 while an applied table awaits its commit or rollback.", Kind: KindGauge}
+	famTableConfirmBy    = &Family{Name: "table_confirm_deadline_seconds", Help: "Unix time at which a commit-confirmed apply rolls back by itself unless confirmed; 0 when none is pending.", Kind: KindGauge}
 	famTableOperations   = &Family{Name: "table_operations_total", Help: "Table operations of the engine: apply, commit, rollback.", Kind: KindCounter, Labels: []string{"op"}}
 	FamTableApplySeconds = &Family{Name: "table_apply_seconds", Help: "Time the engine took to apply a table (bind, sync the loops).", Kind: KindHistogram}
 	famCtlTransactions   = &Family{Name: "ctl_transactions_total", Help: "Writing control transactions by outcome, as the control server counts them.", Kind: KindCounter, Labels: []string{"outcome"}}
@@ -114,7 +115,7 @@ var (
 var Families = []*Family{
 	famEventLoops, famSessions, FamSessionsEnded, famConnectErrors, famBuffers, famPipes, famPipesOpen, famPipesDenied,
 	famUDPFlows, famUDPFlowsOpened, famUDPFlowsExpired, famUDPDatagrams, famUDPDropped, famFDsOpen, famLogDropped, famDraining,
-	famTableGeneration, famTablePending, famTableOperations, FamTableApplySeconds, famCtlTransactions,
+	famTableGeneration, famTablePending, famTableConfirmBy, famTableOperations, FamTableApplySeconds, famCtlTransactions,
 	famRulePorts, famRuleConnections, FamRuleRefused, famRuleSessions, FamRuleTerminations, famRuleBytes, famRuleBytesMoved,
 	famRuleConnectErrors, famRuleConnectRetries, famRuleHealthReplies, famRuleProxyHeaders,
 	FamRuleHandshakeSecs, FamRuleConnectSecs, FamRuleSessionSecs,
@@ -159,6 +160,7 @@ var EngineDefs = []CounterDef{
 // ctl stats' order.
 var TableDefs = []CounterDef{
 	{Stat: "table.pending", Family: famTablePending, Get: func(s *Stats) int64 { return b2i(s.Table.Pending) }},
+	{Stat: "table.confirm_deadline", Family: famTableConfirmBy, Get: func(s *Stats) int64 { return s.Table.ConfirmDeadline }},
 	{Stat: "table.applies", Family: famTableOperations, Labels: []string{OpApply.String()}, Get: func(s *Stats) int64 { return int64(s.Table.Applies) }},
 	{Stat: "table.commits", Family: famTableOperations, Labels: []string{OpCommit.String()}, Get: func(s *Stats) int64 { return int64(s.Table.Commits) }},
 	{Stat: "table.rollbacks", Family: famTableOperations, Labels: []string{OpRollback.String()}, Get: func(s *Stats) int64 { return int64(s.Table.Rollbacks) }},

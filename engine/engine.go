@@ -49,6 +49,7 @@ type Engine struct {
 	rules     []*rules.Rule   // the active table, in order
 	gen       uint64          // the active table's generation
 	pending   *pendingApply   // an apply not yet committed or rolled back
+	confirmBy time.Time       // a commit-confirmed apply rolls back by itself then; zero: none (events.go)
 	pifs      map[string]*pif // named pifs; the host pif is nil
 	pifOrder  []*pif          // named pifs in the order added
 	started   bool

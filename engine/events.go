@@ -105,6 +105,24 @@ func (e *Engine) publishApplied(sum *rules.Summary) {
 	}
 }
 
+// ConfirmPending records that the pending apply was left pending past its
+// control connection (commit-confirmed) until deadline, for metrics, and
+// tells watchers (rules, "confirm-pending": the generation it gets if
+// confirmed, deadline_ms, left_ms); the zero deadline says it ended (its
+// committed or rolled-back event follows or came first).
+func (e *Engine) ConfirmPending(gen uint64, deadline time.Time) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.confirmBy = deadline
+	if deadline.IsZero() || !e.hub.Watched(observe.GroupRules) {
+		return
+	}
+	ev := e.tableState("confirm-pending")
+	ev.Fields[0] = f("generation", gen)
+	ev.Fields = append(ev.Fields, f("deadline_ms", deadline.UnixMilli()), f("left_ms", time.Until(deadline).Milliseconds()))
+	e.hub.Publish(ev)
+}
+
 // publishTable tells watchers the table was committed or rolled back.
 // Called with e.mu held.
 func (e *Engine) publishTable(typ string) {

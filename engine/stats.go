@@ -63,6 +63,7 @@ type RuleStats struct {
 type TableStats struct {
 	Generation                    uint64
 	Pending                       bool     // an apply awaits commit or rollback
+	ConfirmDeadline               int64    // Unix seconds at which a commit-confirmed apply rolls back by itself; 0: none
 	Paused                        []string // listen keys the pending apply paused (closed at commit)
 	Applies, Commits, Rollbacks   uint64
 	ApplyTime                     HistogramSnapshot
@@ -79,6 +80,9 @@ func (e *Engine) counterStats(s *Stats) {
 	defer e.mu.Unlock()
 	t := &s.Table
 	t.Generation, t.Pending = e.gen, e.pending != nil
+	if !e.confirmBy.IsZero() {
+		t.ConfirmDeadline = e.confirmBy.Unix()
+	}
 	t.Applies, t.Commits, t.Rollbacks = e.ctr.applies.Load(), e.ctr.commits.Load(), e.ctr.rollbacks.Load()
 	t.ApplyTime = e.ctr.applyTime.Snapshot()
 	t.Committed, t.RolledBack, t.Failed = e.ctr.txn.Committed.Load(), e.ctr.txn.RolledBack.Load(), e.ctr.txn.Failed.Load()

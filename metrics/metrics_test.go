@@ -139,6 +139,7 @@ func TestCollector(t *testing.T) {
 
 		"sluice_table_generation":                            4,
 		"sluice_table_pending":                               1,
+		"sluice_table_confirm_deadline_seconds":              0,
 		"sluice_table_operations_total{op=apply}":            5,
 		"sluice_table_operations_total{op=commit}":           3,
 		"sluice_table_operations_total{op=rollback}":         2,

@@ -20,8 +20,9 @@ const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
   status                  version, features, generation, rule and session counts
   pifs                    the daemon's pifs
   list                    the active table as canonical rule lines
-  apply FILE [--dry-run] [--force] [--timeout DUR] [--json]
-                          replace the table in one transaction
+  apply FILE [--dry-run] [--force] [--timeout DUR] [--json] [--confirm DUR]
+                          replace the table in one transaction; --confirm leaves it
+                          pending: rolled back after DUR unless confirmed
   add RULE | del RULE     add or remove one rule (one quoted argument)
   diff FILE               what apply FILE would change: "- line", "~ old" / "  new",
                           "+ line"; exit 0 none, 1 some, 2 invalid file (or no daemon)
@@ -31,6 +32,10 @@ const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
   sessions [--rule KEY] [--json]
                           live sessions, oldest first (at most 10000)
   stats [--json]          the engine's counters
+  history [-n N] [--json] the last commits kept in the daemon's state dir
+  reload                  re-read the configuration file and apply its rules (as SIGHUP);
+                          exit as apply: 0, 2 invalid file, 3 rolled back, 4 busy
+  confirm | rollback      commit now, or roll back now, a pending --confirm transaction
 apply, add and del take -s several times: one transaction across all those
 instances, committed only if every one of them can commit.`
 
@@ -61,8 +66,10 @@ type ctlCmd struct {
 	dryRun  bool
 	force   bool
 	json    bool
-	rule    string // sessions: only this rule's listen key
-	count   int    // watch: stop after this many events
+	rule    string        // sessions: only this rule's listen key
+	count   int           // watch: stop after this many events
+	n       int           // history: the last N commits
+	confirm time.Duration // apply, add, del: leave the commit pending for this long (commit-confirmed)
 	out     io.Writer
 	// between is ctl.MultiOptions.Between: tests stop or kill an instance
 	// at an exact step of a transaction across instances.
@@ -138,26 +145,38 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 	fs.BoolVar(&x.json, "json", false, "apply, add, del: print the outcome as one JSON object, instance by instance; sessions, stats: print JSON")
 	fs.StringVar(&x.rule, "rule", "", "sessions: only the sessions of the rule with this listen key (\"tcp 0.0.0.0:8080\")")
 	fs.IntVar(&x.count, "count", 0, "watch: exit after this many events (0: until interrupted)")
+	fs.IntVar(&x.n, "n", 0, "history: the last N commits (0: every one kept, at most 1000)")
+	fs.DurationVar(&x.confirm, "confirm", 0, "apply, add, del: leave the commit pending after the command exits; the daemon rolls back by itself after DUR unless `sluice ctl confirm` (at most 10m)")
 	pos, help, err := parseCommand(fs, args)
 	if help || err != nil {
 		return err
 	}
 	if len(pos) == 0 {
-		return usagef("want a verb: status, pifs, list, apply FILE, diff FILE, add RULE, del RULE, watch, sessions, stats")
+		return usagef("want a verb: status, pifs, list, apply FILE, diff FILE, add RULE, del RULE, watch, sessions, stats, history, reload, confirm, rollback")
 	}
 	verb, rest := pos[0], pos[1:]
 	switch verb {
-	case "watch", "sessions", "stats":
+	case "watch", "sessions", "stats", "history", "reload", "confirm", "rollback": // one instance, no table of the caller's
 		if x.timeout <= 0 || x.timeout > ctl.MaxConfirm {
 			return usagef("--timeout %s: want more than 0 and at most %s", x.timeout, ctl.MaxConfirm)
 		}
 		if len(socks) > 1 {
-			return usagef("-s given %d times: %s reads one instance; several are for apply, add and del", len(socks), verb)
+			return usagef("-s given %d times: %s is for one instance; several are for apply, add and del", len(socks), verb)
 		}
 		if x.sock, err = ctlSocket(socks, cfgFile); err != nil {
 			return err
 		}
-		return x.observeVerb(verb, rest)
+		switch verb {
+		case "watch", "sessions", "stats":
+			if x.n != 0 || x.confirm != 0 {
+				return usagef("%s: -n is for history, --confirm for apply, add and del", verb)
+			}
+			return x.observeVerb(verb, rest)
+		}
+		return x.stateVerb(verb, rest)
+	}
+	if x.n != 0 {
+		return usagef("%s: -n is for history", verb)
 	}
 	if x.rule != "" || x.count != 0 {
 		return usagef("%s: --rule is for sessions, --count for watch", verb)
@@ -166,7 +185,7 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 	n, ok := want[verb]
 	switch {
 	case !ok:
-		return usagef("unknown verb %q: want status, pifs, list, apply, diff, add, del, watch, sessions or stats", verb)
+		return usagef("unknown verb %q: want status, pifs, list, apply, diff, add, del, watch, sessions, stats, history, reload, confirm or rollback", verb)
 	case len(rest) != n && n == 0:
 		return usagef("%s: unexpected argument %q", verb, rest[0])
 	case len(rest) != n && (verb == "apply" || verb == "diff"):
@@ -179,6 +198,10 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 		return usagef("%s: --dry-run, --force and --json are for apply, add and del", verb)
 	case x.timeout <= 0 || x.timeout > ctl.MaxConfirm:
 		return usagef("--timeout %s: want more than 0 and at most %s", x.timeout, ctl.MaxConfirm)
+	case x.confirm < 0 || x.confirm > ctl.MaxConfirm:
+		return usagef("--confirm %s: want more than 0 and at most %s", x.confirm, ctl.MaxConfirm)
+	case x.confirm != 0 && (n == 0 || verb == "diff" || x.dryRun || x.json || len(socks) > 1):
+		return usagef("--confirm: for apply, add and del on one instance, without --dry-run and --json")
 	case len(socks) > 1 && n == 0:
 		return usagef("-s given %d times: %s reads one instance; several are for apply, add and del", len(socks), verb)
 	}
@@ -233,23 +256,14 @@ func (x *ctlCmd) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), x.timeout)
 }
 
-// open dials the socket and says the intent.
+// open dials the socket and says the intent (a writer checks that the
+// daemon serves transactions).
 func (x *ctlCmd) open(intent ctl.Intent) (*ctl.Client, error) {
-	ctx, cancel := x.ctx()
-	defer cancel()
-	c, err := ctl.Dial(ctx, x.sock, ctl.Options{Name: "sluice ctl", Timeout: x.timeout})
-	if err != nil {
-		return nil, fmt.Errorf("cannot reach the daemon at %s: %w", x.sock, err)
+	feature := ""
+	if intent == ctl.IntentWrite {
+		feature = ctl.FeatureTxn
 	}
-	if intent == ctl.IntentWrite && !c.Server().Has(ctl.FeatureTxn) {
-		c.Close()
-		return nil, fmt.Errorf("the daemon at %s does not serve transactions (feature %q missing)", x.sock, ctl.FeatureTxn)
-	}
-	if err := c.Hello(ctx, intent); err != nil {
-		c.Close()
-		return nil, fmt.Errorf("%s: %w", x.sock, err)
-	}
-	return c, nil
+	return x.openFeatureHello(intent, feature)
 }
 
 // readTable opens a connection for intent (list or write) and reads the
@@ -287,7 +301,11 @@ func (x *ctlCmd) status() error {
 	}
 	h := c.Server()
 	writer := "none"
-	if st.Writer {
+	switch {
+	case st.ConfirmGen != 0:
+		writer = fmt.Sprintf("a commit-confirmed transaction is pending: generation %d rolls back in %s unless confirmed",
+			st.ConfirmGen, st.ConfirmLeft.Round(100*time.Millisecond))
+	case st.Writer:
 		writer = "a transaction is open"
 	}
 	tw := tabwriter.NewWriter(x.out, 0, 0, 2, ' ', 0)
@@ -295,8 +313,8 @@ func (x *ctlCmd) status() error {
 	fmt.Fprintf(tw, "software\t%s\n", h.Software)
 	fmt.Fprintf(tw, "protocol\tversion %d\n", c.Version())
 	fmt.Fprintf(tw, "features\t%s\n", strings.Join(h.Features, ", "))
-	if h.Limits.BootID != 0 {
-		fmt.Fprintf(tw, "boot id\t%016x\n", h.Limits.BootID)
+	if boot := max(st.BootID, h.Limits.BootID); boot != 0 { // STATUS carries it from version 3
+		fmt.Fprintf(tw, "boot id\t%016x\n", boot)
 	}
 	fmt.Fprintf(tw, "generation\t%d\n", st.Generation)
 	fmt.Fprintf(tw, "rules\t%d\n", st.Rules)
@@ -477,7 +495,11 @@ func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, er
 	cancel()
 	ctx, cancel = x.ctx()
 	defer cancel()
-	sum, err := c.Apply(ctx, x.timeout)
+	confirm := x.timeout
+	if x.confirm > 0 {
+		confirm = x.confirm
+	}
+	sum, err := c.Apply(ctx, confirm)
 	if err != nil {
 		return err
 	}
@@ -485,7 +507,15 @@ func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, er
 	cancel()
 	ctx, cancel = x.ctx()
 	defer cancel()
-	if d := ctl.Decide(sum.OK, x.force); d.Commits() {
+	if d := ctl.Decide(sum.OK, x.force); d.Commits() && x.confirm > 0 {
+		p, err := c.Leave(ctx)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(x.out, "applied, pending: generation %d rolls back by itself in %s unless confirmed (sluice ctl confirm; sluice ctl rollback ends it now)\n",
+			p.Generation, p.Left.Round(time.Second))
+		return nil
+	} else if d.Commits() {
 		gen, err := c.Commit(ctx)
 		if err != nil {
 			return err

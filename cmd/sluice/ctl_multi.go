@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 
 	"github.com/sluice-proxy/sluice/ctl"
 	"github.com/sluice-proxy/sluice/rules"
+	"github.com/sluice-proxy/sluice/state"
 )
 
 // `sluice ctl -s A -s B … apply|add|del`: one transaction across instances
@@ -38,8 +40,18 @@ func (x *ctlCmd) transactMulti(verb string, build func(*ctl.Table) ([]*rules.Rul
 		DryRun:  x.dryRun,
 		Between: x.between,
 	}
+	// Each member's new table, for the dry run's diff (members are built
+	// at once, each on its own goroutine).
+	var mu sync.Mutex
+	built := map[string][]string{}
 	res, err := ctl.Multi(context.Background(), x.socks, opt, func(m *ctl.Member) ([]*rules.Rule, error) {
-		return build(m.Base)
+		rs, err := build(m.Base)
+		if err == nil {
+			mu.Lock()
+			built[m.Path] = state.Lines(rs)
+			mu.Unlock()
+		}
+		return rs, err
 	})
 	if err != nil {
 		return usageError{err}
@@ -51,13 +63,15 @@ func (x *ctlCmd) transactMulti(verb string, build func(*ctl.Table) ([]*rules.Rul
 		}
 		return err
 	}
-	x.printMulti(res)
+	x.printMulti(res, built)
 	return err
 }
 
 // printMulti prints each instance's bind summary (or, in a dry run, its
-// validation), then the overall outcome and one line per instance.
-func (x *ctlCmd) printMulti(res *ctl.MultiResult) {
+// validation and what would change, as diff prints it: built holds each
+// instance's new table), then the overall outcome and one line per
+// instance.
+func (x *ctlCmd) printMulti(res *ctl.MultiResult, built map[string][]string) {
 	for _, m := range res.Members {
 		switch {
 		case m.Summary != nil:
@@ -67,6 +81,7 @@ func (x *ctlCmd) printMulti(res *ctl.MultiResult) {
 			ld := m.Loaded
 			fmt.Fprintf(x.out, "== %s: valid: %s, %s; applying would keep %d, add %d and remove %d listen keys (generation %d; nothing changed)\n",
 				m.Path, count(ld.Rules, "rule"), count(ld.Ports, "listen port"), ld.Kept, ld.Added, ld.Removed, ld.Generation)
+			fmt.Fprint(x.out, state.DiffLines(m.Base.Lines, built[m.Path]).Format())
 		}
 	}
 	fmt.Fprintln(x.out, multiHeadline(res, x.dryRun))

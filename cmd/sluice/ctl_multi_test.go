@@ -97,6 +97,13 @@ func TestCtlMultiApply(t *testing.T) {
 			"== " + sa.Path() + ": valid: 2 rules, 2 listen ports; applying would keep 1, add 1 and remove 0 listen keys",
 			"valid on all 2 instances; nothing changed (--dry-run)",
 		}, nil)
+		// Each instance's diff, after its line: a lacks ruleB, b lacks ruleA.
+		for _, w := range []struct{ path, line string }{{sa.Path(), "+ " + ruleB}, {sb.Path(), "+ " + ruleA}} {
+			_, after, _ := strings.Cut(r.out, "== "+w.path+": valid")
+			if next, _, _ := strings.Cut(after, "\n== "); !strings.Contains(next+"\n", "\n"+w.line+"\n") {
+				t.Errorf("the dry run's diff of %s lacks %q:\n%s", w.path, w.line, r.out)
+			}
+		}
 		wantTable(t, a, ruleA)
 		wantTable(t, b, ruleB)
 	})

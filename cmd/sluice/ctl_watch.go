@@ -49,20 +49,12 @@ func (x *ctlCmd) observeVerb(verb string, rest []string) error {
 // openFeature is open, for a daemon that lists feature; for intents but
 // stats it reads the pifs too, the answer to the hello.
 func (x *ctlCmd) openFeature(intent ctl.Intent, feature string) (*ctl.Client, error) {
+	c, err := x.openFeatureHello(intent, feature)
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := x.ctx()
 	defer cancel()
-	c, err := ctl.Dial(ctx, x.sock, ctl.Options{Name: "sluice ctl", Timeout: x.timeout})
-	if err != nil {
-		return nil, fmt.Errorf("cannot reach the daemon at %s: %w", x.sock, err)
-	}
-	if !c.Server().Has(feature) {
-		c.Close()
-		return nil, fmt.Errorf("the daemon at %s does not serve %s (feature %q missing)", x.sock, intent, feature)
-	}
-	if err := c.Hello(ctx, intent); err != nil {
-		c.Close()
-		return nil, fmt.Errorf("%s: %w", x.sock, err)
-	}
 	if intent != ctl.IntentStats {
 		if _, err := c.Pifs(ctx); err != nil {
 			c.Close()

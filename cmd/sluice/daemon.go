@@ -30,6 +30,7 @@ type daemonFlags struct {
 	drain     time.Duration
 	stateDir  string
 	fresh     bool
+	file      string // the configuration file, read again at a reload; "" = none
 }
 
 func (d *daemonFlags) register(fs *flag.FlagSet) {
@@ -162,13 +163,13 @@ var stderrSink = sync.OnceValue(func() *logsink.Writer { return logsink.New(os.S
 // until SIGINT or SIGTERM, then drains live sessions for up to c.Drain (a
 // second signal stops at once).
 func serve(c *config.Config, df *daemonFlags, ctlPath string, ready func(*daemon.Daemon)) error {
-	log, err := newLogger(c.Log.Level, c.Log.Format)
+	log, level, err := liveLogger(c.Log.Level, c.Log.Format)
 	if err != nil {
 		return err
 	}
 	defer log.Sync()
 	d, err := daemon.Start(daemon.Options{Config: c, CtlPath: ctlPath, Log: log, Version: version,
-		StateDir: c.State.Dir, Fresh: df.fresh})
+		StateDir: c.State.Dir, Fresh: df.fresh, Reload: df.reloader(), Level: level})
 	if err != nil {
 		return err
 	}

@@ -49,6 +49,7 @@ usage:
                                          sluice forward 127.0.0.1:8080 127.0.0.1:80 splice=on
   sluice ctl [-s SOCKET] status|pifs|list|apply FILE|add RULE|del RULE
   sluice ctl [-s SOCKET] watch [GROUP...]|sessions [--rule KEY]|stats
+  sluice ctl [-s SOCKET] history [-n N]|reload|confirm|rollback
                                          talk to a running daemon (sluice ctl -h)
   sluice version                         this build: module version, VCS revision (also --version)
 

@@ -196,8 +196,20 @@ func (d *liveDaemon) list() (uint64, []string) {
 // the daemon's fds (procListens).
 func (d *liveDaemon) listening() map[int]bool {
 	d.t.Helper()
-	inodes := socketInodes(d.t, d.cmd.Process.Pid)
 	ports := map[int]bool{}
+	for p := range d.listenInodes() {
+		ports[p] = true
+	}
+	return ports
+}
+
+// listenInodes returns the socket inode of each loopback TCP port the
+// daemon holds in LISTEN state: a socket kept across a change keeps its
+// inode.
+func (d *liveDaemon) listenInodes() map[int]string {
+	d.t.Helper()
+	inodes := socketInodes(d.t, d.cmd.Process.Pid)
+	ports := map[int]string{}
 	for _, name := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
 		for _, l := range procListens(d.t, name) {
 			if !inodes[l.inode] {
@@ -211,7 +223,7 @@ func (d *liveDaemon) listening() map[int]bool {
 			if err != nil {
 				d.t.Fatalf("%s: %q: %v", name, l.local, err)
 			}
-			ports[int(p)] = true
+			ports[int(p)] = l.inode
 		}
 	}
 	return ports
