@@ -41,6 +41,15 @@ type Engine interface {
 	Counters() []observe.Counter                       // the engine's counters, named
 }
 
+// Resolver is implemented by an Engine whose tables may name backends by
+// host name: a load resolves them (step 5), and a name that does not
+// resolve is an invalid rule at its line. Resolve returns (-1, nil) when
+// every name of rs resolves, else the index of the first rule whose name
+// does not and why.
+type Resolver interface {
+	Resolve(rs []*rules.Rule) (int, error)
+}
+
 // Defaults of the server; the hello advertises them.
 const (
 	DefaultConfirm = 30 * time.Second

@@ -345,5 +345,10 @@ func (tx *writeTxn) load(pifs []Pif) ([]*rules.Rule, error) {
 		}
 		return nil, e
 	}
+	if res, ok := s.eng.(Resolver); ok {
+		if i, err := res.Resolve(rs); err != nil {
+			return nil, &Error{Code: CodeInvalidRule, Index: i, Rule: texts[i], Msg: err.Error()}
+		}
+	}
 	return rs, nil
 }

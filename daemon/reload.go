@@ -55,6 +55,9 @@ func (d *Daemon) Reload(who state.Who) (*ctl.Reload, error) {
 	if err == nil {
 		err = d.checkPifs(nc)
 	}
+	if err == nil {
+		err = resolveNames(nc, d.e)
+	}
 	if err != nil {
 		log.Error("reload: the configuration file is not applied; the active table keeps serving", zap.Error(err))
 		return nil, &ctl.Error{Code: ctl.CodeInvalidTable, Index: -1, Msg: errText(err)}

@@ -11,6 +11,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/sluice-proxy/sluice/config"
 	"github.com/sluice-proxy/sluice/ctl"
 	"github.com/sluice-proxy/sluice/engine"
 	"github.com/sluice-proxy/sluice/rules"
@@ -68,6 +69,9 @@ func newBootID() uint64 {
 // as it was.
 func (d *Daemon) startTable() error {
 	c, e, log := d.c, d.e, d.log
+	if err := resolveNames(c, e); err != nil {
+		return err
+	}
 	cfgRules := c.RuleList()
 	fromFile := func(i int) string { return at(c, c.Rules[i].Line) }
 	d.digest = state.Digest(cfgRules)
@@ -149,4 +153,18 @@ func (d *Daemon) record(gen uint64, old, new []*rules.Rule, who state.Who) {
 	if err := d.st.Commit(t, state.Lines(old)); err != nil {
 		d.log.Error("the commit is not saved: a restart would lose it", zap.Uint64("generation", gen), zap.Error(err))
 	}
+}
+
+// resolveNames resolves the host names of c's rules (their backends by
+// name): one that does not resolve is a validation error at its line, as
+// a bad rule is ("FILE:LINE: tcp 0.0.0.0:80 -> web:80: target web: lookup
+// web: no such host"; exit 2). A saved table resumed at start is resolved by
+// its apply.
+func resolveNames(c *config.Config, e *engine.Engine) error {
+	rs := c.RuleList()
+	i, err := e.Resolve(rs)
+	if err == nil {
+		return nil
+	}
+	return rules.ErrorList{{File: c.File, Line: c.Rules[i].Line, Msg: fmt.Sprintf("%s: %v", rs[i], err)}}
 }

@@ -82,12 +82,14 @@ func (n *engineNames) resolve(host string) ([]netip.Addr, error) {
 	return out, nil
 }
 
-// resolveRules resolves the names of rs the engine does not know yet, on
-// the caller's goroutine. It returns an error naming the first rule whose
-// name does not resolve ("tcp 0.0.0.0:80 -> web:80: target web: lookup
-// web: no such host"); names known already are not looked up again here.
-func (e *Engine) resolveRules(rs []*rules.Rule) error {
-	for _, r := range rs {
+// Resolve resolves the host names of rs the engine does not know yet, on
+// the caller's goroutine: a table being loaded (ctl's step 5, the daemon's
+// start). It returns (-1, nil) when every name resolves, else the index of
+// the first rule with a name that does not, and why ("target web: lookup
+// web: no such host"). Names known already are not looked up again here:
+// the resolver goroutine keeps them fresh.
+func (e *Engine) Resolve(rs []*rules.Rule) (int, error) {
+	for i, r := range rs {
 		for _, host := range r.Hosts() {
 			n := &e.names
 			n.mu.Lock()
@@ -98,7 +100,7 @@ func (e *Engine) resolveRules(rs []*rules.Rule) error {
 			}
 			addrs, err := n.resolve(host)
 			if err != nil {
-				return fmt.Errorf("%s: target %s: %w", r, host, err)
+				return i, fmt.Errorf("target %s: %w", host, err)
 			}
 			n.mu.Lock()
 			if n.byHost == nil {
@@ -109,6 +111,15 @@ func (e *Engine) resolveRules(rs []*rules.Rule) error {
 			}
 			n.mu.Unlock()
 		}
+	}
+	return -1, nil
+}
+
+// resolveRules is Resolve with an error naming the rule ("tcp 0.0.0.0:80 ->
+// web:80: target web: lookup web: no such host"), for Apply and Listen.
+func (e *Engine) resolveRules(rs []*rules.Rule) error {
+	if i, err := e.Resolve(rs); err != nil {
+		return fmt.Errorf("%s: %w", rs[i], err)
 	}
 	return nil
 }

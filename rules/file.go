@@ -17,6 +17,9 @@ type Error struct {
 }
 
 func (e *Error) Error() string {
+	if e.File == "" && e.Line == 0 {
+		return e.Msg // a rule given on the command line: no place to name
+	}
 	if e.File == "" {
 		return fmt.Sprintf("line %d: %s", e.Line, e.Msg)
 	}
