@@ -95,6 +95,7 @@ var (
 	FamRuleHandshakeSecs  = &Family{Name: "rule_handshake_seconds", Help: "Accept to the end of the incoming handshake, for connections that passed it.", Kind: KindHistogram, PerRule: true, Proto: tcp}
 	FamRuleConnectSecs    = &Family{Name: "rule_connect_seconds", Help: "End of the handshake to the backend connected, retries included.", Kind: KindHistogram, PerRule: true, Proto: tcp}
 	FamRuleSessionSecs    = &Family{Name: "rule_session_seconds", Help: "Accept to end, for sessions that passed the handshake.", Kind: KindHistogram, PerRule: true, Proto: tcp}
+	FamRuleTLSHelloBytes  = &Family{Name: "rule_tls_hello_bytes", Help: "Size of the TLS ClientHellos (bytes the sni stage read) of connections that chose the route; routes only.", Kind: KindHistogram, PerRule: true, Proto: tcp}
 	famRuleUDPFlows       = &Family{Name: "rule_udp_flows", Help: "Live UDP flows of the rule.", Kind: KindGauge, PerRule: true, Proto: udp}
 	famRuleUDPFlowsOpened = &Family{Name: "rule_udp_flows_opened_total", Help: "UDP flows the rule opened.", Kind: KindCounter, PerRule: true, Proto: udp}
 	famRuleUDPDatagrams   = &Family{Name: "rule_udp_datagrams_total", Help: "UDP datagrams the rule forwarded, by direction.", Kind: KindCounter, Labels: []string{"direction"}, PerRule: true, Proto: udp}
@@ -110,7 +111,7 @@ var Families = []*Family{
 	famTableGeneration, famTablePending, famTableOperations, FamTableApplySeconds, famCtlTransactions,
 	famRulePorts, famRuleConnections, FamRuleRefused, famRuleSessions, FamRuleTerminations, famRuleBytes, famRuleBytesMoved,
 	famRuleConnectErrors, famRuleConnectRetries, famRuleHealthReplies, famRuleProxyHeaders,
-	FamRuleHandshakeSecs, FamRuleConnectSecs, FamRuleSessionSecs,
+	FamRuleHandshakeSecs, FamRuleConnectSecs, FamRuleSessionSecs, FamRuleTLSHelloBytes,
 	famRuleUDPFlows, famRuleUDPFlowsOpened, famRuleUDPDatagrams, famRuleUDPDropped,
 }
 
@@ -239,6 +240,14 @@ func countersOf(s Stats) []observe.Counter {
 			}
 		}
 		out = appendSorted(out, p+"term.", r.Terms)
+		steps := make([]string, 0, len(r.Policy.Refused))
+		for step := range r.Policy.Refused {
+			steps = append(steps, step)
+		}
+		sort.Strings(steps)
+		for _, step := range steps {
+			out = appendSorted(out, p+"refused."+step+".", r.Policy.Refused[step])
+		}
 	}
 	return out
 }

@@ -56,6 +56,7 @@ var custom = map[*engine.Family]metric{
 	engine.FamRuleHandshakeSecs: {hist: perRuleHist(engine.FamRuleHandshakeSecs, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Handshake })},
 	engine.FamRuleConnectSecs:   {hist: perRuleHist(engine.FamRuleConnectSecs, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Connect })},
 	engine.FamRuleSessionSecs:   {hist: perRuleHist(engine.FamRuleSessionSecs, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Duration })},
+	engine.FamRuleTLSHelloBytes: {hist: perRuleHist(engine.FamRuleTLSHelloBytes, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Hello })},
 }
 
 // valueTypes are the Prometheus types of the engine's kinds (a histogram's

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -269,5 +270,119 @@ func TestSNIHeldHalfHellos(t *testing.T) {
 	// the smallest tier is 2 KiB, the State and the session about 1 KiB.
 	if perRSS > 12<<10 {
 		t.Errorf("%.0f bytes per held connection", perRSS)
+	}
+}
+
+// What the hello said is seen everywhere: the access log's sni and alpn,
+// ctl sessions, the per-route counters (ctl stats, metrics, the hello size
+// histogram) and the status page's list of a listener's routes.
+func TestSNISeenEverywhere(t *testing.T) {
+	// A backend that holds its sessions open, so ctl sessions sees them.
+	hold, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Close()
+	go func() {
+		for {
+			c, err := hold.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(io.Discard, c); c.Close() }()
+		}
+	}()
+	def := tlsBackend(t, "default")
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	metricsPort := freePort(t)
+	d := startRulesWith(t, fmt.Sprintf("log: {level: info}\nmetrics: {listen: 127.0.0.1:%d}\n", metricsPort), addr,
+		"tcp "+addr+" -> "+hold.Addr().String()+" sni=a.example.com alpn=h2",
+		"tcp "+addr+" -> "+hold.Addr().String()+" sni=*.w.example.com",
+		"tcp "+addr+" -> "+def)
+	base := fmt.Sprintf("http://127.0.0.1:%d/", metricsPort)
+
+	// Two held sessions, one exact (by reference to the route's name), one
+	// by wildcard (the client's name, lower-cased), each with a raw hello.
+	var held []net.Conn
+	for _, h := range []struct{ name string }{{"A.Example.com"}, {"x.W.example.com"}} {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		cfg := &tls.Config{ServerName: h.name, NextProtos: []string{"h2", "http/1.1"}, InsecureSkipVerify: true}
+		go tls.Client(c, cfg).Handshake() // the backend never answers: the hello is all it sends
+		held = append(held, c)
+	}
+	var out string
+	waitFor(t, 5*time.Second, "both sessions forwarding", func() bool {
+		_, out, _ = runSluice(t, "ctl", "-s", d.Ctl, "sessions", "--json")
+		return strings.Count(out, `"forwarding"`) == 2
+	})
+	for _, want := range []string{`"sni":"a.example.com"`, `"alpn":"h2"`, `"sni":"x.w.example.com"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("ctl sessions --json lacks %s:\n%s", want, out)
+		}
+	}
+	_, table, _ := runSluice(t, "ctl", "-s", d.Ctl, "sessions")
+	if !strings.Contains(table, "SNI") || !strings.Contains(table, "a.example.com") {
+		t.Errorf("ctl sessions:\n%s", table)
+	}
+	// A default-route session and a refused hello (no route: it matches the
+	// default) for the counters; then the held ones end.
+	if got, err := whoAnswers(t, addr, "nobody.example.com"); got != "default" {
+		t.Errorf("default route: %q %v", got, err)
+	}
+	for _, c := range held {
+		c.Close()
+	}
+	waitFor(t, 5*time.Second, "the access log lines", func() bool {
+		return strings.Count(d.stderr.String(), `"sni":`) >= 3
+	})
+	log := d.stderr.String()
+	for _, want := range []string{`"sni": ?"a.example.com", ?"alpn": ?"h2"`, `"sni": ?"x.w.example.com", ?"alpn": ?"h2"`, `"sni": ?"nobody.example.com"`} {
+		if !regexp.MustCompile(want).MatchString(log) {
+			t.Errorf("access log lacks %s:\n%s", want, log)
+		}
+	}
+
+	// A malformed hello: refused by the sni stage, counted on the key's
+	// first route.
+	bad, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad.Write([]byte{22, 3, 1, 0, 8, 2, 0, 0, 4, 0, 0, 0, 0})
+	bad.SetReadDeadline(time.Now().Add(3 * time.Second))
+	bad.Read(make([]byte, 1))
+	bad.Close()
+
+	a := "tcp " + addr + " sni=a.example.com alpn=h2"
+	var text string
+	waitFor(t, 5*time.Second, "the refusal counted", func() bool {
+		_, text = httpGet(t, base+"metrics")
+		v, _ := metricValue(text, `sluice_rule_refused_total{pif="host",reason="tls-hello-bad",rule="`+a+`",step="sni"}`)
+		return v == 1
+	})
+	for _, sample := range []string{
+		`sluice_rule_connections_total{pif="host",rule="` + a + `"}`,
+		`sluice_rule_tls_hello_bytes_count{pif="host",rule="` + a + `"}`,
+		`sluice_rule_tls_hello_bytes_count{pif="host",rule="tcp ` + addr + ` sni=*.w.example.com"}`,
+		`sluice_rule_tls_hello_bytes_count{pif="host",rule="tcp ` + addr + `"}`,
+	} {
+		if v, ok := metricValue(text, sample); !ok || v != 1 {
+			t.Errorf("%s = %v (%v), want 1", sample, v, ok)
+		}
+	}
+	if v, ok := metricValue(text, `sluice_rule_tls_hello_bytes_bucket{pif="host",rule="`+a+`",le="1024"}`); !ok || v != 0 {
+		t.Errorf("a post-quantum hello is in the 1024-byte bucket (%v %v)", v, ok)
+	}
+	_, stats, _ := runSluice(t, "ctl", "-s", d.Ctl, "stats")
+	if !regexp.MustCompile(regexp.QuoteMeta("rule."+a+".refused.sni.tls-hello-bad") + ` +1\n`).MatchString(stats) {
+		t.Errorf("ctl stats has no refusal by the sni stage on route %q:\n%s", a, stats)
+	}
+	_, page := httpGet(t, base)
+	if !strings.Contains(page, "routes of this listener") || !strings.Contains(page, "sni=*.w.example.com") {
+		t.Errorf("the status page does not list the listener's routes")
 	}
 }

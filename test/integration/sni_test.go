@@ -66,7 +66,13 @@ func selfSigned(t *testing.T, name string) tls.Certificate {
 // startRules runs `sluice run -c` with the rules and waits for addr.
 func startRules(t *testing.T, addr string, lines ...string) *daemon {
 	t.Helper()
-	cfg := "log: {level: warn}\nrules:\n"
+	return startRulesWith(t, "log: {level: warn}\n", addr, lines...)
+}
+
+// startRulesWith is startRules with head, the configuration before rules:.
+func startRulesWith(t *testing.T, head, addr string, lines ...string) *daemon {
+	t.Helper()
+	cfg := head + "rules:\n"
 	for _, l := range lines {
 		cfg += "  - " + l + "\n"
 	}
