@@ -77,6 +77,9 @@ type confData struct {
 	Splice              bool
 	MaxConn, MaxPipes   int
 	Body                string
+	// The sni scenario's: the routed name, the decoy name and its target,
+	// a route's extra options, the backend's certificate and key files.
+	Name, Decoy, Nowhere, Options, Cert, Key string
 }
 
 // writeConf renders a template into a fresh directory and returns the
