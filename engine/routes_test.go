@@ -2,7 +2,6 @@ package engine
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -11,7 +10,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 )
 
 // namedBackend answers each connection with its name once it has read a
@@ -41,31 +41,15 @@ func namedBackend(t *testing.T, name string) string {
 	return ln.Addr().String()
 }
 
-// clientHello returns a Go crypto/tls client's first flight for name.
-func clientHello(t *testing.T, name string) []byte {
-	t.Helper()
-	c, s := net.Pipe()
-	defer s.Close()
-	go func() {
-		_ = tls.Client(c, &tls.Config{ServerName: name, InsecureSkipVerify: true}).Handshake()
-		c.Close()
-	}()
-	hdr := make([]byte, 5)
-	if _, err := io.ReadFull(s, hdr); err != nil {
-		t.Fatal(err)
-	}
-	body := make([]byte, int(hdr[3])<<8|int(hdr[4]))
-	if _, err := io.ReadFull(s, body); err != nil {
-		t.Fatal(err)
-	}
-	return append(hdr, body...)
-}
-
 // routedTo sends a hello for name to addr and returns the backend's name.
 func routedTo(t *testing.T, addr string, hellos map[string][]byte, name string) string {
 	t.Helper()
 	if hellos[name] == nil {
-		hellos[name] = clientHello(t, name)
+		h, err := testpeer.ClientHello(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hellos[name] = h
 	}
 	c, err := net.DialTimeout("tcp", addr, time.Second)
 	if err != nil {
@@ -78,22 +62,6 @@ func routedTo(t *testing.T, addr string, hellos map[string][]byte, name string) 
 	}
 	b, _ := io.ReadAll(c)
 	return string(b)
-}
-
-// socketOf returns the fd and the socket inode of the listener on port.
-func socketOf(t *testing.T, e *Engine, port int) (int, uint64) {
-	t.Helper()
-	for _, ln := range e.Listeners() {
-		if int(ln.Addr().Port()) == port {
-			var st unix.Stat_t
-			if err := unix.Fstat(ln.fd, &st); err != nil {
-				t.Fatal(err)
-			}
-			return ln.fd, st.Ino
-		}
-	}
-	t.Fatalf("no listener on port %d", port)
-	return 0, 0
 }
 
 // An apply that changes the routes of a kept key (a route added, one
@@ -131,6 +99,9 @@ func TestApplyRoutesKeepSocket(t *testing.T) {
 	old := []string{key + " -> " + A + " sni=a.example.com", key + " -> " + B + " sni=b.example.com", key + " -> " + D}
 	applyCommit(t, e, old...)
 	fd, ino := socketOf(t, e, port)
+	if ino == 0 {
+		t.Fatalf("no listener on port %d", port)
+	}
 	check("first table", map[string]string{"a.example.com": "A", "b.example.com": "B", "c.example.com": "D"})
 
 	// a's target changes, b is removed, c is added; the default stays.

@@ -1,20 +1,12 @@
 package main
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -22,6 +14,8 @@ import (
 	"sync/atomic"
 	"text/template"
 	"time"
+
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 )
 
 // The sni scenario: new TLS connections routed by server name without
@@ -154,13 +148,7 @@ events {
     worker_connections 10000;
 }
 
-http {
-    access_log off;
-    client_body_temp_path {{.Dir}}/body;
-    proxy_temp_path {{.Dir}}/proxy;
-    fastcgi_temp_path {{.Dir}}/fastcgi;
-    uwsgi_temp_path {{.Dir}}/uwsgi;
-    scgi_temp_path {{.Dir}}/scgi;
+http {` + nginxHTTPTemps + `
     server {
         listen {{.Listen}} ssl backlog=4096;
         ssl_certificate {{.Cert}};
@@ -180,35 +168,11 @@ func (h *harness) startTLSBackend(cpu int) (string, *proc, error) {
 	if err != nil {
 		return "", nil, err
 	}
-	cert, key, err := writeSelfSigned(dir, sniName)
+	cert, key, err := testpeer.WriteSelfSigned(dir, sniName)
 	if err != nil {
 		return "", nil, err
 	}
 	return h.startNginx("nginx-tls", nginxTLSConf, confData{Name: sniName, Cert: cert, Key: key}, cpu)
-}
-
-// writeSelfSigned writes a self-signed ECDSA P-256 certificate for name
-// and its key into dir and returns their paths.
-func writeSelfSigned(dir, name string) (cert, key string, err error) {
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return "", "", err
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
-	if err != nil {
-		return "", "", err
-	}
-	kd, err := x509.MarshalPKCS8PrivateKey(k)
-	if err != nil {
-		return "", "", err
-	}
-	cert, key = filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key")
-	if err := os.WriteFile(cert, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
-		return "", "", err
-	}
-	return cert, key, os.WriteFile(key, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kd}), 0o600)
 }
 
 // tlsConns runs the tlsclient role on the load CPU through the peer.

@@ -3,8 +3,6 @@ package integration
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"net"
@@ -16,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 )
 
 // startNginxTLS runs one nginx (its http and ssl modules) with a TLS
@@ -29,16 +29,8 @@ func startNginxTLS(t *testing.T, names ...string) map[string]string {
 	addrs := make(map[string]string, len(names))
 	var servers strings.Builder
 	for _, name := range names {
-		cert := selfSigned(t, name)
-		key, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
+		crt, kf, err := testpeer.WriteSelfSigned(dir, name)
 		if err != nil {
-			t.Fatal(err)
-		}
-		crt, kf := filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key")
-		if err := os.WriteFile(crt, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]}), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(kf, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: key}), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		addrs[name] = fmt.Sprintf("127.0.0.1:%d", freePort(t))
