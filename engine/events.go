@@ -141,6 +141,14 @@ func (l *Loop) sessionEvent(s *session, typ string, code conn.Code) {
 	if o := s.origSrc(); o.IsValid() {
 		fs = append(fs, f("peer", o.String()))
 	}
+	if sni, alpn := s.seen(); sni != "" || alpn != "" {
+		if sni != "" {
+			fs = append(fs, f("sni", sni))
+		}
+		if alpn != "" {
+			fs = append(fs, f("alpn", alpn))
+		}
+	}
 	if typ == "end" {
 		fs = append(fs, f("code", code.String()), f("up", s.up.Bytes), f("down", s.down.Bytes),
 			f("age_ms", time.Duration(int64(time.Since(l.base))-s.start).Milliseconds()))
