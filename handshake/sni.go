@@ -20,8 +20,10 @@ import (
 // to the chosen backend first, unchanged, by the outgoing chain (after
 // send-proxy's header), and the session then forwards and may splice.
 //
-// Memory: nothing until the client's first byte arrives (a 1-byte peek
-// says so), then the smallest buffer tier that holds what it sent: 2 KiB
+// Memory: nothing held until the client's first byte arrives (the first
+// read borrows the smallest buffer from its pool and gives it back at once
+// when it finds nothing: one system call per readiness, no peek before
+// the read), then the smallest buffer tier that holds what it sent: 2 KiB
 // for most hellos (a post-quantum one is ~1.5–2 KB; a second tier for the
 // larger), at most hello.MaxRaw; given back when the State is.
 
@@ -110,16 +112,6 @@ func (h *sniStage) Handshake(st *State) (Result, conn.Code) {
 	s := &st.sni
 	fd := st.In.FD()
 	if s.buf == nil {
-		// Nothing taken for a client that sent nothing yet.
-		n, err := rawsys.Recv(fd, st.peek[:1], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		switch {
-		case err == unix.EAGAIN:
-			return WantRead, conn.CodeNone
-		case err != nil:
-			return Fail, conn.CodeClientReset
-		case n == 0:
-			return h.route(st, hello.NotTLS) // an empty stream: the default route, which sees the end
-		}
 		s.buf = getHelloBuf(0)
 	}
 	for {
@@ -137,12 +129,15 @@ func (h *sniStage) Handshake(st *State) (Result, conn.Code) {
 		n, err := rawsys.Read(fd, b[s.n:])
 		switch {
 		case err == unix.EAGAIN:
+			if s.n == 0 {
+				s.release() // nothing held for a client that sent nothing yet
+			}
 			return WantRead, conn.CodeNone
 		case err != nil:
 			return Fail, conn.CodeClientReset
 		case n == 0:
 			if s.n == 0 {
-				return h.route(st, hello.NotTLS)
+				return h.route(st, hello.NotTLS) // an empty stream: the default route, which sees the end
 			}
 			if status := s.scan.Scan(b[:s.n]); status == hello.NotTLS {
 				return h.route(st, status)
