@@ -82,7 +82,7 @@ var (
 	famCtlTransactions   = &Family{Name: "ctl_transactions_total", Help: "Writing control transactions by outcome, as the control server counts them.", Kind: KindCounter, Labels: []string{"outcome"}}
 
 	famRulePorts          = &Family{Name: "rule_ports", Help: "Listen ports of the rule: bound (serving, or bound by an apply awaiting commit) and failed to bind at its apply.", Kind: KindGauge, Labels: []string{"state"}, PerRule: true}
-	famRuleConnections    = &Family{Name: "rule_connections_total", Help: "Connections accepted by the rule (entered its handshake).", Kind: KindCounter, PerRule: true, Proto: tcp}
+	famRuleConnections    = &Family{Name: "rule_connections_total", Help: "Connections accepted by the rule (entered its handshake); a route's: those routed to it.", Kind: KindCounter, PerRule: true, Proto: tcp}
 	FamRuleRefused        = &Family{Name: "rule_refused_total", Help: "Connections a handshake step closed, by step and reason (the end code's name).", Kind: KindCounter, Labels: []string{"step", "reason"}, PerRule: true, Proto: tcp}
 	famRuleSessions       = &Family{Name: "rule_sessions", Help: "Live connections of the rule, from accept to end (handshakes included).", Kind: KindGauge, PerRule: true, Proto: tcp}
 	FamRuleTerminations   = &Family{Name: "rule_terminations_total", Help: "Connections of the rule ended, by two-letter termination code (who ended it, in which phase; see README).", Kind: KindCounter, Labels: []string{"term"}, PerRule: true, Proto: tcp}
