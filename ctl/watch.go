@@ -30,6 +30,7 @@ const (
 	maxQueryRule  = maxListen
 	maxAddr       = 64
 	maxState      = 16
+	maxSNI        = 255 // a server name or an ALPN protocol in SESSIONS (version 2)
 	maxStatName   = 256
 	watchBatch    = 64 // events written before a flush
 	sessionMinLen = 2 + 2 + 2 + 2 + 2 + 8 + 8 + 8 + 1
@@ -182,6 +183,10 @@ func (fw *frameWriter) writeSessions(ver uint8, l *observe.Sessions) error {
 			e.u64(s.Up)
 			e.u64(s.Down)
 			e.bool(s.Splice)
+			if ver >= Version3 { // a version 2 client reads a session without them
+				e.str(truncate(s.SNI, maxSNI), maxSNI, "sni")
+				e.str(truncate(s.ALPN, maxSNI), maxSNI, "alpn")
+			}
 		}); err != nil {
 			return err
 		}
@@ -270,6 +275,9 @@ func decodeSessionsChunk(f frame, l *SessionList, first bool) (bool, error) {
 		s.Age = time.Duration(min(d.u64("age"), math.MaxInt64/uint64(time.Millisecond))) * time.Millisecond
 		s.Up, s.Down = d.u64("up"), d.u64("down")
 		s.Splice = d.bool("splice")
+		if f.ver >= Version3 {
+			s.SNI, s.ALPN = d.str(maxSNI, "sni"), d.str(maxSNI, "alpn")
+		}
 		l.Sessions = append(l.Sessions, s)
 	}
 	if err := d.end(); err != nil {

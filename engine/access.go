@@ -140,9 +140,8 @@ func (s *session) term(code conn.Code) Term {
 // replaced it. The copy keeps the parameter on the stack: taking &src would
 // move it to the heap on every call, PROXY'd or not.
 func (s *session) keepOrig(src netip.AddrPort) {
-	if s.orig == nil && s.cli.Src != src {
-		o := src
-		s.orig = &o
+	if (s.ext == nil || !s.ext.orig.IsValid()) && s.cli.Src != src {
+		s.extra().orig = src
 	}
 }
 
@@ -155,6 +154,7 @@ func (s *session) keepOrig(src netip.AddrPort) {
 //	src, dst    the client and the address it reached (after PROXY, if any)
 //	orig_src    the client's own address, when a PROXY header replaced it
 //	backend     the backend last dialed (absent if none was)
+//	sni, alpn   a routed session's hello: server name, ALPN protocol (absent if none)
 //	bytes_up    client to backend; bytes_down: backend to client
 //	spliced     of both, through splice pipes
 //	handshake   accept to the end of the incoming chain (sessions that passed it)
@@ -174,8 +174,17 @@ func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
 		return
 	}
 	orig, backend, hs, connect := zap.Skip(), zap.Skip(), zap.Skip(), zap.Skip()
-	if s.orig != nil {
-		orig = zap.Stringer("orig_src", *s.orig)
+	if o := s.origSrc(); o.IsValid() {
+		orig = zap.Stringer("orig_src", o)
+	}
+	sni, alpn := zap.Skip(), zap.Skip()
+	if n, p := s.seen(); n != "" || p != "" {
+		if n != "" {
+			sni = zap.String("sni", n)
+		}
+		if p != "" {
+			alpn = zap.String("alpn", p)
+		}
 	}
 	if s.srv.Dst.IsValid() {
 		backend = zap.Stringer("backend", s.srv.Dst)
@@ -193,6 +202,8 @@ func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
 		orig,
 		zap.Stringer("dst", s.cli.Dst),
 		backend,
+		sni,
+		alpn,
 		zap.Uint64(logBytesUp, s.up.Bytes),
 		zap.Uint64(logBytesDown, s.down.Bytes),
 		zap.Uint64(logSpliced, s.up.Spliced+s.down.Spliced),

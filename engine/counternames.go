@@ -86,7 +86,7 @@ var (
 	famCtlTransactions   = &Family{Name: "ctl_transactions_total", Help: "Writing control transactions by outcome, as the control server counts them.", Kind: KindCounter, Labels: []string{"outcome"}}
 
 	famRulePorts          = &Family{Name: "rule_ports", Help: "Listen ports of the rule: bound (serving, or bound by an apply awaiting commit) and failed to bind at its apply.", Kind: KindGauge, Labels: []string{"state"}, PerRule: true}
-	famRuleConnections    = &Family{Name: "rule_connections_total", Help: "Connections accepted by the rule (entered its handshake).", Kind: KindCounter, PerRule: true, Proto: tcp}
+	famRuleConnections    = &Family{Name: "rule_connections_total", Help: "Connections accepted by the rule (entered its handshake); a route's: those routed to it.", Kind: KindCounter, PerRule: true, Proto: tcp}
 	FamRuleRefused        = &Family{Name: "rule_refused_total", Help: "Connections a handshake step closed, by step and reason (the end code's name).", Kind: KindCounter, Labels: []string{"step", "reason"}, PerRule: true, Proto: tcp}
 	famRuleSessions       = &Family{Name: "rule_sessions", Help: "Live connections of the rule, from accept to end (handshakes included).", Kind: KindGauge, PerRule: true, Proto: tcp}
 	FamRuleTerminations   = &Family{Name: "rule_terminations_total", Help: "Connections of the rule ended, by two-letter termination code (who ended it, in which phase; see README).", Kind: KindCounter, Labels: []string{"term"}, PerRule: true, Proto: tcp}
@@ -99,6 +99,7 @@ var (
 	FamRuleHandshakeSecs  = &Family{Name: "rule_handshake_seconds", Help: "Accept to the end of the incoming handshake, for connections that passed it.", Kind: KindHistogram, PerRule: true, Proto: tcp}
 	FamRuleConnectSecs    = &Family{Name: "rule_connect_seconds", Help: "End of the handshake to the backend connected, retries included.", Kind: KindHistogram, PerRule: true, Proto: tcp}
 	FamRuleSessionSecs    = &Family{Name: "rule_session_seconds", Help: "Accept to end, for sessions that passed the handshake.", Kind: KindHistogram, PerRule: true, Proto: tcp}
+	FamRuleTLSHelloBytes  = &Family{Name: "rule_tls_hello_bytes", Help: "Size of the TLS ClientHellos (bytes the sni stage read) of connections that chose the route; routes only.", Kind: KindHistogram, PerRule: true, Proto: tcp}
 	famRuleUDPFlows       = &Family{Name: "rule_udp_flows", Help: "Live UDP flows of the rule.", Kind: KindGauge, PerRule: true, Proto: udp}
 	famRuleUDPFlowsOpened = &Family{Name: "rule_udp_flows_opened_total", Help: "UDP flows the rule opened.", Kind: KindCounter, PerRule: true, Proto: udp}
 	famRuleUDPDatagrams   = &Family{Name: "rule_udp_datagrams_total", Help: "UDP datagrams the rule forwarded, by direction.", Kind: KindCounter, Labels: []string{"direction"}, PerRule: true, Proto: udp}
@@ -118,7 +119,7 @@ var Families = []*Family{
 	famTableGeneration, famTablePending, famTableConfirmBy, famTableOperations, FamTableApplySeconds, famCtlTransactions,
 	famRulePorts, famRuleConnections, FamRuleRefused, famRuleSessions, FamRuleTerminations, famRuleBytes, famRuleBytesMoved,
 	famRuleConnectErrors, famRuleConnectRetries, famRuleHealthReplies, famRuleProxyHeaders,
-	FamRuleHandshakeSecs, FamRuleConnectSecs, FamRuleSessionSecs,
+	FamRuleHandshakeSecs, FamRuleConnectSecs, FamRuleSessionSecs, FamRuleTLSHelloBytes,
 	famRuleUDPFlows, famRuleUDPFlowsOpened, famRuleUDPDatagrams, famRuleUDPDropped,
 	FamBackendUp, FamBackendChecks, FamBackendCheckSecs,
 }
@@ -263,6 +264,14 @@ func countersOf(s Stats) []observe.Counter {
 			}
 		}
 		out = appendSorted(out, p+"term.", r.Terms)
+		steps := make([]string, 0, len(r.Policy.Refused))
+		for step := range r.Policy.Refused {
+			steps = append(steps, step)
+		}
+		sort.Strings(steps)
+		for _, step := range steps {
+			out = appendSorted(out, p+"refused."+step+".", r.Policy.Refused[step])
+		}
 	}
 	return out
 }

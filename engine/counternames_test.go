@@ -67,6 +67,8 @@ func TestEveryStatsFieldHasADef(t *testing.T) {
 		"RuleStats.Handshake":  "rule_handshake_seconds",
 		"RuleStats.Connect":    "rule_connect_seconds",
 		"RuleStats.Duration":   "rule_session_seconds",
+		"RuleStats.Hello":      "rule_tls_hello_bytes",
+		"RuleStats.Routes":     "status page only",
 		"RuleStats.Requested":  "status page only",
 		"UDPStats.Expired":     "engine-wide only (udp_flows_expired_total), as before",
 		"TableStats.Recent":    "status page only",

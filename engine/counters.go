@@ -49,6 +49,7 @@ type RuleCounters struct {
 	handshake Histogram // accept to the end of the incoming chain, sessions that passed it
 	connect   Histogram // end of the chain to backend connected (retries included)
 	session   Histogram // accept to end, sessions that passed the chain
+	hello     Histogram // bytes the sni stage read of conns that chose this route (routes only)
 }
 
 // countersFor returns *c, made for rule r on first use.
@@ -61,7 +62,7 @@ func (e *Engine) countersFor(c **RuleCounters, r *rules.Rule) *RuleCounters {
 
 func (e *Engine) newRuleCounters(r *rules.Rule) *RuleCounters {
 	return &RuleCounters{name: r.RouteString(), shards: make([]ruleShard, len(e.loops)),
-		session: Histogram{bounds: durationBounds[:]}}
+		session: Histogram{bounds: durationBounds[:]}, hello: Histogram{bounds: helloBounds[:], bytes: true}}
 }
 
 // ruleName is the name of ln's rule in metrics and logs: its listen part,
@@ -72,6 +73,13 @@ func (ln *Listener) ruleName() string {
 		return rules.Key{Pif: ln.key.Pif, Proto: ln.key.Proto, Addr: ln.key.Addr, Port: ln.addr.Port()}.String()
 	}
 	return ln.ctr.name
+}
+
+// routed counts a conn whose hello of n bytes chose this route.
+func (c *RuleCounters) routed(n int) {
+	if CountersEnabled {
+		c.hello.observe(uint64(n))
+	}
 }
 
 // moveLive moves a live session of loop l from c to the counters of the

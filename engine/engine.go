@@ -283,6 +283,7 @@ func (e *Engine) newGroupListener(g []*rules.Rule, i, fd int, bound netip.AddrPo
 			front = ln
 		}
 		if len(g) > 1 || r.IsRoute() {
+			ln.route = true
 			front.routes = append(front.routes, ln)
 		}
 	}
@@ -433,16 +434,24 @@ func (e *Engine) Log() *zap.Logger { return e.log }
 func (e *Engine) Draining() bool { return e.draining.Load() }
 
 // logRuleStats logs each rule's handshake counters once, as the engine
-// stops: the final tally of what was accepted, refused and why.
+// stops: the final tally of what was accepted, refused and why. The
+// listeners given are sockets' (a routed key's front): each of its routes
+// is logged.
 func (e *Engine) logRuleStats(lnss ...[]*Listener) {
 	seen := map[*handshake.Policy]bool{}
+	log := func(ln *Listener) {
+		if ln.policy == nil || seen[ln.policy] || ln.udp != nil {
+			return
+		}
+		seen[ln.policy] = true
+		e.log.Info("rule counters", zap.String("rule", ln.rule.String()), zap.Any("counters", ln.policy.Stats()))
+	}
 	for _, lns := range lnss {
 		for _, ln := range lns {
-			if ln.policy == nil || seen[ln.policy] || ln.udp != nil {
-				continue
+			log(ln)
+			for _, rl := range ln.routes {
+				log(rl)
 			}
-			seen[ln.policy] = true
-			e.log.Info("rule counters", zap.String("rule", ln.rule.String()), zap.Any("counters", ln.policy.Stats()))
 		}
 	}
 }

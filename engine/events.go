@@ -169,8 +169,16 @@ func (l *Loop) sessionEvent(s *session, typ string, code conn.Code) {
 		return
 	}
 	fs := []observe.Field{f("rule", s.ln.ruleName()), f("source", s.cli.Src.String()), f("backend", s.srv.Dst.String())}
-	if s.orig != nil {
-		fs = append(fs, f("peer", s.orig.String()))
+	if o := s.origSrc(); o.IsValid() {
+		fs = append(fs, f("peer", o.String()))
+	}
+	if sni, alpn := s.seen(); sni != "" || alpn != "" {
+		if sni != "" {
+			fs = append(fs, f("sni", sni))
+		}
+		if alpn != "" {
+			fs = append(fs, f("alpn", alpn))
+		}
 	}
 	if typ == "end" {
 		fs = append(fs, f("code", code.String()), f("up", s.up.Bytes), f("down", s.down.Bytes),

@@ -40,11 +40,13 @@ type Listener struct {
 	pool      *balance.Pool     // the backend pool for this port: balancing and passive health
 	ctr       *RuleCounters     // the rule's data-path counters (shared by its ports)
 	routes    []*Listener       // a routed key's front listener: one per route, itself first (same fd); nil otherwise
+	route     bool              // one of a routed key's listeners (front included)
 
 	closed   atomic.Bool
 	lastWarn atomic.Int64 // engine clock of the last out-of-fds warning
 
-	Accepted atomic.Uint64 // connections accepted
+	Accepted atomic.Uint64 // connections accepted on the socket (a routed key's: on its front listener)
+	Routed   atomic.Uint64 // a route's: connections the sni stage sent to it
 	Paused   atomic.Uint64 // times accept was paused for lack of fds
 }
 

@@ -90,12 +90,45 @@ type session struct {
 	active   int64            // loop clock of the last byte moved
 	state    sessionState
 	flags    sessionFlags
-	backend  uint8           // index in the pool of the backend in use
-	first    uint8           // index in the pool of the backend the session step chose first
-	hsUs     uint32          // µs from start to the end of the incoming chain (sfPassed)
-	connUs   uint32          // µs from start to the backend connected (sfConnected)
-	orig     *netip.AddrPort // the client's own address when a PROXY header replaced it; nil: none
-	tried    uint64          // bit i: backend i of the pool was dialled (dial)
+	backend  uint8       // index in the pool of the backend in use
+	first    uint8       // index in the pool of the backend the session step chose first
+	hsUs     uint32      // µs from start to the end of the incoming chain (sfPassed)
+	connUs   uint32      // µs from start to the backend connected (sfConnected)
+	ext      *sessionExt // what few sessions carry (PROXY'd, routed by name); nil: none
+	tried    uint64      // bit i: backend i of the pool was dialled (dial)
+}
+
+// sessionExt is what only some sessions have: one pointer in every session,
+// allocated for a session that needs it, so a plain session does not grow.
+type sessionExt struct {
+	orig      netip.AddrPort // the client's own address when a PROXY header replaced it; zero: none
+	sni, alpn string         // what the hello said, for a routed session (handshake.State.Seen)
+}
+
+// extra returns the session's sessionExt, allocated on first use.
+func (s *session) extra() *sessionExt {
+	if s.ext == nil {
+		s.ext = new(sessionExt)
+	}
+	return s.ext
+}
+
+// origSrc returns the client's own address when a PROXY header replaced it,
+// else the zero AddrPort.
+func (s *session) origSrc() netip.AddrPort {
+	if s.ext == nil {
+		return netip.AddrPort{}
+	}
+	return s.ext.orig
+}
+
+// seen returns the hello's server name and ALPN protocol of a routed
+// session ("" when none).
+func (s *session) seen() (sni, alpn string) {
+	if s.ext == nil {
+		return "", ""
+	}
+	return s.ext.sni, s.ext.alpn
 }
 
 var _ handler = (*session)(nil)
@@ -213,6 +246,13 @@ func (s *session) sessionStep(l *Loop) {
 		if i := s.hs.Route(); i >= 0 && i < len(rts) {
 			s.ln.ctr.moveLive(l, rts[i].ctr)
 			s.ln = rts[i]
+			s.ln.Routed.Add(1)
+			s.ln.policy.C.Routed.Add(1)
+			s.ln.ctr.routed(s.hs.HelloBytes())
+		}
+		if sni, alpn := s.hs.Seen(); sni != "" || alpn != "" {
+			x := s.extra()
+			x.sni, x.alpn = sni, alpn
 		}
 	}
 	s.state = stConnecting // the handshake is over, whatever happens next

@@ -50,9 +50,8 @@ func (e *Engine) SessionList(rule string, max int) observe.Sessions {
 			}
 			v := observe.Session{Rule: name, Source: s.cli.Src, State: s.state.String(), Age: time.Duration(now - s.start),
 				Up: s.up.Bytes, Down: s.down.Bytes, Splice: s.up.Spliced+s.down.Spliced > 0 || s.up.Piped() || s.down.Piped()}
-			if s.orig != nil {
-				v.Peer = *s.orig
-			}
+			v.Peer = s.origSrc()
+			v.SNI, v.ALPN = s.seen()
 			if s.state != stHandshake {
 				v.Target = s.srv.Dst
 			}

@@ -24,7 +24,7 @@ const (
 type ListenerStats struct {
 	Addr     netip.AddrPort
 	State    string // ListenerListening or ListenerPending
-	Accepted uint64 // tcp conns accepted on this port
+	Accepted uint64 // tcp conns accepted on this port; a route's: routed to it
 	Paused   uint64 // times accept paused for want of fds
 }
 
@@ -48,6 +48,7 @@ type RuleStats struct {
 	Backends  []balance.BackendStats // every port's pool, in port order (passive health)
 	Checked   []balance.BackendStats // check= rules: each backend once, in the order first seen (checkStats)
 	CheckTime HistogramSnapshot      // check= rules: the latency of every check
+	Routes    []string               // a route's: every route of its key (rule labels), in table order; nil otherwise
 
 	Policy handshake.Stats // accepted, passed, refused by step and code, health replies, PROXY headers
 
@@ -56,6 +57,7 @@ type RuleStats struct {
 	ConnectErrors, Retries       uint64
 	Terms                        map[string]uint64 // sessions ended, by termination code ("SC")
 	Handshake, Connect, Duration HistogramSnapshot
+	Hello                        HistogramSnapshot // a route's: sizes of the hellos that chose it; zero for a rule that does not route
 	UDP                          UDPStats
 }
 
@@ -118,6 +120,11 @@ func (e *Engine) counterStats(s *Stats) {
 			for _, k := range r.ListenKeys() {
 				if ln := byKey[k]; ln != nil {
 					lns = append(lns, ln.routeFor(r))
+					if rs.Routes == nil {
+						for _, rl := range ln.routes {
+							rs.Routes = append(rs.Routes, rl.rule.RouteString())
+						}
+					}
 				}
 			}
 		}
@@ -129,7 +136,11 @@ func (e *Engine) counterStats(s *Stats) {
 			if added[ln] {
 				st = ListenerPending
 			}
-			rs.Listeners = append(rs.Listeners, ListenerStats{Addr: ln.addr, State: st, Accepted: ln.Accepted.Load(), Paused: ln.Paused.Load()})
+			acc := ln.Accepted.Load()
+			if ln.route {
+				acc = ln.Routed.Load() // a route's share of its key's socket
+			}
+			rs.Listeners = append(rs.Listeners, ListenerStats{Addr: ln.addr, State: st, Accepted: acc, Paused: ln.Paused.Load()})
 			rs.Backends = append(rs.Backends, ln.pool.Stats(now)...)
 			if u := ln.udp; u != nil {
 				rs.UDP.Flows += u.FlowsActive.Load()
@@ -160,6 +171,9 @@ func (e *Engine) counterStats(s *Stats) {
 				}
 			}
 			rs.Handshake, rs.Connect, rs.Duration = c.handshake.Snapshot(), c.connect.Snapshot(), c.session.Snapshot()
+			if lns[0].route {
+				rs.Hello = c.hello.Snapshot()
+			}
 		}
 		e.checkStats(&rs)
 		s.Rules = append(s.Rules, rs)

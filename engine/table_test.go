@@ -103,16 +103,24 @@ func refused(addr string) bool {
 // inode returns the socket inode behind the listener on port, or 0.
 func inode(t *testing.T, e *Engine, port int) uint64 {
 	t.Helper()
+	_, ino := socketOf(t, e, port)
+	return ino
+}
+
+// socketOf returns the fd and the socket inode of the listener on port, or
+// zeros when there is none.
+func socketOf(t *testing.T, e *Engine, port int) (int, uint64) {
+	t.Helper()
 	for _, ln := range e.Listeners() {
 		if int(ln.Addr().Port()) == port {
 			var st unix.Stat_t
 			if err := unix.Fstat(ln.fd, &st); err != nil {
 				t.Fatal(err)
 			}
-			return st.Ino
+			return ln.fd, st.Ino
 		}
 	}
-	return 0
+	return 0, 0
 }
 
 // A table change keeps, swaps, pauses and adds sockets; rollback restores

@@ -15,6 +15,7 @@ const codeSlots = 32
 type Counters struct {
 	Accepted       atomic.Uint64 // conns that entered the incoming chain
 	Passed         atomic.Uint64 // conns that passed it to the session step
+	Routed         atomic.Uint64 // a route's: conns the sni stage sent to it (the engine counts them)
 	MonitorHits    atomic.Uint64 // conns from a monitor network
 	HealthUp       atomic.Uint64 // health replies saying up (200, "OK")
 	HealthDown     atomic.Uint64 // health replies saying down (503, "DOWN")
@@ -61,6 +62,12 @@ func (p *Policy) Stats() Stats {
 		MaxConnRefused: c.MaxConnRefused.Load(), SentV1: c.SentV1.Load(), SentV2: c.SentV2.Load(),
 		MaxConnInUse: p.inUse.Load(),
 		Refused:      map[string]map[string]uint64{},
+	}
+	if p.router != nil {
+		// A route's connections are those routed to it: the key's incoming
+		// chain is its first route's, whose refusals (no-route, bad hellos)
+		// stay counted there by step.
+		s.Accepted, s.Passed = c.Routed.Load(), c.Routed.Load()
 	}
 	if p.rate != nil {
 		s.RateSources = p.rate.Len()

@@ -20,8 +20,10 @@ import (
 // to the chosen backend first, unchanged, by the outgoing chain (after
 // send-proxy's header), and the session then forwards and may splice.
 //
-// Memory: nothing until the client's first byte arrives (a 1-byte peek
-// says so), then the smallest buffer tier that holds what it sent: 2 KiB
+// Memory: nothing held until the client's first byte arrives (the first
+// read borrows the smallest buffer from its pool and gives it back at once
+// when it finds nothing: one system call per readiness, no peek before
+// the read), then the smallest buffer tier that holds what it sent: 2 KiB
 // for most hellos (a post-quantum one is ~1.5–2 KB; a second tier for the
 // larger), at most hello.MaxRaw; given back when the State is.
 
@@ -50,6 +52,8 @@ type sniState struct {
 	sent  uint32 // of those, written to the backend
 	route int16  // the route chosen (Routed)
 	scan  hello.Scanner
+	name  string // the hello's server name, lower case (Routed; "" when none)
+	proto string // the ALPN protocol that chose the route, else the first offered (Routed)
 }
 
 // release gives the buffer back.
@@ -72,6 +76,14 @@ func (st *State) Route() int {
 
 // HelloBytes returns how many bytes the sni stage read from the client.
 func (st *State) HelloBytes() int { return int(st.sni.n) }
+
+// Seen returns the hello's server name (lower case, no trailing dot) and
+// ALPN protocol (the one that chose the route, else the first the client
+// offered) of a routed conn; "" for what the hello did not carry. The
+// strings outlive the State: a name the route lists exactly and a protocol
+// the route lists or a common one are the rule's or static strings; only
+// other names and protocols are copied (one allocation each).
+func (st *State) Seen() (sni, alpn string) { return st.sni.name, st.sni.proto }
 
 // sniStage is the incoming step of a routed key.
 type sniStage struct {
@@ -100,16 +112,6 @@ func (h *sniStage) Handshake(st *State) (Result, conn.Code) {
 	s := &st.sni
 	fd := st.In.FD()
 	if s.buf == nil {
-		// Nothing taken for a client that sent nothing yet.
-		n, err := rawsys.Recv(fd, st.peek[:1], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		switch {
-		case err == unix.EAGAIN:
-			return WantRead, conn.CodeNone
-		case err != nil:
-			return Fail, conn.CodeClientReset
-		case n == 0:
-			return h.route(st, hello.NotTLS) // an empty stream: the default route, which sees the end
-		}
 		s.buf = getHelloBuf(0)
 	}
 	for {
@@ -127,12 +129,15 @@ func (h *sniStage) Handshake(st *State) (Result, conn.Code) {
 		n, err := rawsys.Read(fd, b[s.n:])
 		switch {
 		case err == unix.EAGAIN:
+			if s.n == 0 {
+				s.release() // nothing held for a client that sent nothing yet
+			}
 			return WantRead, conn.CodeNone
 		case err != nil:
 			return Fail, conn.CodeClientReset
 		case n == 0:
 			if s.n == 0 {
-				return h.route(st, hello.NotTLS)
+				return h.route(st, hello.NotTLS) // an empty stream: the default route, which sees the end
 			}
 			if status := s.scan.Scan(b[:s.n]); status == hello.NotTLS {
 				return h.route(st, status)
@@ -163,6 +168,10 @@ func (h *sniStage) route(st *State, status hello.Status) (Result, conn.Code) {
 		err := hello.Parse(s.scan.Message((*s.buf)[:s.n], scratch[:]), &hl)
 		if err == nil {
 			i = h.rt.Choose(hl.ServerName, hl.Protocols())
+			if i >= 0 {
+				r := h.rt.Routes()[i]
+				s.name, s.proto = seenName(r.SNI, hl.ServerName), seenProto(r.ALPN, hl.Protocols())
+			}
 		}
 		scratchPool.Put(scratch)
 		if err != nil {
@@ -175,6 +184,71 @@ func (h *sniStage) route(st *State, status hello.Status) (Result, conn.Code) {
 	s.route = int16(i)
 	st.flags |= Routed
 	return Done, conn.CodeNone
+}
+
+// commonProtos are the ALPN protocols Seen returns without a copy.
+var commonProtos = [...]string{"h2", "http/1.1", "http/1.0", "h3", "acme-tls/1", "imap", "pop3", "smtp", "xmpp-client", "postgresql"}
+
+// seenName returns name lower-cased without a trailing dot: the route's own
+// string when it lists it exactly (names), else a copy; "" for none.
+func seenName(names []string, name []byte) string {
+	if n := len(name); n > 0 && name[n-1] == '.' {
+		name = name[:n-1]
+	}
+	if len(name) == 0 {
+		return ""
+	}
+	for _, n := range names {
+		if equalFold(n, name) {
+			return n
+		}
+	}
+	low := []byte(string(name)) // one copy, lowered in place
+	for i, c := range low {
+		if c >= 'A' && c <= 'Z' {
+			low[i] = c + 'a' - 'A'
+		}
+	}
+	return string(low)
+}
+
+// seenProto returns the first of the route's protocols (route) the client
+// offered, else the client's first protocol (a common one without a copy);
+// "" when it offered none.
+func seenProto(route []string, offered [][]byte) string {
+	for _, p := range route {
+		for _, o := range offered {
+			if string(o) == p {
+				return p
+			}
+		}
+	}
+	if len(offered) == 0 {
+		return ""
+	}
+	for _, p := range commonProtos {
+		if string(offered[0]) == p {
+			return p
+		}
+	}
+	return string(offered[0])
+}
+
+// equalFold reports whether b equals the lower-case ASCII s, ignoring b's
+// case.
+func equalFold(s string, b []byte) bool {
+	if len(s) != len(b) {
+		return false
+	}
+	for i, c := range b {
+		if c >= 'A' && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		if c != s[i] {
+			return false
+		}
+	}
+	return true
 }
 
 // replay is the outgoing step of a route: it writes the bytes the sni stage

@@ -59,6 +59,7 @@ var custom = map[*engine.Family]metric{
 	engine.FamBackendUp:         {samples: perRule(engine.FamBackendUp, backendUpSamples)},
 	engine.FamBackendChecks:     {samples: perRule(engine.FamBackendChecks, backendCheckSamples)},
 	engine.FamBackendCheckSecs:  {hist: checkedHist(engine.FamBackendCheckSecs)},
+	engine.FamRuleTLSHelloBytes: {hist: perRuleHist(engine.FamRuleTLSHelloBytes, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Hello })},
 }
 
 // valueTypes are the Prometheus types of the engine's kinds (a histogram's

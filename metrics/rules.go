@@ -37,7 +37,9 @@ func perRuleHist(fam *engine.Family, pick func(r *engine.RuleStats) engine.Histo
 	return func(s *engine.Stats, emit func(engine.HistogramSnapshot, ...string)) {
 		for i := range s.Rules {
 			if r := &s.Rules[i]; fam.Proto == "" || r.Proto == fam.Proto {
-				emit(pick(r), r.Listen, r.Pif)
+				if h := pick(r); h.Bounds != nil { // none: the family is not the rule's (a hello size of a rule that does not route)
+					emit(h, r.Listen, r.Pif)
+				}
 			}
 		}
 	}

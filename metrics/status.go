@@ -186,6 +186,7 @@ type ruleView struct {
 	Bound, Requested         int
 	BindOK                   bool
 	Failed                   []string
+	Routes                   []string // the routes sharing the rule's socket (a routed key)
 	Listeners                []listenerView
 	MoreListeners            int
 	Backends                 []backendView
@@ -238,7 +239,7 @@ func (p *StatusPage) view(now time.Time) statusView {
 		rv := ruleView{Line: r.Line, Listen: r.Listen, Pif: r.Pif, Proto: r.Proto,
 			Bound: len(r.Listeners), Requested: r.Requested, Sessions: r.Sessions,
 			Accepted: r.Policy.Accepted, Up: humanBytes(float64(r.BytesUp)), Down: humanBytes(float64(r.BytesDown)),
-			HealthOK: r.Policy.HealthUp, HealthFail: r.Policy.HealthDown, UDP: r.UDP}
+			HealthOK: r.Policy.HealthUp, HealthFail: r.Policy.HealthDown, UDP: r.UDP, Routes: r.Routes}
 		rv.BindOK = len(r.Failed) == 0 && rv.Bound == rv.Requested
 		for _, byCode := range r.Policy.Refused {
 			for _, n := range byCode {
@@ -399,6 +400,7 @@ a{color:#1559b7}
 <div><code>{{.Line}}</code></div>
 <div class="meta">{{.Proto}} · pif {{.Pif}} · {{if .BindOK}}<span class="pill">{{.Bound}}/{{.Requested}} ports bound</span>{{else}}<span class="pill bad">{{.Bound}}/{{.Requested}} ports bound</span>{{end}}</div>
 {{if .Failed}}<ul class="bad">{{range .Failed}}<li>{{.}}</li>{{end}}</ul>{{end}}
+{{if .Routes}}<div class="meta">routes of this listener, by TLS name: {{range .Routes}}<code>{{.}}</code> {{end}}</div>{{end}}
 {{if eq .Proto "udp"}}<div>flows {{.UDP.Flows}} live, {{.UDP.Opened}} opened · datagrams {{.UDP.DatagramsUp}} in, {{.UDP.DatagramsDown}} out, {{.UDP.Dropped}} dropped</div>
 {{else}}<div>sessions <b>{{.Sessions}}</b> · accepted {{.Accepted}} · refused {{.Refused}} · in {{.Up}} · out {{.Down}}{{if or .HealthOK .HealthFail}} · health replies {{.HealthOK}} ok, {{.HealthFail}} fail{{end}}</div>{{end}}
 <div class="scroll"><table>

@@ -199,6 +199,8 @@ type Session struct {
 	Up     uint64 // bytes client → backend
 	Down   uint64 // bytes backend → client
 	Splice bool   // bytes moved through a pipe (splice) rather than a buffer
+	SNI    string // a routed session's hello: server name ("" when none)
+	ALPN   string // and ALPN protocol, the one that chose the route or the first offered
 }
 
 // Sessions is a bounded listing of live sessions.

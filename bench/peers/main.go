@@ -210,6 +210,8 @@ func tools(o options) []string {
 			need = append(need, "iperf3")
 		case "rps", "cps":
 			need = append(need, "wrk", "nginx")
+		case "sni":
+			need = append(need, "nginx")
 		}
 	}
 	for _, p := range o.peers {
@@ -392,7 +394,11 @@ func (h *harness) once(sc scenario, p peer, backend string) sample {
 	if sc.local {
 		cpu = h.opt.loadCPU
 	}
-	addr, px, err := p.start(h, backend, cpu)
+	start := p.start
+	if sc.route != nil {
+		start = func(h *harness, target string, cpu int) (string, *proc, error) { return sc.route(h, p, target, cpu) }
+	}
+	addr, px, err := start(h, backend, cpu)
 	if err != nil {
 		return sample{err: err.Error()}
 	}

@@ -77,6 +77,9 @@ type confData struct {
 	Splice              bool
 	MaxConn, MaxPipes   int
 	Body                string
+	// The sni scenario's: the routed name, the decoy name and its target,
+	// a route's extra options, the backend's certificate and key files.
+	Name, Decoy, Nowhere, Options, Cert, Key string
 }
 
 // writeConf renders a template into a fresh directory and returns the
@@ -263,6 +266,16 @@ func (h *harness) startIperf3(cpu int) (string, *proc, error) {
 	return addr, p, err
 }
 
+// nginxHTTPTemps starts an http context of nginx: no access log, the
+// temporary paths in the run's directory.
+const nginxHTTPTemps = `
+    access_log off;
+    client_body_temp_path {{.Dir}}/body;
+    proxy_temp_path {{.Dir}}/proxy;
+    fastcgi_temp_path {{.Dir}}/fastcgi;
+    uwsgi_temp_path {{.Dir}}/uwsgi;
+    scgi_temp_path {{.Dir}}/scgi;`
+
 // The HTTP backend of rps and cps: nginx, one worker, a 1 KiB body from
 // memory, keep-alive without a request limit.
 var nginxHTTPConf = template.Must(template.New("nginx-http").Parse(nginxMain + `
@@ -271,13 +284,7 @@ events {
     worker_connections 10000;
 }
 
-http {
-    access_log off;
-    client_body_temp_path {{.Dir}}/body;
-    proxy_temp_path {{.Dir}}/proxy;
-    fastcgi_temp_path {{.Dir}}/fastcgi;
-    uwsgi_temp_path {{.Dir}}/uwsgi;
-    scgi_temp_path {{.Dir}}/scgi;
+http {` + nginxHTTPTemps + `
     keepalive_requests 1000000000;
     keepalive_timeout 300s;
     server {

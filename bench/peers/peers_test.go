@@ -23,6 +23,25 @@ func TestMain(m *testing.M) {
 // taskset. It checks that the harness runs and reports, never how fast
 // anything is.
 func TestSmokeRTT(t *testing.T) {
+	smoke(t, "rtt,rtt-local", "direct,sluice", "300ms", "### rtt:", "### rtt-local:", "| sluice |", "| direct |")
+}
+
+// A short run of the sni scenario: every peer that routes by TLS name, in
+// its configuration, reaching the TLS backend.
+func TestSmokeSNI(t *testing.T) {
+	for _, tool := range []string{"haproxy", "nginx"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("no %s (make bench-deps)", tool)
+		}
+	}
+	smoke(t, "sni", "direct,haproxy,nginx,sluice", "1s", "### sni:", "| sluice |", "| haproxy |", "| nginx |", "routed conn/s per proxy core")
+}
+
+// smoke runs the harness once, briefly, and checks the report has want and
+// no failure. It checks that the harness runs and reports, never how fast
+// anything is.
+func smoke(t *testing.T, scenarios, peers, duration string, want ...string) {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("builds sluice and runs processes")
 	}
@@ -33,8 +52,8 @@ func TestSmokeRTT(t *testing.T) {
 	if err := os.WriteFile(out, []byte("# kept\n\nearlier text\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	args := []string{"--scenarios", "rtt,rtt-local", "--peers", "direct,sluice", "--reps", "1",
-		"--duration", "300ms", "--out", out}
+	args := []string{"--scenarios", scenarios, "--peers", peers, "--reps", "1",
+		"--duration", duration, "--out", out}
 	if runtime.NumCPU() < 2 {
 		args = append(args, "--proxy-cpu", "0")
 	}
@@ -47,9 +66,9 @@ func TestSmokeRTT(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := string(b)
-	for _, want := range []string{"# kept\n\nearlier text\n", sectionBegin, sectionEnd, "### rtt:", "### rtt-local:", "| sluice |", "| direct |"} {
-		if !strings.Contains(got, want) {
-			t.Errorf("report lacks %q:\n%s", want, got)
+	for _, w := range append([]string{"# kept\n\nearlier text\n", sectionBegin, sectionEnd}, want...) {
+		if !strings.Contains(got, w) {
+			t.Errorf("report lacks %q:\n%s", w, got)
 		}
 	}
 	if strings.Contains(got, "FAILED") || strings.Contains(got, "repetitions failed") {

@@ -35,6 +35,8 @@ func runRole(role string, args []string) int {
 		err = rttClient(args)
 	case "idleclient":
 		err = idleClient(args)
+	case "tlsclient":
+		err = tlsClient(args)
 	default:
 		err = fmt.Errorf("unknown role %q", role)
 	}

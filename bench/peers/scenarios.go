@@ -45,6 +45,9 @@ type scenario struct {
 	// skip says why a peer does not run this scenario ("" = it runs).
 	skip    func(p peer) string
 	backend func(h *harness) (string, *proc, error)
+	// route, when set, starts each peer in the scenario's own
+	// configuration instead of p.start (routing by TLS name).
+	route   func(h *harness, p peer, target string, cpu int) (string, *proc, error)
 	measure func(h *harness, t target) (map[string]float64, error)
 }
 
@@ -79,6 +82,7 @@ var allScenarios = []scenario{
 	{name: "rtt-local", title: "rtt-local: the same with the proxy on the load CPU (its own cost)", kind: kindRTT, local: true,
 		backend: func(h *harness) (string, *proc, error) { return h.startRole("rttecho", h.opt.loadCPU) },
 		measure: rtt},
+	sniScenario,
 }
 
 // target is what a measurement runs against: a peer started to the

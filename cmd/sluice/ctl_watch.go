@@ -130,7 +130,8 @@ func (x *ctlCmd) sessions() error {
 		for _, s := range l.Sessions {
 			if err := enc.Encode(map[string]any{"rule": s.Rule, "source": addr(s.Source, s.Source.String()),
 				"peer": addr(s.Peer, s.Peer.String()), "target": addr(s.Target, s.Target.String()), "state": s.State,
-				"age_ms": s.Age.Milliseconds(), "bytes_up": s.Up, "bytes_down": s.Down, "mode": mode(s.Splice)}); err != nil {
+				"age_ms": s.Age.Milliseconds(), "bytes_up": s.Up, "bytes_down": s.Down, "mode": mode(s.Splice),
+				"sni": s.SNI, "alpn": s.ALPN}); err != nil {
 				return err
 			}
 		}
@@ -140,10 +141,17 @@ func (x *ctlCmd) sessions() error {
 		return nil
 	}
 	tw := tabwriter.NewWriter(x.out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "RULE\tSOURCE\tPEER\tTARGET\tSTATE\tAGE\tUP\tDOWN\tMODE")
+	dash := func(s string) string {
+		if s == "" {
+			return "-"
+		}
+		return s
+	}
+	fmt.Fprintln(tw, "RULE\tSOURCE\tPEER\tTARGET\tSTATE\tAGE\tUP\tDOWN\tMODE\tSNI\tALPN")
 	for _, s := range l.Sessions {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", s.Rule, addr(s.Source, s.Source.String()),
-			addr(s.Peer, s.Peer.String()), addr(s.Target, s.Target.String()), s.State, s.Age.Round(time.Millisecond), s.Up, s.Down, mode(s.Splice))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\n", s.Rule, addr(s.Source, s.Source.String()),
+			addr(s.Peer, s.Peer.String()), addr(s.Target, s.Target.String()), s.State, s.Age.Round(time.Millisecond), s.Up, s.Down, mode(s.Splice),
+			dash(s.SNI), dash(s.ALPN))
 	}
 	if err := tw.Flush(); err != nil {
 		return err

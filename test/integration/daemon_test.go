@@ -227,7 +227,14 @@ func (d *daemon) stop(grace time.Duration) error {
 // procStatus reads a "Name:  value kB" field of /proc/PID/status in bytes.
 func procStatus(t testing.TB, pid int, field string) int64 {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	return procField(t, pid, "status", field)
+}
+
+// procField reads a "Name:  value kB" field of /proc/PID/FILE (status,
+// smaps_rollup) in bytes.
+func procField(t testing.TB, pid int, file, field string) int64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, file))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -241,7 +248,7 @@ func procStatus(t testing.TB, pid int, field string) int64 {
 			return n
 		}
 	}
-	t.Fatalf("no %s in /proc/%d/status", field, pid)
+	t.Fatalf("no %s in /proc/%d/%s", field, pid, file)
 	return 0
 }
 

@@ -2,34 +2,23 @@ package integration
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 )
 
 // tlsBackend is a TLS server that answers each handshake with its name and
 // closes: the backend terminates, sluice only routes.
 func tlsBackend(t *testing.T, name string) string {
 	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), DNSNames: []string{name}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}, NextProtos: []string{"h2", "http/1.1"}}
+	cfg := &tls.Config{Certificates: []tls.Certificate{selfSigned(t, name)}, NextProtos: []string{"h2", "http/1.1"}}
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -53,10 +42,26 @@ func tlsBackend(t *testing.T, name string) string {
 	return ln.Addr().String()
 }
 
+// selfSigned returns a self-signed certificate for name.
+func selfSigned(t *testing.T, name string) tls.Certificate {
+	t.Helper()
+	c, err := testpeer.SelfSigned(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 // startRules runs `sluice run -c` with the rules and waits for addr.
 func startRules(t *testing.T, addr string, lines ...string) *daemon {
 	t.Helper()
-	cfg := "log: {level: warn}\nrules:\n"
+	return startRulesWith(t, "log: {level: warn}\n", addr, lines...)
+}
+
+// startRulesWith is startRules with head, the configuration before rules:.
+func startRulesWith(t *testing.T, head, addr string, lines ...string) *daemon {
+	t.Helper()
+	cfg := head + "rules:\n"
 	for _, l := range lines {
 		cfg += "  - " + l + "\n"
 	}
@@ -113,21 +118,12 @@ func TestSNIRoutesGoClients(t *testing.T) {
 
 // captureHello returns a Go crypto/tls client's first flight for name.
 func captureHello(t *testing.T, name string) []byte {
-	c, s := net.Pipe()
-	defer s.Close()
-	go func() {
-		_ = tls.Client(c, &tls.Config{ServerName: name, InsecureSkipVerify: true}).Handshake()
-		c.Close()
-	}()
-	hdr := make([]byte, 5)
-	if _, err := io.ReadFull(s, hdr); err != nil {
+	t.Helper()
+	h, err := testpeer.ClientHello(name)
+	if err != nil {
 		t.Fatal(err)
 	}
-	body := make([]byte, int(hdr[3])<<8|int(hdr[4]))
-	if _, err := io.ReadFull(s, body); err != nil {
-		t.Fatal(err)
-	}
-	return append(hdr, body...)
+	return h
 }
 
 // A real hello re-framed into 3 records and sent one byte per write reaches
