@@ -286,3 +286,49 @@ func TestTCPCheckBackendStopsListening(t *testing.T) {
 	waitWithin(t, time.Second, "a up again", func() bool { return !pool.Check(0).Down() })
 	waitWithin(t, time.Second, "traffic back to a", func() bool { return via(t, addr) == "a2" || via(t, addr) == "a2" })
 }
+
+// On a routed key every route's pool is checked on its own: a route whose
+// backends are all down by their checks refuses its sessions (no-backend)
+// while the other routes serve; a table change that keeps a route starts its
+// checks from the state they had.
+func TestChecksPerRoute(t *testing.T) {
+	a, b := newHTTPBackend(t, "a"), newHTTPBackend(t, "b")
+	e := newEngine(t)
+	chk := "check=http check.path=/healthz check.interval=100ms check.timeout=50ms check.rise=1 check.fall=1"
+	port := freePort(t)
+	routeA := fmt.Sprintf("tcp 127.0.0.1:%d -> %s sni=a.example %s", port, a.addr(), chk)
+	deflt := fmt.Sprintf("tcp 127.0.0.1:%d -> %s %s", port, b.addr(), chk)
+	applyCommit(t, e, routeA, deflt)
+	routes := func() (ra, rd *Listener) {
+		lns := e.Listeners()
+		if len(lns) != 1 {
+			t.Fatalf("want one routed listener, got %d", len(lns))
+		}
+		for _, rl := range lns[0].Routes() {
+			switch {
+			case strings.Contains(rl.Rule().RouteString(), "sni=a.example"):
+				ra = rl
+			case !rl.Rule().IsRoute():
+				rd = rl
+			}
+		}
+		if ra == nil || rd == nil {
+			t.Fatalf("routes %d: route a or the default missing", len(lns[0].Routes()))
+		}
+		return ra, rd
+	}
+	waitWithin(t, 2*time.Second, "both routes checked", func() bool { return a.checks.Load() > 0 && b.checks.Load() > 0 })
+	a.health.Store(503)
+	waitWithin(t, 2*time.Second, "route a down by its checks", func() bool { ra, _ := routes(); return ra.Pool().NoBackend() })
+	if _, rd := routes(); rd.Pool().NoBackend() {
+		t.Fatal("the default route went down with route a's backend")
+	}
+	// Another route added: the key's listener is new, route a's state carries over.
+	other := fmt.Sprintf("tcp 127.0.0.1:%d -> %s sni=c.example", port, b.addr())
+	applyCommit(t, e, routeA, deflt, other)
+	if ra, _ := routes(); !ra.Pool().NoBackend() {
+		t.Error("route a came back up across an apply that kept it: its checks did not carry their state")
+	}
+	a.health.Store(200)
+	waitWithin(t, 2*time.Second, "route a up again", func() bool { ra, _ := routes(); return !ra.Pool().NoBackend() })
+}
