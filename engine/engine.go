@@ -5,6 +5,7 @@
 package engine
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -30,7 +31,7 @@ type Config struct {
 	Loops    int         // event loops; 0 = one per CPU
 	BufSize  int         // channel buffer size (default 16 KiB)
 	PipeSize int         // splice pipe size asked of the kernel (default 256 KiB)
-	MaxPipes int         // pipes for the whole process (default: 1/4 of the fd limit); <0 disables splice
+	MaxPipes int         // pipes for the whole process (default: 1/8 of the fd limit, within the user's pipe allowance); <0 disables splice
 	MaxFlows int         // udp flows per listener (default: 1/4 of the fd limit, at most 16384)
 	Log      *zap.Logger // nil = no logs
 }
@@ -78,8 +79,8 @@ func New(cfg Config) (*Engine, error) {
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err == nil && rl.Cur < uint64(tableSize) {
 		tableSize = int(rl.Cur)
 	}
-	if cfg.MaxPipes == 0 {
-		cfg.MaxPipes = tableSize / 4 // a pipe is two fds; leave most fds to sockets
+	if cfg.MaxPipes >= 0 {
+		cfg.MaxPipes = channel.MaxPipes(cfg.MaxPipes, tableSize, cmp.Or(cfg.PipeSize, channel.DefaultPipeSize))
 	}
 	if cfg.MaxFlows <= 0 {
 		cfg.MaxFlows = min(tableSize/4, 16384)
