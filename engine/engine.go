@@ -32,7 +32,7 @@ type Config struct {
 	BufSize  int         // channel buffer size (default 16 KiB)
 	PipeSize int         // splice pipe size asked of the kernel (default 256 KiB)
 	MaxPipes int         // pipes for the whole process (default: 1/8 of the fd limit, within the user's pipe allowance); <0 disables splice
-	MaxFlows int         // udp flows per listener (default: 1/4 of the fd limit, at most 16384)
+	MaxFlows int         // udp flows of the whole process (default: 1/4 of the fd limit, at most 16384)
 	Log      *zap.Logger // nil = no logs
 }
 
@@ -42,6 +42,7 @@ type Engine struct {
 	cfg    Config
 	base   time.Time
 	budget *channel.PipeBudget
+	flows  flowBudget // udp flows of every listener (udp.go)
 	loops  []*Loop
 	log    *zap.Logger
 
@@ -86,6 +87,7 @@ func New(cfg Config) (*Engine, error) {
 		cfg.MaxFlows = min(tableSize/4, 16384)
 	}
 	e := &Engine{cfg: cfg, base: time.Now(), log: cfg.Log, sessLimit: observe.NewLimiter(SessionEventRate)}
+	e.flows.max = int64(cfg.MaxFlows)
 	if cfg.MaxPipes > 0 {
 		e.budget = channel.NewPipeBudget(cfg.MaxPipes)
 	}
@@ -293,7 +295,7 @@ func (e *Engine) newListener(r *rules.Rule, i, fd int, bound netip.AddrPort, lp,
 		if owner == nil {
 			owner = e.loops[int(e.nextLoop.Add(1)-1)%len(e.loops)]
 		}
-		ln.udp = &udpState{loop: owner, flows: map[netip.AddrPort]*flow{}, maxFlows: e.cfg.MaxFlows}
+		ln.udp = &udpState{loop: owner, flows: map[flowKey]*flow{}}
 	}
 	return ln
 }
@@ -453,12 +455,14 @@ type Stats struct {
 	PipesOpen     int64         // whole process
 	PipesDenied   int64         // a pipe wanted, the budget said no
 
-	UDPFlows         int64  // live udp flows
-	UDPFlowsOpened   uint64 // udp flows opened, since start
-	UDPFlowsExpired  uint64 // udp flows ended by timeout.idle
-	UDPDatagramsUp   uint64 // client to target, forwarded
-	UDPDatagramsDown uint64 // target to client, forwarded
-	UDPDropped       uint64 // datagrams not forwarded (table full, no fd, buffer full)
+	UDPFlows           int64  // live udp flows
+	UDPFlowsOpened     uint64 // udp flows opened, since start
+	UDPFlowsExpired    uint64 // udp flows ended by timeout.idle (after a reply)
+	UDPFlowsUnanswered uint64 // udp flows ended without ever a reply, after the unanswered life
+	UDPFlowsDenied     uint64 // new sources' flows refused: the process's flow budget was spent
+	UDPDatagramsUp     uint64 // client to target, forwarded
+	UDPDatagramsDown   uint64 // target to client, forwarded
+	UDPDropped         uint64 // datagrams not forwarded (flow budget spent, no fd, buffer full)
 
 	// From counters.go:
 	FDs      int         // fds open in the process (/proc/self/fd); -1 if unreadable
@@ -482,11 +486,13 @@ func (e *Engine) Stats() Stats {
 	if e.budget != nil {
 		s.PipesOpen, s.PipesDenied = e.budget.Open(), e.budget.Denied()
 	}
+	s.UDPFlowsDenied = e.flows.denied.Load()
 	for _, ln := range e.Listeners() {
 		if u := ln.udp; u != nil {
 			s.UDPFlows += u.FlowsActive.Load()
 			s.UDPFlowsOpened += u.FlowsOpened.Load()
 			s.UDPFlowsExpired += u.FlowsExpired.Load()
+			s.UDPFlowsUnanswered += u.FlowsUnanswered.Load()
 			s.UDPDatagramsUp += u.DatagramsUp.Load()
 			s.UDPDatagramsDown += u.DatagramsDown.Load()
 			s.UDPDropped += u.Dropped.Load()

@@ -129,6 +129,17 @@ func listenSocket(p *pif, proto rules.Proto, addr netip.AddrPort) (int, netip.Ad
 			return fail("setsockopt IPV6_V6ONLY", err)
 		}
 	}
+	if typ == unix.SOCK_DGRAM && addr.Addr().IsUnspecified() {
+		// A wildcard udp socket: each datagram says where it was sent,
+		// and the flow's replies leave from there (udp.go).
+		level, opt := unix.IPPROTO_IP, unix.IP_PKTINFO
+		if fam == unix.AF_INET6 {
+			level, opt = unix.IPPROTO_IPV6, unix.IPV6_RECVPKTINFO
+		}
+		if err := unix.SetsockoptInt(fd, level, opt, 1); err != nil {
+			return fail("setsockopt PKTINFO", err)
+		}
+	}
 	if err := rawsys.Bind(fd, addr); err != nil {
 		return fail("bind", err)
 	}
