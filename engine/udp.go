@@ -85,10 +85,10 @@ type udpState struct {
 	FlowsOpened     atomic.Uint64
 	FlowsExpired    atomic.Uint64 // ended by timeout.idle after a reply
 	FlowsUnanswered atomic.Uint64 // ended by unansweredLife: no reply ever came
-	FlowsActive   atomic.Int64
-	DatagramsUp   atomic.Uint64 // client to target, forwarded
-	DatagramsDown atomic.Uint64 // target to client, forwarded
-	Dropped       atomic.Uint64 // not forwarded: flow budget spent, no fd, full socket buffer
+	FlowsActive     atomic.Int64
+	DatagramsUp     atomic.Uint64 // client to target, forwarded
+	DatagramsDown   atomic.Uint64 // target to client, forwarded
+	Dropped         atomic.Uint64 // not forwarded: flow budget spent, no fd, full socket buffer
 }
 
 // flow is one client source of a udp rule and its socket to the target.
