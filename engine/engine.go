@@ -291,6 +291,9 @@ func (e *Engine) newListener(r *rules.Rule, i, fd int, bound netip.AddrPort, lp,
 	key := rules.Key{Pif: r.ListenPif, Proto: r.Proto, Addr: r.ListenAddr, Port: r.ListenPorts.First + uint16(i)}
 	ln := &Listener{e: e, fd: fd, addr: bound, key: key, rule: r, listenPif: lp, targetPif: tp,
 		policy: pol, ctr: ctr, pool: balance.New(r.Balance, r.TargetFor(i))}
+	if r.Proto == rules.TCP {
+		setSockBuf(fd, r.SockBuf) // accepted sockets inherit it; a kept socket takes its new rule's
+	}
 	if r.Proto == rules.UDP {
 		if owner == nil {
 			owner = e.loops[int(e.nextLoop.Add(1)-1)%len(e.loops)]

@@ -131,7 +131,22 @@ func (s *session) expire(l *Loop) {
 			l.wheel.add(&s.tmr, (deadline+int64(tick)-1)/int64(tick))
 			return
 		}
+		s.resetQueued()
 		s.finish(l, conn.CodeIdleTimeout, false)
+	}
+}
+
+// resetQueued makes the close of each of the session's sockets whose peer
+// left bytes unacknowledged in its send queue (SIOCOUTQ) a reset: after
+// timeout.idle the peer is not reading, and a plain close would leave an
+// orphan socket holding the queue while it probes a zero window.
+func (s *session) resetQueued() {
+	for _, c := range [...]*conn.Conn{&s.cli, &s.srv} {
+		if fd := c.FD(); fd >= 0 {
+			if q, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ); err == nil && q > 0 {
+				_ = rawsys.LingerZero(fd)
+			}
+		}
 	}
 }
 
@@ -278,6 +293,7 @@ func (s *session) dial(l *Loop, code conn.Code) {
 			return
 		}
 		_ = rawsys.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+		setSockBuf(fd, s.ln.rule.SockBuf) // before connect: the window it offers follows
 		err = rawsys.Connect(fd, target)
 		if err != nil && err != unix.EINPROGRESS {
 			rawsys.Close(fd)
