@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 )
 
 // flooder runs a backend that writes to every connection until the write
@@ -24,28 +26,17 @@ func flooder(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	t.Cleanup(func() { ln.Close(); <-done })
-	go func() {
-		defer close(done)
+	b := testpeer.ServeFunc(ln, func(c net.Conn) error {
 		buf := make([]byte, 64<<10)
 		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
+			c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			if _, err := c.Write(buf); err != nil {
+				return nil
 			}
-			go func() {
-				defer c.Close()
-				for {
-					c.SetWriteDeadline(time.Now().Add(10 * time.Second))
-					if _, err := c.Write(buf); err != nil {
-						return
-					}
-				}
-			}()
 		}
-	}()
-	return ln.Addr().String()
+	})
+	t.Cleanup(b.Close)
+	return b.Addr()
 }
 
 // sessionFds returns the client and backend sockets of e's one session.

@@ -134,6 +134,10 @@ func Sendto(fd int, p []byte, flags int, to netip.AddrPort) (int, error) {
 	}
 }
 
+// RecvFromTo and SendFromTo each fill their msghdr in place: a helper taking
+// pointers to the stack variables made all four escape to the heap
+// (TestDatagramNoAllocations).
+
 // pktinfoBuf is room for one IP_PKTINFO or IPV6_PKTINFO control message,
 // 8-byte aligned as cmsg(3) wants; it lives on the caller's stack.
 type pktinfoBuf [8]uint64
