@@ -19,11 +19,7 @@ func fdTable(t *testing.T) int {
 // By default pipes (two fds each) take at most a quarter of the fd table:
 // the rest is the sockets'.
 func TestDefaultPipesLeaveFdsToSockets(t *testing.T) {
-	e, err := New(Config{Loops: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Shutdown(t.Context())
+	e := newEngine(t) // started, so that its Shutdown closes the loops' fds
 	fds := fdTable(t)
 	if got := 2 * e.cfg.MaxPipes; got > fds/4 {
 		t.Errorf("default MaxPipes %d: pipes may take %d of %d fds, want at most a quarter", e.cfg.MaxPipes, got, fds)

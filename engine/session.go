@@ -150,6 +150,26 @@ func (s *session) resetQueued() {
 	}
 }
 
+// clientGone ends a session whose client reset before its backend was
+// connected, unless the client's socket still holds bytes it sent
+// (SIOCINQ): those are owed to the backend, so the session waits for its
+// connect (timeout.connect still bounds it), forwards them and then passes
+// the reset on, as a reset while forwarding does. The events are recorded
+// (sfCliIn, sfCliHup) for the channels.
+func (s *session) clientGone(l *Loop) {
+	if heldBytes(s.cli.FD()) {
+		return
+	}
+	s.finish(l, conn.CodeClientReset, true)
+}
+
+// heldBytes reports whether socket fd has received bytes not yet read
+// (SIOCINQ), which a reset that followed them does not take back.
+func heldBytes(fd int) bool {
+	q, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
+	return err == nil && q > 0
+}
+
 func (s *session) idleTimeout() time.Duration {
 	if d := s.ln.rule.IdleTimeout; d > 0 {
 		return d
@@ -437,9 +457,15 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 			// Writable without an error or hang-up: connected; only a
 			// failure needs SO_ERROR to say which.
 			soerr, err := 0, error(nil)
-			if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 && !heldBytes(fd) {
 				soerr, err = rawsys.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
 			}
+			// Bytes to read mean the connect had completed: the backend
+			// accepted, sent, then reset before this loop saw the connect
+			// end. The session is established with the error left in the
+			// socket (SO_ERROR would clear it): the channel reads the bytes,
+			// then the reset, and ends as a server reset once they reached
+			// the client.
 			if err == nil && soerr == 0 {
 				l.wheel.del(&s.tmr)
 				s.established(l)
@@ -452,7 +478,7 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 			s.connectFailed(l, code)
 		} else if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 			// The client is gone before its backend answered.
-			s.finish(l, conn.CodeClientReset, true)
+			s.clientGone(l)
 		}
 	case stWaitFd:
 		if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
