@@ -72,9 +72,11 @@ var (
 	famPipesDenied       = &Family{Name: "pipes_denied_total", Help: "Times a pipe was wanted and the pipe budget refused (the channel kept its buffer).", Kind: KindCounter}
 	famUDPFlows          = &Family{Name: "udp_flows", Help: "Live UDP flows (one per client address and port).", Kind: KindGauge}
 	famUDPFlowsOpened    = &Family{Name: "udp_flows_opened_total", Help: "UDP flows opened.", Kind: KindCounter}
-	famUDPFlowsExpired   = &Family{Name: "udp_flows_expired_total", Help: "UDP flows ended by timeout.idle.", Kind: KindCounter}
+	famUDPFlowsExpired   = &Family{Name: "udp_flows_expired_total", Help: "UDP flows ended by timeout.idle (flows whose target replied).", Kind: KindCounter}
+	famUDPFlowsUnanswer  = &Family{Name: "udp_flows_unanswered_total", Help: "UDP flows ended because their target never replied within min(timeout.idle, 5s) of the client's last datagram.", Kind: KindCounter}
+	famUDPFlowsDenied    = &Family{Name: "udp_flows_denied_total", Help: "New UDP sources refused a flow because the process's flow budget (a quarter of the fd limit, at most 16384) was spent; their datagrams are dropped.", Kind: KindCounter}
 	famUDPDatagrams      = &Family{Name: "udp_datagrams_total", Help: "UDP datagrams forwarded, by direction.", Kind: KindCounter, Labels: []string{"direction"}}
-	famUDPDropped        = &Family{Name: "udp_dropped_total", Help: "UDP datagrams not forwarded (flow table full, no fd, buffer full).", Kind: KindCounter}
+	famUDPDropped        = &Family{Name: "udp_dropped_total", Help: "UDP datagrams not forwarded (flow budget spent, no fd, buffer full).", Kind: KindCounter}
 	famFDsOpen           = &Family{Name: "fds_open", Help: "File descriptors open in the process (/proc/self/fd), read at scrape time.", Kind: KindGauge}
 	famLogDropped        = &Family{Name: "log_dropped_total", Help: "Log lines dropped because the log output (stderr) did not take them in time; the data path never waits for it.", Kind: KindCounter}
 	famDraining          = &Family{Name: "draining", Help: "1 once the daemon is stopping and drains its sessions.", Kind: KindGauge}
@@ -115,7 +117,7 @@ var (
 // samples them itself.
 var Families = []*Family{
 	famEventLoops, famSessions, FamSessionsEnded, famConnectErrors, famBuffers, famPipes, famPipesOpen, famPipesDenied,
-	famUDPFlows, famUDPFlowsOpened, famUDPFlowsExpired, famUDPDatagrams, famUDPDropped, famFDsOpen, famLogDropped, famDraining,
+	famUDPFlows, famUDPFlowsOpened, famUDPFlowsExpired, famUDPFlowsUnanswer, famUDPFlowsDenied, famUDPDatagrams, famUDPDropped, famFDsOpen, famLogDropped, famDraining,
 	famTableGeneration, famTablePending, famTableConfirmBy, famTableOperations, FamTableApplySeconds, famCtlTransactions,
 	famRulePorts, famRuleConnections, FamRuleRefused, famRuleSessions, FamRuleTerminations, famRuleBytes, famRuleBytesMoved,
 	famRuleConnectErrors, famRuleConnectRetries, famRuleHealthReplies, famRuleProxyHeaders,
@@ -146,6 +148,8 @@ var EngineDefs = []CounterDef{
 	{Stat: "udp_flows", Family: famUDPFlows, Get: func(s *Stats) int64 { return s.UDPFlows }},
 	{Stat: "udp_flows_opened", Family: famUDPFlowsOpened, Get: func(s *Stats) int64 { return int64(s.UDPFlowsOpened) }},
 	{Stat: "udp_flows_expired", Family: famUDPFlowsExpired, Get: func(s *Stats) int64 { return int64(s.UDPFlowsExpired) }},
+	{Stat: "udp_flows_unanswered", Family: famUDPFlowsUnanswer, Get: func(s *Stats) int64 { return int64(s.UDPFlowsUnanswered) }},
+	{Stat: "udp_flows_denied", Family: famUDPFlowsDenied, Get: func(s *Stats) int64 { return int64(s.UDPFlowsDenied) }},
 	{Stat: "udp_datagrams_in", Family: famUDPDatagrams, Labels: []string{"to_target"}, Get: func(s *Stats) int64 { return int64(s.UDPDatagramsUp) }},
 	{Stat: "udp_datagrams_out", Family: famUDPDatagrams, Labels: []string{"to_client"}, Get: func(s *Stats) int64 { return int64(s.UDPDatagramsDown) }},
 	{Stat: "udp_dropped", Family: famUDPDropped, Get: func(s *Stats) int64 { return int64(s.UDPDropped) }},

@@ -5,6 +5,7 @@
 package engine
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -30,8 +31,8 @@ type Config struct {
 	Loops    int         // event loops; 0 = one per CPU
 	BufSize  int         // channel buffer size (default 16 KiB)
 	PipeSize int         // splice pipe size asked of the kernel (default 256 KiB)
-	MaxPipes int         // pipes for the whole process (default: 1/4 of the fd limit); <0 disables splice
-	MaxFlows int         // udp flows per listener (default: 1/4 of the fd limit, at most 16384)
+	MaxPipes int         // pipes for the whole process (default: 1/8 of the fd limit, within the user's pipe allowance); <0 disables splice
+	MaxFlows int         // udp flows of the whole process (default: 1/4 of the fd limit, at most 16384)
 	Log      *zap.Logger // nil = no logs
 }
 
@@ -41,6 +42,7 @@ type Engine struct {
 	cfg    Config
 	base   time.Time
 	budget *channel.PipeBudget
+	flows  flowBudget // udp flows of every listener (udp.go)
 	loops  []*Loop
 	log    *zap.Logger
 
@@ -81,13 +83,14 @@ func New(cfg Config) (*Engine, error) {
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err == nil && rl.Cur < uint64(tableSize) {
 		tableSize = int(rl.Cur)
 	}
-	if cfg.MaxPipes == 0 {
-		cfg.MaxPipes = tableSize / 4 // a pipe is two fds; leave most fds to sockets
+	if cfg.MaxPipes >= 0 {
+		cfg.MaxPipes = channel.MaxPipes(cfg.MaxPipes, tableSize, cmp.Or(cfg.PipeSize, channel.DefaultPipeSize))
 	}
 	if cfg.MaxFlows <= 0 {
 		cfg.MaxFlows = min(tableSize/4, 16384)
 	}
 	e := &Engine{cfg: cfg, base: time.Now(), log: cfg.Log, sessLimit: observe.NewLimiter(SessionEventRate)}
+	e.flows.max = int64(cfg.MaxFlows)
 	if cfg.MaxPipes > 0 {
 		e.budget = channel.NewPipeBudget(cfg.MaxPipes)
 	}
@@ -299,11 +302,14 @@ func (e *Engine) newListener(r *rules.Rule, i, fd int, bound netip.AddrPort, lp,
 	key := rules.Key{Pif: r.ListenPif, Proto: r.Proto, Addr: r.ListenAddr, Port: r.ListenPorts.First + uint16(i)}
 	ln := &Listener{e: e, fd: fd, addr: bound, key: key, rule: r, listenPif: lp, targetPif: tp,
 		policy: pol, ctr: ctr, pool: balance.New(r.Balance, e.targetsFor(r, i))}
+	if r.Proto == rules.TCP {
+		setSockBuf(fd, r.SockBuf) // accepted sockets inherit it; a kept socket takes its new rule's
+	}
 	if r.Proto == rules.UDP {
 		if owner == nil {
 			owner = e.loops[int(e.nextLoop.Add(1)-1)%len(e.loops)]
 		}
-		ln.udp = &udpState{loop: owner, flows: map[netip.AddrPort]*flow{}, maxFlows: e.cfg.MaxFlows}
+		ln.udp = &udpState{loop: owner, flows: map[flowKey]*flow{}}
 	}
 	return ln
 }
@@ -473,12 +479,14 @@ type Stats struct {
 	PipesOpen     int64         // whole process
 	PipesDenied   int64         // a pipe wanted, the budget said no
 
-	UDPFlows         int64  // live udp flows
-	UDPFlowsOpened   uint64 // udp flows opened, since start
-	UDPFlowsExpired  uint64 // udp flows ended by timeout.idle
-	UDPDatagramsUp   uint64 // client to target, forwarded
-	UDPDatagramsDown uint64 // target to client, forwarded
-	UDPDropped       uint64 // datagrams not forwarded (table full, no fd, buffer full)
+	UDPFlows           int64  // live udp flows
+	UDPFlowsOpened     uint64 // udp flows opened, since start
+	UDPFlowsExpired    uint64 // udp flows ended by timeout.idle (after a reply)
+	UDPFlowsUnanswered uint64 // udp flows ended without ever a reply, after the unanswered life
+	UDPFlowsDenied     uint64 // new sources' flows refused: the process's flow budget was spent
+	UDPDatagramsUp     uint64 // client to target, forwarded
+	UDPDatagramsDown   uint64 // target to client, forwarded
+	UDPDropped         uint64 // datagrams not forwarded (flow budget spent, no fd, buffer full)
 
 	// From counters.go:
 	FDs      int         // fds open in the process (/proc/self/fd); -1 if unreadable
@@ -502,11 +510,13 @@ func (e *Engine) Stats() Stats {
 	if e.budget != nil {
 		s.PipesOpen, s.PipesDenied = e.budget.Open(), e.budget.Denied()
 	}
+	s.UDPFlowsDenied = e.flows.denied.Load()
 	for _, ln := range e.Listeners() {
 		if u := ln.udp; u != nil {
 			s.UDPFlows += u.FlowsActive.Load()
 			s.UDPFlowsOpened += u.FlowsOpened.Load()
 			s.UDPFlowsExpired += u.FlowsExpired.Load()
+			s.UDPFlowsUnanswered += u.FlowsUnanswered.Load()
 			s.UDPDatagramsUp += u.DatagramsUp.Load()
 			s.UDPDatagramsDown += u.DatagramsDown.Load()
 			s.UDPDropped += u.Dropped.Load()

@@ -103,6 +103,45 @@ func groupSignature(g []*rules.Rule, line func(*rules.Rule) string) string {
 	return sig
 }
 
+// DefaultSockBuf is the SO_SNDBUF and SO_RCVBUF of a tcp session's sockets
+// when its rule has no sockbuf= (rules.Rule.SockBuf). The kernel doubles it
+// for its own bookkeeping: a client that never reads pins at most about
+// twice this in sluice's socket towards it, and as much in the backend's
+// socket, instead of the megabytes autotuning grows to (tcp_wmem,
+// tcp_rmem). Loopback and LAN paths keep their throughput with it
+// (docs/reliability.md, "Socket buffers and throughput"); a path with a larger
+// bandwidth-delay product wants sockbuf=auto or a larger size.
+const DefaultSockBuf = 1 << 20
+
+// noBufForce is set once SO_SNDBUFFORCE has been refused (no
+// CAP_NET_ADMIN): from then on only SO_SNDBUF / SO_RCVBUF are tried, which
+// the kernel caps at net.core.wmem_max / rmem_max.
+var noBufForce atomic.Bool
+
+// setSockBuf gives fd the socket buffers of sockbuf (a rules.Rule.SockBuf:
+// 0 the default, rules.SockBufAuto leaves the kernel's autotuning). Set on a
+// listening socket, accepted sockets inherit them; set on a backend socket
+// before its connect, the window it offers follows. Best effort: a socket
+// whose buffers cannot be set still works, with the kernel's.
+func setSockBuf(fd, sockbuf int) {
+	if sockbuf == rules.SockBufAuto {
+		return
+	}
+	if sockbuf == 0 {
+		sockbuf = DefaultSockBuf
+	}
+	for _, o := range [...][2]int{{unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}, {unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}} {
+		if !noBufForce.Load() {
+			if err := rawsys.SetsockoptInt(fd, unix.SOL_SOCKET, o[0], sockbuf); err == nil {
+				continue
+			} else if err == unix.EPERM {
+				noBufForce.Store(true)
+			}
+		}
+		_ = rawsys.SetsockoptInt(fd, unix.SOL_SOCKET, o[1], sockbuf)
+	}
+}
+
 // listenSocket creates a non-blocking socket of pif p bound to addr: a
 // listening one for tcp, a bound datagram socket for udp. It returns the fd,
 // the bound address (port filled in when 0 was asked), or an error naming the
@@ -129,6 +168,17 @@ func listenSocket(p *pif, proto rules.Proto, addr netip.AddrPort) (int, netip.Ad
 		// them collide.
 		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
 			return fail("setsockopt IPV6_V6ONLY", err)
+		}
+	}
+	if typ == unix.SOCK_DGRAM && addr.Addr().IsUnspecified() {
+		// A wildcard udp socket: each datagram says where it was sent,
+		// and the flow's replies leave from there (udp.go).
+		level, opt := unix.IPPROTO_IP, unix.IP_PKTINFO
+		if fam == unix.AF_INET6 {
+			level, opt = unix.IPPROTO_IPV6, unix.IPV6_RECVPKTINFO
+		}
+		if err := unix.SetsockoptInt(fd, level, opt, 1); err != nil {
+			return fail("setsockopt PKTINFO", err)
 		}
 	}
 	if err := rawsys.Bind(fd, addr); err != nil {

@@ -164,8 +164,43 @@ func (s *session) expire(l *Loop) {
 			l.wheel.add(&s.tmr, (deadline+int64(tick)-1)/int64(tick))
 			return
 		}
+		s.resetQueued()
 		s.finish(l, conn.CodeIdleTimeout, false)
 	}
+}
+
+// resetQueued makes the close of each of the session's sockets whose peer
+// left bytes unacknowledged in its send queue (SIOCOUTQ) a reset: after
+// timeout.idle the peer is not reading, and a plain close would leave an
+// orphan socket holding the queue while it probes a zero window.
+func (s *session) resetQueued() {
+	for _, c := range [...]*conn.Conn{&s.cli, &s.srv} {
+		if fd := c.FD(); fd >= 0 {
+			if q, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ); err == nil && q > 0 {
+				_ = rawsys.LingerZero(fd)
+			}
+		}
+	}
+}
+
+// clientGone ends a session whose client reset before its backend was
+// connected, unless the client's socket still holds bytes it sent
+// (SIOCINQ): those are owed to the backend, so the session waits for its
+// connect (timeout.connect still bounds it), forwards them and then passes
+// the reset on, as a reset while forwarding does. The events are recorded
+// (sfCliIn, sfCliHup) for the channels.
+func (s *session) clientGone(l *Loop) {
+	if heldBytes(s.cli.FD()) {
+		return
+	}
+	s.finish(l, conn.CodeClientReset, true)
+}
+
+// heldBytes reports whether socket fd has received bytes not yet read
+// (SIOCINQ), which a reset that followed them does not take back.
+func heldBytes(fd int) bool {
+	q, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
+	return err == nil && q > 0
 }
 
 func (s *session) idleTimeout() time.Duration {
@@ -324,6 +359,7 @@ func (s *session) dial(l *Loop, code conn.Code) {
 			return
 		}
 		_ = rawsys.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+		setSockBuf(fd, s.ln.rule.SockBuf) // before connect: the window it offers follows
 		err = rawsys.Connect(fd, target)
 		if err != nil && err != unix.EINPROGRESS {
 			rawsys.Close(fd)
@@ -467,9 +503,15 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 			// Writable without an error or hang-up: connected; only a
 			// failure needs SO_ERROR to say which.
 			soerr, err := 0, error(nil)
-			if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 && !heldBytes(fd) {
 				soerr, err = rawsys.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
 			}
+			// Bytes to read mean the connect had completed: the backend
+			// accepted, sent, then reset before this loop saw the connect
+			// end. The session is established with the error left in the
+			// socket (SO_ERROR would clear it): the channel reads the bytes,
+			// then the reset, and ends as a server reset once they reached
+			// the client.
 			if err == nil && soerr == 0 {
 				l.wheel.del(&s.tmr)
 				s.established(l)
@@ -482,7 +524,7 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 			s.connectFailed(l, code)
 		} else if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 			// The client is gone before its backend answered.
-			s.finish(l, conn.CodeClientReset, true)
+			s.clientGone(l)
 		}
 	case stWaitFd:
 		if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {

@@ -22,6 +22,22 @@ import (
 // socket buffer) is dropped and counted, as a router would. A flow ends after
 // timeout.idle without a datagram either way, or when the target reports it
 // unreachable.
+//
+// Flows are bounded for the whole process (Config.MaxFlows, a flowBudget),
+// not per listener: each holds an fd, and the fds are shared with the tcp
+// sessions, whose listeners pause on EMFILE. A flow whose target has not
+// replied yet lives min(timeout.idle, unansweredLife) after its client's
+// last datagram: a spoofed-source flood, whose replies go nowhere, then
+// holds its fds for seconds, not for timeout.idle. A one-way protocol
+// (syslog, statsd) keeps its flow while its client sends more often than
+// that; a quieter one opens a new flow, to the backend the pool picks.
+//
+// On a wildcard listener (0.0.0.0, [::]) the socket asks for IP_PKTINFO /
+// IPV6_RECVPKTINFO: each datagram says the local address it was sent to, a
+// flow is a client source and that address, and its replies are sent from
+// it (sendmsg with the source set). Without it the kernel would pick the
+// reply's source by route, and on a host with several addresses a client
+// that sent to one would hear from another and drop the reply.
 const (
 	DefaultUDPIdleTimeout = 60 * time.Second
 	udpEvents             = unix.EPOLLIN // level-triggered: batches may stop before EAGAIN
@@ -29,26 +45,58 @@ const (
 	maxDatagram           = 65535
 )
 
+// unansweredLife bounds the life of a flow that never got a reply, after
+// its client's last datagram. A variable so that tests can wait less.
+var unansweredLife = 5 * time.Second
+
+// flowBudget bounds the udp flows of the process (Config.MaxFlows). Safe for
+// concurrent use: listeners on every loop take from it.
+type flowBudget struct {
+	max    int64
+	open   atomic.Int64
+	denied atomic.Uint64 // a new source's flow refused: the budget was spent
+}
+
+// take reports whether one more flow may open, counting it if so.
+func (b *flowBudget) take() bool {
+	if b.open.Add(1) > b.max {
+		b.open.Add(-1)
+		b.denied.Add(1)
+		return false
+	}
+	return true
+}
+
+func (b *flowBudget) give() { b.open.Add(-1) }
+
+// flowKey is what a flow is found by: its client's address and, on a
+// wildcard listener, the local address the client sent to (else zero).
+type flowKey struct {
+	cli   netip.AddrPort
+	local netip.Addr
+}
+
 // udpState is the part of a Listener that only udp rules have. It is touched
 // by the owning loop only, except the counters.
 type udpState struct {
-	loop     *Loop
-	flows    map[netip.AddrPort]*flow
-	maxFlows int
+	loop  *Loop
+	flows map[flowKey]*flow
 
-	FlowsOpened   atomic.Uint64
-	FlowsExpired  atomic.Uint64
-	FlowsActive   atomic.Int64
-	DatagramsUp   atomic.Uint64 // client to target, forwarded
-	DatagramsDown atomic.Uint64 // target to client, forwarded
-	Dropped       atomic.Uint64 // not forwarded: flow table full, no fd, full socket buffer
+	FlowsOpened     atomic.Uint64
+	FlowsExpired    atomic.Uint64 // ended by timeout.idle after a reply
+	FlowsUnanswered atomic.Uint64 // ended by unansweredLife: no reply ever came
+	FlowsActive     atomic.Int64
+	DatagramsUp     atomic.Uint64 // client to target, forwarded
+	DatagramsDown   atomic.Uint64 // target to client, forwarded
+	Dropped         atomic.Uint64 // not forwarded: flow budget spent, no fd, full socket buffer
 }
 
 // flow is one client source of a udp rule and its socket to the target.
 type flow struct {
 	ln      *Listener
 	fd      int
-	cli     netip.AddrPort
+	key     flowKey // key.local: the address replies leave from (zero: the kernel chooses)
+	ifindex int32   // the interface the client's datagrams came in on (wildcard listeners)
 	tmr     timer
 	start   int64
 	active  int64 // loop clock of the last datagram either way
@@ -70,16 +118,17 @@ func (ln *Listener) handleUDP(l *Loop) {
 	u := ln.udp
 	buf := l.udp.buf[:]
 	for i := 0; i < udpBatch; i++ {
-		n, src, err := rawsys.Recvfrom(ln.fd, buf, 0)
+		n, src, dst, ifindex, err := rawsys.RecvFromTo(ln.fd, buf)
 		if err != nil {
 			if err != unix.EAGAIN {
 				ln.warnOnce(l, err)
 			}
 			return
 		}
-		f := u.flows[src]
+		key := flowKey{src, dst}
+		f := u.flows[key]
 		if f == nil {
-			if f = ln.openFlow(l, src); f == nil {
+			if f = ln.openFlow(l, key, int32(ifindex)); f == nil {
 				u.Dropped.Add(1)
 				continue
 			}
@@ -98,14 +147,25 @@ func (ln *Listener) handleUDP(l *Loop) {
 
 // openFlow creates the flow of a new client source, its backend picked by
 // the pool (the first that connects, up ones first), or returns nil when the
-// table is full or no socket can be had (the datagram is then dropped).
-func (ln *Listener) openFlow(l *Loop, src netip.AddrPort) *flow {
-	u := ln.udp
-	if len(u.flows) >= u.maxFlows {
+// process's flow budget is spent or no socket can be had (the datagram is
+// then dropped).
+func (ln *Listener) openFlow(l *Loop, key flowKey, ifindex int32) *flow {
+	if !l.e.flows.take() {
 		return nil
 	}
+	if f := ln.dialFlow(l, key, ifindex); f != nil {
+		return f
+	}
+	l.e.flows.give()
+	return nil
+}
+
+// dialFlow is openFlow once the budget said yes: nil when no backend could
+// be had.
+func (ln *Listener) dialFlow(l *Loop, key flowKey, ifindex int32) *flow {
+	u := ln.udp
 	pool := ln.pool
-	first := pool.Start(src.Addr(), l.now)
+	first := pool.Start(key.cli.Addr(), l.now)
 	for tried := uint64(0); ; {
 		i := pool.Next(first, tried, l.now)
 		if i < 0 {
@@ -127,17 +187,17 @@ func (ln *Listener) openFlow(l *Loop, src netip.AddrPort) *flow {
 			ln.backendFailed(l, i)
 			continue // no route, say: the next backend
 		}
-		f := &flow{ln: ln, fd: fd, cli: src, backend: uint8(i), start: l.now, active: l.now}
+		f := &flow{ln: ln, fd: fd, key: key, ifindex: ifindex, backend: uint8(i), start: l.now, active: l.now}
 		f.tmr.owner = f
 		if err := l.register(fd, udpEvents, f); err != nil {
 			rawsys.Close(fd)
 			return nil
 		}
 		pool.Acquire(i)
-		u.flows[src] = f
+		u.flows[key] = f
 		u.FlowsOpened.Add(1)
 		u.FlowsActive.Add(1)
-		l.arm(&f.tmr, ln.udpIdle())
+		l.arm(&f.tmr, f.life())
 		return f
 	}
 }
@@ -169,6 +229,15 @@ func (ln *Listener) udpIdle() time.Duration {
 	return DefaultUDPIdleTimeout
 }
 
+// life is how long the flow lives after its last datagram: timeout.idle
+// once its target replied, at most unansweredLife before.
+func (f *flow) life() time.Duration {
+	if f.heard {
+		return f.ln.udpIdle()
+	}
+	return min(f.ln.udpIdle(), unansweredLife)
+}
+
 // handle forwards up to udpBatch replies from the target to the client.
 func (f *flow) handle(l *Loop, _ int, _ uint32) {
 	u := f.ln.udp
@@ -188,7 +257,7 @@ func (f *flow) handle(l *Loop, _ int, _ uint32) {
 			}
 		}
 		f.active = l.now
-		if _, err := rawsys.Sendto(f.ln.fd, buf[:n], 0, f.cli); err != nil {
+		if _, err := rawsys.SendFromTo(f.ln.fd, buf[:n], f.key.local, int(f.ifindex), f.key.cli); err != nil {
 			u.Dropped.Add(1)
 			continue
 		}
@@ -206,12 +275,16 @@ func (f *flow) fail(l *Loop, err error) {
 }
 
 func (f *flow) expire(l *Loop) {
-	deadline := f.active + int64(f.ln.udpIdle())
+	deadline := f.active + int64(f.life())
 	if l.now < deadline {
 		l.wheel.add(&f.tmr, (deadline+int64(tick)-1)/int64(tick))
 		return
 	}
-	f.ln.udp.FlowsExpired.Add(1)
+	if f.heard {
+		f.ln.udp.FlowsExpired.Add(1)
+	} else {
+		f.ln.udp.FlowsUnanswered.Add(1)
+	}
 	f.close(l)
 }
 
@@ -225,10 +298,11 @@ func (f *flow) close(l *Loop) {
 	rawsys.Close(f.fd)
 	f.fd = -1
 	f.ln.pool.Release(int(f.backend))
-	delete(f.ln.udp.flows, f.cli)
+	delete(f.ln.udp.flows, f.key)
 	f.ln.udp.FlowsActive.Add(-1)
+	l.e.flows.give()
 	if ce := l.log.Check(zap.DebugLevel, "udp flow"); ce != nil {
-		ce.Write(zap.Stringer("listen", f.ln.addr), zap.Stringer("src", f.cli), zap.Stringer("target", f.ln.pool.Target(int(f.backend))),
+		ce.Write(zap.Stringer("listen", f.ln.addr), zap.Stringer("src", f.key.cli), zap.Stringer("target", f.ln.pool.Target(int(f.backend))),
 			zap.Duration("duration", time.Duration(l.now-f.start)))
 	}
 }

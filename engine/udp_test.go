@@ -383,10 +383,14 @@ func boundUDP(t *testing.T) (int, netip.AddrPort) {
 }
 
 // A datagram forwarded each way through an open flow allocates nothing: the
-// listener's recvfrom and the reply's sendto code their addresses on the
-// stack. The loop is not running: the test drives its handlers itself.
+// listener's recvmsg and the reply's sendmsg code their addresses and the
+// IP_PKTINFO control data (the path of a wildcard listener) on the stack.
+// The loop is not running: the test drives its handlers itself.
 func TestUDPForwardAllocatesNothing(t *testing.T) {
 	lfd, laddr := boundUDP(t) // the rule's listening socket
+	if err := rawsys.SetsockoptInt(lfd, unix.IPPROTO_IP, unix.IP_PKTINFO, 1); err != nil {
+		t.Fatal(err)
+	}
 	tfd, taddr := boundUDP(t) // the target
 	cfd, caddr := boundUDP(t) // the client
 	ffd, err := rawsys.Socket(unix.AF_INET, unix.SOCK_DGRAM)
@@ -397,9 +401,9 @@ func TestUDPForwardAllocatesNothing(t *testing.T) {
 	if err := rawsys.Connect(ffd, taddr); err != nil {
 		t.Fatal(err)
 	}
-	ln := &Listener{fd: lfd, pool: balance.New(rules.BalanceRoundRobin, []netip.AddrPort{taddr}), udp: &udpState{flows: map[netip.AddrPort]*flow{}}}
-	f := &flow{ln: ln, fd: ffd, cli: caddr, heard: true}
-	ln.udp.flows[caddr] = f
+	ln := &Listener{fd: lfd, pool: balance.New(rules.BalanceRoundRobin, []netip.AddrPort{taddr}), udp: &udpState{flows: map[flowKey]*flow{}}}
+	f := &flow{ln: ln, fd: ffd, key: flowKey{cli: caddr, local: laddr.Addr()}, heard: true}
+	ln.udp.flows[f.key] = f
 	l := &Loop{udp: new(udpScratch)}
 	msg, buf := []byte("datagram"), make([]byte, 64)
 	var bad string

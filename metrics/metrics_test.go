@@ -86,6 +86,7 @@ func TestCollector(t *testing.T) {
 	stats.PipesOpen, stats.PipesDenied = 3, 9
 	stats.UDPFlows, stats.UDPFlowsOpened, stats.UDPFlowsExpired = 12, 13, 14
 	stats.UDPDatagramsUp, stats.UDPDatagramsDown, stats.UDPDropped = 15, 16, 17
+	stats.UDPFlowsUnanswered, stats.UDPFlowsDenied = 18, 19
 	stats.FDs, stats.Draining = 42, true
 	h := engine.HistogramSnapshot{Bounds: []float64{0.001, 0.01}, Counts: []uint64{1, 2, 3}, Sum: 1.5}
 	stats.Table = engine.TableStats{Generation: 4, Pending: true, Applies: 5, Commits: 3, Rollbacks: 2, ApplyTime: h,
@@ -134,6 +135,9 @@ func TestCollector(t *testing.T) {
 		"sluice_udp_datagrams_total{direction=to_target}":           15,
 		"sluice_udp_datagrams_total{direction=to_client}":           16,
 		"sluice_udp_dropped_total":                                  17,
+		"sluice_udp_flows_unanswered_total":                         18,
+		"sluice_udp_flows_denied_total":                             19,
+		"sluice_log_dropped_total":                                  0,
 		"sluice_fds_open":                                           42,
 		"sluice_draining":                                           1,
 

@@ -62,6 +62,9 @@ func (r *Rule) String() string {
 	if r.Balance != BalanceRoundRobin {
 		b.WriteString(" balance=" + r.Balance.String())
 	}
+	if r.SockBuf != 0 {
+		b.WriteString(" sockbuf=" + FormatSockBuf(r.SockBuf))
+	}
 	writeDurOpt(&b, "timeout.connect", r.ConnectTimeout)
 	writeDurOpt(&b, "timeout.idle", r.IdleTimeout)
 	writeDurOpt(&b, "timeout.handshake", r.HandshakeTimeout)
@@ -110,6 +113,20 @@ func writeDurOpt(b *strings.Builder, name string, d time.Duration) {
 	if d > 0 {
 		b.WriteString(" " + name + "=" + FormatDuration(d))
 	}
+}
+
+// FormatSockBuf writes a sockbuf value as Parse reads it: "auto", or the
+// size in the largest unit that holds it exactly (256k, 1m, 5000).
+func FormatSockBuf(n int) string {
+	switch {
+	case n == SockBufAuto:
+		return "auto"
+	case n%(1<<20) == 0:
+		return strconv.Itoa(n>>20) + "m"
+	case n%(1<<10) == 0:
+		return strconv.Itoa(n>>10) + "k"
+	}
+	return strconv.Itoa(n)
 }
 
 // FormatDuration writes d as a Go duration without zero trailing units:

@@ -334,6 +334,10 @@ func (r *Rule) setOption(name, val string, hasVal bool) error {
 		default:
 			return fmt.Errorf("balance=%s: want roundrobin, leastconn or source", val)
 		}
+	case "sockbuf":
+		if err = needVal(); err == nil {
+			r.SockBuf, err = parseSockBuf(val)
+		}
 	case "timeout.connect":
 		if err = needVal(); err == nil {
 			r.ConnectTimeout, err = parseDuration(name, val)
@@ -385,6 +389,25 @@ func parseCIDRs(opt, s string) ([]netip.Prefix, error) {
 		out = append(out, pfx.Masked())
 	}
 	return out, nil
+}
+
+// parseSockBuf reads sockbuf's value: "auto" (SockBufAuto), or a size in
+// bytes, KiB (k) or MiB (m) within [MinSockBuf, MaxSockBuf].
+func parseSockBuf(s string) (int, error) {
+	if s == "auto" {
+		return SockBufAuto, nil
+	}
+	num, unit := s, 1
+	if n, ok := strings.CutSuffix(s, "k"); ok {
+		num, unit = n, 1<<10
+	} else if n, ok := strings.CutSuffix(s, "m"); ok {
+		num, unit = n, 1<<20
+	}
+	n, err := strconv.Atoi(num)
+	if err != nil || num == "" || num[0] < '0' || num[0] > '9' || n > MaxSockBuf/unit || n*unit < MinSockBuf {
+		return 0, fmt.Errorf("sockbuf=%s: want auto or a size from 4k to 64m, as 256k or 1m", s)
+	}
+	return n * unit, nil
 }
 
 // parseCount reads a positive count of at most 1e9.

@@ -148,6 +148,8 @@ func listenerDiff(a, b *Rule) string {
 		return "rate"
 	case a.MaxConn != b.MaxConn:
 		return "maxconn"
+	case a.SockBuf != b.SockBuf:
+		return "sockbuf" // the listening socket's, which accepted sockets inherit
 	case a.HandshakeTimeout != b.HandshakeTimeout:
 		return "timeout.handshake"
 	}

@@ -156,6 +156,15 @@ func (v ProxyVersion) String() string {
 	return "v" + strconv.Itoa(int(v))
 }
 
+// SockBufAuto is Rule.SockBuf for sockbuf=auto: no bound, the kernel tunes
+// the socket buffers itself. Sizes of sockbuf=SIZE lie within
+// [MinSockBuf, MaxSockBuf].
+const (
+	SockBufAuto = -1
+	MinSockBuf  = 4 << 10
+	MaxSockBuf  = 64 << 20
+)
+
 // PortRange is an inclusive range of ports. A single port has First == Last.
 type PortRange struct {
 	First, Last uint16
@@ -212,6 +221,7 @@ type Rule struct {
 	MaxConn     int            // concurrent conns on the rule; 0 = unlimited
 	Splice      SpliceMode
 	Balance     Balance
+	SockBuf     int // SO_SNDBUF and SO_RCVBUF of both sockets of a session, bytes; 0 = the engine's default, SockBufAuto = the kernel's autotuning
 
 	// Routing by TLS ClientHello (routes.go): names lowercase without a
 	// trailing dot, "*.b.example.com" for a wildcard; ALPN protocol names.

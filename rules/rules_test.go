@@ -27,6 +27,11 @@ var goodLines = []lineCase{
 	{"tcp 0.0.0.0:80 -> 10.0.0.1:80,10.0.0.2:80,[2001:db8::1]:8080 balance=leastconn", ""},
 	{"  tcp\t0.0.0.0:80   ->  10.0.0.1:80  weak  ", "tcp 0.0.0.0:80 -> 10.0.0.1:80 weak"},
 	{"tcp 0.0.0.0:443 -> 127.0.0.1:8443 splice=auto balance=roundrobin", "tcp 0.0.0.0:443 -> 127.0.0.1:8443"},
+	{"tcp 0.0.0.0:80 -> 127.0.0.1:8080 sockbuf=256k", ""},
+	{"tcp 0.0.0.0:80 -> 127.0.0.1:8080 sockbuf=1024k", "tcp 0.0.0.0:80 -> 127.0.0.1:8080 sockbuf=1m"},
+	{"tcp 0.0.0.0:80 -> 127.0.0.1:8080 sockbuf=5000 splice=on", "tcp 0.0.0.0:80 -> 127.0.0.1:8080 splice=on sockbuf=5000"},
+	{"tcp 0.0.0.0:80 -> 127.0.0.1:8080 sockbuf=auto", ""},
+	{"tcp 0.0.0.0:80 -> 127.0.0.1:8080 sockbuf=64m", ""},
 	{"tcp 0.0.0.0:443 -> 127.0.0.1:8443 timeout.idle=60s timeout.connect=1500ms",
 		"tcp 0.0.0.0:443 -> 127.0.0.1:8443 timeout.connect=1.5s timeout.idle=1m"},
 	{"tcp 0.0.0.0:80 -> 127.0.0.1:8080 deny=10.1.2.3/8 allow=192.168.1.7 accept-proxy=10.0.0.0/8,fd00::/8",
@@ -112,6 +117,14 @@ func TestParseErrors(t *testing.T) {
 		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 send-proxy", "option send-proxy needs a value"},
 		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 send-proxy=v3", "send-proxy=v3: want v1 or v2"},
 		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 rate=100", "rate=100: want N/s"},
+		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 sockbuf=1k", "sockbuf=1k: want auto or a size from 4k to 64m"},
+		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 sockbuf=65m", "sockbuf=65m: want auto"},
+		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 sockbuf=-4k", "sockbuf=-4k: want auto"},
+		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 sockbuf=+8k", "sockbuf=+8k: want auto"},
+		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 sockbuf=1g", "sockbuf=1g: want auto"},
+		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 sockbuf=", "option sockbuf needs a value"},
+		{"udp 0.0.0.0:53 -> 1.2.3.4:53 sockbuf=64k", "option sockbuf is for tcp rules only"},
+		{"tcp 0.0.0.0:80 health=tcp sockbuf=64k", "option sockbuf needs a target"},
 		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 rate=0/s", "want a whole number"},
 		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 maxconn=-1", "want a whole number"},
 		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 timeout.idle=5", "want a duration"},
@@ -254,6 +267,8 @@ func FuzzParse(f *testing.F) {
 	for _, tc := range nameLines {
 		f.Add(tc.in)
 	}
+	f.Add("tcp 127.0.0.1:1 -> 127.0.0.1:2 sockbuf=1024k")
+	f.Add("tcp 127.0.0.1:1 -> 127.0.0.1:2 sockbuf=auto")
 	f.Fuzz(func(t *testing.T, line string) {
 		r, err := Parse(line)
 		if err != nil {

@@ -72,6 +72,9 @@ func (r *Rule) Validate() error {
 			}
 		}
 	}
+	if r.SockBuf != 0 && r.SockBuf != SockBufAuto && (r.SockBuf < MinSockBuf || r.SockBuf > MaxSockBuf) {
+		return fmt.Errorf("sockbuf %d: want auto or a size from 4k to 64m", r.SockBuf)
+	}
 	if r.Rate < 0 || r.MaxConn < 0 || r.ConnectTimeout < 0 || r.IdleTimeout < 0 || r.HandshakeTimeout < 0 {
 		return errors.New("negative rate, maxconn or timeout")
 	}
@@ -120,6 +123,8 @@ func (r *Rule) targetOnlyOption() string {
 		return "splice"
 	case r.Balance != BalanceRoundRobin:
 		return "balance"
+	case r.SockBuf != 0:
+		return "sockbuf"
 	case r.ConnectTimeout != 0:
 		return "timeout.connect"
 	case r.IdleTimeout != 0:
@@ -143,6 +148,8 @@ func (r *Rule) tcpOnlyOption() string {
 		return "splice"
 	case r.MaxConn != 0:
 		return "maxconn"
+	case r.SockBuf != 0:
+		return "sockbuf"
 	case r.ConnectTimeout != 0:
 		return "timeout.connect"
 	case r.HandshakeTimeout != 0:

@@ -134,6 +134,117 @@ func Sendto(fd int, p []byte, flags int, to netip.AddrPort) (int, error) {
 	}
 }
 
+// RecvFromTo and SendFromTo each fill their msghdr in place: a helper taking
+// pointers to the stack variables made all four escape to the heap
+// (TestDatagramNoAllocations).
+
+// pktinfoBuf is room for one IP_PKTINFO or IPV6_PKTINFO control message,
+// 8-byte aligned as cmsg(3) wants; it lives on the caller's stack.
+type pktinfoBuf [8]uint64
+
+// It holds the larger message: a negative constant does not compile.
+const _ = uint(unsafe.Sizeof(pktinfoBuf{}) - (unix.SizeofCmsghdr + unix.SizeofInet6Pktinfo))
+
+// RecvFromTo reads one datagram into p, like Recvfrom, and also returns the
+// local address it was sent to and the interface it came in on, from the
+// IP_PKTINFO / IPV6_PKTINFO control message the socket was asked for
+// (IP_PKTINFO, IPV6_RECVPKTINFO); dst is the zero Addr when there is none.
+// Nothing is allocated.
+func RecvFromTo(fd int, p []byte) (n int, src netip.AddrPort, dst netip.Addr, ifindex int, err error) {
+	var rsa unix.RawSockaddrAny
+	var oob pktinfoBuf
+	var iov unix.Iovec
+	iov.Base = (*byte)(bufPtr(p))
+	iov.SetLen(len(p))
+	var msg unix.Msghdr
+	msg.Name = (*byte)(unsafe.Pointer(&rsa))
+	msg.Iov = &iov
+	msg.SetIovlen(1)
+	msg.Control = (*byte)(unsafe.Pointer(&oob))
+	for {
+		msg.Namelen = uint32(unsafe.Sizeof(rsa))
+		msg.SetControllen(int(unsafe.Sizeof(oob)))
+		r, _, e := unix.RawSyscall(unix.SYS_RECVMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), 0)
+		if e == unix.EINTR {
+			continue
+		}
+		if e != 0 {
+			return -1, netip.AddrPort{}, netip.Addr{}, 0, errnoErr(e)
+		}
+		dst, ifindex = parsePktinfo(oob[:], int(msg.Controllen))
+		return int(r), toAddrPort(&rsa), dst, ifindex, nil
+	}
+}
+
+// parsePktinfo finds the destination address and interface in the first
+// IP_PKTINFO or IPV6_PKTINFO message of the control data b[:n].
+func parsePktinfo(b []uint64, n int) (netip.Addr, int) {
+	raw := unsafe.Slice((*byte)(unsafe.Pointer(&b[0])), len(b)*8)[:min(n, len(b)*8)]
+	for len(raw) >= unix.SizeofCmsghdr {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&raw[0]))
+		l := int(h.Len)
+		if l < unix.SizeofCmsghdr || l > len(raw) {
+			break
+		}
+		data := raw[unix.CmsgLen(0):l]
+		switch {
+		case h.Level == unix.IPPROTO_IP && h.Type == unix.IP_PKTINFO && len(data) >= unix.SizeofInet4Pktinfo:
+			pi := (*unix.Inet4Pktinfo)(unsafe.Pointer(&data[0]))
+			return netip.AddrFrom4(pi.Addr), int(pi.Ifindex)
+		case h.Level == unix.IPPROTO_IPV6 && h.Type == unix.IPV6_PKTINFO && len(data) >= unix.SizeofInet6Pktinfo:
+			pi := (*unix.Inet6Pktinfo)(unsafe.Pointer(&data[0]))
+			return netip.AddrFrom16(pi.Addr).Unmap(), int(pi.Ifindex)
+		}
+		raw = raw[min(unix.CmsgSpace(l-unix.SizeofCmsghdr), len(raw)):]
+	}
+	return netip.Addr{}, 0
+}
+
+// SendFromTo sends p as one datagram to to, from the local address from
+// (an IP_PKTINFO / IPV6_PKTINFO control message: the reply of a wildcard
+// socket leaves from the address its request came to). ifindex is the
+// interface the request came in on: needed for an IPv6 link-local from,
+// ignored otherwise (routing chooses). An invalid from leaves the source to
+// the kernel, as Sendto. Nothing is allocated.
+func SendFromTo(fd int, p []byte, from netip.Addr, ifindex int, to netip.AddrPort) (int, error) {
+	var rsa unix.RawSockaddrAny
+	var oob pktinfoBuf
+	var iov unix.Iovec
+	iov.Base = (*byte)(bufPtr(p))
+	iov.SetLen(len(p))
+	var msg unix.Msghdr
+	msg.Name = (*byte)(unsafe.Pointer(&rsa))
+	msg.Namelen = fromAddrPort(to, &rsa)
+	msg.Iov = &iov
+	msg.SetIovlen(1)
+	if from.IsValid() {
+		msg.Control = (*byte)(unsafe.Pointer(&oob))
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob))
+		data := unsafe.Add(unsafe.Pointer(&oob), unix.CmsgLen(0))
+		if rsa.Addr.Family == unix.AF_INET {
+			h.Level, h.Type = unix.IPPROTO_IP, unix.IP_PKTINFO
+			h.SetLen(unix.CmsgLen(unix.SizeofInet4Pktinfo))
+			(*unix.Inet4Pktinfo)(data).Spec_dst = from.Unmap().As4()
+			msg.SetControllen(unix.CmsgSpace(unix.SizeofInet4Pktinfo))
+		} else {
+			h.Level, h.Type = unix.IPPROTO_IPV6, unix.IPV6_PKTINFO
+			h.SetLen(unix.CmsgLen(unix.SizeofInet6Pktinfo))
+			pi := (*unix.Inet6Pktinfo)(data)
+			pi.Addr = from.As16()
+			if from.IsLinkLocalUnicast() {
+				pi.Ifindex = uint32(ifindex)
+			}
+			msg.SetControllen(unix.CmsgSpace(unix.SizeofInet6Pktinfo))
+		}
+	}
+	for {
+		r, _, e := unix.RawSyscall(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), 0)
+		if e != unix.EINTR {
+			return count(r, e)
+		}
+	}
+}
+
 // Splice moves up to n bytes from rfd to wfd; one of them must be a pipe.
 func Splice(rfd, wfd int, n int, flags int) (int64, error) {
 	for {

@@ -269,16 +269,69 @@ func TestAddrPortRoundTrip(t *testing.T) {
 	}
 }
 
-// The per-datagram calls allocate nothing.
+// The per-datagram calls allocate nothing, with control data too.
 func TestDatagramNoAllocations(t *testing.T) {
 	a, aAddr := udpSocket(t, "127.0.0.1:0")
 	b, _ := udpSocket(t, "127.0.0.1:0")
+	if err := SetsockoptInt(a, unix.IPPROTO_IP, unix.IP_PKTINFO, 1); err != nil {
+		t.Fatal(err)
+	}
 	buf := make([]byte, 64)
 	allocs := testing.AllocsPerRun(100, func() {
 		Sendto(b, buf[:8], 0, aAddr)
 		Recvfrom(a, buf, 0)
+		Sendto(b, buf[:8], 0, aAddr)
+		_, src, dst, ifindex, _ := RecvFromTo(a, buf)
+		SendFromTo(a, buf[:8], dst, ifindex, src)
+		Recvfrom(b, buf, 0)
 	})
 	if allocs != 0 {
 		t.Errorf("%.1f allocations per datagram, want 0", allocs)
+	}
+}
+
+// A wildcard datagram socket asked for IP_PKTINFO / IPV6_RECVPKTINFO:
+// RecvFromTo names the address each datagram was sent to, and SendFromTo
+// sends the reply from it (127.0.0.2 is as local as 127.0.0.1). Without the
+// option there is no destination, and SendFromTo without a source is
+// Sendto.
+func TestPktinfo(t *testing.T) {
+	for _, tc := range []struct {
+		wild, client string
+		level, opt   int
+		dsts         []string
+	}{
+		{"0.0.0.0:0", "127.0.0.1:0", unix.IPPROTO_IP, unix.IP_PKTINFO, []string{"127.0.0.1", "127.0.0.2", "127.1.2.3"}},
+		{"[::]:0", "[::1]:0", unix.IPPROTO_IPV6, unix.IPV6_RECVPKTINFO, []string{"::1"}},
+	} {
+		t.Run(tc.wild, func(t *testing.T) {
+			srv, srvAddr := udpSocket(t, tc.wild)
+			cl, clAddr := udpSocket(t, tc.client)
+			buf := make([]byte, 64)
+			Sendto(cl, []byte("no option"), 0, netip.AddrPortFrom(netip.MustParseAddr(tc.dsts[0]), srvAddr.Port()))
+			waitFd(t, srv, unix.POLLIN)
+			if n, src, dst, _, err := RecvFromTo(srv, buf); err != nil || string(buf[:n]) != "no option" || src != clAddr || dst.IsValid() {
+				t.Fatalf("without the option: %q from %v to %v, %v", buf[:max(n, 0)], src, dst, err)
+			}
+			if err := SetsockoptInt(srv, tc.level, tc.opt, 1); err != nil {
+				t.Fatal(err)
+			}
+			for _, d := range tc.dsts {
+				to := netip.AddrPortFrom(netip.MustParseAddr(d), srvAddr.Port())
+				Sendto(cl, []byte(d), 0, to)
+				waitFd(t, srv, unix.POLLIN)
+				n, src, dst, ifindex, err := RecvFromTo(srv, buf)
+				if err != nil || string(buf[:n]) != d || src != clAddr || dst != to.Addr() || ifindex <= 0 {
+					t.Fatalf("sent %q to %v: got %q from %v to %v (if %d), %v", d, to, buf[:max(n, 0)], src, dst, ifindex, err)
+				}
+				if n, err := SendFromTo(srv, buf[:n], dst, ifindex, src); err != nil || n != len(d) {
+					t.Fatalf("sendmsg: %d, %v", n, err)
+				}
+				waitFd(t, cl, unix.POLLIN)
+				if n, from, err := Recvfrom(cl, buf, 0); err != nil || string(buf[:n]) != d || from != to {
+					t.Fatalf("reply %q from %v, %v; want it from %v", buf[:max(n, 0)], from, err, to)
+				}
+			}
+		})
 	}
 }

@@ -60,6 +60,10 @@ func Listen(addr string) (*Backend, error) {
 // network namespace, say); Close closes it.
 func Serve(ln net.Listener) *Backend { return serveWith(ln, serveExchange) }
 
+// ServeFunc starts a backend on ln that serves each conn with fn (a
+// backend that floods, stalls, ...); the conn is closed when fn returns.
+func ServeFunc(ln net.Listener, fn func(net.Conn) error) *Backend { return serveWith(ln, fn) }
+
 // serveWith starts a backend that serves each conn with exchange (another
 // exchange than this file's: the chaos one).
 func serveWith(ln net.Listener, exchange func(net.Conn) error) *Backend {
