@@ -13,6 +13,7 @@ import (
 
 	"github.com/sluice-proxy/sluice/balance"
 	"github.com/sluice-proxy/sluice/internal/rawsys"
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -109,15 +110,7 @@ func TestHTTPCheckSilentBackend(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
+	testpeer.Mute(ln)
 	addr := netip.MustParseAddrPort(ln.Addr().String())
 	if done, _, _ := run(t, addr, rules.CheckHTTP, Request("/", addr.String()), 300*time.Millisecond); done {
 		t.Error("a silent backend's check ended by itself")

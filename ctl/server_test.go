@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sluice-proxy/sluice/ctl/ctltest"
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -863,15 +864,7 @@ func TestClientDeadline(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
+	testpeer.Mute(ln)
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	start := time.Now()

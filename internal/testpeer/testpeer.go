@@ -246,3 +246,23 @@ func Accept(ln net.Listener, handle func(net.Conn)) {
 		}
 	}()
 }
+
+// Mute accepts every conn of ln and holds it, never reading or writing,
+// until ln is closed, then closes them: a server that never answers.
+func Mute(ln net.Listener) {
+	go func() {
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+}
