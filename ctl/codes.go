@@ -150,7 +150,8 @@ const (
 	CodeNoState          Code = 21 // the daemon keeps no state dir: no history
 	CodeNoPending        Code = 22 // confirm or rollback, but no commit-confirmed apply is pending
 	CodeNoReload         Code = 23 // the daemon has no configuration file to reload
-	codeCount                 = 24
+	CodeEmptyChunk       Code = 24 // a LOAD chunk with no line that is not the last
+	codeCount                 = 25
 )
 
 var codeNames = [codeCount]string{
@@ -177,6 +178,7 @@ var codeNames = [codeCount]string{
 	CodeNoState:          "no-state",
 	CodeNoPending:        "no-pending",
 	CodeNoReload:         "no-reload",
+	CodeEmptyChunk:       "empty-chunk",
 }
 
 // String returns the code's stable name, or "code-N" for a number this

@@ -61,6 +61,7 @@ type config struct {
 	maxClients     int
 	software       string
 	watchQueue     int // events queued for one watcher before it is cut off
+	loadTimeout    time.Duration
 }
 
 func defaultConfig() config {

@@ -1,0 +1,109 @@
+package ctl
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/sluice-proxy/sluice/ctl/ctltest"
+)
+
+// Issue 15, item 10: a writer may not hold the writer slot by trickling its
+// load. An empty LOAD chunk that is not the last is refused at once.
+func TestLoadEmptyChunkRefused(t *testing.T) {
+	eng := ctltest.New(1, nil, mustRules(t, oldRule)...)
+	s, path := startServer(t, eng, func(c *config) { c.ioTimeout = 300 * time.Millisecond })
+	r := dialRaw(t, path, true)
+	gen := r.hello(2, IntentWrite)
+	r.openChunk(gen, 0) // no line, not the last: carries nothing
+	r.expectError(CodeEmptyChunk)
+	waitIdle(t, s)
+	// A chunk with lines, then an empty last one, is still a load.
+	c, tb := dialWrite(t, path, Options{})
+	if _, err := c.Load(ctxT(t), tb.Generation, mustRules(t, oldRule, newRule)); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+}
+
+// Item 10: chunks that each arrive within the I/O timeout cannot stretch
+// a load past its own deadline.
+func TestLoadDeadline(t *testing.T) {
+	eng := ctltest.New(1, nil, mustRules(t, oldRule)...)
+	const io, whole = 300 * time.Millisecond, time.Second
+	s, path := startServer(t, eng, func(c *config) { c.ioTimeout = io; c.loadTimeout = whole })
+	r := dialRaw(t, path, true)
+	gen := r.hello(2, IntentWrite)
+	start := time.Now()
+	go func() {
+		// One new rule a chunk, each well inside the I/O timeout, until
+		// the server cuts the load off (or 4096 rules, minutes later).
+		for i := 0; i < 4000; i++ {
+			line := "tcp 0.0.0.0:" + itoa(20000+i) + " -> 127.0.0.1:80"
+			if err := r.tryChunk(gen, 0, line); err != nil {
+				return
+			}
+			time.Sleep(io / 3)
+		}
+	}()
+	e := r.expectError(CodeTimeout)
+	took := time.Since(start)
+	if took < whole-50*time.Millisecond || took > whole+2*time.Second {
+		t.Fatalf("load cut off after %s (%v), want about %s", took, e, whole)
+	}
+	waitIdle(t, s)
+	c, _ := dialWrite(t, path, Options{}) // the slot is free
+	c.Close()
+	t.Logf("a load trickled one chunk every %s was cut off after %s: %v", io/3, took.Round(time.Millisecond), e)
+}
+
+// Item 11: watchers are long-lived and do not count against max-clients;
+// with as many watchers as max-clients a writer and a reader still get in.
+func TestWatchersDoNotLockOutWriter(t *testing.T) {
+	eng := ctltest.New(1, nil, mustRules(t, oldRule)...)
+	const n = 4
+	_, path := startServer(t, eng, func(c *config) { c.maxClients = n })
+	for i := 0; i < n; i++ {
+		dialWatch(t, path, "rules")
+	}
+	ctx := ctxT(t)
+	st := mustDial(t, ctx, path, Options{})
+	defer st.Close()
+	if err := st.Hello(ctx, IntentStatus); err != nil {
+		t.Fatalf("a reader beside %d watchers: %v", n, err)
+	}
+	c, err := Dial(ctx, path, Options{})
+	if err != nil {
+		t.Fatalf("a writer beside %d watchers: %v", n, err)
+	}
+	defer c.Close()
+	if err := c.Hello(ctx, IntentWrite); err != nil {
+		t.Fatalf("a writer beside %d watchers: %v", n, err)
+	}
+}
+
+// Item 12: between apply and commit, list shows the committed table under
+// its generation, not the applied one under the old generation.
+func TestListDuringPendingApply(t *testing.T) {
+	eng := ctltest.New(1, nil, mustRules(t, oldRule)...)
+	_, path := startServer(t, eng, nil)
+	ctx := ctxT(t)
+	w, tb := dialWrite(t, path, Options{})
+	if _, err := w.Load(ctx, tb.Generation, mustRules(t, oldRule, newRule)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Apply(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	_, l := dialTable(t, path, Options{}, IntentList)
+	if l.Generation != 1 || !slices.Equal(l.Lines, []string{oldRule}) {
+		t.Fatalf("list during a pending apply: generation %d %q, want the committed table: generation 1 [%q]", l.Generation, l.Lines, oldRule)
+	}
+	if _, err := w.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	_, l = dialTable(t, path, Options{}, IntentList)
+	if l.Generation != 2 || !slices.Equal(l.Lines, []string{oldRule, newRule}) {
+		t.Fatalf("list after the commit: generation %d %q", l.Generation, l.Lines)
+	}
+}
