@@ -62,9 +62,12 @@ func TestLoadDeadline(t *testing.T) {
 func TestWatchersDoNotLockOutWriter(t *testing.T) {
 	eng := ctltest.New(1, nil, mustRules(t, oldRule)...)
 	const n = 4
-	_, path := startServer(t, eng, func(c *config) { c.maxClients = n })
+	s, path := startServer(t, eng, func(c *config) { c.maxClients = n; c.maxWatchers = n })
 	for i := 0; i < n; i++ {
 		dialWatch(t, path, "rules")
+	}
+	if h := s.hello.Limits; h.MaxWatchers != n || h.MaxClients != n {
+		t.Fatalf("the hello advertises max-clients %d, max-watchers %d", h.MaxClients, h.MaxWatchers)
 	}
 	ctx := ctxT(t)
 	st := mustDial(t, ctx, path, Options{})
@@ -80,6 +83,27 @@ func TestWatchersDoNotLockOutWriter(t *testing.T) {
 	if err := c.Hello(ctx, IntentWrite); err != nil {
 		t.Fatalf("a writer beside %d watchers: %v", n, err)
 	}
+	// Watchers have their own bound: one more is refused at its hello.
+	x := mustDial(t, ctx, path, Options{})
+	defer x.Close()
+	wantCode(t, x.Hello(ctx, IntentWatch), CodeTooManyClients)
+}
+
+// Item 11: the slot kept past max-clients is a writer's: with max-clients
+// connections open, a writer still gets in, a reader does not.
+func TestWriterSlotPastMaxClients(t *testing.T) {
+	eng := ctltest.New(1, nil, mustRules(t, oldRule)...)
+	const n = 3
+	_, path := startServer(t, eng, func(c *config) { c.maxClients = n })
+	for i := 0; i < n; i++ {
+		dialRaw(t, path, true) // before their hellos: readers or writers to be
+	}
+	ctx := ctxT(t)
+	r := mustDial(t, ctx, path, Options{})
+	defer r.Close()
+	wantCode(t, r.Hello(ctx, IntentStatus), CodeTooManyClients)
+	c, _ := dialWrite(t, path, Options{})
+	c.Close()
 }
 
 // Item 12: between apply and commit, list shows the committed table under

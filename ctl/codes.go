@@ -205,7 +205,9 @@ const (
 	LimitIOTimeoutMs      LimitID = 9  // each frame read or written within this
 	LimitMaxClients       LimitID = 10 // connections served at once
 	LimitBootID           LimitID = 11 // not a bound: the id of this run of the daemon, new at every start
-	limitCount                    = 12
+	LimitLoadTimeoutMs    LimitID = 12 // a whole load (step 5) within this
+	LimitMaxWatchers      LimitID = 13 // watch connections at once, apart from max-clients
+	limitCount                    = 14
 )
 
 var limitNames = [limitCount]string{
@@ -220,6 +222,8 @@ var limitNames = [limitCount]string{
 	LimitIOTimeoutMs:      "io-timeout-ms",
 	LimitMaxClients:       "max-clients",
 	LimitBootID:           "boot-id",
+	LimitLoadTimeoutMs:    "load-timeout-ms",
+	LimitMaxWatchers:      "max-watchers",
 }
 
 func (l LimitID) String() string {

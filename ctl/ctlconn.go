@@ -36,6 +36,8 @@ type ctlConn struct {
 	ver  uint8 // Version1 until the client hello is answered
 	who  Who   // the peer and its client name, set once the hello is read
 
+	watcher bool // counted in Server.watchers (admit); under s.mu
+
 	mu      sync.Mutex
 	closing bool // the server is closing: deadlines are "now"
 }
@@ -46,6 +48,9 @@ func (cc *ctlConn) run() {
 		cc.conn.Close()
 		cc.s.mu.Lock()
 		delete(cc.s.conns, cc)
+		if cc.watcher {
+			cc.s.watchers--
+		}
 		cc.s.mu.Unlock()
 		cc.s.wg.Done()
 	}()
@@ -213,6 +218,9 @@ func (cc *ctlConn) serve() error {
 	cc.ver = min(ch.Want, s.cfg.maxVersion)
 	cc.log = cc.log.With(zap.Stringer("intent", ch.Intent), zap.String("client", ch.Name), zap.Uint8("version", cc.ver))
 	cc.log.Debug("control connection")
+	if err := s.admit(cc, ch.Intent); err != nil {
+		return err
+	}
 	switch ch.Intent {
 	case IntentStatus:
 		st := s.status()

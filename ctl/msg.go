@@ -46,6 +46,10 @@ type Limits struct {
 	// client skips the ids it does not know of, so every client reads the
 	// hello as before.
 	BootID uint64
+	// LoadTimeout bounds a whole load (step 5), MaxWatchers the watch
+	// connections, which do not count against MaxClients.
+	LoadTimeout time.Duration
+	MaxWatchers int
 }
 
 // limitField ties a limit id to its field: a count, or a duration carried
@@ -71,6 +75,8 @@ func (l *Limits) fields() []limitField {
 		{LimitIOTimeoutMs, nil, &l.IOTimeout, nil},
 		{LimitMaxClients, &l.MaxClients, nil, nil},
 		{LimitBootID, nil, nil, &l.BootID},
+		{LimitLoadTimeoutMs, nil, &l.LoadTimeout, nil},
+		{LimitMaxWatchers, &l.MaxWatchers, nil, nil},
 	}
 }
 

@@ -847,6 +847,7 @@ func TestTooManyClients(t *testing.T) {
 	s, path := startServer(t, eng, func(c *config) { c.maxClients = 2 })
 	dialRaw(t, path, true)
 	dialRaw(t, path, true)
+	dialRaw(t, path, true) // the slot kept for a writer (admit)
 	_, err := Dial(ctxT(t), path, Options{})
 	wantCode(t, err, CodeTooManyClients)
 	if n := s.Stats().Errors["too-many-clients"]; n != 1 {
