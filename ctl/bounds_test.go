@@ -123,11 +123,86 @@ func TestListDuringPendingApply(t *testing.T) {
 	if l.Generation != 1 || !slices.Equal(l.Lines, []string{oldRule}) {
 		t.Fatalf("list during a pending apply: generation %d %q, want the committed table: generation 1 [%q]", l.Generation, l.Lines, oldRule)
 	}
+	// status says so: the committed table, and apart the pending one.
+	st := readStatus(t, path)
+	if st.Generation != 1 || st.Rules != 1 || st.PendingGen != 2 || st.PendingRules != 2 || st.PendingPorts != 2 {
+		t.Fatalf("status during a pending apply: %+v", st)
+	}
+	// list-pending asks for the applied table, under the generation it
+	// gets if committed.
+	_, p := dialTable(t, path, Options{}, IntentListPending)
+	if p.Generation != 2 || !slices.Equal(p.Lines, []string{oldRule, newRule}) {
+		t.Fatalf("list-pending: generation %d %q", p.Generation, p.Lines)
+	}
+	// A version 3 client reads STATUS as before.
+	if st := statusV(t, path, Version3); st.Generation != 1 || st.PendingGen != 0 {
+		t.Fatalf("status in version 3: %+v", st)
+	}
 	if _, err := w.Commit(ctx); err != nil {
 		t.Fatal(err)
 	}
+	if st := readStatus(t, path); st.Generation != 2 || st.Rules != 2 || st.PendingGen != 0 {
+		t.Fatalf("status after the commit: %+v", st)
+	}
+	x := mustDial(t, ctx, path, Options{})
+	defer x.Close()
+	wantCode(t, x.Hello(ctx, IntentListPending), CodeNoPending)
 	_, l = dialTable(t, path, Options{}, IntentList)
 	if l.Generation != 2 || !slices.Equal(l.Lines, []string{oldRule, newRule}) {
 		t.Fatalf("list after the commit: generation %d %q", l.Generation, l.Lines)
 	}
+}
+
+// Item 12 with commit-confirmed: a transaction left pending by LEAVE is an
+// apply that awaits its commit; list shows the committed table until the
+// confirm.
+func TestListDuringPendingConfirm(t *testing.T) {
+	eng := ctltest.New(1, nil, mustRules(t, oldRule)...)
+	_, path := startServer(t, eng, nil)
+	ctx := ctxT(t)
+	w, tb := dialWrite(t, path, Options{})
+	if _, err := w.Load(ctx, tb.Generation, mustRules(t, newRule)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Apply(ctx, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Leave(ctx); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	_, l := dialTable(t, path, Options{}, IntentList)
+	if l.Generation != 1 || !slices.Equal(l.Lines, []string{oldRule}) {
+		t.Fatalf("list during a pending confirm: generation %d %q", l.Generation, l.Lines)
+	}
+	st := readStatus(t, path)
+	if st.PendingGen != 2 || st.ConfirmGen != 2 || st.PendingRules != 1 {
+		t.Fatalf("status during a pending confirm: %+v", st)
+	}
+	c := mustDial(t, ctx, path, Options{})
+	defer c.Close()
+	if err := c.Hello(ctx, IntentConfirm); err != nil {
+		t.Fatal(err)
+	}
+	_, l = dialTable(t, path, Options{}, IntentList)
+	if l.Generation != 2 || !slices.Equal(l.Lines, []string{newRule}) {
+		t.Fatalf("list after the confirm: generation %d %q", l.Generation, l.Lines)
+	}
+}
+
+func readStatus(t *testing.T, path string) *Status { return statusV(t, path, 0) }
+
+func statusV(t *testing.T, path string, ver uint8) *Status {
+	t.Helper()
+	ctx := ctxT(t)
+	c := mustDial(t, ctx, path, Options{Version: ver})
+	defer c.Close()
+	if err := c.Hello(ctx, IntentStatus); err != nil {
+		t.Fatal(err)
+	}
+	st, err := c.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
 }

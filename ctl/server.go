@@ -25,9 +25,13 @@ import (
 // Its methods must be safe for concurrent use: readers (status, pifs, list)
 // call the first four while a writer's transaction runs.
 type Engine interface {
-	Pifs() []string                                 // named pifs in order; index 0 is "host", these are 1..n
-	Generation() uint64                             // of the active table
-	Rules() []*rules.Rule                           // the active table
+	Pifs() []string       // named pifs in order; index 0 is "host", these are 1..n
+	Generation() uint64   // of the active table
+	Rules() []*rules.Rule // the active table (while an apply is pending, the applied one)
+	// Tables reads, as one, the committed table and its generation and,
+	// while an apply awaits its commit or rollback, the applied table
+	// (pending true; it gets generation gen+1 if committed).
+	Tables() (gen uint64, committed, applied []*rules.Rule, pending bool)
 	Sessions() int64                                // live sessions
 	Apply(rs []*rules.Rule) (*rules.Summary, error) // swap to rs and sync sockets; an apply stays pending until Commit or Rollback; error if one is already pending or the engine stopped
 	Commit() (uint64, error)                        // the new generation
@@ -86,7 +90,7 @@ func (cfg *config) hello() ServerHello {
 			DefaultConfirm: cfg.defaultConfirm, MaxConfirm: cfg.maxConfirm, IOTimeout: cfg.ioTimeout,
 			MaxClients: cfg.maxClients, LoadTimeout: cfg.loadTimeout, MaxWatchers: cfg.maxWatchers},
 		Features: []string{FeatureTxn, FeatureConfirmTimeout, FeatureConcurrentRead, FeaturePeerCred, FeatureWatch, FeatureSessions, FeatureStats,
-			FeatureHistory, FeatureReload, FeatureConfirmLater},
+			FeatureHistory, FeatureReload, FeatureConfirmLater, FeatureListPending},
 	}
 }
 

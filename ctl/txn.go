@@ -106,7 +106,7 @@ func (tx *writeTxn) run() error {
 		}
 	}()
 	// 3, 4.
-	pifs, _, err := cc.listTable()
+	pifs, _, err := cc.listTable(false)
 	if err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"syscall"
 	"time"
 
@@ -65,6 +66,19 @@ func (e *Engine) Rules() []*rules.Rule {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return append([]*rules.Rule(nil), e.rules...)
+}
+
+// Tables returns, as one read, the committed table and its generation and,
+// while an apply awaits Commit or Rollback, the applied table (pending
+// true): the one the sockets serve, which gets generation gen+1 if
+// committed. The committed table is the pending apply's old rules.
+func (e *Engine) Tables() (gen uint64, committed, applied []*rules.Rule, pending bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if p := e.pending; p != nil {
+		return e.gen, slices.Clone(p.oldRules), slices.Clone(e.rules), true
+	}
+	return e.gen, slices.Clone(e.rules), nil, false
 }
 
 // Pifs returns the named pifs in the order they were added; the host pif
