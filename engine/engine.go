@@ -44,6 +44,14 @@ type Engine struct {
 	loops  []*Loop
 	log    *zap.Logger
 
+	// amu serializes the writers of the table: Apply, Commit, Rollback,
+	// Listen, the resolver's pool refresh, SetGeneration, AddPif and
+	// Shutdown's table steps. It is taken before mu, and held across binds
+	// and loop syncs, which mu is not (table.go): a reader takes mu alone.
+	// The fields below are mu's; a writer holds amu too, so a value it
+	// read under mu stays true until it writes it.
+	amu sync.Mutex
+
 	mu        sync.Mutex
 	listeners []*Listener
 	rules     []*rules.Rule   // the active table, in order
@@ -174,6 +182,8 @@ func (e *Engine) AddPif(name, netnsPath string) error {
 	if name == "" || name == rules.HostPif {
 		return fmt.Errorf("pif %q: the host pif is built in", name)
 	}
+	e.amu.Lock()
+	defer e.amu.Unlock()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.stopped {
@@ -221,6 +231,8 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	if err := e.resolveRules([]*rules.Rule{r}); err != nil {
 		return nil, err
 	}
+	e.amu.Lock()
+	defer e.amu.Unlock()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.started || e.stopped {
@@ -351,11 +363,13 @@ func (e *Engine) Listeners() []*Listener {
 // aborts the rest and stops the loops. It returns ctx.Err() when sessions had
 // to be aborted, nil when all ended by themselves.
 func (e *Engine) Shutdown(ctx context.Context) error {
+	e.amu.Lock() // an apply under way ends first; held for the table steps only
 	e.mu.Lock()
 	if e.stopped || !e.started {
 		e.stopped = true
 		e.closePifs()
 		e.mu.Unlock()
+		e.amu.Unlock()
 		return nil
 	}
 	// Draining: health replies say down (503) from now on, and no new
@@ -383,6 +397,7 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	e.listeners = keep
 	e.stopped = true
 	e.mu.Unlock()
+	e.amu.Unlock()
 
 	var err error
 	t := time.NewTicker(20 * time.Millisecond)
@@ -396,10 +411,12 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
+	e.amu.Lock()
 	e.mu.Lock()
 	e.closeListeners(keep)
 	e.listeners = nil
 	e.mu.Unlock()
+	e.amu.Unlock()
 	e.logRuleStats(keep, stop)
 	for _, l := range e.loops {
 		l.mu.Lock()
@@ -411,9 +428,11 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 		<-l.done
 	}
 	e.stopResolver()
+	e.amu.Lock()
 	e.mu.Lock()
 	e.closePifs()
 	e.mu.Unlock()
+	e.amu.Unlock()
 	return err
 }
 
