@@ -94,14 +94,19 @@ func TestWatchersDoNotLockOutWriter(t *testing.T) {
 func TestWriterSlotPastMaxClients(t *testing.T) {
 	eng := ctltest.New(1, nil, mustRules(t, oldRule)...)
 	const n = 3
-	_, path := startServer(t, eng, func(c *config) { c.maxClients = n })
+	s, path := startServer(t, eng, func(c *config) { c.maxClients = n })
 	for i := 0; i < n; i++ {
 		dialRaw(t, path, true) // before their hellos: readers or writers to be
 	}
 	ctx := ctxT(t)
 	r := mustDial(t, ctx, path, Options{})
-	defer r.Close()
 	wantCode(t, r.Hello(ctx, IntentStatus), CodeTooManyClients)
+	r.Close()
+	waitFor(t, "the refused reader to be gone", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return len(s.conns) == n
+	})
 	c, _ := dialWrite(t, path, Options{})
 	c.Close()
 }
