@@ -287,17 +287,9 @@ func (r *raw) hello(want uint8, intent Intent) uint64 {
 // openChunk sends a LOAD chunk that is not the last one.
 func (r *raw) openChunk(gen uint64, pif uint16, lines ...string) {
 	r.t.Helper()
-	r.do(func(fw *frameWriter) error {
-		fw.start(r.ver, MsgLoad)
-		fw.u64(gen)
-		fw.u16(pif)
-		fw.u8(0) // not last
-		fw.u16(uint16(len(lines)))
-		for _, l := range lines {
-			fw.str(l, maxLine, "rule line")
-		}
-		return fw.finish()
-	})
+	if err := r.tryChunk(gen, pif, lines...); err != nil {
+		r.t.Fatalf("write: %v", err)
+	}
 }
 
 // tryChunk sends a LOAD chunk that is not the last one, and reports a
