@@ -300,7 +300,7 @@ func (c *Client) List(ctx context.Context) (*Table, error) {
 			}
 		}
 		c.step = stepListed
-		if c.intent == IntentList {
+		if c.intent == IntentList || c.intent == IntentListPending {
 			c.step = stepDone
 		}
 		return nil

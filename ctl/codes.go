@@ -4,13 +4,15 @@ import "strconv"
 
 // Protocol versions. Version1 is the base; Version2 adds the per-port
 // detail of a SUMMARY; Version3 adds the boot id and a pending
-// commit-confirmed transaction to STATUS. See docs/ctl-protocol.md.
+// commit-confirmed transaction to STATUS; Version4 adds an apply that
+// awaits its commit to STATUS. See docs/ctl-protocol.md.
 const (
 	Version1 uint8 = 1
 	Version2 uint8 = 2
 	Version3 uint8 = 3
+	Version4 uint8 = 4
 	// MaxVersion is the highest version this build speaks.
-	MaxVersion = Version3
+	MaxVersion = Version4
 )
 
 // MsgType is a frame's message type. The numbers are the wire's.
@@ -83,32 +85,34 @@ func (t MsgType) String() string {
 type Intent uint8
 
 const (
-	IntentStatus   Intent = 1  // STATUS, then close
-	IntentPifs     Intent = 2  // PIFS, then close
-	IntentList     Intent = 3  // PIFS and RULES, then close
-	IntentWrite    Intent = 4  // the writing transaction, steps 3-10
-	IntentWatch    Intent = 5  // PIFS, WATCH, then EVENTs until either side closes
-	IntentSessions Intent = 6  // PIFS, QUERY, SESSIONS, then close
-	IntentStats    Intent = 7  // STATS, then close
-	IntentHistory  Intent = 8  // PIFS, RECENT, HISTORY, then close
-	IntentReload   Intent = 9  // the configuration file re-read and applied: SUMMARY and RELOADED, then close
-	IntentConfirm  Intent = 10 // the pending commit-confirmed apply committed: COMMITTED, then close
-	IntentRollback Intent = 11 // the pending commit-confirmed apply rolled back: SUMMARY, then close
-	intentCount           = 12
+	IntentStatus      Intent = 1  // STATUS, then close
+	IntentPifs        Intent = 2  // PIFS, then close
+	IntentList        Intent = 3  // PIFS and RULES, then close
+	IntentWrite       Intent = 4  // the writing transaction, steps 3-10
+	IntentWatch       Intent = 5  // PIFS, WATCH, then EVENTs until either side closes
+	IntentSessions    Intent = 6  // PIFS, QUERY, SESSIONS, then close
+	IntentStats       Intent = 7  // STATS, then close
+	IntentHistory     Intent = 8  // PIFS, RECENT, HISTORY, then close
+	IntentReload      Intent = 9  // the configuration file re-read and applied: SUMMARY and RELOADED, then close
+	IntentConfirm     Intent = 10 // the pending commit-confirmed apply committed: COMMITTED, then close
+	IntentRollback    Intent = 11 // the pending commit-confirmed apply rolled back: SUMMARY, then close
+	IntentListPending Intent = 12 // PIFS and RULES of the applied table that awaits its commit, then close
+	intentCount              = 13
 )
 
 var intentNames = [intentCount]string{
-	IntentStatus:   "status",
-	IntentPifs:     "pifs",
-	IntentList:     "list",
-	IntentWrite:    "write",
-	IntentWatch:    "watch",
-	IntentSessions: "sessions",
-	IntentStats:    "stats",
-	IntentHistory:  "history",
-	IntentReload:   "reload",
-	IntentConfirm:  "confirm",
-	IntentRollback: "rollback",
+	IntentStatus:      "status",
+	IntentPifs:        "pifs",
+	IntentList:        "list",
+	IntentWrite:       "write",
+	IntentWatch:       "watch",
+	IntentSessions:    "sessions",
+	IntentStats:       "stats",
+	IntentHistory:     "history",
+	IntentReload:      "reload",
+	IntentConfirm:     "confirm",
+	IntentRollback:    "rollback",
+	IntentListPending: "list-pending",
 }
 
 // Known reports whether i is an intent of the protocol.
@@ -148,9 +152,10 @@ const (
 	CodeInternal         Code = 19 // the engine reported a state the server cannot describe
 	CodeSlowWatcher      Code = 20 // a watcher's event queue overflowed: it was cut off
 	CodeNoState          Code = 21 // the daemon keeps no state dir: no history
-	CodeNoPending        Code = 22 // confirm or rollback, but no commit-confirmed apply is pending
+	CodeNoPending        Code = 22 // confirm or rollback, but no commit-confirmed apply is pending; list-pending, but no apply awaits its commit
 	CodeNoReload         Code = 23 // the daemon has no configuration file to reload
-	codeCount                 = 24
+	CodeEmptyChunk       Code = 24 // a LOAD chunk with no line that is not the last
+	codeCount                 = 25
 )
 
 var codeNames = [codeCount]string{
@@ -177,6 +182,7 @@ var codeNames = [codeCount]string{
 	CodeNoState:          "no-state",
 	CodeNoPending:        "no-pending",
 	CodeNoReload:         "no-reload",
+	CodeEmptyChunk:       "empty-chunk",
 }
 
 // String returns the code's stable name, or "code-N" for a number this
@@ -203,7 +209,9 @@ const (
 	LimitIOTimeoutMs      LimitID = 9  // each frame read or written within this
 	LimitMaxClients       LimitID = 10 // connections served at once
 	LimitBootID           LimitID = 11 // not a bound: the id of this run of the daemon, new at every start
-	limitCount                    = 12
+	LimitLoadTimeoutMs    LimitID = 12 // a whole load (step 5) within this
+	LimitMaxWatchers      LimitID = 13 // watch connections at once, apart from max-clients
+	limitCount                    = 14
 )
 
 var limitNames = [limitCount]string{
@@ -218,6 +226,8 @@ var limitNames = [limitCount]string{
 	LimitIOTimeoutMs:      "io-timeout-ms",
 	LimitMaxClients:       "max-clients",
 	LimitBootID:           "boot-id",
+	LimitLoadTimeoutMs:    "load-timeout-ms",
+	LimitMaxWatchers:      "max-watchers",
 }
 
 func (l LimitID) String() string {
@@ -239,4 +249,5 @@ const (
 	FeatureHistory        = "history"         // intent history: the last commits of the state dir
 	FeatureReload         = "reload"          // intent reload: the configuration file applied again
 	FeatureConfirmLater   = "confirm-later"   // LEAVE at step 9, intents confirm and rollback
+	FeatureListPending    = "list-pending"    // intent list-pending; list and status tell the committed table from a pending one
 )

@@ -36,6 +36,8 @@ type ctlConn struct {
 	ver  uint8 // Version1 until the client hello is answered
 	who  Who   // the peer and its client name, set once the hello is read
 
+	watcher bool // counted in Server.watchers (admit); under s.mu
+
 	mu      sync.Mutex
 	closing bool // the server is closing: deadlines are "now"
 }
@@ -46,6 +48,9 @@ func (cc *ctlConn) run() {
 		cc.conn.Close()
 		cc.s.mu.Lock()
 		delete(cc.s.conns, cc)
+		if cc.watcher {
+			cc.s.watchers--
+		}
 		cc.s.mu.Unlock()
 		cc.s.wg.Done()
 	}()
@@ -213,6 +218,9 @@ func (cc *ctlConn) serve() error {
 	cc.ver = min(ch.Want, s.cfg.maxVersion)
 	cc.log = cc.log.With(zap.Stringer("intent", ch.Intent), zap.String("client", ch.Name), zap.Uint8("version", cc.ver))
 	cc.log.Debug("control connection")
+	if err := s.admit(cc, ch.Intent); err != nil {
+		return err
+	}
 	switch ch.Intent {
 	case IntentStatus:
 		st := s.status()
@@ -224,7 +232,10 @@ func (cc *ctlConn) serve() error {
 		}
 		return cc.send(func() error { return cc.w.writePifs(cc.ver, pifs) })
 	case IntentList:
-		_, _, err := cc.listTable()
+		_, _, err := cc.listTable(false)
+		return err
+	case IntentListPending:
+		_, _, err := cc.listTable(true)
 		return err
 	case IntentWatch:
 		return cc.watch()
@@ -242,11 +253,15 @@ func (cc *ctlConn) serve() error {
 	return (&writeTxn{cc: cc}).run()
 }
 
-// status is the answer to intent status.
+// status is the answer to intent status: the committed table and, apart,
+// an applied one that awaits its commit.
 func (s *Server) status() *Status {
-	gen, rs := s.snapshot()
+	gen, rs, applied, pending := s.eng.Tables()
 	st := &Status{Generation: gen, Rules: len(rs), Ports: rules.ListenPortCount(rs), Sessions: s.eng.Sessions(),
 		Pifs: 1 + len(s.eng.Pifs()), Writer: s.writer.Load(), BootID: s.hello.Limits.BootID}
+	if pending {
+		st.PendingGen, st.PendingRules, st.PendingPorts = gen+1, len(applied), rules.ListenPortCount(applied)
+	}
 	st.ConfirmGen, st.ConfirmLeft = s.pendingLeft()
 	return st
 }
@@ -265,28 +280,24 @@ func (s *Server) pifs() ([]Pif, error) {
 	return pifs, nil
 }
 
-// snapshot reads the active table and its generation as one: a commit
-// between the two reads is seen and the reads are done again.
-func (s *Server) snapshot() (uint64, []*rules.Rule) {
-	for i := 0; ; i++ {
-		gen := s.eng.Generation()
-		rs := s.eng.Rules()
-		// Only a commit changes the generation, and only the one writer
-		// commits: a second try is all it takes in practice.
-		if s.eng.Generation() == gen || i == 100 {
-			return gen, rs
-		}
-	}
-}
-
-// listTable sends steps 3 and 4: PIFS, then RULES one pif at a time.
-func (cc *ctlConn) listTable() ([]Pif, uint64, error) {
+// listTable sends steps 3 and 4: PIFS, then RULES one pif at a time. The
+// table is the committed one, never an apply that may still roll back (a
+// backup made from it saves what a restart would serve); with pending, it
+// is that apply's, under the generation it gets if committed, and none
+// pending is no-pending.
+func (cc *ctlConn) listTable(pending bool) ([]Pif, uint64, error) {
 	s := cc.s
 	pifs, err := s.pifs()
 	if err != nil {
 		return nil, 0, err
 	}
-	gen, rs := s.snapshot()
+	gen, rs, applied, isPending := s.eng.Tables()
+	if pending {
+		if !isPending {
+			return nil, 0, errorf(CodeNoPending, "no applied table awaits its commit: the committed one is generation %d", gen)
+		}
+		gen, rs = gen+1, applied
+	}
 	index := make(map[string]uint16, len(pifs))
 	for _, p := range pifs {
 		index[rules.ModelPif(p.Name)] = uint16(p.Index)

@@ -151,12 +151,9 @@ func TestDocTables(t *testing.T) {
 	t.Run("limits", func(t *testing.T) {
 		cfg := defaultConfig()
 		h := cfg.hello()
-		values := map[LimitID]uint64{
-			LimitMaxPayload: uint64(h.Limits.MaxPayload), LimitMaxRules: uint64(h.Limits.MaxRules), LimitMaxPorts: uint64(h.Limits.MaxPorts),
-			LimitMaxPortsPerRule: uint64(h.Limits.MaxPortsPerRule), LimitMaxLineLen: uint64(h.Limits.MaxLineLen), LimitMaxPifs: uint64(h.Limits.MaxPifs),
-			LimitDefaultConfirmMs: uint64(h.Limits.DefaultConfirm.Milliseconds()), LimitMaxConfirmMs: uint64(h.Limits.MaxConfirm.Milliseconds()),
-			LimitIOTimeoutMs: uint64(h.Limits.IOTimeout.Milliseconds()), LimitMaxClients: uint64(h.Limits.MaxClients),
-			LimitBootID: h.Limits.BootID,
+		values := map[LimitID]uint64{} // every limit the hello has, so a new one needs its row
+		for _, l := range h.Limits.fields() {
+			values[l.id] = l.get()
 		}
 		rows := tableAfter(t, doc, "Limit ids (stable")
 		if len(rows) != limitCount-1 || len(values) != limitCount-1 {

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -286,15 +287,28 @@ func (r *raw) hello(want uint8, intent Intent) uint64 {
 // openChunk sends a LOAD chunk that is not the last one.
 func (r *raw) openChunk(gen uint64, pif uint16, lines ...string) {
 	r.t.Helper()
-	r.do(func(fw *frameWriter) error {
-		fw.start(r.ver, MsgLoad)
-		fw.u64(gen)
-		fw.u16(pif)
-		fw.u8(0) // not last
-		fw.u16(uint16(len(lines)))
-		for _, l := range lines {
-			fw.str(l, maxLine, "rule line")
-		}
-		return fw.finish()
-	})
+	if err := r.tryChunk(gen, pif, lines...); err != nil {
+		r.t.Fatalf("write: %v", err)
+	}
 }
+
+// tryChunk sends a LOAD chunk that is not the last one, and reports a
+// failed write rather than failing the test (the server may have cut the
+// connection off).
+func (r *raw) tryChunk(gen uint64, pif uint16, lines ...string) error {
+	_ = r.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	r.fw.start(r.ver, MsgLoad)
+	r.fw.u64(gen)
+	r.fw.u16(pif)
+	r.fw.u8(0)
+	r.fw.u16(uint16(len(lines)))
+	for _, l := range lines {
+		r.fw.str(l, maxLine, "rule line")
+	}
+	if err := r.fw.finish(); err != nil {
+		return err
+	}
+	return r.fw.flush()
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }

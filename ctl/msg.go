@@ -46,6 +46,10 @@ type Limits struct {
 	// client skips the ids it does not know of, so every client reads the
 	// hello as before.
 	BootID uint64
+	// LoadTimeout bounds a whole load (step 5), MaxWatchers the watch
+	// connections, which do not count against MaxClients.
+	LoadTimeout time.Duration
+	MaxWatchers int
 }
 
 // limitField ties a limit id to its field: a count, or a duration carried
@@ -71,6 +75,8 @@ func (l *Limits) fields() []limitField {
 		{LimitIOTimeoutMs, nil, &l.IOTimeout, nil},
 		{LimitMaxClients, &l.MaxClients, nil, nil},
 		{LimitBootID, nil, nil, &l.BootID},
+		{LimitLoadTimeoutMs, nil, &l.LoadTimeout, nil},
+		{LimitMaxWatchers, &l.MaxWatchers, nil, nil},
 	}
 }
 
@@ -205,6 +211,12 @@ type Status struct {
 	BootID      uint64        // this run of the daemon (the hello's boot-id)
 	ConfirmGen  uint64        // a commit-confirmed apply is pending: the generation it gets if confirmed; 0 = none
 	ConfirmLeft time.Duration // until that one rolls back by itself
+	// Version 4 only: an apply awaits its commit (a commit-confirmed one
+	// included). Generation, Rules and Ports above are the committed
+	// table's; these are the applied one's, which the sockets serve.
+	PendingGen   uint64 // the generation it gets if committed; 0 = none pending
+	PendingRules int
+	PendingPorts int
 }
 
 // tableLine is one rule line of RULES or LOAD with its listen pif's index.
@@ -395,6 +407,11 @@ func (fw *frameWriter) writeStatus(ver uint8, s *Status) error {
 		fw.u64(s.BootID)
 		fw.u64(s.ConfirmGen)
 		fw.u64(uint64(max(s.ConfirmLeft, 0) / time.Millisecond))
+	}
+	if ver >= Version4 {
+		fw.u64(s.PendingGen)
+		fw.count32(s.PendingRules, "pending rules")
+		fw.count32(s.PendingPorts, "pending ports")
 	}
 	return fw.finish()
 }
@@ -636,6 +653,11 @@ func decodeStatus(f frame) (*Status, error) {
 		s.BootID = d.u64("boot-id")
 		s.ConfirmGen = d.u64("confirm-generation")
 		s.ConfirmLeft = time.Duration(min(d.u64("confirm-left-ms"), uint64(MaxConfirm/time.Millisecond))) * time.Millisecond
+	}
+	if f.ver >= Version4 {
+		s.PendingGen = d.u64("pending-generation")
+		s.PendingRules = int(d.u32("pending rules"))
+		s.PendingPorts = int(d.u32("pending ports"))
 	}
 	return s, d.end()
 }

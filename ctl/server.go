@@ -25,9 +25,13 @@ import (
 // Its methods must be safe for concurrent use: readers (status, pifs, list)
 // call the first four while a writer's transaction runs.
 type Engine interface {
-	Pifs() []string                                 // named pifs in order; index 0 is "host", these are 1..n
-	Generation() uint64                             // of the active table
-	Rules() []*rules.Rule                           // the active table
+	Pifs() []string       // named pifs in order; index 0 is "host", these are 1..n
+	Generation() uint64   // of the active table
+	Rules() []*rules.Rule // the active table (while an apply is pending, the applied one)
+	// Tables reads, as one, the committed table and its generation and,
+	// while an apply awaits its commit or rollback, the applied table
+	// (pending true; it gets generation gen+1 if committed).
+	Tables() (gen uint64, committed, applied []*rules.Rule, pending bool)
 	Sessions() int64                                // live sessions
 	Apply(rs []*rules.Rule) (*rules.Summary, error) // swap to rs and sync sockets; an apply stays pending until Commit or Rollback; error if one is already pending or the engine stopped
 	Commit() (uint64, error)                        // the new generation
@@ -56,7 +60,9 @@ const (
 	MaxConfirm     = 10 * time.Minute
 	IOTimeout      = 10 * time.Second
 	MaxClients     = 64
-	WatchQueue     = 4096 // events queued for one watcher before it is cut off (slow-watcher)
+	MaxWatchers    = 32               // watch connections at once, beside the max-clients others
+	LoadTimeout    = 30 * time.Second // a whole load, step 5, from its first chunk to its last
+	WatchQueue     = 4096             // events queued for one watcher before it is cut off (slow-watcher)
 )
 
 // config is the server's tunables. Only tests change them: a short I/O
@@ -69,7 +75,9 @@ type config struct {
 	maxConfirm     time.Duration
 	maxClients     int
 	software       string
-	watchQueue     int // events queued for one watcher before it is cut off
+	watchQueue     int           // events queued for one watcher before it is cut off
+	loadTimeout    time.Duration // the whole load, step 5
+	maxWatchers    int           // watch connections at once, counted apart from maxClients
 }
 
 func defaultConfig() config {
@@ -78,7 +86,8 @@ func defaultConfig() config {
 		sw += " " + bi.Main.Version
 	}
 	return config{maxVersion: MaxVersion, ioTimeout: IOTimeout, defaultConfirm: DefaultConfirm,
-		maxConfirm: MaxConfirm, maxClients: MaxClients, software: truncate(sw, maxSoftware), watchQueue: WatchQueue}
+		maxConfirm: MaxConfirm, maxClients: MaxClients, software: truncate(sw, maxSoftware), watchQueue: WatchQueue,
+		loadTimeout: LoadTimeout, maxWatchers: MaxWatchers}
 }
 
 // hello is the server hello of a server with this config.
@@ -88,9 +97,9 @@ func (cfg *config) hello() ServerHello {
 		Limits: Limits{MaxPayload: MaxPayload, MaxRules: rules.MaxRules, MaxPorts: rules.MaxPorts,
 			MaxPortsPerRule: rules.MaxPortsPerRule, MaxLineLen: rules.MaxLineLen, MaxPifs: MaxPifs,
 			DefaultConfirm: cfg.defaultConfirm, MaxConfirm: cfg.maxConfirm, IOTimeout: cfg.ioTimeout,
-			MaxClients: cfg.maxClients},
+			MaxClients: cfg.maxClients, LoadTimeout: cfg.loadTimeout, MaxWatchers: cfg.maxWatchers},
 		Features: []string{FeatureTxn, FeatureConfirmTimeout, FeatureConcurrentRead, FeaturePeerCred, FeatureWatch, FeatureSessions, FeatureStats,
-			FeatureHistory, FeatureReload, FeatureConfirmLater},
+			FeatureHistory, FeatureReload, FeatureConfirmLater, FeatureListPending},
 	}
 }
 
@@ -115,10 +124,11 @@ type Server struct {
 	ending  sync.WaitGroup // endTaken calls under way
 	nextID  atomic.Uint64
 
-	mu     sync.Mutex
-	closed bool
-	conns  map[*ctlConn]struct{} // the connections being served; Close shuts each down
-	wg     sync.WaitGroup        // accept and every connection's run
+	mu       sync.Mutex
+	closed   bool
+	conns    map[*ctlConn]struct{} // the connections being served; Close shuts each down
+	watchers int                   // of conns, those of intent watch (admit)
+	wg       sync.WaitGroup        // accept and every connection's run
 
 	errorsSent [codeCount]atomic.Uint64
 	committed  atomic.Uint64
@@ -203,8 +213,10 @@ func (s *Server) Stats() Stats {
 }
 
 // accept accepts connections until the listener is closed, and serves each
-// on its own goroutine; one past the client limit is refused with
-// too-many-clients.
+// on its own goroutine. Connections other than watchers are at most
+// max-clients and one kept for a writer; one past that is refused with
+// too-many-clients here, and admit refuses, at the client hello, a reader
+// in the writer's slot and a watcher past max-watchers.
 func (s *Server) accept() {
 	defer s.wg.Done()
 	backoff := 5 * time.Millisecond
@@ -231,10 +243,12 @@ func (s *Server) accept() {
 			c.Close()
 			return
 		}
-		if len(s.conns) >= s.cfg.maxClients {
+		// Watchers are counted apart (admit); one slot past max-clients
+		// is kept for a writer.
+		if n := len(s.conns) - s.watchers; n >= s.cfg.maxClients+1 {
 			s.mu.Unlock()
 			// A fresh socket's buffer is empty: this write does not block.
-			cc.refuse(errorf(CodeTooManyClients, "%d control connections are open, at most %d allowed", s.cfg.maxClients, s.cfg.maxClients))
+			cc.refuse(errorf(CodeTooManyClients, "%d control connections are open, at most %d allowed", n, s.cfg.maxClients))
 			continue
 		}
 		s.conns[cc] = struct{}{}
@@ -242,4 +256,33 @@ func (s *Server) accept() {
 		s.mu.Unlock()
 		go cc.run()
 	}
+}
+
+// isWriter reports whether intent takes or ends the writer slot: these may
+// use the slot kept past max-clients.
+func (i Intent) isWriter() bool {
+	return i == IntentWrite || i == IntentReload || i == IntentConfirm || i == IntentRollback
+}
+
+// admit classes a connection by the intent of its client hello, and
+// refuses it (too-many-clients) if its class is full. Watchers stay open
+// for as long as their clients like: they have a bound of their own
+// (max-watchers) and leave max-clients to readers and writers, so no number
+// of watchers locks a writer or a reader out. A reader or a watcher that
+// came in on the slot kept past max-clients gives it back to the writer.
+func (s *Server) admit(cc *ctlConn, intent Intent) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if intent == IntentWatch {
+		if s.watchers >= s.cfg.maxWatchers {
+			return errorf(CodeTooManyClients, "%d watchers are open, at most %d allowed", s.watchers, s.cfg.maxWatchers)
+		}
+		s.watchers++
+		cc.watcher = true
+		return nil
+	}
+	if n := len(s.conns) - s.watchers; n > s.cfg.maxClients && !intent.isWriter() {
+		return errorf(CodeTooManyClients, "%d control connections are open, at most %d allowed (one more for a writer)", n-1, s.cfg.maxClients)
+	}
+	return nil
 }

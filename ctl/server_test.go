@@ -43,7 +43,7 @@ func TestReadOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if *st != (Status{Generation: 3, Rules: 3, Ports: 4, Sessions: 5, Pifs: 2}) || c.Version() != Version3 {
+	if *st != (Status{Generation: 3, Rules: 3, Ports: 4, Sessions: 5, Pifs: 2}) || c.Version() != Version4 {
 		t.Fatalf("status %+v, version %d", st, c.Version())
 	}
 
@@ -556,14 +556,14 @@ func TestLoadErrors(t *testing.T) {
 	t.Run("chunks on different generations", func(t *testing.T) {
 		r := dialRaw(t, path, true)
 		r.hello(2, IntentWrite)
-		r.openChunk(1, 0)
+		r.openChunk(1, 0, oldRule) // a chunk but the last carries a line
 		r.do(func(fw *frameWriter) error { return fw.writeTable(2, MsgLoad, 5, nil) })
 		r.expectError(CodeBadValue)
 	})
 	t.Run("pifs out of order", func(t *testing.T) {
 		r := dialRaw(t, path, true)
 		r.hello(2, IntentWrite)
-		r.openChunk(1, 1)
+		r.openChunk(1, 1, "tcp ns1/0.0.0.0:80 -> 127.0.0.1:80")
 		r.do(func(fw *frameWriter) error { return fw.writeTable(2, MsgLoad, 1, nil) })
 		r.expectError(CodeBadValue)
 	})
@@ -769,12 +769,12 @@ func TestUpgrade(t *testing.T) {
 			})
 		}
 	}
-	t.Run("a future client asking for v4 gets v3", func(t *testing.T) {
+	t.Run("a future client asking for v5 gets v4", func(t *testing.T) {
 		eng := ctltest.New(1, nil)
 		_, path := startServer(t, eng, nil)
 		r := dialRaw(t, path, true)
-		r.do(func(fw *frameWriter) error { return fw.writeClientHello(&ClientHello{Want: 4, Intent: IntentStatus}) })
-		if f := r.expect(MsgStatus); f.ver != Version3 {
+		r.do(func(fw *frameWriter) error { return fw.writeClientHello(&ClientHello{Want: 5, Intent: IntentStatus}) })
+		if f := r.expect(MsgStatus); f.ver != Version4 {
 			t.Fatalf("answered in v%d", f.ver)
 		}
 	})
@@ -848,6 +848,7 @@ func TestTooManyClients(t *testing.T) {
 	s, path := startServer(t, eng, func(c *config) { c.maxClients = 2 })
 	dialRaw(t, path, true)
 	dialRaw(t, path, true)
+	dialRaw(t, path, true) // the slot kept for a writer (admit)
 	_, err := Dial(ctxT(t), path, Options{})
 	wantCode(t, err, CodeTooManyClients)
 	if n := s.Stats().Errors["too-many-clients"]; n != 1 {

@@ -106,7 +106,7 @@ func (tx *writeTxn) run() error {
 		}
 	}()
 	// 3, 4.
-	pifs, _, err := cc.listTable()
+	pifs, _, err := cc.listTable(false)
 	if err != nil {
 		return err
 	}
@@ -272,6 +272,9 @@ func (s *Server) rollback(log *zap.Logger, why string) (*rules.Summary, error) {
 
 // load reads LOAD chunks into the shadow table (step 5): every line parsed,
 // every pif checked, then the whole table validated. No socket is touched.
+// The load is bounded: in time, by cfg.loadTimeout from its first read (a
+// timeout), and in chunks, since every chunk but the last carries a line
+// (empty-chunk) and the lines are at most max-rules (too-large).
 func (tx *writeTxn) load(pifs []Pif) ([]*rules.Rule, error) {
 	cc, s := tx.cc, tx.cc.s
 	known := make(map[string]bool, len(pifs))
@@ -282,8 +285,14 @@ func (tx *writeTxn) load(pifs []Pif) ([]*rules.Rule, error) {
 	var texts []string
 	var base uint64
 	prevPif := -1
+	// The whole load has a deadline of its own: each chunk arriving within
+	// the I/O timeout cannot keep the writer slot for longer.
+	whole := time.Now().Add(s.cfg.loadTimeout)
 	for {
-		f, err := cc.readNext()
+		f, err := cc.read(earliest(time.Now().Add(s.cfg.ioTimeout), whole))
+		if errors.Is(err, os.ErrDeadlineExceeded) && !cc.isClosing() && !time.Now().Before(whole) {
+			return nil, errorf(CodeTimeout, "the load did not end within %s (%d rules in): shadow discarded", s.cfg.loadTimeout, len(rs))
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -307,6 +316,11 @@ func (tx *writeTxn) load(pifs []Pif) ([]*rules.Rule, error) {
 		}
 		if int(c.pif) < prevPif {
 			return nil, errorf(CodeBadValue, "LOAD chunk for pif %d after pif %d: one pif at a time, in order", c.pif, prevPif)
+		}
+		if len(c.lines) == 0 && !c.last {
+			// It carries nothing: refused, so that a load is at most
+			// max-rules chunks and the last.
+			return nil, errorf(CodeEmptyChunk, "a LOAD chunk with no line that is not the last (%d rules in)", len(rs))
 		}
 		prevPif = int(c.pif)
 		if len(rs)+len(c.lines) > rules.MaxRules {
@@ -351,4 +365,12 @@ func (tx *writeTxn) load(pifs []Pif) ([]*rules.Rule, error) {
 		}
 	}
 	return rs, nil
+}
+
+// earliest returns the earlier of two times.
+func earliest(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
 }

@@ -46,6 +46,14 @@ type Engine struct {
 	loops  []*Loop
 	log    *zap.Logger
 
+	// amu serializes the writers of the table: Apply, Commit, Rollback,
+	// Listen, the resolver's pool refresh, SetGeneration, AddPif and
+	// Shutdown's table steps. It is taken before mu, and held across binds
+	// and loop syncs, which mu is not (table.go): a reader takes mu alone.
+	// The fields below are mu's; a writer holds amu too, so a value it
+	// read under mu stays true until it writes it.
+	amu sync.Mutex
+
 	mu        sync.Mutex
 	listeners []*Listener
 	rules     []*rules.Rule   // the active table, in order
@@ -177,6 +185,8 @@ func (e *Engine) AddPif(name, netnsPath string) error {
 	if name == "" || name == rules.HostPif {
 		return fmt.Errorf("pif %q: the host pif is built in", name)
 	}
+	e.amu.Lock()
+	defer e.amu.Unlock()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.stopped {
@@ -224,6 +234,8 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	if err := e.resolveRules([]*rules.Rule{r}); err != nil {
 		return nil, err
 	}
+	e.amu.Lock()
+	defer e.amu.Unlock()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.started || e.stopped {
@@ -358,11 +370,13 @@ func (e *Engine) Listeners() []*Listener {
 // aborts the rest and stops the loops. It returns ctx.Err() when sessions had
 // to be aborted, nil when all ended by themselves.
 func (e *Engine) Shutdown(ctx context.Context) error {
+	e.amu.Lock() // an apply under way ends first; held for the table steps only
 	e.mu.Lock()
 	if e.stopped || !e.started {
 		e.stopped = true
 		e.closePifs()
 		e.mu.Unlock()
+		e.amu.Unlock()
 		return nil
 	}
 	// Draining: health replies say down (503) from now on, and no new
@@ -390,6 +404,7 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	e.listeners = keep
 	e.stopped = true
 	e.mu.Unlock()
+	e.amu.Unlock()
 
 	var err error
 	t := time.NewTicker(20 * time.Millisecond)
@@ -403,10 +418,12 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
+	e.amu.Lock()
 	e.mu.Lock()
 	e.closeListeners(keep)
 	e.listeners = nil
 	e.mu.Unlock()
+	e.amu.Unlock()
 	e.logRuleStats(keep, stop)
 	for _, l := range e.loops {
 		l.mu.Lock()
@@ -418,9 +435,11 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 		<-l.done
 	}
 	e.stopResolver()
+	e.amu.Lock()
 	e.mu.Lock()
 	e.closePifs()
 	e.mu.Unlock()
+	e.amu.Unlock()
 	return err
 }
 

@@ -235,6 +235,8 @@ func (e *Engine) resolveDue(now time.Time) {
 		}
 		n.mu.Unlock()
 	}
+	e.amu.Lock() // refreshPools writes the table: not beside an apply
+	defer e.amu.Unlock()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.stopped || e.pending != nil {

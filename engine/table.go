@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"syscall"
 	"time"
 
@@ -27,7 +28,17 @@ import (
 //     again, so a rollback never has to bind.
 //
 // Apply leaves the change pending: Commit makes it final, Rollback undoes it.
-// Only one apply is pending at a time. The syscalls and loop work of an apply
+// Only one apply is pending at a time.
+//
+// Locking: Apply, Commit and Rollback hold Engine.amu from start to end, so
+// they (and every other writer of the table) run one at a time; they take
+// Engine.mu only to read the table, to attach checks and to swap. Binds,
+// closes and the loop syncs run outside it, so Stats (a scrape), status,
+// list and a watch subscription wait for a swap, never for the sockets.
+// A reader sees the table of before an operation until its swap, and the
+// one after from then on; the events of the rules group are published in
+// the swap's critical section, which keeps a watcher's state and events
+// joined. The syscalls and loop work of an apply
 // are proportional to the difference between the tables; matching the keys
 // is one hash lookup per listen key.
 //
@@ -67,6 +78,19 @@ func (e *Engine) Rules() []*rules.Rule {
 	return append([]*rules.Rule(nil), e.rules...)
 }
 
+// Tables returns, as one read, the committed table and its generation and,
+// while an apply awaits Commit or Rollback, the applied table (pending
+// true): the one the sockets serve, which gets generation gen+1 if
+// committed. The committed table is the pending apply's old rules.
+func (e *Engine) Tables() (gen uint64, committed, applied []*rules.Rule, pending bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if p := e.pending; p != nil {
+		return e.gen, slices.Clone(p.oldRules), slices.Clone(e.rules), true
+	}
+	return e.gen, slices.Clone(e.rules), nil, false
+}
+
 // Pifs returns the named pifs in the order they were added; the host pif
 // (index 0 in the control protocol) is not listed.
 func (e *Engine) Pifs() []string {
@@ -93,31 +117,27 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 	if err := e.resolveRules(rs); err != nil {
 		return nil, err
 	}
+	// The binds and the loop sync run under amu alone: readers (Stats,
+	// status, list, Watch) take e.mu, which is held only to read the table
+	// here, to attach checks, and for the swap at the end.
+	e.amu.Lock()
+	defer e.amu.Unlock()
 	e.mu.Lock()
-	defer e.mu.Unlock()
-	if !e.started || e.stopped {
-		return nil, ErrStopped
+	cur, gen, err := e.applyStart(rs)
+	e.mu.Unlock()
+	if err != nil {
+		return nil, err
 	}
-	e.startResolver(rs)
-	if e.pending != nil {
-		return nil, ErrPending
-	}
-	for _, r := range rs {
-		if _, err := e.pif(r.ListenPif); err != nil {
-			return nil, fmt.Errorf("%s: %w", r, err)
-		}
-		if _, err := e.pif(r.TargetPif); err != nil {
-			return nil, fmt.Errorf("%s: %w", r, err)
-		}
-	}
-	byKey := make(map[rules.Key]*Listener, len(e.listeners))
-	for _, ln := range e.listeners {
+	byKey := make(map[rules.Key]*Listener, len(cur.listeners))
+	for _, ln := range cur.listeners {
 		if ln.key.Port != 0 {
 			byKey[ln.key] = ln
 		}
 	}
-	p := &pendingApply{oldRules: e.rules, oldListeners: e.listeners, swapped: map[*Listener]*Listener{}}
-	sum := &rules.Summary{Generation: e.gen + 1}
+	p := &pendingApply{oldRules: cur.rules, oldListeners: cur.listeners, swapped: map[*Listener]*Listener{}}
+	sum := &rules.Summary{Generation: gen + 1}
+	type attach struct{ ln, old *Listener } // checks to attach, under e.mu, before the listener serves
+	var attaches []attach
 	var next []*Listener
 	canon := map[*rules.Rule]string{} // rules' canonical lines, each made once
 	line := func(r *rules.Rule) string {
@@ -155,7 +175,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 				ln := old
 				if old.signature(line) != sig {
 					ln = e.newGroupListener(g, i, old.fd, old.addr, lp, policies(), ctrs, ownerOf(old))
-					e.attachGroupChecks(ln, old)
+					attaches = append(attaches, attach{ln, old})
 					if old.udp != nil {
 						// Live flows keep their rule and target, as tcp
 						// sessions do; sharing the table keeps them found
@@ -179,7 +199,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 				continue
 			}
 			ln := e.newGroupListener(g, i, fd, bound, lp, policies(), ctrs, nil)
-			e.attachGroupChecks(ln, nil)
+			attaches = append(attaches, attach{ln, nil})
 			p.added = append(p.added, ln)
 			next = append(next, ln)
 			for _, gr := range g {
@@ -188,7 +208,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 			sum.Added++
 		}
 	}
-	for _, ln := range e.listeners { // what no new rule took is paused
+	for _, ln := range cur.listeners { // what no new rule took is paused
 		if ln.key.Port == 0 || byKey[ln.key] == ln {
 			p.paused = append(p.paused, ln)
 		}
@@ -197,6 +217,16 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 	for _, ln := range p.paused {
 		ln.closed.Store(true) // an EMFILE-paused loop must not resume it
 	}
+	if len(attaches) > 0 {
+		e.mu.Lock()
+		for _, a := range attaches {
+			e.attachGroupChecks(a.ln, a.old)
+		}
+		e.mu.Unlock()
+	}
+	// Until the swap below, readers see the old table, not pending, while
+	// the loops already serve the new one: a read is from before the
+	// apply or after it, never from half of it.
 	regErr := e.syncLoops(p.paused, p.added, p.swapped)
 	for _, ln := range p.paused {
 		if ln.udp == nil {
@@ -207,6 +237,8 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 			_ = unix.Shutdown(ln.fd, unix.SHUT_RD)
 		}
 	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
 	e.startChecks()
 	e.rules, e.listeners, e.pending = rs, next, p
 	if regErr != nil {
@@ -217,6 +249,33 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 	e.noteApply(start, rs, sum)
 	e.publishApplied(sum)
 	return sum, nil
+}
+
+// tableNow is the table an apply starts from.
+type tableNow struct {
+	rules     []*rules.Rule
+	listeners []*Listener
+}
+
+// applyStart checks that rs may be applied now and returns the table it
+// replaces and its generation. Called with amu and e.mu held.
+func (e *Engine) applyStart(rs []*rules.Rule) (tableNow, uint64, error) {
+	if !e.started || e.stopped {
+		return tableNow{}, 0, ErrStopped
+	}
+	e.startResolver(rs)
+	if e.pending != nil {
+		return tableNow{}, 0, ErrPending
+	}
+	for _, r := range rs {
+		if _, err := e.pif(r.ListenPif); err != nil {
+			return tableNow{}, 0, fmt.Errorf("%s: %w", r, err)
+		}
+		if _, err := e.pif(r.TargetPif); err != nil {
+			return tableNow{}, 0, fmt.Errorf("%s: %w", r, err)
+		}
+	}
+	return tableNow{rules: e.rules, listeners: e.listeners}, e.gen, nil
 }
 
 // ownerOf returns the loop that owns a udp listener's flows (nil for tcp).
@@ -273,14 +332,20 @@ func (e *Engine) syncLoops(stop, start []*Listener, swap map[*Listener]*Listener
 // table is dropped. It returns the new generation.
 func (e *Engine) Commit() (uint64, error) {
 	start := time.Now()
+	e.amu.Lock()
+	defer e.amu.Unlock()
+	e.mu.Lock()
+	p := e.pending
+	e.mu.Unlock()
+	if p == nil {
+		return e.Generation(), ErrNoPending
+	}
+	// The paused sockets are in no table readers see: closed under amu
+	// alone.
+	e.closeListeners(p.paused)
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	p := e.pending
-	if p == nil {
-		return e.gen, ErrNoPending
-	}
 	e.pending = nil
-	e.closeListeners(p.paused)
 	e.pruneChecks()
 	e.gen++
 	e.noteEnd(OpCommit, start, nil)
@@ -294,13 +359,16 @@ func (e *Engine) Commit() (uint64, error) {
 // again (rare: the kernel refused listen(2)) is reported as failed.
 func (e *Engine) Rollback() (*rules.Summary, error) {
 	start := time.Now()
+	e.amu.Lock()
+	defer e.amu.Unlock()
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	p := e.pending
+	e.mu.Unlock()
 	if p == nil {
 		return nil, ErrNoPending
 	}
-	e.pending = nil
+	// The sockets' work under amu alone; readers see the applied table,
+	// pending, until the swap back below.
 	e.closeListeners(p.added)
 	back := make(map[*Listener]*Listener, len(p.swapped))
 	for old, ln := range p.swapped {
@@ -319,6 +387,9 @@ func (e *Engine) Rollback() (*rules.Summary, error) {
 		resume = append(resume, ln)
 	}
 	regErr := e.syncLoops(nil, resume, back)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.pending = nil
 	e.rules, e.listeners = p.oldRules, p.oldListeners
 	e.pruneChecks()
 	sum := &rules.Summary{Generation: e.gen, Removed: len(p.added)}

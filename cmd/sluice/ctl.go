@@ -19,7 +19,7 @@ import (
 const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
   status                  version, features, generation, rule and session counts
   pifs                    the daemon's pifs
-  list                    the active table as canonical rule lines
+  list [--pending]        the committed table as canonical rule lines (--pending: the applied one awaiting its commit)
   apply FILE [--dry-run] [--force] [--timeout DUR] [--json] [--confirm DUR]
                           replace the table in one transaction; --confirm leaves it
                           pending: rolled back after DUR unless confirmed
@@ -70,6 +70,7 @@ type ctlCmd struct {
 	count   int           // watch: stop after this many events
 	n       int           // history: the last N commits
 	confirm time.Duration // apply, add, del: leave the commit pending for this long (commit-confirmed)
+	pending bool          // list: the applied table that awaits its commit
 	out     io.Writer
 	// between is ctl.MultiOptions.Between: tests stop or kill an instance
 	// at an exact step of a transaction across instances.
@@ -140,6 +141,7 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 	fs.Var(&socks, "s", "the control socket (default: ctl.socket of -c, else $XDG_RUNTIME_DIR/sluice/ctl.sock, else /run/sluice/ctl.sock)")
 	fs.StringVar(&cfgFile, "c", "", "a configuration file whose ctl.socket to use")
 	fs.BoolVar(&x.dryRun, "dry-run", false, "apply, add, del: validate on the daemon, change nothing")
+	fs.BoolVar(&x.pending, "pending", false, "list: the applied table that awaits its commit, not the committed one")
 	fs.BoolVar(&x.force, "force", false, "apply, add, del: commit even when the bind summary's verdict is bad")
 	fs.DurationVar(&x.timeout, "timeout", ctl.DefaultConfirm, "bound of each answer of the daemon, and the confirm timeout of a write: without a commit in time the daemon rolls back by itself (with several -s: (2 + instances) × DUR, at most 10m)")
 	fs.BoolVar(&x.json, "json", false, "apply, add, del: print the outcome as one JSON object, instance by instance; sessions, stats: print JSON")
@@ -180,6 +182,9 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 	}
 	if x.rule != "" || x.count != 0 {
 		return usagef("%s: --rule is for sessions, --count for watch", verb)
+	}
+	if x.pending && verb != "list" {
+		return usagef("%s: --pending is for list", verb)
 	}
 	want := map[string]int{"status": 0, "pifs": 0, "list": 0, "apply": 1, "add": 1, "del": 1, "diff": 1}
 	n, ok := want[verb]
@@ -319,6 +324,12 @@ func (x *ctlCmd) status() error {
 	fmt.Fprintf(tw, "generation\t%d\n", st.Generation)
 	fmt.Fprintf(tw, "rules\t%d\n", st.Rules)
 	fmt.Fprintf(tw, "ports\t%d\n", st.Ports)
+	pending := "none"
+	if st.PendingGen != 0 { // STATUS carries it from version 4
+		pending = fmt.Sprintf("generation %d applied, not committed: %s, %s (sluice ctl list --pending)",
+			st.PendingGen, count(st.PendingRules, "rule"), count(st.PendingPorts, "listen port"))
+	}
+	fmt.Fprintf(tw, "pending\t%s\n", pending)
 	fmt.Fprintf(tw, "sessions\t%d\n", st.Sessions)
 	fmt.Fprintf(tw, "pifs\t%d\n", st.Pifs)
 	fmt.Fprintf(tw, "writer\t%s\n", writer)
@@ -343,19 +354,50 @@ func (x *ctlCmd) pifs() error {
 	return nil
 }
 
-// list prints the active table as a rules file: a comment with the
-// generation, then one canonical line a rule.
+// list prints the committed table as a rules file: a comment with the
+// generation, then one canonical line a rule; a comment says when an
+// applied table awaits its commit. With --pending it prints that table,
+// under the generation it gets if committed (none pending: no-pending).
 func (x *ctlCmd) list() error {
-	c, t, err := x.readTable(ctl.IntentList)
+	intent := ctl.IntentList
+	if x.pending {
+		intent = ctl.IntentListPending
+	}
+	c, t, err := x.readTable(intent)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	fmt.Fprintf(x.out, "# generation %d\n", t.Generation)
+	if x.pending {
+		fmt.Fprintf(x.out, "# generation %d (pending: applied, not committed)\n", t.Generation)
+	} else {
+		fmt.Fprintf(x.out, "# generation %d\n", t.Generation)
+		if g := x.pendingGen(t.Generation); g != 0 {
+			fmt.Fprintf(x.out, "# pending: generation %d is applied, not committed (sluice ctl list --pending prints it)\n", g)
+		}
+	}
 	for _, l := range t.Lines {
 		fmt.Fprintln(x.out, l)
 	}
 	return nil
+}
+
+// pendingGen asks the daemon whether an applied table awaits its commit on
+// top of generation gen, and returns the generation it would get (0: none,
+// or the daemon cannot say: a STATUS before version 4, an error).
+func (x *ctlCmd) pendingGen(gen uint64) uint64 {
+	c, err := x.open(ctl.IntentStatus)
+	if err != nil {
+		return 0
+	}
+	defer c.Close()
+	ctx, cancel := x.ctx()
+	defer cancel()
+	st, err := c.Status(ctx)
+	if err != nil || st.Generation != gen {
+		return 0
+	}
+	return st.PendingGen
 }
 
 // write runs a writing transaction: on one instance, or across several

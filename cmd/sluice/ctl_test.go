@@ -92,7 +92,7 @@ func TestCtlReadVerbs(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("status: exit %d\n%s", code, errs)
 	}
-	for _, want := range []string{"protocol    version 3", "features    txn, confirm-timeout", "generation  1", "rules       2", "sessions    3", "pifs        2", "writer      none"} {
+	for _, want := range []string{"protocol    version 4", "features    txn, confirm-timeout", "generation  1", "rules       2", "sessions    3", "pifs        2", "writer      none", "pending     none"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status lacks %q:\n%s", want, out)
 		}
@@ -301,5 +301,47 @@ func TestCtlSocketChoice(t *testing.T) {
 		if got, _ := ctlSocket(nil, ""); got != "/run/sluice/ctl.sock" {
 			t.Errorf("root without XDG_RUNTIME_DIR: %q", got)
 		}
+	}
+}
+
+// Issue 15, item 12: between apply and commit, list prints the committed
+// table and says an applied one is pending; list --pending prints that one
+// under the generation it gets; status shows both.
+func TestCtlListPending(t *testing.T) {
+	eng, sock := ctlServer(t, ruleA)
+	a, err := rules.Parse(ruleA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := rules.Parse(ruleB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := eng.Apply([]*rules.Rule{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs := sluiceCtl(t, "-s", sock, "list")
+	want := "# generation 1\n# pending: generation 2 is applied, not committed (sluice ctl list --pending prints it)\n" + ruleA + "\n"
+	if code != 0 || out != want {
+		t.Fatalf("list: exit %d %s\n%q, want %q", code, errs, out, want)
+	}
+	code, out, errs = sluiceCtl(t, "-s", sock, "list", "--pending")
+	want = "# generation 2 (pending: applied, not committed)\n" + ruleA + "\n" + ruleB + "\n"
+	if code != 0 || out != want {
+		t.Fatalf("list --pending: exit %d %s\n%q, want %q", code, errs, out, want)
+	}
+	code, out, _ = sluiceCtl(t, "-s", sock, "status")
+	if code != 0 || !strings.Contains(out, "rules       1") || !strings.Contains(out, "pending     generation 2 applied, not committed: 2 rules, 2 listen ports") {
+		t.Fatalf("status: exit %d\n%s", code, out)
+	}
+	if _, err := eng.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, errs = sluiceCtl(t, "-s", sock, "list", "--pending"); code != 1 || !strings.Contains(errs, "no-pending") {
+		t.Fatalf("list --pending with none pending: exit %d %s", code, errs)
+	}
+	code, out, _ = sluiceCtl(t, "-s", sock, "list")
+	if want := "# generation 2\n" + ruleA + "\n" + ruleB + "\n"; code != 0 || out != want {
+		t.Fatalf("list after the commit: %q", out)
 	}
 }

@@ -120,6 +120,17 @@ func (e *Engine) Rules() []*rules.Rule {
 	return slices.Clone(e.active)
 }
 
+// Tables returns the committed table and, while an apply is pending, the
+// applied one (ctl.Engine).
+func (e *Engine) Tables() (uint64, []*rules.Rule, []*rules.Rule, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.pending {
+		return e.gen, slices.Clone(e.old), slices.Clone(e.active), true
+	}
+	return e.gen, slices.Clone(e.active), nil, false
+}
+
 func (e *Engine) Sessions() int64 {
 	e.mu.Lock()
 	defer e.mu.Unlock()
