@@ -40,7 +40,9 @@ const (
 	MsgReloaded    MsgType = 0x15 // server → client, intent reload: the outcome
 	MsgLeave       MsgType = 0x16 // client → server, step 9: leave the apply pending (commit-confirmed)
 	MsgPending     MsgType = 0x17 // server → client, step 9: the apply stays pending until its deadline
-	msgTypeCount           = 0x18
+	MsgUpgrade     MsgType = 0x18 // client → server, intent upgrade: the binary and the timeout
+	MsgUpgraded    MsgType = 0x19 // server → client, intent upgrade: the successor serves
+	msgTypeCount           = 0x1a
 )
 
 var msgNames = [msgTypeCount]string{
@@ -67,6 +69,8 @@ var msgNames = [msgTypeCount]string{
 	MsgReloaded:    "RELOADED",
 	MsgLeave:       "LEAVE",
 	MsgPending:     "PENDING",
+	MsgUpgrade:     "UPGRADE",
+	MsgUpgraded:    "UPGRADED",
 }
 
 // Known reports whether t is a message type of the protocol.
@@ -94,7 +98,8 @@ const (
 	IntentReload   Intent = 9  // the configuration file re-read and applied: SUMMARY and RELOADED, then close
 	IntentConfirm  Intent = 10 // the pending commit-confirmed apply committed: COMMITTED, then close
 	IntentRollback Intent = 11 // the pending commit-confirmed apply rolled back: SUMMARY, then close
-	intentCount           = 12
+	IntentUpgrade  Intent = 12 // PIFS, UPGRADE, UPGRADED once the successor serves, then close
+	intentCount           = 13
 )
 
 var intentNames = [intentCount]string{
@@ -109,6 +114,7 @@ var intentNames = [intentCount]string{
 	IntentReload:   "reload",
 	IntentConfirm:  "confirm",
 	IntentRollback: "rollback",
+	IntentUpgrade:  "upgrade",
 }
 
 // Known reports whether i is an intent of the protocol.
@@ -150,7 +156,9 @@ const (
 	CodeNoState          Code = 21 // the daemon keeps no state dir: no history
 	CodeNoPending        Code = 22 // confirm or rollback, but no commit-confirmed apply is pending
 	CodeNoReload         Code = 23 // the daemon has no configuration file to reload
-	codeCount                 = 24
+	CodeUpgradeFailed    Code = 24 // the new process did not become ready: stopped; the old one serves on
+	CodeUpgrading        Code = 25 // an upgrade is under way, or the process it replaced still drains
+	codeCount                 = 26
 )
 
 var codeNames = [codeCount]string{
@@ -177,6 +185,8 @@ var codeNames = [codeCount]string{
 	CodeNoState:          "no-state",
 	CodeNoPending:        "no-pending",
 	CodeNoReload:         "no-reload",
+	CodeUpgradeFailed:    "upgrade-failed",
+	CodeUpgrading:        "upgrading",
 }
 
 // String returns the code's stable name, or "code-N" for a number this
@@ -239,4 +249,5 @@ const (
 	FeatureHistory        = "history"         // intent history: the last commits of the state dir
 	FeatureReload         = "reload"          // intent reload: the configuration file applied again
 	FeatureConfirmLater   = "confirm-later"   // LEAVE at step 9, intents confirm and rollback
+	FeatureUpgrade        = "upgrade"         // intent upgrade: the binary replaced, no socket closed
 )
