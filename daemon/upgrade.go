@@ -508,8 +508,9 @@ func readHandover() (*handover, error) {
 		case fdStderr:
 			h.stderr = os.NewFile(uintptr(fd), "stderr")
 		case fdTable:
-			b, err := io.ReadAll(io.NewSectionReader(os.NewFile(uintptr(fd), "sluice-table"), 0, state.MaxTableSize))
-			unix.Close(fd)
+			f := os.NewFile(uintptr(fd), "sluice-table") // closed by f alone: its finalizer would close a reused number
+			b, err := io.ReadAll(io.NewSectionReader(f, 0, state.MaxTableSize))
+			f.Close()
 			if err != nil {
 				return nil, fmt.Errorf("upgrade: reading the predecessor's table: %w", err)
 			}
@@ -558,7 +559,7 @@ func (d *Daemon) handedTable() error {
 		return err
 	}
 	d.log.Info(fmt.Sprintf("upgrade: serving generation %d of pid %d on its sockets", t.Generation, d.handed.from),
-		zap.Int("rules", len(rs)), zap.Int("sockets", len(d.handed.listen)))
+		zap.Int("rules", len(rs)), zap.Int("listening", len(d.e.Listeners())))
 	return nil
 }
 

@@ -28,6 +28,9 @@ func (x *ctlCmd) upgrade() error {
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), x.timeout+upgradeSlack)
 	defer cancel()
+	if _, err := c.Pifs(ctx); err != nil {
+		return fmt.Errorf("%s: %w", x.sock, err)
+	}
 	u, err := c.Upgrade(ctx, x.binary, x.timeout)
 	switch ctl.CodeOf(err) {
 	case ctl.CodeUpgradeFailed:
