@@ -249,34 +249,31 @@ func (d *Daemon) startSuccessor(binary string) (*successor, error) {
 	ours := os.NewFile(uintptr(pair[0]), "upgrade-sync")
 	add(fdSync, os.NewFile(uintptr(pair[1]), "upgrade-sync-child"))
 	add(fdStderr, os.Stderr)
-	table, err := d.tableFile()
-	if err != nil {
+	fail := func(err error) (*successor, error) {
 		ours.Close()
 		closeAll()
 		return nil, err
+	}
+	table, err := d.tableFile()
+	if err != nil {
+		return fail(err)
 	}
 	add(fdTable, table)
 	cf, err := d.ctl.ListenerFile()
 	if err != nil {
-		ours.Close()
-		closeAll()
-		return nil, err
+		return fail(err)
 	}
 	add(fdCtl, cf)
 	lfs, err := d.e.ListenFiles()
 	if err != nil {
-		ours.Close()
-		closeAll()
-		return nil, err
+		return fail(err)
 	}
 	for _, lf := range lfs {
 		add(keyName(lf.Key), lf.File)
 	}
 	pr, pw, err := os.Pipe()
 	if err != nil {
-		ours.Close()
-		closeAll()
-		return nil, err
+		return fail(err)
 	}
 	cmd := exec.Command(binary, d.opt.Args...)
 	cmd.Env = append(successorEnv(os.Environ()), envUpgradeFDs+"="+strings.Join(names, ","), envUpgradeFrom+"="+strconv.Itoa(os.Getpid()))

@@ -83,24 +83,41 @@ func holds(t *testing.T, pid int, inode string) bool {
 	return socketInodes(t, pid)[inode]
 }
 
+// upgradable is a `sluice run -c` daemon of one rule to a byte-checking
+// backend, its current process (the successor after an upgrade) stopped
+// at the end of the test.
+type upgradable struct {
+	*liveDaemon
+	addr  string
+	port  int
+	inode string       // the listening socket's
+	cur   atomic.Int64 // the pid serving now
+}
+
+func startUpgradable(t *testing.T) *upgradable {
+	t.Helper()
+	b, err := testpeer.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	port := freePort(t)
+	u := &upgradable{liveDaemon: startLive(t, tableOf(t, tcpRule{lo: port, hi: port, b: b})), port: port,
+		addr: fmt.Sprintf("127.0.0.1:%d", port)}
+	u.cur.Store(int64(u.cmd.Process.Pid))
+	killAtEnd(t, &u.cur)
+	u.inode = listenInodes(t, u.cmd.Process.Pid, port)[port]
+	return u
+}
+
 // 20 upgrades in a row under a connect loop: every connection gets its
 // bytes back, none is refused or reset; a long byte-checked session that
 // spans the first upgrade completes in the old process; the listening
 // socket is the same inode in every process; the control socket answers
 // throughout.
 func TestUpgradeLosesNothing(t *testing.T) {
-	b, err := testpeer.Listen("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	port := freePort(t)
-	d := startLive(t, tableOf(t, tcpRule{lo: port, hi: port, b: b}))
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	var cur atomic.Int64
-	cur.Store(int64(d.cmd.Process.Pid))
-	killAtEnd(t, &cur)
-	inode := listenInodes(t, d.cmd.Process.Pid, port)[port]
+	d := startUpgradable(t)
+	addr, port, inode, cur := d.addr, d.port, d.inode, &d.cur
 
 	long := startPaced(t, addr, 64, 7)
 	long.step()
@@ -202,19 +219,9 @@ func TestUpgradeLosesNothing(t *testing.T) {
 // stopped: exit 3 with its last log lines, and the old process serves on
 // the same socket; a good upgrade works after both.
 func TestUpgradeFailingBinary(t *testing.T) {
-	b, err := testpeer.Listen("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	port := freePort(t)
-	d := startLive(t, tableOf(t, tcpRule{lo: port, hi: port, b: b}))
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	var cur atomic.Int64
-	cur.Store(int64(d.cmd.Process.Pid))
-	killAtEnd(t, &cur)
+	d := startUpgradable(t)
+	addr, port, inode, cur := d.addr, d.port, d.inode, &d.cur
 	pid := d.cmd.Process.Pid
-	inode := listenInodes(t, pid, port)[port]
 	dir := t.TempDir()
 	exits := filepath.Join(dir, "exits")
 	hangs := filepath.Join(dir, "hangs")
@@ -340,17 +347,8 @@ func TestSystemdNotify(t *testing.T) {
 	ns := newNotifySocket(t)
 	t.Setenv("NOTIFY_SOCKET", ns.path)
 	t.Setenv("WATCHDOG_USEC", "200000")
-	b, err := testpeer.Listen("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	port := freePort(t)
-	d := startLive(t, tableOf(t, tcpRule{lo: port, hi: port, b: b}))
-	var cur atomic.Int64
-	old := d.cmd.Process.Pid
-	cur.Store(int64(old))
-	killAtEnd(t, &cur)
+	d := startUpgradable(t)
+	old, cur := d.cmd.Process.Pid, &d.cur
 	dogs := map[int]int{}
 	expect := func(pid int, prefix string) notifyMsg {
 		t.Helper()
