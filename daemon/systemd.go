@@ -106,8 +106,8 @@ func mainPID(pid int) string { return "MAINPID=" + strconv.Itoa(pid) }
 
 // watchdogInterval is how often to send WATCHDOG=1: half of
 // $WATCHDOG_USEC, when it is set and $WATCHDOG_PID, if set, is this
-// process; else 0. The variables are unset, so that a successor of an
-// upgrade does not take them for its own.
+// process; else 0. A successor of an upgrade gets WATCHDOG_USEC without
+// WATCHDOG_PID (successorEnv): it pings once it is the main process.
 func watchdogInterval() time.Duration {
 	usec, pid := os.Getenv("WATCHDOG_USEC"), os.Getenv("WATCHDOG_PID")
 	if usec == "" {
