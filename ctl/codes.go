@@ -42,7 +42,9 @@ const (
 	MsgReloaded    MsgType = 0x15 // server → client, intent reload: the outcome
 	MsgLeave       MsgType = 0x16 // client → server, step 9: leave the apply pending (commit-confirmed)
 	MsgPending     MsgType = 0x17 // server → client, step 9: the apply stays pending until its deadline
-	msgTypeCount           = 0x18
+	MsgUpgrade     MsgType = 0x18 // client → server, intent upgrade: the binary and the timeout
+	MsgUpgraded    MsgType = 0x19 // server → client, intent upgrade: the successor serves
+	msgTypeCount           = 0x1a
 )
 
 var msgNames = [msgTypeCount]string{
@@ -69,6 +71,8 @@ var msgNames = [msgTypeCount]string{
 	MsgReloaded:    "RELOADED",
 	MsgLeave:       "LEAVE",
 	MsgPending:     "PENDING",
+	MsgUpgrade:     "UPGRADE",
+	MsgUpgraded:    "UPGRADED",
 }
 
 // Known reports whether t is a message type of the protocol.
@@ -97,7 +101,8 @@ const (
 	IntentConfirm     Intent = 10 // the pending commit-confirmed apply committed: COMMITTED, then close
 	IntentRollback    Intent = 11 // the pending commit-confirmed apply rolled back: SUMMARY, then close
 	IntentListPending Intent = 12 // PIFS and RULES of the applied table that awaits its commit, then close
-	intentCount              = 13
+	IntentUpgrade     Intent = 13 // PIFS, UPGRADE, UPGRADED once the successor serves, then close
+	intentCount              = 14
 )
 
 var intentNames = [intentCount]string{
@@ -113,6 +118,7 @@ var intentNames = [intentCount]string{
 	IntentConfirm:     "confirm",
 	IntentRollback:    "rollback",
 	IntentListPending: "list-pending",
+	IntentUpgrade:     "upgrade",
 }
 
 // Known reports whether i is an intent of the protocol.
@@ -155,7 +161,9 @@ const (
 	CodeNoPending        Code = 22 // confirm or rollback, but no commit-confirmed apply is pending; list-pending, but no apply awaits its commit
 	CodeNoReload         Code = 23 // the daemon has no configuration file to reload
 	CodeEmptyChunk       Code = 24 // a LOAD chunk with no line that is not the last
-	codeCount                 = 25
+	CodeUpgradeFailed    Code = 25 // the new process did not become ready: stopped; the old one serves on
+	CodeUpgrading        Code = 26 // an upgrade is under way, or the process it replaced still drains
+	codeCount                 = 27
 )
 
 var codeNames = [codeCount]string{
@@ -183,6 +191,8 @@ var codeNames = [codeCount]string{
 	CodeNoPending:        "no-pending",
 	CodeNoReload:         "no-reload",
 	CodeEmptyChunk:       "empty-chunk",
+	CodeUpgradeFailed:    "upgrade-failed",
+	CodeUpgrading:        "upgrading",
 }
 
 // String returns the code's stable name, or "code-N" for a number this
@@ -250,4 +260,5 @@ const (
 	FeatureReload         = "reload"          // intent reload: the configuration file applied again
 	FeatureConfirmLater   = "confirm-later"   // LEAVE at step 9, intents confirm and rollback
 	FeatureListPending    = "list-pending"    // intent list-pending; list and status tell the committed table from a pending one
+	FeatureUpgrade        = "upgrade"         // intent upgrade: the binary replaced, no socket closed
 )

@@ -247,6 +247,8 @@ func (cc *ctlConn) serve() error {
 		return cc.history()
 	case IntentReload:
 		return cc.reload()
+	case IntentUpgrade:
+		return cc.upgrade()
 	case IntentConfirm, IntentRollback:
 		return cc.s.endPending(cc, ch.Intent == IntentConfirm)
 	}

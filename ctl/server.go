@@ -99,7 +99,7 @@ func (cfg *config) hello() ServerHello {
 			DefaultConfirm: cfg.defaultConfirm, MaxConfirm: cfg.maxConfirm, IOTimeout: cfg.ioTimeout,
 			MaxClients: cfg.maxClients, LoadTimeout: cfg.loadTimeout, MaxWatchers: cfg.maxWatchers},
 		Features: []string{FeatureTxn, FeatureConfirmTimeout, FeatureConcurrentRead, FeaturePeerCred, FeatureWatch, FeatureSessions, FeatureStats,
-			FeatureHistory, FeatureReload, FeatureConfirmLater, FeatureListPending},
+			FeatureHistory, FeatureReload, FeatureConfirmLater, FeatureListPending, FeatureUpgrade},
 	}
 }
 
@@ -124,11 +124,12 @@ type Server struct {
 	ending  sync.WaitGroup // endTaken calls under way
 	nextID  atomic.Uint64
 
-	mu       sync.Mutex
-	closed   bool
-	conns    map[*ctlConn]struct{} // the connections being served; Close shuts each down
-	watchers int                   // of conns, those of intent watch (admit)
-	wg       sync.WaitGroup        // accept and every connection's run
+	mu         sync.Mutex
+	closed     bool
+	handedOver bool                  // StopAccepting: the socket is a successor's (upgrade.go)
+	conns      map[*ctlConn]struct{} // the connections being served; Close shuts each down
+	watchers   int                   // of conns, those of intent watch (admit)
+	wg         sync.WaitGroup        // accept and every connection's run
 
 	errorsSent [codeCount]atomic.Uint64
 	committed  atomic.Uint64
@@ -152,17 +153,25 @@ func serve(ctx context.Context, path string, eng Engine, log *zap.Logger, cfg co
 	if err != nil {
 		return nil, err
 	}
+	return serveOn(ctx, ln, path, eng, log, cfg, false), nil
+}
+
+// serveOn serves the control socket ln (at path) until ctx ends or Close
+// is called; held: the writer slot is taken before the first accept, for
+// the caller to release (an upgrade's successor, upgrade.go).
+func serveOn(ctx context.Context, ln *net.UnixListener, path string, eng Engine, log *zap.Logger, cfg config, held bool) *Server {
 	s := &Server{path: path, eng: eng, log: log.Named("ctl"), cfg: cfg, ln: ln, uid: uint32(os.Geteuid()),
 		conns: map[*ctlConn]struct{}{}}
 	s.hello = cfg.hello()
 	if b, ok := eng.(Booted); ok {
 		s.hello.Limits.BootID = b.BootID()
 	}
+	s.writer.Store(held)
 	s.stop = context.AfterFunc(ctx, func() { _ = s.Close() })
 	s.wg.Add(1)
 	go s.accept()
 	s.log.Info("control socket ready", zap.String("socket", path), zap.Uint8("max_version", cfg.maxVersion))
-	return s, nil
+	return s
 }
 
 // Path is the socket's path.
@@ -180,6 +189,9 @@ func (s *Server) Close() error {
 	}
 	s.closed = true
 	err := s.ln.Close()
+	if s.handedOver {
+		err = nil // StopAccepting closed it (upgrade.go)
+	}
 	for cc := range s.conns {
 		cc.shutdown()
 	}
@@ -224,7 +236,7 @@ func (s *Server) accept() {
 		c, err := s.ln.AcceptUnix()
 		if err != nil {
 			s.mu.Lock()
-			closed := s.closed
+			closed := s.closed || s.handedOver
 			s.mu.Unlock()
 			if closed {
 				return

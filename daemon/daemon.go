@@ -35,6 +35,7 @@ import (
 	"os/signal"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -100,6 +101,15 @@ type Options struct {
 	// reload. Level, when set, is the logger's level: a reload changes it.
 	Reload func() (*config.Config, error)
 	Level  *zap.AtomicLevel
+	// Environ lets the environment in: the notify protocol to systemd
+	// ($NOTIFY_SOCKET), its sockets (socket activation, $LISTEN_FDS), and
+	// the sockets of a predecessor when this process is an upgrade's
+	// successor (systemd.go, upgrade.go). Executable and Args are what
+	// `sluice ctl upgrade` starts by default: the path this process was
+	// started from ("" = os.Executable at start) and its arguments.
+	Environ    bool
+	Executable string
+	Args       []string
 
 	// trace, for tests, is called before each phase begins, on the
 	// goroutine that runs it.
@@ -126,6 +136,15 @@ type Daemon struct {
 	digest string        // of the configuration's rules the active table grew from
 	drain  time.Duration // the drain deadline: the file's, as last reloaded
 
+	notify    *notifier    // systemd's notify socket; nil or disabled: none
+	ready     atomic.Bool  // READY=1 was sent: a stop says STOPPING=1
+	activated []activated  // sockets from systemd (socket activation)
+	actCtl    *os.File     // of those, the control socket; nil: none
+	handed    *handover    // what a predecessor handed this process; nil: not an upgrade's successor
+	exe       string       // what an upgrade starts by default
+	up        upgradeState // upgrade.go
+	upSync    *os.File     // after an upgrade: the successor's sync socket, open until exit
+
 	once sync.Once
 	done chan struct{} // closed when Stop has ended
 	err  error         // Stop's result, set before done closes
@@ -141,27 +160,69 @@ func Start(opt Options) (*Daemon, error) {
 		return nil, errors.New("daemon: no configuration")
 	}
 	d := &Daemon{opt: opt, c: opt.Config, log: opt.Log, sig: opt.Signals, done: make(chan struct{}), bootID: newBootID(),
-		drain: opt.Config.Drain}
+		drain: opt.Config.Drain, exe: opt.Executable, up: upgradeState{upgraded: make(chan struct{})}}
 	if d.log == nil {
 		d.log = zap.NewNop()
+	}
+	if d.exe == "" {
+		d.exe, _ = os.Executable()
 	}
 	if err := d.start(); err != nil {
 		// As the daemon failed to start, no drain: whatever started stops.
 		_ = d.halt(context.Background())
 		d.stopSignals()
+		d.notify.close()
 		return nil, err
 	}
+	d.serving()
 	return d, nil
+}
+
+// serving is the end of a start: a successor takes over from its
+// predecessor (upgrade.go), then systemd hears READY=1, and the watchdog
+// starts when systemd asked for one.
+func (d *Daemon) serving() {
+	if d.handed != nil {
+		d.takeOver()
+	}
+	d.notify.send(notifyReady)
+	d.ready.Store(d.notify.enabled())
+	if every := watchdogInterval(); every > 0 && d.notify.enabled() {
+		go d.notify.watchdog(every, d.done)
+	}
+}
+
+// environ reads what the environment hands the daemon (Options.Environ):
+// the notify socket, a predecessor's hand-over, systemd's sockets.
+func (d *Daemon) environ() error {
+	d.notify = newNotifier(d.log)
+	h, err := readHandover()
+	if err != nil {
+		return err
+	}
+	d.handed = h
+	if d.activated, err = listenFDs(); err != nil {
+		return err
+	}
+	return nil
 }
 
 func (d *Daemon) start() error {
 	c, log := d.c, d.log
+	if d.opt.Environ {
+		if err := d.environ(); err != nil {
+			return err
+		}
+	}
 	d.phase(PhaseEngine)
 	e, err := engine.New(engine.Config{Loops: c.Loops, Log: log})
 	if err != nil {
 		return fmt.Errorf("starting the engine: %w", err)
 	}
 	d.e = e
+	if err := d.offerSockets(); err != nil {
+		return err
+	}
 	d.phase(PhasePifs)
 	for _, p := range c.Pifs {
 		if err := e.AddPif(p.Name, p.Netns); err != nil {
@@ -178,7 +239,12 @@ func (d *Daemon) start() error {
 		d.sig, d.hup, d.unwatch = sig, hup, func() { signal.Stop(sig); signal.Stop(hup) }
 	}
 	d.phase(PhaseTable)
-	if err := d.startTable(); err != nil {
+	if d.handed != nil {
+		err = d.handedTable()
+	} else {
+		err = d.startTable()
+	}
+	if err != nil {
 		return err
 	}
 	for _, ln := range e.Listeners() {
@@ -187,7 +253,25 @@ func (d *Daemon) start() error {
 	if len(c.Rules) == 0 {
 		log.Warn("the configuration has no rules: nothing to forward")
 	}
-	if d.opt.CtlPath != "" {
+	switch {
+	case d.handed != nil && d.handed.ctl != nil:
+		// The predecessor's socket; no table change until it stopped.
+		d.phase(PhaseCtl)
+		s, release, err := ctl.ServeFile(context.Background(), d.handed.ctl, ctlEngine{e, d}, log, true)
+		d.handed.ctl.Close()
+		if err != nil {
+			return fmt.Errorf("control socket: %w", err)
+		}
+		d.ctl, d.handed.release = s, release
+	case d.actCtl != nil:
+		d.phase(PhaseCtl)
+		s, _, err := ctl.ServeFile(context.Background(), d.actCtl, ctlEngine{e, d}, log, false)
+		d.actCtl.Close()
+		if err != nil {
+			return fmt.Errorf("control socket (socket activation): %w", err)
+		}
+		d.ctl = s
+	case d.opt.CtlPath != "":
 		d.phase(PhaseCtl)
 		s, err := ctl.Serve(context.Background(), d.opt.CtlPath, ctlEngine{e, d}, log)
 		if err != nil {
@@ -195,16 +279,40 @@ func (d *Daemon) start() error {
 		}
 		d.ctl = s
 	}
-	if c.Metrics.Listen.IsValid() {
-		d.phase(PhaseMetrics)
-		m, err := startMetrics(c, e, log, d.opt.Version)
-		if err != nil {
-			return err
-		}
-		d.metrics = m
-		log.Info("metrics listening", zap.String("url", "http://"+m.Addr().String()+"/metrics"))
+	if d.handed != nil {
+		return nil // metrics once the predecessor closed its own (takeOver)
 	}
+	return d.startMetricsPhase()
+}
+
+// startMetricsPhase serves the metrics endpoint, if configured.
+func (d *Daemon) startMetricsPhase() error {
+	c := d.c
+	if !c.Metrics.Listen.IsValid() {
+		return nil
+	}
+	d.phase(PhaseMetrics)
+	m, err := startMetrics(c, d.e, d.log, d.opt.Version)
+	if err != nil {
+		return err
+	}
+	d.metrics = m
+	d.log.Info("metrics listening", zap.String("url", "http://"+m.Addr().String()+"/metrics"))
 	return nil
+}
+
+// closeMetrics closes the metrics endpoint now (an upgrade: the successor
+// serves it).
+func (d *Daemon) closeMetrics() {
+	if d.metrics == nil {
+		return
+	}
+	mctx, mcancel := context.WithTimeout(context.Background(), time.Second)
+	defer mcancel()
+	if err := d.metrics.Close(mctx); err != nil {
+		d.log.Warn("metrics server close", zap.Error(err))
+	}
+	d.metrics = nil
 }
 
 // phase reports p to the test's trace.
@@ -243,6 +351,9 @@ func (d *Daemon) Run() error {
 			continue
 		case s := <-d.sig:
 			return d.serveStop(s)
+		case <-d.up.upgraded:
+			// The successor serves: drain, exit; a signal ends the drain.
+			return d.serveStop(nil)
 		case <-d.done:
 			return d.err
 		}
@@ -282,9 +393,20 @@ func (d *Daemon) stop(ctx context.Context, sig os.Signal) error {
 		drain := d.drain
 		d.recMu.Unlock()
 		fields = append(fields, zap.Int64("sessions", d.e.Stats().Sessions), zap.Duration("deadline", drain))
-		d.log.Info("stopping: no new connections; draining live sessions", fields...)
+		upgraded := d.up.isDone()
+		if upgraded {
+			d.log.Info("upgraded: the successor serves; draining live sessions", fields...)
+		} else {
+			if d.ready.Load() {
+				d.notify.send(notifyStopping)
+			}
+			d.log.Info("stopping: no new connections; draining live sessions", fields...)
+		}
 		ctx, cancel := context.WithTimeout(ctx, drain)
 		defer cancel()
+		if upgraded {
+			d.drainHanded(ctx)
+		}
 		err := d.halt(ctx)
 		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 			d.log.Warn("drain deadline passed; remaining sessions closed")
@@ -292,6 +414,10 @@ func (d *Daemon) stop(ctx context.Context, sig os.Signal) error {
 		}
 		d.log.Info("stopped")
 		d.stopSignals()
+		d.notify.close()
+		if d.upSync != nil {
+			d.upSync.Close() // the successor's sign that we are gone
+		}
 		d.err = err
 		close(d.done)
 	})

@@ -48,6 +48,8 @@ func (c ctlEngine) Reload(who ctl.Who) (*ctl.Reload, error) {
 // file does not load: every FILE:LINE: message line), busy, apply-failed.
 func (d *Daemon) Reload(who state.Who) (*ctl.Reload, error) {
 	log := d.log.With(zap.Stringer("by", who))
+	d.notify.send(notifyReloading, monotonicUsec()) // systemd: reloading until READY=1
+	defer d.notify.send(notifyReady)
 	if d.opt.Reload == nil {
 		return nil, &ctl.Error{Code: ctl.CodeNoReload, Index: -1, Msg: "this daemon has no configuration file to reload (sluice forward)"}
 	}

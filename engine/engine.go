@@ -76,6 +76,7 @@ type Engine struct {
 	sessLimit     *observe.Limiter  // bounds the session events a second
 	chk           engineChecks      // active health checks (checks.go)
 	names         engineNames       // target host names (names.go)
+	inh           engineInherit     // sockets offered by a predecessor or systemd (inherit.go)
 }
 
 // New creates the loops; Start runs them.

@@ -191,7 +191,7 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 				sum.Kept++
 				continue
 			}
-			fd, bound, err := listenSocket(lp, r.Proto, netipAddrPort(key.Addr, key.Port))
+			fd, bound, err := e.openSocket(lp, r.Proto, key) // an inherited socket, else a new one (inherit.go)
 			if err != nil {
 				for _, gr := range g {
 					resOf[gr].Failed = append(resOf[gr].Failed, portError(key.Port, err))

@@ -36,6 +36,10 @@ const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
   reload                  re-read the configuration file and apply its rules (as SIGHUP);
                           exit as apply: 0, 2 invalid file, 3 rolled back, 4 busy
   confirm | rollback      commit now, or roll back now, a pending --confirm transaction
+  upgrade [--binary PATH] [--timeout DUR]
+                          replace the daemon by PATH (default: its own executable) on
+                          the same sockets, no connection refused; exit 3 when the new
+                          process was not ready within DUR (30s) and was stopped
 apply, add and del take -s several times: one transaction across all those
 instances, committed only if every one of them can commit.`
 
@@ -71,6 +75,7 @@ type ctlCmd struct {
 	n       int           // history: the last N commits
 	confirm time.Duration // apply, add, del: leave the commit pending for this long (commit-confirmed)
 	pending bool          // list: the applied table that awaits its commit
+	binary  string        // upgrade: the new binary ("" = the daemon's own)
 	out     io.Writer
 	// between is ctl.MultiOptions.Between: tests stop or kill an instance
 	// at an exact step of a transaction across instances.
@@ -148,17 +153,21 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 	fs.StringVar(&x.rule, "rule", "", "sessions: only the sessions of the rule with this listen key (\"tcp 0.0.0.0:8080\")")
 	fs.IntVar(&x.count, "count", 0, "watch: exit after this many events (0: until interrupted)")
 	fs.IntVar(&x.n, "n", 0, "history: the last N commits (0: every one kept, at most 1000)")
+	fs.StringVar(&x.binary, "binary", "", "upgrade: the new binary (default: the daemon's own executable, the path it was started from)")
 	fs.DurationVar(&x.confirm, "confirm", 0, "apply, add, del: leave the commit pending after the command exits; the daemon rolls back by itself after DUR unless `sluice ctl confirm` (at most 10m)")
 	pos, help, err := parseCommand(fs, args)
 	if help || err != nil {
 		return err
 	}
 	if len(pos) == 0 {
-		return usagef("want a verb: status, pifs, list, apply FILE, diff FILE, add RULE, del RULE, watch, sessions, stats, history, reload, confirm, rollback")
+		return usagef("want a verb: status, pifs, list, apply FILE, diff FILE, add RULE, del RULE, watch, sessions, stats, history, reload, confirm, rollback, upgrade")
 	}
 	verb, rest := pos[0], pos[1:]
+	if x.binary != "" && verb != "upgrade" {
+		return usagef("%s: --binary is for upgrade", verb)
+	}
 	switch verb {
-	case "watch", "sessions", "stats", "history", "reload", "confirm", "rollback": // one instance, no table of the caller's
+	case "watch", "sessions", "stats", "history", "reload", "confirm", "rollback", "upgrade": // one instance, no table of the caller's
 		if x.timeout <= 0 || x.timeout > ctl.MaxConfirm {
 			return usagef("--timeout %s: want more than 0 and at most %s", x.timeout, ctl.MaxConfirm)
 		}

@@ -30,6 +30,8 @@ func (x *ctlCmd) stateVerb(verb string, rest []string) error {
 		return x.history()
 	case "reload":
 		return x.reload()
+	case "upgrade":
+		return x.upgrade()
 	}
 	return x.endPending(verb == "confirm")
 }

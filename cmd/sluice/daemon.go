@@ -168,8 +168,10 @@ func serve(c *config.Config, df *daemonFlags, ctlPath string, ready func(*daemon
 		return err
 	}
 	defer log.Sync()
+	exe, _ := os.Executable() // now: a binary replaced on disk later is what an upgrade starts
 	d, err := daemon.Start(daemon.Options{Config: c, CtlPath: ctlPath, Log: log, Version: version,
-		StateDir: c.State.Dir, Fresh: df.fresh, Reload: df.reloader(), Level: level})
+		StateDir: c.State.Dir, Fresh: df.fresh, Reload: df.reloader(), Level: level,
+		Environ: true, Executable: exe, Args: os.Args[1:]})
 	if err != nil {
 		return err
 	}
