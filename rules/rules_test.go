@@ -254,6 +254,9 @@ func FuzzParse(f *testing.F) {
 	for _, tc := range nameLines {
 		f.Add(tc.in)
 	}
+	for _, tc := range tlsLines {
+		f.Add(tc.in)
+	}
 	f.Fuzz(func(t *testing.T, line string) {
 		r, err := Parse(line)
 		if err != nil {
