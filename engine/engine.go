@@ -44,6 +44,8 @@ type Engine struct {
 	loops  []*Loop
 	log    *zap.Logger
 
+	tlsc tlsCounters // TLS handshakes (tls.go)
+
 	mu        sync.Mutex
 	listeners []*Listener
 	rules     []*rules.Rule   // the active table, in order
@@ -221,6 +223,10 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	if err := e.resolveRules([]*rules.Rule{r}); err != nil {
 		return nil, err
 	}
+	tlsBy, _, err := loadTLS([]*rules.Rule{r})
+	if err != nil {
+		return nil, err
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.started || e.stopped {
@@ -236,6 +242,7 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	}
 	g := []*rules.Rule{r}
 	pols := groupPolicies(g)
+	pols[0].SetTLS(tlsBy[r])
 	ctrs := make([]*RuleCounters, 1)
 	var lns []*Listener
 	for i, key := range r.ListenKeys() {

@@ -93,6 +93,11 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 	if err := e.resolveRules(rs); err != nil {
 		return nil, err
 	}
+	// Read again at every apply: a replaced certificate is a changed rule.
+	tlsBy, ti, err := loadTLS(rs)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", rs[ti], err)
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.started || e.stopped {
@@ -144,11 +149,14 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 		policies := func() []*handshake.Policy {
 			if pols == nil {
 				pols = groupPolicies(g)
+				for j, r := range g {
+					pols[j].SetTLS(tlsBy[r])
+				}
 			}
 			return pols
 		}
 		ctrs := make([]*RuleCounters, len(g))
-		sig := groupSignature(g, line)
+		sig := groupSignature(g, func(r *rules.Rule) string { return line(r) + tlsDigest(tlsBy, r) })
 		for i, key := range r.ListenKeys() {
 			if old := byKey[key]; old != nil {
 				delete(byKey, key) // each socket moves to one group only
