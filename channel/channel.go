@@ -52,6 +52,22 @@ const allFlags Flags = 0x07ff
 // String names every set bit, joined by '|'.
 func (f Flags) String() string { return bitnames.Format(f, flagNames) }
 
+// Layer is a data layer above a socket (TLS) that a channel reads or
+// writes through instead of the socket, with rawsys's conventions: Read
+// returns n > 0, (0, nil) at the end of input, (0, unix.EAGAIN) when it has
+// nothing now; Write returns the bytes taken or (0, unix.EAGAIN), and
+// Write(nil) flushes what the layer holds for the socket.
+type Layer interface {
+	Read(b []byte) (int, error)
+	Write(b []byte) (int, error)
+}
+
+// Layers are the data layers of a channel's input and output; nil for a
+// raw socket.
+type Layers struct {
+	In, Out Layer
+}
+
 // Channel moves bytes from the socket in to the socket out.
 //
 // Invariants: at most one of buf and pipe is held at a time; both are nil when
@@ -65,6 +81,7 @@ type Channel struct {
 	inPipe  int32 // bytes held in pipe
 	buf     []byte
 	pipe    *Pipe
+	layers  *Layers // nil: both sides raw (the plain path)
 
 	Bytes   uint64 // bytes written to out
 	Spliced uint64 // of Bytes, those moved through a pipe
@@ -79,6 +96,13 @@ func (c *Channel) Init(in, out int, mode rules.SpliceMode) {
 	*c = Channel{in: int32(in), out: int32(out), mode: mode, flags: sawHup}
 }
 
+// InitLayers is Init for a channel with a data layer on one side or both
+// (TLS variants: buffers only, never a pipe). The input is assumed
+// readable: a layer may hold input the socket no longer signals.
+func (c *Channel) InitLayers(in, out int, l *Layers) {
+	*c = Channel{in: int32(in), out: int32(out), mode: rules.SpliceOff, flags: sawHup | noSplice, layers: l}
+}
+
 func (c *Channel) Flags() Flags { return c.flags & allFlags }
 
 // Prime sets what the poller reported on the input before the channel
@@ -87,7 +111,7 @@ func (c *Channel) Flags() Flags { return c.flags & allFlags }
 // EAGAIN; hup false when none carried RDHUP, HUP or ERR, so a short read
 // ends reading. Events not yet delivered are not lost: they come later.
 func (c *Channel) Prime(readable, hup bool) {
-	if !readable {
+	if !readable && (c.layers == nil || c.layers.In == nil) {
 		c.flags |= EmptyIn
 	}
 	if !hup {
@@ -148,6 +172,9 @@ func (c *Channel) Idle() bool { return c.Held() == 0 && c.flags&(EmptyIn|ShutIn)
 // out. Hot path: no allocation once the pools are warm.
 func (c *Channel) Pump(p *Pools) int {
 	moved := 0
+	if c.layers != nil && c.layers.Out != nil && c.flags&(FullOut|ErrOut) == 0 {
+		c.flushLayer()
+	}
 	for c.flags&(ErrIn|ErrOut) == 0 {
 		progress := false
 		if c.Held() > 0 && c.flags&FullOut == 0 {
@@ -214,14 +241,23 @@ func (c *Channel) recv(p *Pools) int {
 		c.buf = p.getBuf()
 	}
 	room := len(c.buf) - int(c.w)
-	n, err := rawsys.Read(int(c.in), c.buf[c.w:])
+	var n int
+	var err error
+	layered := c.layers != nil && c.layers.In != nil
+	if layered {
+		n, err = c.layers.In.Read(c.buf[c.w:])
+	} else {
+		n, err = rawsys.Read(int(c.in), c.buf[c.w:])
+	}
 	switch {
 	case n > 0:
 		c.w += int32(n)
 		if n == room && c.mode == rules.SpliceAuto && c.flags&noSplice == 0 && room == len(c.buf) {
 			c.flags |= toPipe // a whole buffer in one read: a bulk transfer
 		}
-		if n < room && c.flags&sawHup == 0 {
+		// A short read of a layer says nothing of the socket (a record
+		// at a time): it reads on to EAGAIN.
+		if n < room && c.flags&sawHup == 0 && !layered {
 			c.flags |= EmptyIn // a short read drained the socket: wait for the next edge
 		}
 		return n
@@ -287,6 +323,8 @@ func (c *Channel) send(p *Pools) int {
 		var n64 int64
 		n64, err = rawsys.Splice(c.pipe.r, int(c.out), int(c.inPipe), unix.SPLICE_F_NONBLOCK)
 		n = int(n64)
+	} else if c.layers != nil && c.layers.Out != nil {
+		n, err = c.layers.Out.Write(c.buf[c.r:c.w])
 	} else {
 		n, err = rawsys.Write(int(c.out), c.buf[c.r:c.w])
 	}
@@ -308,6 +346,19 @@ func (c *Channel) send(p *Pools) int {
 		c.flags |= ErrOut
 	}
 	return 0
+}
+
+// flushLayer writes what the output's layer holds for its socket (records
+// a full socket did not take), so they leave even when the channel holds
+// nothing more.
+func (c *Channel) flushLayer() {
+	switch _, err := c.layers.Out.Write(nil); err {
+	case nil:
+	case unix.EAGAIN:
+		c.flags |= FullOut
+	default:
+		c.flags |= ErrOut
+	}
 }
 
 // releaseIfEmpty returns the buffer or pipe to the pool once nothing is held.

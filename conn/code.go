@@ -32,14 +32,15 @@ const (
 	CodeNoRoute           Code = 19 // no route of the listen key matched the ClientHello (or not TLS, and no default route)
 	CodeTLSHelloOversized Code = 20 // the ClientHello is longer than 16 KiB (or its framing than 32 KiB)
 	CodeTLSHelloBad       Code = 21 // the ClientHello is malformed, or the client ended its stream inside it
-	// 22 and 23 are reserved for TLS termination (tls-handshake, tls-backend: DESIGN.md).
-	CodeNoBackend Code = 24 // every backend of a checked pool is down by its checks
-	codeCount          = 25
+	CodeTLSHandshake      Code = 22 // the client's TLS handshake failed (an alert, no certificate for mTLS, not TLS at all)
+	CodeTLSBackend        Code = 23 // the backend's TLS handshake failed (an expired, untrusted or misnamed certificate)
+	CodeNoBackend         Code = 24 // every backend of a checked pool is down by its checks
+	codeCount                  = 25
 )
 
 // reservedCode reports numbers given to codes of other work, not in this
-// build yet: they print as "code-N" until they come.
-func reservedCode(c Code) bool { return c == 22 || c == 23 }
+// build yet: they print as "code-N" until they come. None is reserved now.
+func reservedCode(Code) bool { return false }
 
 var codeNames = [codeCount]string{
 	CodeNone:              "none",
@@ -64,6 +65,8 @@ var codeNames = [codeCount]string{
 	CodeNoRoute:           "no-route",
 	CodeTLSHelloOversized: "tls-hello-oversized",
 	CodeTLSHelloBad:       "tls-hello-bad",
+	CodeTLSHandshake:      "tls-handshake",
+	CodeTLSBackend:        "tls-backend",
 	CodeNoBackend:         "no-backend",
 }
 

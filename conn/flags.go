@@ -28,6 +28,7 @@ const (
 	DataInit      Flags = 0x00000080 // data layer set up (raw: nothing to do)
 	DataConnected Flags = 0x00000100 // data layer handshake done (raw: at once)
 	DataFailed    Flags = 0x00000400 // data layer error (a TLS alert, say)
+	DataShutR     Flags = 0x00000800 // data layer's input ended (TLS: the peer's close_notify, or its FIN)
 	DataShutW     Flags = 0x00001000 // data layer finished its shutdown (TLS close_notify sent)
 
 	FDShutW Flags = 0x00002000 // polling updated after the write shutdown
@@ -51,6 +52,7 @@ var flagNames = [...]bitnames.Name[Flags]{
 	{Bit: DataInit, Name: "DATA_INIT"},
 	{Bit: DataConnected, Name: "DATA_CONNECTED"},
 	{Bit: DataFailed, Name: "DATA_FAILED"},
+	{Bit: DataShutR, Name: "DATA_SHUTR"},
 	{Bit: DataShutW, Name: "DATA_SHUTW"},
 	{Bit: FDShutW, Name: "FD_SHUTW"},
 	{Bit: Closed, Name: "CLOSED"},
@@ -65,10 +67,11 @@ var flagNames = [...]bitnames.Name[Flags]{
 }
 
 // allFlags is the union of every named bit. The gaps (0x08, 0x20, 0x200,
-// 0x800, 0x4000) held CTRL/DATA "handlers done" and shut-read bits that
-// nothing set: the end of input is the channel's to see (docs/architecture.md,
-// "Connections"); the TLS data layer brings a shut-read of its own back.
-const allFlags Flags = 0x00ffb5d7
+// 0x4000) held CTRL/DATA "handlers done" and the CTRL shut-read bit that
+// nothing set: a raw conn's end of input is the channel's to see
+// (docs/architecture.md, "Connections"); the TLS data layer reads for the
+// channel, and records its own end of input (DataShutR).
+const allFlags Flags = 0x00ffbdd7
 
 // String names every set bit, joined by '|'; unknown bits are shown in hex.
 func (f Flags) String() string { return bitnames.Format(f, flagNames[:]) }

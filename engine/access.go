@@ -86,6 +86,8 @@ var whoByCode = [...]uint8{
 	conn.CodeNoRoute:           whoProxy,
 	conn.CodeTLSHelloOversized: whoProxy,
 	conn.CodeTLSHelloBad:       whoProxy,
+	conn.CodeTLSHandshake:      whoClient, // the client's handshake failed, HAProxy's CR
+	conn.CodeTLSBackend:        whoServer, // the server's certificate or handshake, HAProxy's SC
 	conn.CodeNoBackend:         whoServer, // no server available, HAProxy's SC
 }
 
@@ -98,6 +100,8 @@ var phaseByState = [...]uint8{
 	stClosed:     phaseData,
 	stWaitFd:     phaseConnect,
 	stDraining:   phaseData,
+	stTLSAccept:  phaseRequest, // the client's handshake: HAProxy's R
+	stTLSConnect: phaseConnect,
 }
 
 // termNames are the codes' two letters, made once so logging one costs no
@@ -189,6 +193,10 @@ func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
 	if s.srv.Dst.IsValid() {
 		backend = zap.Stringer("backend", s.srv.Dst)
 	}
+	tv, tc, tr := zap.Skip(), zap.Skip(), zap.Skip()
+	if v, c, resumed := s.tlsInfo(); v != "" {
+		tv, tc, tr = zap.String("tls_version", v), zap.String("tls_cipher", c), zap.Bool("tls_resumed", resumed)
+	}
 	if s.flags&sfPassed != 0 {
 		hs = zap.Duration("handshake", time.Duration(s.hsUs)*time.Microsecond)
 	}
@@ -204,6 +212,7 @@ func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
 		backend,
 		sni,
 		alpn,
+		tv, tc, tr,
 		zap.Uint64(logBytesUp, s.up.Bytes),
 		zap.Uint64(logBytesDown, s.down.Bytes),
 		zap.Uint64(logSpliced, s.up.Spliced+s.down.Spliced),

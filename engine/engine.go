@@ -52,7 +52,8 @@ type Engine struct {
 	// and loop syncs, which mu is not (table.go): a reader takes mu alone.
 	// The fields below are mu's; a writer holds amu too, so a value it
 	// read under mu stays true until it writes it.
-	amu sync.Mutex
+	amu  sync.Mutex
+	tlsc tlsCounters // TLS handshakes (tls.go)
 
 	mu        sync.Mutex
 	listeners []*Listener
@@ -235,6 +236,10 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	if err := e.resolveRules([]*rules.Rule{r}); err != nil {
 		return nil, err
 	}
+	tlsBy, _, err := loadTLS([]*rules.Rule{r})
+	if err != nil {
+		return nil, err
+	}
 	e.amu.Lock()
 	defer e.amu.Unlock()
 	e.mu.Lock()
@@ -252,6 +257,7 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 	}
 	g := []*rules.Rule{r}
 	pols := groupPolicies(g)
+	pols[0].SetTLS(tlsBy[r])
 	ctrs := make([]*RuleCounters, 1)
 	var lns []*Listener
 	for i, key := range r.ListenKeys() {

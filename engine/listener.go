@@ -79,14 +79,15 @@ func (ln *Listener) routeFor(r *rules.Rule) *Listener {
 }
 
 // signature is what decides whether a kept socket keeps its listener: the
-// canonical lines of its rule, or of every route of its key.
+// canonical lines of its rule, or of every route of its key, each with the
+// digest of its TLS files (tls.go).
 func (ln *Listener) signature(line func(*rules.Rule) string) string {
 	if ln.routes == nil {
-		return line(ln.rule)
+		return line(ln.rule) + ln.policy.TLSDigest()
 	}
 	sig := ""
 	for _, rl := range ln.routes {
-		sig += line(rl.rule) + "\n"
+		sig += line(rl.rule) + rl.policy.TLSDigest() + "\n"
 	}
 	return sig
 }

@@ -86,7 +86,7 @@ func (n *engineNames) resolve(host string) ([]netip.Addr, error) {
 // the caller's goroutine: a table being loaded (ctl's step 5, the daemon's
 // start). It returns (-1, nil) when every name resolves, else the index of
 // the first rule with a name that does not, and why ("target web: lookup
-// web: no such host"). Names known already are not looked up again here:
+// web: no such host"); then the TLS files of rs (CheckTLS). Names known already are not looked up again here:
 // the resolver goroutine keeps them fresh.
 func (e *Engine) Resolve(rs []*rules.Rule) (int, error) {
 	for i, r := range rs {
@@ -112,7 +112,7 @@ func (e *Engine) Resolve(rs []*rules.Rule) (int, error) {
 			n.mu.Unlock()
 		}
 	}
-	return -1, nil
+	return e.CheckTLS(rs)
 }
 
 // resolveRules is Resolve with an error naming the rule ("tcp 0.0.0.0:80 ->

@@ -31,9 +31,11 @@ const (
 	stClosed                         // fds closed; waiting for the GC
 	stWaitFd                         // out of fds for the backend socket: parked on the loop's fdWait list
 	stDraining                       // one side failed and is closed; the other gets what sluice holds for it, then a reset
+	stTLSAccept                      // the client's TLS handshake runs on its goroutine (tls.go); the loop ignores the conn's events
+	stTLSConnect                     // the backend's TLS handshake (tls.backend) runs on its goroutine
 )
 
-var stateNames = [...]string{"handshake", "connecting", "send-proxy", "forwarding", "closed", "wait-fd", "draining"}
+var stateNames = [...]string{"handshake", "connecting", "send-proxy", "forwarding", "closed", "wait-fd", "draining", "tls-accept", "tls-connect"}
 
 func (s sessionState) String() string {
 	if int(s) < len(stateNames) {
@@ -103,6 +105,7 @@ type session struct {
 type sessionExt struct {
 	orig      netip.AddrPort // the client's own address when a PROXY header replaced it; zero: none
 	sni, alpn string         // what the hello said, for a routed session (handshake.State.Seen)
+	tls       *sessionTLS    // a session with a TLS side (tls.go); nil: plain
 }
 
 // extra returns the session's sessionExt, allocated on first use.
@@ -152,6 +155,12 @@ func (s *session) expire(l *Loop) {
 		s.finish(l, conn.CodeConnectTimeout, true)
 	case stDraining:
 		s.drain(l)
+	case stTLSAccept:
+		l.e.tlsc.failed.Add(1)
+		s.ln.policy.Refuse(conn.CodeHandshakeTimeout)
+		s.finish(l, conn.CodeHandshakeTimeout, true)
+	case stTLSConnect:
+		s.finish(l, conn.CodeConnectTimeout, true)
 	case stForwarding:
 		deadline := s.active + int64(s.idleTimeout())
 		if s.flags&sfHeld != 0 && l.now < deadline {
@@ -290,12 +299,23 @@ func (s *session) sessionStep(l *Loop) {
 			x.sni, x.alpn = sni, alpn
 		}
 	}
-	s.state = stConnecting // the handshake is over, whatever happens next
 	s.flags |= sfPassed
 	s.hsUs = sinceUs(l.now, s.start)
 	if s.hs.Has(handshake.MaxConn) {
 		s.flags |= sfMaxConn
 	}
+	if s.ln.policy.Terminates() && !l.e.draining.Load() {
+		s.tlsAccept(l) // then pickBackend
+		return
+	}
+	s.pickBackend(l)
+}
+
+// pickBackend is the rest of the session step, once the client is through
+// (a terminating route's TLS handshake included): draining, the pool's
+// state, the backend's choice and dial.
+func (s *session) pickBackend(l *Loop) {
+	s.state = stConnecting // the handshake is over, whatever happens next
 	if l.e.draining.Load() {
 		s.ln.policy.Refuse(conn.CodeStopping)
 		s.finish(l, conn.CodeStopping, false)
@@ -437,6 +457,16 @@ func (s *session) established(l *Loop) {
 		s.sendProxy(l)
 		return
 	}
+	s.outDone(l)
+}
+
+// outDone runs once the outgoing chain wrote what it had: the backend's
+// TLS handshake (tls.backend), else forwarding.
+func (s *session) outDone(l *Loop) {
+	if s.ln.policy.Originates() {
+		s.tlsConnect(l)
+		return
+	}
 	s.forward(l)
 }
 
@@ -445,7 +475,7 @@ func (s *session) sendProxy(l *Loop) {
 	s.hs.Now = l.now
 	switch r, code := s.ln.policy.RunOut(s.hs); r {
 	case handshake.Done:
-		s.forward(l)
+		s.outDone(l)
 	case handshake.Fail:
 		s.finish(l, code, true)
 	}
@@ -459,10 +489,14 @@ func (s *session) forward(l *Loop) {
 	}
 	handshake.Put(s.hs)
 	s.hs = nil
-	mode := s.ln.rule.Splice
-	s.up.Init(s.cli.FD(), s.srv.FD(), mode)
+	if s.cli.Plain() && s.srv.Plain() {
+		mode := s.ln.rule.Splice
+		s.up.Init(s.cli.FD(), s.srv.FD(), mode)
+		s.down.Init(s.srv.FD(), s.cli.FD(), mode)
+	} else {
+		s.initTLSChannels()
+	}
 	s.up.Prime(s.flags&sfCliIn != 0, s.flags&sfCliHup != 0)
-	s.down.Init(s.srv.FD(), s.cli.FD(), mode)
 	s.down.Prime(s.flags&sfSrvIn != 0, s.flags&sfSrvHup != 0)
 	s.state = stForwarding
 	s.active = l.now
@@ -731,6 +765,7 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	if s.state == stHandshake {
 		l.e.handshaking.Add(-1)
 	}
+
 	s.unpark(l)
 	s.state = stClosed
 	l.wheel.del(&s.tmr)

@@ -117,6 +117,11 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 	if err := e.resolveRules(rs); err != nil {
 		return nil, err
 	}
+	// Read again at every apply: a replaced certificate is a changed rule.
+	tlsBy, ti, err := loadTLS(rs)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", rs[ti], err)
+	}
 	// The binds and the loop sync run under amu alone: readers (Stats,
 	// status, list, Watch) take e.mu, which is held only to read the table
 	// here, to attach checks, and for the swap at the end.
@@ -164,11 +169,14 @@ func (e *Engine) Apply(rs []*rules.Rule) (*rules.Summary, error) {
 		policies := func() []*handshake.Policy {
 			if pols == nil {
 				pols = groupPolicies(g)
+				for j, r := range g {
+					pols[j].SetTLS(tlsBy[r])
+				}
 			}
 			return pols
 		}
 		ctrs := make([]*RuleCounters, len(g))
-		sig := groupSignature(g, line)
+		sig := groupSignature(g, func(r *rules.Rule) string { return line(r) + tlsDigest(tlsBy, r) })
 		for i, key := range r.ListenKeys() {
 			if old := byKey[key]; old != nil {
 				delete(byKey, key) // each socket moves to one group only

@@ -7,6 +7,7 @@ import (
 	"github.com/sluice-proxy/sluice/conn"
 	"github.com/sluice-proxy/sluice/limits"
 	"github.com/sluice-proxy/sluice/rules"
+	"github.com/sluice-proxy/sluice/tlsconf"
 )
 
 // DefaultTimeout bounds a conn's whole incoming chain when the rule has no
@@ -70,6 +71,7 @@ type Policy struct {
 	rate    *limits.RateTable // nil: the rule has no rate=
 	router  *rules.Router     // the key's routes (sni.go); nil: the rule does not route
 	front   *Policy           // a route's: the policy of its key's first route, whose incoming chain runs; nil: itself
+	tls     *tlsconf.Loaded   // the rule's TLS files (tls.go); nil: none
 	C       Counters
 }
 

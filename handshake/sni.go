@@ -257,9 +257,10 @@ type replay struct{}
 
 var _ Handler = (*replay)(nil)
 
-// newReplay returns the replay step of a policy whose key routes, else nil.
-func newReplay(_ *rules.Rule, p *Policy) Handler {
-	if p.router == nil {
+// newReplay returns the replay step of a policy whose key routes, else nil;
+// none on a terminating route, whose hello goes to its TLS handshake.
+func newReplay(r *rules.Rule, p *Policy) Handler {
+	if p.router == nil || r.Terminates() {
 		return nil
 	}
 	return replay{}

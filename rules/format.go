@@ -68,6 +68,7 @@ func (r *Rule) String() string {
 	writeDurOpt(&b, "timeout.connect", r.ConnectTimeout)
 	writeDurOpt(&b, "timeout.idle", r.IdleTimeout)
 	writeDurOpt(&b, "timeout.handshake", r.HandshakeTimeout)
+	writeTLS(&b, r.TLS)
 	writeCheck(&b, r.Check)
 	writeResolve(&b, r.Resolve)
 	return b.String()

@@ -237,6 +237,9 @@ func (r *Rule) setOption(name, val string, hasVal bool) error {
 	if isCheckOption(name) {
 		return r.setCheckOption(name, val, hasVal)
 	}
+	if isTLSOption(name) {
+		return r.setTLSOption(name, val, hasVal)
+	}
 	if name == "resolve" {
 		return r.setResolveOption(val, hasVal)
 	}

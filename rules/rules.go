@@ -233,6 +233,7 @@ type Rule struct {
 	IdleTimeout      time.Duration
 	HandshakeTimeout time.Duration
 
+	TLS     TLS           // termination and origination (tls.go)
 	Check   Check         // active health checks of the pool (check.go)
 	Resolve time.Duration // names: re-resolve interval; 0 = DefaultResolve, ResolveOff = once (names.go)
 }

@@ -269,6 +269,9 @@ func FuzzParse(f *testing.F) {
 	}
 	f.Add("tcp 127.0.0.1:1 -> 127.0.0.1:2 sockbuf=1024k")
 	f.Add("tcp 127.0.0.1:1 -> 127.0.0.1:2 sockbuf=auto")
+	for _, tc := range tlsLines {
+		f.Add(tc.in)
+	}
 	f.Fuzz(func(t *testing.T, line string) {
 		r, err := Parse(line)
 		if err != nil {

@@ -81,6 +81,9 @@ func (r *Rule) Validate() error {
 	if err := r.validateCheck(); err != nil {
 		return err
 	}
+	if err := r.validateTLS(); err != nil {
+		return err
+	}
 	if err := r.validateNames(); err != nil {
 		return err
 	}
