@@ -116,6 +116,7 @@ type Daemon struct {
 	e       *engine.Engine  // nil until PhaseEngine succeeded
 	ctl     *ctl.Server     // nil without a control socket
 	metrics *metrics.Server // nil without metrics.listen
+	store   *storeLoop      // nil without store.etcd (store.go)
 	sig     <-chan os.Signal
 	hup     chan os.Signal // SIGHUP: a reload; nil when Options.Signals was given
 	unwatch func()         // stops catching the signals; nil when Options.Signals was given
@@ -194,6 +195,9 @@ func (d *Daemon) start() error {
 			return fmt.Errorf("control socket: %w (set ctl.socket, or stop the daemon that holds it)", err)
 		}
 		d.ctl = s
+	}
+	if err := d.startStore(); err != nil {
+		return err
 	}
 	if c.Metrics.Listen.IsValid() {
 		d.phase(PhaseMetrics)
@@ -303,6 +307,7 @@ func (d *Daemon) stop(ctx context.Context, sig os.Signal) error {
 // socket, the engine (its drain bounded by ctx), the metrics endpoint. It
 // returns the engine's Shutdown error: ctx's when sessions were cut.
 func (d *Daemon) halt(ctx context.Context) error {
+	d.stopStore()
 	if d.ctl != nil {
 		d.phase(PhaseCloseCtl)
 		_ = d.ctl.Close()
