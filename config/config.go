@@ -55,6 +55,7 @@ type Config struct {
 	Ctl     Ctl           //
 	Metrics Metrics       //
 	State   State         //
+	Store   Store         //
 	Drain   time.Duration // on SIGTERM/SIGINT, how long live sessions may finish
 	Pifs    []Pif         // named network namespaces; host is implicit
 	Rules   []rules.Entry // the table, each rule with its line
@@ -76,6 +77,34 @@ type Ctl struct {
 type State struct {
 	Dir string // absolute; "" = nothing is kept
 }
+
+// Store sets the fleet's source of truth the instance follows (package
+// store/etcd). The zero value: none.
+type Store struct {
+	Etcd *Etcd // nil: no etcd
+}
+
+// Etcd is store.etcd: where the fleet's keys are and who this instance is.
+// The password is never in the file: PasswordFile names a file holding it,
+// else the environment's SLUICE_ETCD_PASSWORD is used (read at start).
+type Etcd struct {
+	Endpoints    []string      // http:// or https:// URLs, at least one
+	Prefix       string        // "/sluice/NAME": absolute, no trailing slash
+	Instance     string        // "": the host name
+	CA           string        // absolute paths of the TLS client settings; "" = none
+	Cert, Key    string        // both or neither
+	User         string        // "": no authentication
+	PasswordFile string        // absolute; "": $SLUICE_ETCD_PASSWORD
+	TTL          time.Duration // the status key's lease; 0 = DefaultStoreTTL
+	Line         int           // of the etcd key, for messages
+}
+
+// Bounds of store.etcd.
+const (
+	DefaultStoreTTL = 10 * time.Second
+	MinStoreTTL     = 2 * time.Second
+	MaxStoreTTL     = 10 * time.Minute
+)
 
 // Metrics sets the Prometheus endpoint.
 type Metrics struct {
@@ -475,6 +504,9 @@ func (p *parser) top(c *Config, root *yaml.Node) {
 				}
 			}}})
 		}},
+		{"store", func(v *yaml.Node) {
+			p.mapping(v, "store", []field{{"etcd", func(v *yaml.Node) { p.etcd(c, v) }}})
+		}},
 		{"drain", func(v *yaml.Node) { p.drain(c, v) }},
 		{"pifs", func(v *yaml.Node) { pifs = v }},
 		{"rules", func(v *yaml.Node) { rulesNode = v }},
@@ -534,6 +566,104 @@ func (p *parser) metrics(c *Config, v *yaml.Node) {
 		return
 	}
 	c.Metrics.Listen = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+func (p *parser) etcd(c *Config, v *yaml.Node) {
+	e := &Etcd{Line: v.Line}
+	var endpoints, prefix *yaml.Node
+	path := func(name string, dst *string) field {
+		return field{name, func(v *yaml.Node) {
+			if s, ok := p.absPath(v, "store.etcd."+name); ok {
+				*dst = s
+			}
+		}}
+	}
+	word := func(name string, dst *string) field {
+		return field{name, func(v *yaml.Node) {
+			if s, ok := p.scalar(v, "store.etcd."+name, "a name"); ok {
+				if s == "" || strings.ContainsAny(s, " \t\n/") || !utf8.ValidString(s) {
+					p.errorf(v, "store.etcd.%s: want a name without blanks or /, got %q", name, s)
+					return
+				}
+				*dst = s
+			}
+		}}
+	}
+	p.mapping(v, "store.etcd", []field{
+		{"endpoints", func(v *yaml.Node) { endpoints = v }},
+		{"prefix", func(v *yaml.Node) { prefix = v }},
+		word("instance", &e.Instance),
+		path("ca", &e.CA), path("cert", &e.Cert), path("key", &e.Key),
+		word("user", &e.User),
+		path("password-file", &e.PasswordFile),
+		{"password", func(v *yaml.Node) {
+			p.errorf(v, "store.etcd.password: the password is never in the file: give password-file: PATH, or set SLUICE_ETCD_PASSWORD")
+		}},
+		{"ttl", func(v *yaml.Node) {
+			want := "a duration from " + rules.FormatDuration(MinStoreTTL) + " to " + rules.FormatDuration(MaxStoreTTL)
+			s, ok := p.scalar(v, "store.etcd.ttl", want)
+			if !ok {
+				return
+			}
+			d, err := time.ParseDuration(s)
+			if err != nil || d < MinStoreTTL || d > MaxStoreTTL || d%time.Second != 0 {
+				p.errorf(v, "store.etcd.ttl: want %s in whole seconds, got %q", want, s)
+				return
+			}
+			e.TTL = d
+		}},
+	})
+	if resolve(v).Kind != yaml.MappingNode {
+		return
+	}
+	bad := false
+	if endpoints == nil {
+		p.errorf(v, "store.etcd: no endpoints (endpoints: [http://127.0.0.1:2379])")
+		bad = true
+	} else if items, ok := p.sequence(endpoints, "store.etcd.endpoints", "a sequence of URLs"); ok {
+		for _, it := range items {
+			s, ok := p.scalar(it, "store.etcd.endpoints", "a URL")
+			if !ok {
+				bad = true
+				continue
+			}
+			if !(strings.HasPrefix(s, "http://") || strings.HasPrefix(s, "https://")) || len(s) < len("http://x") {
+				p.errorf(it, "store.etcd.endpoints: want http://HOST:PORT or https://HOST:PORT, got %q", s)
+				bad = true
+				continue
+			}
+			e.Endpoints = append(e.Endpoints, s)
+		}
+		if len(items) == 0 {
+			p.errorf(endpoints, "store.etcd.endpoints: want at least one URL")
+			bad = true
+		}
+	} else {
+		bad = true
+	}
+	if prefix == nil {
+		p.errorf(v, "store.etcd: no prefix (prefix: /sluice/NAME)")
+		bad = true
+	} else if s, ok := p.scalar(prefix, "store.etcd.prefix", "a key prefix such as /sluice/NAME"); ok {
+		if !strings.HasPrefix(s, "/") || strings.HasSuffix(s, "/") || len(s) < 2 || strings.ContainsAny(s, " \t\n") || !utf8.ValidString(s) {
+			p.errorf(prefix, "store.etcd.prefix: want a key prefix such as /sluice/NAME (starting with /, not ending with one, no blanks), got %q", s)
+			bad = true
+		}
+		e.Prefix = s
+	} else {
+		bad = true
+	}
+	if (e.Cert == "") != (e.Key == "") {
+		p.errorf(v, "store.etcd: cert and key go together: give both or neither")
+		bad = true
+	}
+	if e.PasswordFile != "" && e.User == "" {
+		p.errorf(v, "store.etcd: password-file without user")
+		bad = true
+	}
+	if !bad {
+		c.Store.Etcd = e
+	}
 }
 
 func (p *parser) drain(c *Config, v *yaml.Node) {

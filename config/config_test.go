@@ -150,14 +150,14 @@ func TestParseErrors(t *testing.T) {
 		{"yaml syntax first line", "log: {level: info\n", []string{"1: YAML: did not find expected ',' or '}'"}},
 		{"unknown anchor", "loops: 1\nlog: *nope\n", []string{"2: YAML: unknown anchor 'nope' referenced"}},
 		{"second document", "loops: 1\n---\nloops: 2\n", []string{"2: a second YAML document: a configuration is one document"}},
-		{"not a mapping", "- tcp 0.0.0.0:80 -> 1.2.3.4:80\n", []string{"1: want a mapping of loops, log, ctl, metrics, state, drain, pifs, rules, got a sequence"}},
-		{"scalar document", "hello\n", []string{`1: want a mapping of loops, log, ctl, metrics, state, drain, pifs, rules, got "hello"`}},
+		{"not a mapping", "- tcp 0.0.0.0:80 -> 1.2.3.4:80\n", []string{"1: want a mapping of loops, log, ctl, metrics, state, store, drain, pifs, rules, got a sequence"}},
+		{"scalar document", "hello\n", []string{`1: want a mapping of loops, log, ctl, metrics, state, store, drain, pifs, rules, got "hello"`}},
 		{"long scalar document", "# a rules file\ntcp 0.0.0.0:80 -> 127.0.0.1:80\ntcp 0.0.0.0:81 -> 127.0.0.1:81\n",
-			[]string{`2: want a mapping of loops, log, ctl, metrics, state, drain, pifs, rules, got "tcp 0.0.0.0:80 -> 127.0.0.1:80 tcp 0.0.0.0:81 -> 127.0.0.1:8"...`}},
+			[]string{`2: want a mapping of loops, log, ctl, metrics, state, store, drain, pifs, rules, got "tcp 0.0.0.0:80 -> 127.0.0.1:80 tcp 0.0.0.0:81 -> 127.0.0.1:8"...`}},
 		{"very long scalar", "log: " + strings.Repeat("x", 70) + "\n", []string{`1: log: want a mapping of level, format, got "` + strings.Repeat("x", 60) + `"...`}},
 		{"complex key", "? [a]\n: 1\n", []string{"1: want a plain word as a key, got a sequence"}},
 		{"duplicate key", "loops: 1\nlog: {}\nloops: 2\n", []string{`3: key "loops" given twice (first at line 1)`}},
-		{"unknown key", "loops: 1\nlooops: 2\n", []string{`2: unknown key "looops": want loops, log, ctl, metrics, state, drain, pifs or rules`}},
+		{"unknown key", "loops: 1\nlooops: 2\n", []string{`2: unknown key "looops": want loops, log, ctl, metrics, state, store, drain, pifs or rules`}},
 		{"unknown nested key", "log:\n  level: info\n  colour: red\n", []string{`3: log: unknown key "colour": want level or format`}},
 		{"duplicate nested key", "log: {level: info, level: warn}\n", []string{`1: log: key "level" given twice (first at line 1)`}},
 		{"merge key", "log: &l {level: info}\nctl:\n  <<: *l\n", []string{`3: ctl: unknown key "<<": want socket`}},
@@ -232,7 +232,7 @@ rules:
 			`3: ctl.socket: want an absolute path, got "here"`,
 			`4: metrics.listen: want IP:PORT such as 127.0.0.1:9901 or [::1]:9901, got "nowhere"`,
 			`5: drain: want a duration from 0s to 24h such as 10s, got "soon"`,
-			`6: unknown key "whatever": want loops, log, ctl, metrics, state, drain, pifs or rules`,
+			`6: unknown key "whatever": want loops, log, ctl, metrics, state, store, drain, pifs or rules`,
 			`8: pif name "host" is reserved for the daemon's own network namespace`,
 			`9: pif "ok": netns: want an absolute path, got "rel"`,
 			`11: unknown option "frobnicate"`,
@@ -406,5 +406,35 @@ func TestStateDir(t *testing.T) {
 	c, err := Parse("s.yaml", []byte("state: {dir: /var/lib/sluice}\n"))
 	if err != nil || c.State.Dir != "/var/lib/sluice" {
 		t.Fatalf("state.dir: %+v, %v", c, err)
+	}
+}
+
+// store.etcd: the keys, the defaults, and what is refused (a password in
+// the file above all).
+func TestStoreEtcd(t *testing.T) {
+	c, err := Parse("s.yaml", []byte(`store: {etcd: {endpoints: [http://127.0.0.1:2379, https://e2:2379], prefix: /sluice/web, instance: a-1, ca: /ca.pem, cert: /c.pem, key: /k.pem, user: u, password-file: /pw, ttl: 5s}}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := c.Store.Etcd
+	if e == nil || len(e.Endpoints) != 2 || e.Prefix != "/sluice/web" || e.Instance != "a-1" || e.CA != "/ca.pem" ||
+		e.Cert != "/c.pem" || e.Key != "/k.pem" || e.User != "u" || e.PasswordFile != "/pw" || e.TTL != 5*time.Second {
+		t.Fatalf("store.etcd: %+v", e)
+	}
+	for src, want := range map[string]string{
+		`store: {etcd: {prefix: /p}}`:                                          "no endpoints",
+		`store: {etcd: {endpoints: [127.0.0.1:2379], prefix: /p}}`:             "want http://HOST:PORT",
+		`store: {etcd: {endpoints: [http://h:1], prefix: p/}}`:                 "store.etcd.prefix",
+		`store: {etcd: {endpoints: [http://h:1], prefix: /p, password: x}}`:    "never in the file",
+		`store: {etcd: {endpoints: [http://h:1], prefix: /p, cert: /c}}`:       "cert and key go together",
+		`store: {etcd: {endpoints: [http://h:1], prefix: /p, ttl: 1s}}`:        "store.etcd.ttl",
+		`store: {etcd: {endpoints: [http://h:1], prefix: /p, instance: a/b}}`:  "store.etcd.instance",
+		`store: {etcd: {endpoints: [http://h:1], prefix: /p, nonsense: true}}`: "unknown key",
+	} {
+		_, err := Parse("s.yaml", []byte(src+"\n"))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: got %v, want %q", src, err, want)
+		}
 	}
 }

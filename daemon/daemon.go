@@ -126,6 +126,7 @@ type Daemon struct {
 	e       *engine.Engine  // nil until PhaseEngine succeeded
 	ctl     *ctl.Server     // nil without a control socket
 	metrics *metrics.Server // nil without metrics.listen
+	store   *storeLoop      // nil without store.etcd (store.go)
 	sig     <-chan os.Signal
 	hup     chan os.Signal // SIGHUP: a reload; nil when Options.Signals was given
 	unwatch func()         // stops catching the signals; nil when Options.Signals was given
@@ -279,6 +280,9 @@ func (d *Daemon) start() error {
 		}
 		d.ctl = s
 	}
+	if err := d.startStore(); err != nil {
+		return err
+	}
 	if d.handed != nil {
 		return nil // metrics once the predecessor closed its own (takeOver)
 	}
@@ -429,6 +433,7 @@ func (d *Daemon) stop(ctx context.Context, sig os.Signal) error {
 // socket, the engine (its drain bounded by ctx), the metrics endpoint. It
 // returns the engine's Shutdown error: ctx's when sessions were cut.
 func (d *Daemon) halt(ctx context.Context) error {
+	d.stopStore()
 	if d.ctl != nil {
 		d.phase(PhaseCloseCtl)
 		_ = d.ctl.Close()

@@ -77,56 +77,75 @@ func (d *Daemon) Reload(who state.Who) (*ctl.Reload, error) {
 	d.recMu.Lock()
 	d.drain = nc.Drain
 	d.recMu.Unlock()
+	res, err := d.transact(nc.RuleList(), who, log, "reload", state.Digest(nc.RuleList()))
+	if res != nil {
+		res.Restart = restart
+	}
+	return res, err
+}
+
+// transact runs one transaction on rs under the control socket's writer
+// slot (ctl.Server.Hold: busy while a ctl writer or a pending confirm holds
+// it), as `ctl apply` does: apply, ctl.Decide, commit or roll back, the
+// commit recorded in the state dir. The reload and the store's assignments
+// (store.go) share it. what names the caller in the log; digest, when not
+// "", is the configuration digest the new table grows from (a reload's
+// file), else the table keeps the one it has. Its error is a *ctl.Error
+// (busy, apply-failed, rollback-failed, commit-failed); otherwise the
+// result says unchanged, committed or rolled back.
+func (d *Daemon) transact(rs []*rules.Rule, who state.Who, log *zap.Logger, what, digest string) (*ctl.Reload, error) {
 	if d.ctl != nil {
 		release, err := d.ctl.Hold()
 		if err != nil {
-			log.Warn("reload: not applied", zap.Error(err))
+			log.Warn(what+": not applied", zap.Error(err))
 			return nil, err
 		}
 		defer release()
 	}
 	e := d.e
-	rs, old := nc.RuleList(), e.Rules()
+	old := e.Rules()
 	if slices.Equal(state.Lines(rs), state.Lines(old)) {
 		gen := e.Generation()
-		log.Info("reload: the file's rules are the active table; nothing to apply", zap.Uint64("generation", gen))
-		return &ctl.Reload{Outcome: ctl.ReloadUnchanged, Generation: gen, Restart: restart}, nil
+		log.Info(what+": the rules are the active table; nothing to apply", zap.Uint64("generation", gen))
+		return &ctl.Reload{Outcome: ctl.ReloadUnchanged, Generation: gen}, nil
 	}
 	sum, err := e.Apply(rs)
 	if err != nil {
-		log.Error("reload: the engine refused the apply; nothing changed", zap.Error(err))
+		log.Error(what+": the engine refused the apply; nothing changed", zap.Error(err))
 		return nil, &ctl.Error{Code: ctl.CodeApplyFailed, Index: -1, Msg: err.Error()}
 	}
 	failures := sum.Failures()
 	if !ctl.Decide(sum.OK(), false).Commits() {
 		if _, err := e.Rollback(); err != nil {
 			e.TxnEnded(rules.TxnFailed)
-			log.Error("reload: rollback failed", zap.Error(err))
+			log.Error(what+": rollback failed", zap.Error(err))
 			return nil, &ctl.Error{Code: ctl.CodeRollbackFailed, Index: -1, Msg: err.Error()}
 		}
 		e.TxnEnded(rules.TxnRolledBack)
-		log.Error("reload: verdict bad, rolled back; the old table keeps serving", zap.Uint64("generation", e.Generation()),
+		log.Error(what+": verdict bad, rolled back; the old table keeps serving", zap.Uint64("generation", e.Generation()),
 			zap.Strings("failures", failures))
-		return &ctl.Reload{Outcome: ctl.ReloadRolledBack, Generation: e.Generation(), Summary: sum, Restart: restart}, nil
+		return &ctl.Reload{Outcome: ctl.ReloadRolledBack, Generation: e.Generation(), Summary: sum}, nil
 	}
 	gen, err := e.Commit()
 	if err != nil {
 		_, _ = e.Rollback()
 		e.TxnEnded(rules.TxnRolledBack)
-		log.Error("reload: commit failed, rolled back", zap.Error(err))
+		log.Error(what+": commit failed, rolled back", zap.Error(err))
 		return nil, &ctl.Error{Code: ctl.CodeCommitFailed, Index: -1, Msg: err.Error() + " (rolled back)"}
 	}
 	e.TxnEnded(rules.TxnCommitted)
-	d.recMu.Lock()
-	d.digest = state.Digest(rs)
-	d.recMu.Unlock()
+	if digest != "" {
+		d.recMu.Lock()
+		d.digest = digest
+		d.recMu.Unlock()
+	}
 	d.record(gen, old, rs, who)
 	for _, f := range failures {
-		log.Warn("reload: weak rule: port not bound", zap.String("failure", f))
+		log.Warn(what+": weak rule: port not bound", zap.String("failure", f))
 	}
-	log.Info("reload: committed", zap.Uint64("generation", gen), zap.Int("rules", len(rs)),
+	log.Info(what+": committed", zap.Uint64("generation", gen), zap.Int("rules", len(rs)),
 		zap.Int("kept", sum.Kept), zap.Int("added", sum.Added), zap.Int("removed", sum.Removed))
-	return &ctl.Reload{Outcome: ctl.ReloadCommitted, Generation: gen, Summary: sum, Restart: restart}, nil
+	return &ctl.Reload{Outcome: ctl.ReloadCommitted, Generation: gen, Summary: sum}, nil
 }
 
 // checkPifs refuses a file whose rules use a pif the daemon does not run:

@@ -199,7 +199,9 @@ func (d *Daemon) Upgrade(who state.Who, binary string, timeout time.Duration) (*
 		return fail(msg)
 	}
 	// The successor serves the same table on the same sockets: stop
-	// accepting here. From now on this process only drains.
+	// accepting here. From now on this process only drains, and follows no
+	// store: the successor's instance loop applies the next assignment.
+	d.stopStore()
 	d.e.Release()
 	d.ctl.StopAccepting()
 	d.closeMetrics()

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"sort"
+	"sync/atomic"
 
 	"github.com/sluice-proxy/sluice/balance"
 	"github.com/sluice-proxy/sluice/internal/logsink"
@@ -110,7 +111,55 @@ var (
 	FamBackendUp        = &Family{Name: "backend_up", Help: "1 when the backend is up (its checks and passive health), else 0; rules with check= only (RuleStats.Checked).", Kind: KindGauge, Labels: []string{"backend"}, PerRule: true, Proto: tcp}
 	FamBackendChecks    = &Family{Name: "backend_checks_total", Help: "Active checks of the backend by result: ok, fail, timeout; rules with check= only (RuleStats.Checked).", Kind: KindCounter, Labels: []string{"backend", "result"}, PerRule: true, Proto: tcp}
 	FamBackendCheckSecs = &Family{Name: "backend_check_seconds", Help: "Latency of the rule's active checks, every backend and result (RuleStats.CheckTime).", Kind: KindHistogram, PerRule: true, Proto: tcp}
+
+	famStoreConnected = &Family{Name: "store_connected", Help: "1 while the fleet's store (etcd) answers, 0 while it is unreachable (the active table keeps serving); absent without store.etcd.", Kind: KindGauge}
+	FamStoreVersion   = &Family{Name: "store_version", Help: "1, labelled with the store version the instance runs (its last committed assignment); absent before one.", Kind: KindGauge, Labels: []string{"version"}}
+	famStoreLastApply = &Family{Name: "store_last_apply_seconds", Help: "Unix time of the last transaction run for an assignment of the store; 0 before one.", Kind: KindGauge}
+	famStoreErrors    = &Family{Name: "store_errors_total", Help: "Store errors: etcd unreachable, lease lost, watch compacted, bad input (a key of another shape, a table invalid or over the size limit), an assignment not committed.", Kind: KindCounter}
 )
+
+// StoreStats are the numbers of the fleet's store (package store/etcd, run
+// by the daemon): process-wide, like the log writer's, as one daemon runs
+// one store loop. Enabled false: no store; its families are left out.
+type StoreStats struct {
+	Enabled   bool
+	Connected bool
+	Version   string
+	LastApply int64 // unix seconds
+	Errors    uint64
+}
+
+var storeSource atomic.Pointer[func() StoreStats]
+
+// SetStoreSource sets what the sluice_store_* families read at scrape time;
+// nil: no store.
+func SetStoreSource(f func() StoreStats) {
+	if f == nil {
+		storeSource.Store(nil)
+		return
+	}
+	storeSource.Store(&f)
+}
+
+// StoreNow reads the store's numbers now.
+func StoreNow() StoreStats {
+	if f := storeSource.Load(); f != nil {
+		return (*f)()
+	}
+	return StoreStats{}
+}
+
+// storeGet is a CounterDef's Get of a store number: -1 (left out) without
+// a store.
+func storeGet(f func(StoreStats) int64) func(*Stats) int64 {
+	return func(*Stats) int64 {
+		st := StoreNow()
+		if !st.Enabled {
+			return -1
+		}
+		return f(st)
+	}
+}
 
 // Families are every Prometheus family of the engine's counters, in the
 // order they are described. The exported ones have no CounterDef: metrics
@@ -124,6 +173,7 @@ var Families = []*Family{
 	FamRuleHandshakeSecs, FamRuleConnectSecs, FamRuleSessionSecs, FamRuleTLSHelloBytes,
 	famRuleUDPFlows, famRuleUDPFlowsOpened, famRuleUDPDatagrams, famRuleUDPDropped,
 	FamBackendUp, FamBackendChecks, FamBackendCheckSecs,
+	famStoreConnected, FamStoreVersion, famStoreLastApply, famStoreErrors,
 }
 
 func b2i(b bool) int64 {
@@ -159,6 +209,11 @@ var EngineDefs = []CounterDef{
 	{Stat: "draining", Family: famDraining, Get: func(s *Stats) int64 { return b2i(s.Draining) }},
 	{Stat: "generation", Family: famTableGeneration, Get: func(s *Stats) int64 { return int64(s.Table.Generation) }},
 	{Stat: "rules", Get: func(s *Stats) int64 { return int64(len(s.Rules)) }},
+	// The store's, process-wide (StoreStats); not in ctl stats, which has
+	// no "absent".
+	{Family: famStoreConnected, Known: true, Get: storeGet(func(st StoreStats) int64 { return b2i(st.Connected) })},
+	{Family: famStoreLastApply, Known: true, Get: storeGet(func(st StoreStats) int64 { return st.LastApply })},
+	{Family: famStoreErrors, Known: true, Get: storeGet(func(st StoreStats) int64 { return int64(st.Errors) })},
 }
 
 // TableDefs are the rule table's and the control transactions' numbers, in

@@ -60,6 +60,11 @@ var custom = map[*engine.Family]metric{
 	engine.FamBackendChecks:     {samples: perRule(engine.FamBackendChecks, backendCheckSamples)},
 	engine.FamBackendCheckSecs:  {hist: checkedHist(engine.FamBackendCheckSecs)},
 	engine.FamRuleTLSHelloBytes: {hist: perRuleHist(engine.FamRuleTLSHelloBytes, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Hello })},
+	engine.FamStoreVersion: {samples: func(_ *engine.Stats, emit func(float64, ...string)) {
+		if st := engine.StoreNow(); st.Enabled && st.Version != "" {
+			emit(1, st.Version)
+		}
+	}},
 }
 
 // valueTypes are the Prometheus types of the engine's kinds (a histogram's

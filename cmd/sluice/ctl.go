@@ -40,6 +40,11 @@ const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
                           replace the daemon by PATH (default: its own executable) on
                           the same sockets, no connection refused; exit 3 when the new
                           process was not ready within DUR (30s) and was stopped
+  rollout FILE --etcd URL --prefix P [--instances ID,...] [--batch N] [--timeout DUR]
+                          a fleet following etcd: the table assigned batch by batch;
+                          halted and reverted on the first failure (exit 3)
+  fleet --etcd URL --prefix P
+                          each instance's version, generation, outcome and age
 apply, add and del take -s several times: one transaction across all those
 instances, committed only if every one of them can commit.`
 
@@ -138,6 +143,9 @@ func ctlExitCode(err error) int {
 }
 
 func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) error {
+	if isFleetVerb(args) { // etcd, not a control socket (ctl_fleet.go)
+		return cmdFleet(args, stdout, stderr)
+	}
 	var socks stringList
 	var cfgFile string
 	x := &ctlCmd{out: stdout, between: between}

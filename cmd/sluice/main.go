@@ -50,6 +50,7 @@ usage:
   sluice ctl [-s SOCKET] status|pifs|list|apply FILE|add RULE|del RULE
   sluice ctl [-s SOCKET] watch [GROUP...]|sessions [--rule KEY]|stats
   sluice ctl [-s SOCKET] history [-n N]|reload|confirm|rollback
+  sluice ctl rollout FILE|fleet --etcd URL --prefix P
                                          talk to a running daemon (sluice ctl -h)
   sluice version                         this build: module version, VCS revision (also --version)
 

@@ -35,6 +35,7 @@ var layer = map[string]int{
 	// 4: what drives or reads the engine: ctl through its small Engine
 	// interface (it never imports engine), metrics and the status page.
 	"ctl": 4, "ctl/ctltest": 4, "metrics": 4,
+	"store/etcd": 5,
 	// 6: the daemon's life; 7: the binary, benchmarks and end-to-end tests.
 	"daemon":     6,
 	"cmd/sluice": 7, "bench": 7, "bench/peers": 7, "test/integration": 7, "test/layers": 7,
