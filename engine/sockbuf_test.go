@@ -107,8 +107,12 @@ func TestSockBufBoundsNonReader(t *testing.T) {
 			if sndbuf > 2*tc.bound || rcvbuf > 2*tc.bound {
 				t.Errorf("SO_SNDBUF %d, SO_RCVBUF %d: want at most %d (twice the bound %d, as the kernel counts)", sndbuf, rcvbuf, 2*tc.bound, tc.bound)
 			}
-			if outq > 2*tc.bound || inq > 2*tc.bound {
-				t.Errorf("a non-reading client pins %d bytes in sluice's client socket and %d in its backend socket; want each at most %d", outq, inq, 2*tc.bound)
+			// A queue may end one write past its buffer: the kernel takes a
+			// write that starts under SO_SNDBUF whole, up to a 64 KiB skb
+			// (seen: 2 116 608 queued under a 2 097 152 buffer).
+			const skb = 64 << 10
+			if outq > 2*tc.bound+skb || inq > 2*tc.bound+skb {
+				t.Errorf("a non-reading client pins %d bytes in sluice's client socket and %d in its backend socket; want each at most %d (+ one 64 KiB skb)", outq, inq, 2*tc.bound)
 			}
 		})
 	}
