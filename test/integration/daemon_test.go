@@ -208,8 +208,13 @@ func (d *daemon) waitListening(addr string) {
 // stop sends SIGTERM and waits up to grace for a clean exit (then SIGKILL).
 // It returns the exit error (nil for status 0).
 func (d *daemon) stop(grace time.Duration) error {
-	if d.cmd.ProcessState != nil {
+	// Exited already (cmd.Wait's goroutine said so)? Reading
+	// cmd.ProcessState here would race with that Wait.
+	select {
+	case err := <-d.exited:
+		d.exited <- err
 		return nil
+	default:
 	}
 	d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
