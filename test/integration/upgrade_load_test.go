@@ -1,0 +1,199 @@
+package integration
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sluice-proxy/sluice/internal/testpeer"
+)
+
+// Upgrades under load, every byte counted: the sessions of TestLoadVerified
+// (random sizes up to 512 KiB each way, random half-close orders, a third
+// reset by the client or the backend at a random byte), back to back on
+// two rules (splice on and off) while three upgrades happen, and sessions
+// held mid-stream in the first process across the first upgrade. Every
+// session ends as planned at both ends — none refused, none reset but by
+// plan, no byte lost or changed —, the held ones finish in the process
+// that accepted them, and the processes together log exactly as many
+// clean ends and resets of each side as were planned.
+func TestUpgradeUnderLoad(t *testing.T) {
+	const workers, held, upgrades = 6, 40, 3
+	const maxSize = int64(512 << 10)
+	be := chaosPeer(t, "")
+	d := startConfig(t, forwardOpts{}, []string{"loops: 2", "log: {level: info, format: json}"},
+		"tcp {listen} -> "+be.Addr+" splice=on",
+		"tcp {listen} -> "+be.Addr+" splice=off")
+	var cur atomic.Int64
+	cur.Store(int64(d.cmd.Process.Pid))
+	killAtEnd(t, &cur)
+	first := d.cmd.Process.Pid
+	var ports []int
+	for _, a := range d.listens {
+		ports = append(ports, int(netip.MustParseAddrPort(a).Port()))
+	}
+	inodes := listenInodes(t, first, ports...)
+	bs0 := chaosStats(t, be)
+
+	var seed atomic.Uint64
+	var y tally
+	var planned struct {
+		sync.Mutex
+		none, cli, srv int64
+	}
+
+	// Sessions held mid-stream in the first process: released once it has
+	// handed over, they finish there, in its drain.
+	release := make(chan struct{})
+	var relOnce sync.Once
+	releaseHeld := func() { relOnce.Do(func() { close(release) }) }
+	defer releaseHeld()
+	var reached, heldDone sync.WaitGroup
+	reached.Add(held)
+	heldRes := make([]*session, held)
+	for i := range heldRes {
+		p := testpeer.Plan{Seed: seed.Add(1), Up: 256 << 10, Down: 256 << 10, Order: testpeer.Order(i % 3)}
+		heldDone.Add(1)
+		go func() {
+			defer heldDone.Done()
+			var once sync.Once
+			heldRes[i] = runSession(d.listens[i%2], p, testpeer.Options{Hold: release, HoldAt: 64 << 10,
+				OnHold: func() { once.Do(reached.Done) }}, time.Minute)
+		}()
+	}
+	waitGroup(t, &reached, 30*time.Second, "the held sessions to be held")
+
+	// The load: each worker runs random plans one after the other.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(w)))
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				p := testpeer.RandomPlan(rng, seed.Add(1), maxSize, 1.0/3)
+				planned.Lock()
+				switch p.Fault {
+				case testpeer.NoFault:
+					planned.none++
+				case testpeer.ClientReset:
+					planned.cli++
+				case testpeer.ServerReset:
+					planned.srv++
+				}
+				planned.Unlock()
+				s := runSession(d.listens[(w+i)%2], p, testpeer.Options{}, time.Minute)
+				if s.dialErr != nil {
+					y.fail("session %v: dial: %v", p, s.dialErr)
+					continue
+				}
+				y.add(p, s.res, s.end.Sub(s.connected))
+			}
+		}()
+	}
+
+	time.Sleep(300 * time.Millisecond) // the load runs in the first process
+	for i := 0; i < upgrades; i++ {
+		pid := upgrade(t, d.Ctl)
+		cur.Store(int64(pid))
+		for port, ino := range inodes {
+			if got := listenInodes(t, pid, port)[port]; got != ino || !holds(t, pid, ino) {
+				t.Errorf("upgrade %d: pid %d: port %d listens on inode %s, was %s", i+1, pid, port, got, ino)
+			}
+		}
+		if i == 0 {
+			if !alive(first) {
+				t.Errorf("the first process exited with %d sessions held in it", held)
+			}
+			releaseHeld()
+			waitGroup(t, &heldDone, 30*time.Second, "the held sessions to finish")
+		}
+		time.Sleep(300 * time.Millisecond) // the load reaches the new process
+	}
+	close(stop)
+	wg.Wait()
+	for _, s := range heldRes {
+		if s.dialErr != nil {
+			t.Errorf("held session %v: dial: %v", s.plan, s.dialErr)
+		} else if err := s.res.Check(s.plan, testpeer.ClientSide); err != nil {
+			t.Errorf("held session %v, across the upgrade: %v", s.plan, err)
+		} else {
+			y.add(s.plan, s.res, s.end.Sub(s.connected))
+		}
+	}
+	y.report(t)
+	none, cli, srv := planned.none+held, planned.cli, planned.srv
+
+	// Every process stopped: the last by SIGTERM, the others once drained.
+	last := int(cur.Load())
+	syscall.Kill(last, syscall.SIGTERM)
+	waitFor(t, 15*time.Second, "every sluice process to exit", func() bool { return !alive(first) && !alive(last) })
+
+	// The client's view.
+	if y.completed != none || y.clientResets != cli || y.serverResets != srv {
+		t.Errorf("clients: %d completed, %d reset by the client, %d by the backend; planned %d, %d, %d",
+			y.completed, y.clientResets, y.serverResets, none, cli, srv)
+	}
+	// The backend's view.
+	bs := chaosStats(t, be)
+	if f := bs.Failures - bs0.Failures; f != 0 {
+		t.Errorf("the backend saw %d exchanges go wrong: %v", f, bs.Errors)
+	}
+	if c := bs.Completed - bs0.Completed; c != none {
+		t.Errorf("the backend completed %d exchanges, want %d", c, none)
+	}
+	if r := bs.ServerReset - bs0.ServerReset; r != srv {
+		t.Errorf("the backend reset %d exchanges, want %d", r, srv)
+	}
+	if seen := bs.ClientReset - bs0.ClientReset + bs.Early - bs0.Early; seen > cli {
+		t.Errorf("the backend saw %d client resets, %d were planned", seen, cli)
+	}
+	// The daemons' view: the session lines of all the processes (they share
+	// the test's stderr pipe), by end.
+	want := fmt.Sprint(map[string]int64{"done": none, "client-reset": cli, "server-reset": srv})
+	var got map[string]int64
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		got = sessionEnds(d.stderr.String(), d.listens)
+		if fmt.Sprint(got) == want || time.Now().After(deadline) {
+			break
+		}
+	}
+	if fmt.Sprint(got) != want {
+		t.Errorf("the processes logged sessions ended %v, want %v", got, want)
+	}
+	t.Logf("%d upgrades under load: %d sessions (%d clean, %d held across the first upgrade, %d client resets, %d backend resets), %d MiB checked at the clients, %d MiB at the backend; slowest %v",
+		upgrades, none+cli+srv, none, held, cli, srv, y.bytes>>20, (bs.Bytes-bs0.Bytes)>>20, y.maxTook.Round(time.Millisecond))
+}
+
+// sessionEnds counts the json session lines of log whose listen address is
+// one of listens, by their end.
+func sessionEnds(log string, listens []string) map[string]int64 {
+	out := map[string]int64{}
+	for _, l := range strings.Split(log, "\n") {
+		if !strings.Contains(l, `"msg":"session"`) {
+			continue
+		}
+		for _, a := range listens {
+			if strings.Contains(l, `"listen":"`+a+`"`) {
+				_, rest, ok := strings.Cut(l, `"end":"`)
+				if end, _, ok2 := strings.Cut(rest, `"`); ok && ok2 {
+					out[end]++
+				}
+				break
+			}
+		}
+	}
+	return out
+}
