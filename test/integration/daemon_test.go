@@ -207,9 +207,14 @@ func (d *daemon) waitListening(addr string) {
 
 // stop sends SIGTERM and waits up to grace for a clean exit (then SIGKILL).
 // It returns the exit error (nil for status 0).
+// An exited process: nil (exited says so without racing cmd.Wait's write
+// of ProcessState).
 func (d *daemon) stop(grace time.Duration) error {
-	if d.cmd.ProcessState != nil {
+	select {
+	case err := <-d.exited:
+		d.exited <- err
 		return nil
+	default:
 	}
 	d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
