@@ -3,7 +3,9 @@ package integration
 import (
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -11,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluice-proxy/sluice/internal/netnstest"
 	"github.com/sluice-proxy/sluice/internal/testpeer"
 )
 
@@ -196,4 +199,160 @@ func sessionEnds(log string, listens []string) map[string]int64 {
 		}
 	}
 	return out
+}
+
+// An upgrade with UDP rules and a pif: a host UDP rule's flow in the old
+// process ends with the hand-over, and the next datagram of the same
+// client opens a flow in the new one (the backend sees a new source); the
+// UDP sockets, and a TCP and a UDP socket inside a namespace made with `ip
+// netns add`, are the same inodes in the new process, the namespace's seen
+// from inside it; a session dialed from inside the namespace is served.
+func TestUpgradeUDPAndPif(t *testing.T) {
+	inner := netnstest.New(t)
+	b, err := testpeer.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	echo := newSourceEcho(t)
+	hostU, innerT, innerU := freePort(t), freePort(t), freePort(t)
+	file := writeFile(t, "upgrade-pif.yaml", fmt.Sprintf(`log: {level: warn}
+pifs:
+  - {name: inner, netns: %s}
+rules:
+  - udp 127.0.0.1:%d -> %s timeout.idle=30s
+  - tcp inner/127.0.0.1:%d -> %s
+  - udp inner/127.0.0.1:%d -> %s timeout.idle=30s
+`, inner.Path, hostU, echo.addr(), innerT, b.Addr(), innerU, echo.addr()))
+	d := startDaemon(t, forwardOpts{}, "run", "-c", file)
+	ld := &liveDaemon{daemon: d, t: t, sock: d.Ctl}
+	ld.waitCtl()
+	first := d.cmd.Process.Pid
+	var cur atomic.Int64
+	cur.Store(int64(first))
+	killAtEnd(t, &cur)
+
+	hostInode := udpInode(t, fmt.Sprintf("/proc/%d/net/udp", first), hostU)
+	inT, inU := nsInode(t, inner, "tcp", innerT), nsInode(t, inner, "udp", innerU)
+	for _, ino := range []string{hostInode, inT, inU} {
+		if !holds(t, first, ino) {
+			t.Fatalf("pid %d does not hold socket %s", first, ino)
+		}
+	}
+	c, err := net.Dial("udp", fmt.Sprintf("127.0.0.1:%d", hostU))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ping := func(what string, id int) string {
+		t.Helper()
+		if err := testpeer.UDPPingPong(c, id, 3, []int{1, 1200}, 5*time.Second); err != nil {
+			t.Fatalf("%s: %v\n%s", what, err, tail(d.stderr.String(), 3000))
+		}
+		return echo.last()
+	}
+	before := ping("before the upgrade", 1)
+	if again := ping("the same flow", 2); again != before {
+		t.Fatalf("one client, two flows before the upgrade: from %s, then %s", before, again)
+	}
+
+	pid := upgrade(t, d.Ctl)
+	cur.Store(int64(pid))
+	waitFor(t, 15*time.Second, "the old process to exit", func() bool { return !alive(first) })
+	if got := udpInode(t, fmt.Sprintf("/proc/%d/net/udp", pid), hostU); got != hostInode || !holds(t, pid, hostInode) {
+		t.Errorf("host udp port %d: inode %s in pid %d, was %s", hostU, got, pid, hostInode)
+	}
+	if gotT, gotU := nsInode(t, inner, "tcp", innerT), nsInode(t, inner, "udp", innerU); gotT != inT || gotU != inU || !holds(t, pid, inT) || !holds(t, pid, inU) {
+		t.Errorf("inside the namespace: tcp %s, udp %s (held by pid %d: %v, %v); were %s, %s",
+			gotT, gotU, pid, holds(t, pid, inT), holds(t, pid, inU), inT, inU)
+	}
+	after := ping("after the upgrade, the same client", 3)
+	if after == before {
+		t.Errorf("the backend saw the old process's flow (%s) after the upgrade", before)
+	}
+	ic := inner.Dial(t, "tcp", fmt.Sprintf("127.0.0.1:%d", innerT))
+	ic.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := testpeer.Exchange(ic, 256<<10, 256<<10, 9); err != nil {
+		t.Fatalf("a session from inside the namespace after the upgrade: %v", err)
+	}
+	uc := inner.Dial(t, "udp", fmt.Sprintf("127.0.0.1:%d", innerU))
+	if err := testpeer.UDPPingPong(uc, 4, 3, []int{1, 1200}, 5*time.Second); err != nil {
+		t.Fatalf("udp from inside the namespace after the upgrade: %v", err)
+	}
+}
+
+// sourceEcho is a UDP echo on the host's loopback that remembers the
+// source of the last datagram: a proxy's flow is its source.
+type sourceEcho struct {
+	pc   net.PacketConn
+	mu   sync.Mutex
+	from string
+}
+
+func newSourceEcho(t *testing.T) *sourceEcho {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &sourceEcho{pc: pc}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 65535)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			e.mu.Lock()
+			e.from = from.String()
+			e.mu.Unlock()
+			_, _ = pc.WriteTo(buf[:n], from)
+		}
+	}()
+	t.Cleanup(func() { pc.Close(); <-done })
+	return e
+}
+
+func (e *sourceEcho) addr() string { return e.pc.LocalAddr().String() }
+
+func (e *sourceEcho) last() string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.from
+}
+
+// udpInode is the inode of the UDP socket bound to 127.0.0.1:port in a
+// /proc net/udp table.
+func udpInode(t *testing.T, name string, port int) string {
+	t.Helper()
+	b, err := os.ReadFile(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tableInode(t, string(b), "udp", port)
+}
+
+// nsInode is the inode of the socket of proto (tcp: listening) bound to
+// 127.0.0.1:port, as the namespace's own /proc/net table shows it.
+func nsInode(t *testing.T, ns *netnstest.NS, proto string, port int) string {
+	t.Helper()
+	return tableInode(t, ns.Exec(t, "cat", "/proc/net/"+proto), proto, port)
+}
+
+// tableInode finds 127.0.0.1:port in the text of a /proc net/tcp or
+// net/udp table: a listening tcp socket, an unconnected udp one.
+func tableInode(t *testing.T, table, proto string, port int) string {
+	t.Helper()
+	state := map[string]string{"tcp": "0A", "udp": "07"}[proto]
+	for _, l := range strings.Split(table, "\n") {
+		// sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+		fs := strings.Fields(l)
+		if len(fs) >= 10 && fs[1] == fmt.Sprintf("0100007F:%04X", port) && fs[3] == state {
+			return fs[9]
+		}
+	}
+	t.Fatalf("no %s socket on 127.0.0.1:%d in:\n%s", proto, port, table)
+	return ""
 }
