@@ -151,18 +151,7 @@ func TestUpgradeUnderLoad(t *testing.T) {
 	}
 	// The backend's view.
 	bs := chaosStats(t, be)
-	if f := bs.Failures - bs0.Failures; f != 0 {
-		t.Errorf("the backend saw %d exchanges go wrong: %v", f, bs.Errors)
-	}
-	if c := bs.Completed - bs0.Completed; c != none {
-		t.Errorf("the backend completed %d exchanges, want %d", c, none)
-	}
-	if r := bs.ServerReset - bs0.ServerReset; r != srv {
-		t.Errorf("the backend reset %d exchanges, want %d", r, srv)
-	}
-	if seen := bs.ClientReset - bs0.ClientReset + bs.Early - bs0.Early; seen > cli {
-		t.Errorf("the backend saw %d client resets, %d were planned", seen, cli)
-	}
+	checkBackend(t, bs0, bs, none, cli, srv)
 	// The daemons' view: the session lines of all the processes (they share
 	// the test's stderr pipe), by end.
 	want := fmt.Sprint(map[string]int64{"done": none, "client-reset": cli, "server-reset": srv})
