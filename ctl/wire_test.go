@@ -343,6 +343,11 @@ func FuzzDecode(f *testing.F) {
 		return fw.writeReloaded(3, &Reload{Outcome: ReloadRolledBack, Generation: 4, Restart: []string{"loops"}})
 	}))
 	f.Add(encodeFrames(f, func(fw *frameWriter) error { return fw.writePending(3, &Pending{Generation: 5, Left: time.Minute}) }))
+	f.Add(encodeFrames(f, func(fw *frameWriter) error { return fw.writeUpgrade(3, "/usr/local/bin/sluice", 30*time.Second) }))
+	f.Add(encodeFrames(f, func(fw *frameWriter) error { return fw.writeUpgrade(3, "", 0) }))
+	f.Add(encodeFrames(f, func(fw *frameWriter) error {
+		return fw.writeUpgraded(3, &Upgraded{OldPID: 100, NewPID: 200, Generation: 7})
+	}))
 	f.Add(header(1, MsgLoad, MaxPayload+1))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		fr := frameReader{r: bytes.NewReader(in)}
@@ -514,6 +519,22 @@ func fuzzOne(t *testing.T, fm frame) {
 		}
 	case MsgLeave:
 		_ = decodeEmpty(fm)
+	case MsgUpgrade:
+		if bin, timeout, err := decodeUpgrade(fm); err == nil {
+			bin2, timeout2, err := decodeUpgrade(again(func(fw *frameWriter) error { return fw.writeUpgrade(fm.ver, bin, timeout) }))
+			if err != nil {
+				t.Fatal(err)
+			}
+			same([2]any{bin, timeout}, [2]any{bin2, timeout2})
+		}
+	case MsgUpgraded:
+		if u, err := decodeUpgraded(fm); err == nil {
+			u2, err := decodeUpgraded(again(func(fw *frameWriter) error { return fw.writeUpgraded(fm.ver, u) }))
+			if err != nil {
+				t.Fatal(err)
+			}
+			same(u, u2)
+		}
 	default:
 		t.Fatalf("the reader let through unknown type %s", fm.typ)
 	}

@@ -144,36 +144,64 @@ type activated struct {
 	name string
 }
 
-// listenFDs reads the sockets systemd passed: LISTEN_PID must be this
-// process, LISTEN_FDS says how many (from fd 3), LISTEN_FDNAMES names them.
-// The variables are unset, so that no child takes them for its own; the
-// fds are made close-on-exec. None passed: nil, nil.
+// maxListenFDs bounds LISTEN_FDS.
+const maxListenFDs = 1024
+
+// listenFDs reads the sockets systemd passed (parseListenFDs). The
+// variables are unset, so that no child takes them for its own; the fds
+// are made close-on-exec. None passed: nil, nil.
 func listenFDs() ([]activated, error) {
 	pid, nfds, names := os.Getenv("LISTEN_PID"), os.Getenv("LISTEN_FDS"), os.Getenv("LISTEN_FDNAMES")
 	os.Unsetenv("LISTEN_PID")
 	os.Unsetenv("LISTEN_FDS")
 	os.Unsetenv("LISTEN_FDNAMES")
+	out, err := parseListenFDs(pid, nfds, names, os.Getpid())
+	for _, a := range out {
+		unix.CloseOnExec(a.fd)
+	}
+	return out, err
+}
+
+// parseListenFDs parses LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES as
+// sd_listen_fds_with_names(3) does, for the process self: LISTEN_PID must
+// be self (else the sockets are another process's, a parent's leftover:
+// nil, nil), LISTEN_FDS says how many (from fd 3; unset or 0: nil, nil),
+// LISTEN_FDNAMES, when set, names each (":"-separated, as many as there
+// are fds). Two sockets named "ctl" are an error: one control socket. It
+// touches no fd.
+func parseListenFDs(pid, nfds, names string, self int) ([]activated, error) {
 	if nfds == "" {
 		return nil, nil
 	}
-	if pid != strconv.Itoa(os.Getpid()) {
-		return nil, nil // for another process (a parent's leftover)
+	if p, err := strconv.Atoi(pid); err != nil || p != self {
+		return nil, nil
 	}
 	n, err := strconv.Atoi(nfds)
-	if err != nil || n < 0 || n > 1024 {
-		return nil, fmt.Errorf("socket activation: LISTEN_FDS=%q: want 0 to 1024", nfds)
+	if err != nil || n < 0 || n > maxListenFDs {
+		return nil, fmt.Errorf("socket activation: LISTEN_FDS=%q: want 0 to %d", nfds, maxListenFDs)
+	}
+	if n == 0 {
+		return nil, nil
 	}
 	var nameList []string
 	if names != "" {
 		nameList = strings.Split(names, ":")
+		if len(nameList) != n {
+			return nil, fmt.Errorf("socket activation: LISTEN_FDNAMES=%q names %d sockets, LISTEN_FDS=%d", names, len(nameList), n)
+		}
 	}
 	out := make([]activated, n)
+	ctls := 0
 	for i := range out {
 		out[i].fd = 3 + i
 		if i < len(nameList) {
 			out[i].name = nameList[i]
 		}
-		unix.CloseOnExec(out[i].fd)
+		if out[i].name == fdCtl {
+			if ctls++; ctls > 1 {
+				return nil, fmt.Errorf("socket activation: LISTEN_FDNAMES=%q names more than one socket %q", names, fdCtl)
+			}
+		}
 	}
 	return out, nil
 }

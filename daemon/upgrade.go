@@ -446,7 +446,7 @@ func keyName(k rules.Key) string {
 	return k.Proto.String() + "/" + rules.PifName(k.Pif) + "/" + netip.AddrPortFrom(k.Addr, k.Port).String()
 }
 
-// parseKeyName is keyName's inverse.
+// parseKeyName is keyName's inverse; its error says what is wrong with s.
 func parseKeyName(s string) (rules.Key, error) {
 	parts := strings.SplitN(s, "/", 3)
 	if len(parts) != 3 {
@@ -460,6 +460,11 @@ func parseKeyName(s string) (rules.Key, error) {
 		k.Proto = rules.UDP
 	default:
 		return rules.Key{}, fmt.Errorf("%q: protocol %q", s, parts[0])
+	}
+	if parts[1] != rules.HostPif {
+		if err := rules.CheckPifName(parts[1]); err != nil {
+			return rules.Key{}, fmt.Errorf("%q: %w", s, err)
+		}
 	}
 	ap, err := netip.ParseAddrPort(parts[2])
 	if err != nil {
@@ -480,6 +485,72 @@ type handover struct {
 	release func()            // frees our writer slot, held until "go"
 }
 
+// handoverFDs is SLUICE_UPGRADE_FDS and SLUICE_UPGRADE_FROM parsed: each
+// inherited fd by what it is. Invariants: every fd is 3 or more and named
+// once; sync and table are set; from is a pid.
+type handoverFDs struct {
+	from                     int
+	sync, stderr, table, ctl int // 0: not handed
+	listen                   map[rules.Key]int
+}
+
+// maxHandedFD bounds an inherited fd's number: far above any fd table a
+// predecessor had, far below what could wrap.
+const maxHandedFD = 1 << 24
+
+// parseHandover parses the values of SLUICE_UPGRADE_FDS (spec) and
+// SLUICE_UPGRADE_FROM (from); it touches no fd. Its error names the
+// variable and the item that is wrong.
+func parseHandover(spec, from string) (*handoverFDs, error) {
+	h := &handoverFDs{listen: map[rules.Key]int{}}
+	pid, err := strconv.Atoi(from)
+	if err != nil || pid <= 0 {
+		return nil, fmt.Errorf("upgrade: %s=%q: want the predecessor's pid", envUpgradeFrom, from)
+	}
+	h.from = pid
+	seen := map[int]string{}
+	for _, item := range strings.Split(spec, ",") {
+		name, fdText, ok := strings.Cut(item, "=")
+		fd, err := strconv.Atoi(fdText)
+		if !ok || name == "" || err != nil || fd < 3 || fd > maxHandedFD {
+			return nil, fmt.Errorf("upgrade: %s: %q: want NAME=FD, FD from 3", envUpgradeFDs, item)
+		}
+		if other, dup := seen[fd]; dup {
+			return nil, fmt.Errorf("upgrade: %s: fd %d named both %q and %q", envUpgradeFDs, fd, other, name)
+		}
+		seen[fd] = name
+		slot := (*int)(nil)
+		switch name {
+		case fdSync:
+			slot = &h.sync
+		case fdStderr:
+			slot = &h.stderr
+		case fdTable:
+			slot = &h.table
+		case fdCtl:
+			slot = &h.ctl
+		default:
+			k, err := parseKeyName(name)
+			if err != nil {
+				return nil, fmt.Errorf("upgrade: %s: %w", envUpgradeFDs, err)
+			}
+			if _, dup := h.listen[k]; dup {
+				return nil, fmt.Errorf("upgrade: %s: %s named twice", envUpgradeFDs, name)
+			}
+			h.listen[k] = fd
+			continue
+		}
+		if *slot != 0 {
+			return nil, fmt.Errorf("upgrade: %s: %s named twice", envUpgradeFDs, name)
+		}
+		*slot = fd
+	}
+	if h.sync == 0 || h.table == 0 {
+		return nil, fmt.Errorf("upgrade: %s names no sync or no table fd", envUpgradeFDs)
+	}
+	return h, nil
+}
+
 // readHandover reads the environment of a successor; not one: nil, nil.
 // The variables are unset, so that no child of ours takes them.
 func readHandover() (*handover, error) {
@@ -489,47 +560,53 @@ func readHandover() (*handover, error) {
 	if spec == "" {
 		return nil, nil
 	}
-	h := &handover{listen: map[rules.Key]int{}}
-	h.from, _ = strconv.Atoi(from)
-	for _, item := range strings.Split(spec, ",") {
-		name, fdText, ok := strings.Cut(item, "=")
-		fd, err := strconv.Atoi(fdText)
-		if !ok || err != nil || fd < 3 {
-			return nil, fmt.Errorf("upgrade: %s: %q: want NAME=FD", envUpgradeFDs, item)
+	fds, err := parseHandover(spec, from)
+	if err != nil {
+		return nil, err
+	}
+	for fd, what := range fds.all() {
+		// An fd the predecessor did not hand is not ours to take.
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
+			return nil, fmt.Errorf("upgrade: %s: fd %d (%s): %w", envUpgradeFDs, fd, what, err)
 		}
 		unix.CloseOnExec(fd)
-		switch name {
-		case fdSync:
-			if err := unix.SetNonblock(fd, true); err != nil { // read with a deadline
-				return nil, fmt.Errorf("upgrade: sync fd %d: %w", fd, err)
-			}
-			h.sync = os.NewFile(uintptr(fd), "upgrade-sync")
-		case fdStderr:
-			h.stderr = os.NewFile(uintptr(fd), "stderr")
-		case fdTable:
-			f := os.NewFile(uintptr(fd), "sluice-table") // closed by f alone: its finalizer would close a reused number
-			b, err := io.ReadAll(io.NewSectionReader(f, 0, state.MaxTableSize))
-			f.Close()
-			if err != nil {
-				return nil, fmt.Errorf("upgrade: reading the predecessor's table: %w", err)
-			}
-			if h.table, err = state.Parse(b); err != nil {
-				return nil, fmt.Errorf("upgrade: the predecessor's table: %w", err)
-			}
-		case fdCtl:
-			h.ctl = os.NewFile(uintptr(fd), "ctl")
-		default:
-			k, err := parseKeyName(name)
-			if err != nil {
-				return nil, fmt.Errorf("upgrade: %s: %w", envUpgradeFDs, err)
-			}
-			h.listen[k] = fd
-		}
 	}
-	if h.sync == nil || h.table == nil {
-		return nil, fmt.Errorf("upgrade: %s names no sync or no table fd", envUpgradeFDs)
+	h := &handover{from: fds.from, listen: fds.listen}
+	if err := unix.SetNonblock(fds.sync, true); err != nil { // read with a deadline
+		return nil, fmt.Errorf("upgrade: sync fd %d: %w", fds.sync, err)
+	}
+	h.sync = os.NewFile(uintptr(fds.sync), "upgrade-sync")
+	if fds.stderr != 0 {
+		h.stderr = os.NewFile(uintptr(fds.stderr), "stderr")
+	}
+	if fds.ctl != 0 {
+		h.ctl = os.NewFile(uintptr(fds.ctl), "ctl")
+	}
+	f := os.NewFile(uintptr(fds.table), "sluice-table") // closed by f alone: its finalizer would close a reused number
+	b, err := io.ReadAll(io.NewSectionReader(f, 0, state.MaxTableSize))
+	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("upgrade: reading the predecessor's table: %w", err)
+	}
+	if h.table, err = state.Parse(b); err != nil {
+		return nil, fmt.Errorf("upgrade: the predecessor's table: %w", err)
 	}
 	return h, nil
+}
+
+// all is every handed fd, with what it is.
+func (h *handoverFDs) all() map[int]string {
+	m := map[int]string{h.sync: fdSync, h.table: fdTable}
+	if h.stderr != 0 {
+		m[h.stderr] = fdStderr
+	}
+	if h.ctl != 0 {
+		m[h.ctl] = fdCtl
+	}
+	for k, fd := range h.listen {
+		m[fd] = keyName(k)
+	}
+	return m
 }
 
 // handedTable is the successor's first table: the predecessor's, under its

@@ -312,6 +312,26 @@ func (y *tally) report(t testing.TB) {
 	}
 }
 
+// checkBackend checks a chaos backend's view of the exchanges between two
+// of its counts, planned none without a fault, cli and srv reset by the
+// client and by the backend: every exchange without a fault whole, every
+// reset it was asked for made, no more client resets seen than planned.
+func checkBackend(t testing.TB, bs0, bs testpeer.ChaosStats, none, cli, srv int64) {
+	t.Helper()
+	if f := bs.Failures - bs0.Failures; f != 0 {
+		t.Errorf("the backend saw %d exchanges go wrong: %v", f, bs.Errors)
+	}
+	if c := bs.Completed - bs0.Completed; c != none {
+		t.Errorf("the backend completed %d exchanges, want %d", c, none)
+	}
+	if r := bs.ServerReset - bs0.ServerReset; r != srv {
+		t.Errorf("the backend reset %d exchanges, want %d", r, srv)
+	}
+	if seen := bs.ClientReset - bs0.ClientReset + bs.Early - bs0.Early; seen > cli {
+		t.Errorf("the backend saw %d client resets, %d were planned", seen, cli)
+	}
+}
+
 // planCounts counts plans by fault.
 func planCounts(plans []testpeer.Plan) (none, cli, srv int64) {
 	for _, p := range plans {
@@ -494,21 +514,7 @@ func TestLoadVerified(t *testing.T) {
 			t.Errorf("clients: %d completed, %d reset by the client, %d by the backend; planned %d, %d, %d",
 				lr.completed, lr.clientResets, lr.serverResets, none, cli, srv)
 		}
-		// The backend's view: every exchange without a fault whole, every
-		// reset it was asked for made, every client reset seen as one.
-		if f := bs.Failures - bs0.Failures; f != 0 {
-			t.Errorf("the backend saw %d exchanges go wrong: %v", f, bs.Errors)
-		}
-		if c := bs.Completed - bs0.Completed; c != none {
-			t.Errorf("the backend completed %d exchanges, want %d", c, none)
-		}
-		if r := bs.ServerReset - bs0.ServerReset; r != srv {
-			t.Errorf("the backend reset %d exchanges, want %d", r, srv)
-		}
-		seenCli := bs.ClientReset - bs0.ClientReset + bs.Early - bs0.Early
-		if seenCli > cli {
-			t.Errorf("the backend saw %d client resets, %d were planned", seenCli, cli)
-		}
+		checkBackend(t, bs0, bs, none, cli, srv)
 		// The daemon's view: exactly as many clean ends and resets.
 		delta := endedDelta(before, after.m)
 		want := map[string]float64{"done": float64(none), "client-reset": float64(cli), "server-reset": float64(srv)}
