@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/sluice-proxy/sluice/engine"
-	"github.com/sluice-proxy/sluice/rules"
 )
 
 // One loop, one bulk stream and 50 ping-pong sessions (issue 15 item 4):
@@ -41,23 +40,12 @@ func benchPingPongUnderBulk(b *testing.B, budget int) {
 		defer cancel()
 		e.Shutdown(ctx)
 	}()
-	listen := func(target string) string {
-		r, err := rules.Parse("tcp 127.0.0.1:0 -> " + target)
-		if err != nil {
-			b.Fatal(err)
-		}
-		lns, err := e.Listen(r)
-		if err != nil {
-			b.Fatal(err)
-		}
-		return lns[0].Addr().String()
-	}
-	echo := listen(serveTCP(b, func(c net.Conn) { io.Copy(c, c) }))
+	echo := listenTo(b, e, serveTCP(b, func(c net.Conn) { io.Copy(c, c) }), "")
 	var bulkBytes atomic.Int64
-	sink := listen(serveTCP(b, func(c net.Conn) {
+	sink := listenTo(b, e, serveTCP(b, func(c net.Conn) {
 		n, _ := io.Copy(io.Discard, c)
 		bulkBytes.Add(n)
-	}))
+	}), "")
 
 	// The bulk stream: writes as fast as the loop takes them.
 	stop := make(chan struct{})
