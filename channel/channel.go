@@ -3,8 +3,9 @@
 // splice pipe, and the status flags that tell the event loop what the
 // direction waits for.
 //
-// A channel never blocks and never starts a goroutine: Pump moves what it can
-// and returns; the flags say why it stopped. With edge-triggered polling the
+// A channel never blocks and never starts a goroutine: Pump moves what it can,
+// up to the caller's byte budget, and returns; the flags say why it stopped
+// (Yielded: on the budget, with work left that no event will announce). With edge-triggered polling the
 // loop clears EmptyIn on a readable event and FullOut on a writable one, then
 // pumps again. A short read counts as an empty input (a stream socket hands
 // over all it holds, and new bytes raise a new edge), which saves the read

@@ -91,5 +91,5 @@ func TestEMFILEUnderLoad(t *testing.T) {
 		t.Errorf("%d exchanges failed at the backend", f)
 	}
 	t.Logf("%s of load: %d exchanges (%d MiB) checked, %d failed; fds %d before, %d at a sample (limit %d), after %v",
-		load, done.Load(), bytes.Load()>>20, failed.Load(), before, peak, nofile, after)
+		load.Round(time.Millisecond), done.Load(), bytes.Load()>>20, failed.Load(), before, peak, nofile, after)
 }
