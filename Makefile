@@ -43,7 +43,7 @@ fuzz:
 # SOAK=1h). SOAK_TIMEOUT bounds the whole run; raise it with SOAK.
 SOAK ?= 10m
 SOAK_TIMEOUT ?= 1h
-SOAK_TESTS := TestLoadVerified|TestHostileClients|TestFaultBackendDies|TestFaultBackendSilentOrResets|TestFaultSIGTERMUnderLoad|TestFaultCtlKilledAtRandom|TestFaultStaleEventOnReusedFd
+SOAK_TESTS := TestLoadVerified|TestHostileClients|TestFaultBackendDies|TestFaultBackendSilentOrResets|TestFaultSIGTERMUnderLoad|TestFaultCtlKilledAtRandom|TestFaultStaleEventOnReusedFd|TestEMFILEUnderLoad|TestFaultUDPUnderLoad|TestRateTablePastSize|TestMultiClientKilledAtEachStep
 soak:
 	SLUICE_SOAK=$(SOAK) $(GO) test -race -count=1 -v -timeout $(SOAK_TIMEOUT) -run '^($(SOAK_TESTS))$$' ./test/integration/
 

@@ -35,6 +35,13 @@ func engineTo(b *testing.B, target string, opts string) string {
 		defer cancel()
 		e.Shutdown(ctx)
 	})
+	return listenTo(b, e, target, opts)
+}
+
+// listenTo adds a rule on a free loopback port to target to e; it returns
+// the rule's address.
+func listenTo(b *testing.B, e *engine.Engine, target, opts string) string {
+	b.Helper()
 	r, err := rules.Parse("tcp 127.0.0.1:0 -> " + target + " " + opts)
 	if err != nil {
 		b.Fatal(err)

@@ -3,8 +3,9 @@
 // splice pipe, and the status flags that tell the event loop what the
 // direction waits for.
 //
-// A channel never blocks and never starts a goroutine: Pump moves what it can
-// and returns; the flags say why it stopped. With edge-triggered polling the
+// A channel never blocks and never starts a goroutine: Pump moves what it can,
+// up to the caller's byte budget, and returns; the flags say why it stopped
+// (Yielded: on the budget, with work left that no event will announce). With edge-triggered polling the
 // loop clears EmptyIn on a readable event and FullOut on a writable one, then
 // pumps again. A short read counts as an empty input (a stream socket hands
 // over all it holds, and new bytes raise a new edge), which saves the read
@@ -39,15 +40,17 @@ const (
 	noSplice Flags = 0x0100 // splice said EINVAL on this pair: buffers only from now on
 	pipeFull Flags = 0x0200 // splice-in said EAGAIN with bytes in the pipe: flush before reading again
 	sawHup   Flags = 0x0400 // the last input event carried RDHUP/HUP/ERR (or none came yet): read on to EOF
+	yielded  Flags = 0x0800 // the last Pump stopped on its budget with bytes still to move: no event will say so, pump again
 )
 
 var flagNames = []bitnames.Name[Flags]{
 	{Bit: ErrIn, Name: "ERR_IN"}, {Bit: ErrOut, Name: "ERR_OUT"}, {Bit: ShutIn, Name: "SHUT_IN"}, {Bit: ShutOut, Name: "SHUT_OUT"},
 	{Bit: EmptyIn, Name: "EMPTY_IN"}, {Bit: FullOut, Name: "FULL_OUT"}, {Bit: onPipe, Name: "ON_PIPE"}, {Bit: toPipe, Name: "TO_PIPE"},
 	{Bit: noSplice, Name: "NO_SPLICE"}, {Bit: pipeFull, Name: "PIPE_FULL"}, {Bit: sawHup, Name: "SAW_HUP"},
+	{Bit: yielded, Name: "YIELDED"},
 }
 
-const allFlags Flags = 0x07ff
+const allFlags Flags = 0x0fff
 
 // String names every set bit, joined by '|'.
 func (f Flags) String() string { return bitnames.Format(f, flagNames) }
@@ -167,10 +170,19 @@ func (c *Channel) Done() bool { return c.flags&(ShutOut|ErrIn|ErrOut) != 0 }
 // read (input empty or ended) nor has bytes to write.
 func (c *Channel) Idle() bool { return c.Held() == 0 && c.flags&(EmptyIn|ShutIn) != 0 }
 
+// DefaultBudget is the bytes after which one Pump yields (it stops after
+// the write that reached them): one full pipe, or sixteen 16 KiB buffers. A loop that pumps a bulk stream
+// until EAGAIN can hold every other session of the loop for milliseconds;
+// with the budget the stream waits its turn (Yielded) after the other ready
+// sessions of the batch. Like HAProxy's tune.maxpollevents and recv_enough.
+const DefaultBudget = 256 << 10
+
 // Pump moves bytes from in to out until both sides would block, the input
-// ends, or a side fails; the flags say which. It returns the bytes written to
-// out. Hot path: no allocation once the pools are warm.
-func (c *Channel) Pump(p *Pools) int {
+// ends, a side fails, or budget bytes (when budget > 0) have been written to
+// out; the flags say which, and Yielded reports the budget. It returns the
+// bytes written to out. Hot path: no allocation once the pools are warm.
+func (c *Channel) Pump(p *Pools, budget int) int {
+	c.flags &^= yielded
 	moved := 0
 	if c.layers != nil && c.layers.Out != nil && c.flags&(FullOut|ErrOut) == 0 {
 		c.flushLayer()
@@ -181,6 +193,12 @@ func (c *Channel) Pump(p *Pools) int {
 			n := c.send(p)
 			moved += n
 			progress = n > 0
+			if budget > 0 && moved >= budget {
+				if c.canMove() {
+					c.flags |= yielded
+				}
+				break
+			}
 		}
 		if c.flags&(ShutIn|EmptyIn|ErrOut) == 0 && c.room() {
 			before := c.flags
@@ -194,6 +212,25 @@ func (c *Channel) Pump(p *Pools) int {
 	}
 	return moved
 }
+
+// canMove reports whether a Pump now would move bytes or learn something
+// that no event will announce: bytes held and the output not known full, or
+// nothing held and the input not known empty or ended. (Bytes held behind
+// a full output wait for its writable event.)
+func (c *Channel) canMove() bool {
+	if c.flags&(ErrIn|ErrOut) != 0 {
+		return false
+	}
+	if c.Held() > 0 {
+		return c.flags&FullOut == 0
+	}
+	return c.flags&(ShutIn|EmptyIn) == 0
+}
+
+// Yielded reports whether the last Pump stopped on its budget with work
+// left: with edge-triggered polling no new event will come for it, so the
+// owner must pump the channel again soon (after the other ready sessions).
+func (c *Channel) Yielded() bool { return c.flags&yielded != 0 }
 
 // Flush writes held bytes to out until nothing is held or out is full or
 // failed (FullOut, ErrOut); it never reads, so the input may be closed

@@ -69,7 +69,7 @@ func drive(t testing.TB, ch *Channel, p *Pools, in, out int, maxHeld *int) {
 		if time.Now().After(deadline) {
 			t.Fatalf("channel stuck: flags %v held %d", ch.Flags(), ch.Held())
 		}
-		ch.Pump(p)
+		ch.Pump(p, 0)
 		if h := ch.Held(); maxHeld != nil && h > *maxHeld {
 			*maxHeld = h
 		}
@@ -193,7 +193,7 @@ func TestBackPressureBoundsMemory(t *testing.T) {
 				limit = DefaultPipeSize * 4 // the kernel may grant a bigger pipe than asked, never this much
 			}
 			for i := 0; i < 200; i++ {
-				ch.Pump(p)
+				ch.Pump(p, 0)
 				if ch.Held() > limit {
 					t.Fatalf("holds %d bytes, bound is %d", ch.Held(), limit)
 				}
@@ -206,7 +206,7 @@ func TestBackPressureBoundsMemory(t *testing.T) {
 			if ch.Flags()&FullOut == 0 {
 				t.Fatalf("output never reported full: %v", ch.Flags())
 			}
-			if n := ch.Pump(p); n != 0 {
+			if n := ch.Pump(p, 0); n != 0 {
 				t.Fatalf("pumped %d bytes into a full output", n)
 			}
 			ch.Release(p)
@@ -251,13 +251,13 @@ func TestIdleHoldsNothing(t *testing.T) {
 			writer.Write([]byte("ping"))
 			for ch.Bytes < uint64(4*(i+1)) {
 				ch.Readable(true)
-				ch.Pump(p)
+				ch.Pump(p, 0)
 			}
 			if n, _ := reader.Read(buf); string(buf[:n]) != "ping" {
 				t.Fatalf("%v: got %q", mode, buf[:n])
 			}
 			ch.Readable(false)
-			ch.Pump(p) // reads EAGAIN: now idle
+			ch.Pump(p, 0) // reads EAGAIN: now idle
 			if !ch.Idle() || ch.buf != nil || ch.pipe != nil {
 				t.Fatalf("%v: idle channel holds buf=%v pipe=%v flags %v", mode, ch.buf != nil, ch.pipe != nil, ch.Flags())
 			}
@@ -281,7 +281,7 @@ func TestResetIsErrIn(t *testing.T) {
 	deadline := time.Now().Add(5 * time.Second)
 	for !ch.Failed() && time.Now().Before(deadline) {
 		ch.Readable(true)
-		ch.Pump(p)
+		ch.Pump(p, 0)
 		time.Sleep(time.Millisecond)
 	}
 	if ch.Flags()&ErrIn == 0 {
@@ -316,12 +316,12 @@ func TestPrime(t *testing.T) {
 			writer.Write([]byte("ping"))
 			writer.(*net.TCPConn).CloseWrite()
 			testpeer.DeliveredConn(t, writer.(*net.TCPConn))
-			ch.Pump(p)
+			ch.Pump(p, 0)
 			if ch.Bytes != tc.wantBytes || ch.Flags()&(EmptyIn|ShutIn) != tc.wantFlag {
 				t.Fatalf("first pump: moved %d, flags %v; want %d, %v", ch.Bytes, ch.Flags(), tc.wantBytes, tc.wantFlag)
 			}
 			ch.Readable(true) // the edge of the FIN
-			ch.Pump(p)
+			ch.Pump(p, 0)
 			if ch.Bytes != 4 || ch.Flags()&ShutIn == 0 {
 				t.Fatalf("after the edge: moved %d, flags %v; want 4, SHUT_IN", ch.Bytes, ch.Flags())
 			}

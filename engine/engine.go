@@ -33,6 +33,7 @@ type Config struct {
 	PipeSize int         // splice pipe size asked of the kernel (default 256 KiB)
 	MaxPipes int         // pipes for the whole process (default: 1/8 of the fd limit, within the user's pipe allowance); <0 disables splice
 	MaxFlows int         // udp flows of the whole process (default: 1/4 of the fd limit, at most 16384)
+	Budget   int         // bytes one pump of a direction moves before the session waits its turn (default channel.DefaultBudget); <0: no bound
 	Log      *zap.Logger // nil = no logs
 }
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -55,6 +56,10 @@ type Loop struct {
 	fdWait  []*session // sessions parked for want of an fd, oldest first
 	inFreed bool       // fdFreed is running (it may end sessions, which call it)
 
+	budget   int           // bytes per pump of a direction (Config.Budget; 0: no bound)
+	again    []*session    // sessions whose pump yielded on its budget, to pump after the batch (sfAgain)
+	requeued atomic.Uint64 // times a session went on again (read by tests and benchmarks)
+
 	sessions int // live sessions on this loop
 	done     chan struct{}
 }
@@ -79,12 +84,13 @@ func newLoop(e *Engine, id int, tableSize int) (*Loop, error) {
 	}
 	l := &Loop{
 		id: id, e: e, epfd: epfd, wakefd: wfd,
-		table: make([]handler, tableSize),
-		gens:  make([]uint32, tableSize),
-		pools: channel.NewPools(e.cfg.BufSize, e.cfg.PipeSize, e.budget),
-		base:  e.base,
-		log:   e.log.With(zap.Int("loop", id)),
-		done:  make(chan struct{}),
+		table:  make([]handler, tableSize),
+		gens:   make([]uint32, tableSize),
+		pools:  channel.NewPools(e.cfg.BufSize, e.cfg.PipeSize, e.budget),
+		base:   e.base,
+		log:    e.log.With(zap.Int("loop", id)),
+		budget: pumpBudget(e.cfg.Budget),
+		done:   make(chan struct{}),
 	}
 	l.wheel.init(0)
 	l.resumeTmr.owner = &l.resumeTmr
@@ -219,6 +225,9 @@ func (l *Loop) run() {
 				msec = 0
 			}
 		}
+		if len(l.again) > 0 {
+			msec = 0 // sessions wait their turn: look for other ready ones, then pump them again
+		}
 		n, err := unix.EpollWait(l.epfd, events[:], msec)
 		if err != nil && err != unix.EINTR {
 			l.log.Error("epoll_wait failed; loop stops", zap.Error(err))
@@ -237,12 +246,66 @@ func (l *Loop) run() {
 				h.handle(l, fd, events[i].Events)
 			}
 		}
+		l.pumpAgain()
 		l.wheel.advance(l, l.now/int64(tick))
 		if l.runTasks() {
 			l.shutdownSessions()
 			return
 		}
 	}
+}
+
+// pumpBudget is the loop's bytes per pump from Config.Budget: 0 takes the
+// default, a negative one means no bound (0 for channel.Pump).
+func pumpBudget(b int) int {
+	switch {
+	case b == 0:
+		return channel.DefaultBudget
+	case b < 0:
+		return 0
+	}
+	return b
+}
+
+// requeue puts s on the list of sessions to pump again after the batch: one
+// of its channels stopped on the budget with bytes left, and edge-triggered
+// polling brings no new event for those. At most once (sfAgain); the list
+// keeps its array, so this allocates only while it grows.
+func (l *Loop) requeue(s *session) {
+	if s.flags&sfAgain != 0 {
+		return
+	}
+	s.flags |= sfAgain
+	l.again = append(l.again, s)
+	l.requeued.Add(1)
+}
+
+// pumpAgain pumps once more each session queued before it started, in
+// order; one that yields again goes to the back, behind the ready sessions
+// of the next batch. A session that ended meanwhile is skipped.
+func (l *Loop) pumpAgain() {
+	n := len(l.again)
+	for i := 0; i < n; i++ {
+		s := l.again[i]
+		l.again[i] = nil
+		s.flags &^= sfAgain
+		if s.state == stForwarding {
+			s.pump(l) // may append to l.again, past n
+		}
+	}
+	rest := copy(l.again, l.again[n:])
+	clear(l.again[rest:])
+	l.again = l.again[:rest]
+}
+
+// PumpRequeues is how many times a session's pump stopped on the budget
+// and was queued to pump again, over every loop.
+func (e *Engine) PumpRequeues() uint64 {
+	var n uint64
+	for _, l := range e.loops {
+		n += l.requeued.Load()
+	}
+	return n
 }
 
 // runTasks runs posted tasks; it reports whether the loop must stop.

@@ -64,14 +64,15 @@ const (
 
 	sfParked sessionFlags = 0x200 // waited for an fd on this dial: on l.fdWait until it dials, its timer the first connect deadline
 	sfHeld   sessionFlags = 0x400 // the gate holds a strict prefix of a PROXY signature: the timer bounds the wait (sfGate)
+	sfAgain  sessionFlags = 0x800 // a pump yielded on its budget: on l.again, to pump after the batch
 )
 
 var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"},
 	{Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}, {Bit: sfGate, Name: "GATE"},
 	{Bit: sfCliIn, Name: "CLI_IN"}, {Bit: sfCliHup, Name: "CLI_HUP"}, {Bit: sfSrvIn, Name: "SRV_IN"}, {Bit: sfSrvHup, Name: "SRV_HUP"},
-	{Bit: sfParked, Name: "PARKED"}, {Bit: sfHeld, Name: "HELD"}}
+	{Bit: sfParked, Name: "PARKED"}, {Bit: sfHeld, Name: "HELD"}, {Bit: sfAgain, Name: "AGAIN"}}
 
-const allSessionFlags sessionFlags = 0x7ff
+const allSessionFlags sessionFlags = 0xfff
 
 func (f sessionFlags) String() string { return bitnames.Format(f, sessionFlagNames[:]) }
 
@@ -601,8 +602,10 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 	}
 }
 
-// pump moves bytes both ways, turns an ended input into a shut output once
-// drained, and ends the session when both directions are done or one failed.
+// pump moves bytes both ways, each at most about the loop's budget (a
+// direction that stopped on it puts the session on the loop's again list),
+// turns an ended input into a shut output once drained, and ends the
+// session when both directions are done or one failed.
 func (s *session) pump(l *Loop) {
 	upOK := s.flags&sfGate == 0 || s.gate(l)
 	if s.state != stForwarding {
@@ -611,9 +614,9 @@ func (s *session) pump(l *Loop) {
 	spliced := s.up.Spliced + s.down.Spliced
 	up := 0
 	if upOK {
-		up = s.up.Pump(l.pools)
+		up = s.up.Pump(l.pools, l.budget)
 	}
-	if down := s.down.Pump(l.pools); up+down > 0 {
+	if down := s.down.Pump(l.pools, l.budget); up+down > 0 {
 		s.active = l.now
 		s.ln.ctr.moved(l, up, down, s.up.Spliced+s.down.Spliced-spliced)
 	}
@@ -629,6 +632,9 @@ func (s *session) pump(l *Loop) {
 	}
 	if s.up.Done() && s.down.Done() && s.state == stForwarding {
 		s.finish(l, conn.CodeDone, false)
+	}
+	if s.state == stForwarding && (s.up.Yielded() || s.down.Yielded()) {
+		l.requeue(s)
 	}
 }
 

@@ -71,3 +71,53 @@ func TestRateAllowDoesNotAllocate(t *testing.T) {
 		t.Errorf("%v allocations per Allow of a known source", n)
 	}
 }
+
+// The table at the size a rule gets (65 536), flooded well past it: 200 000
+// distinct sources in one second, one connection each, while four sources
+// hammer at ten times their limit. Each new source gets its first
+// connection; the table never holds more than its bound; the hammering
+// sources, seen often, are never evicted, so they stay limited to their
+// rate (a forgotten one would start again at zero); a source of the flood
+// seen again soon after is still counted; and once full, taking a new
+// source (an eviction) allocates nothing.
+func TestRatePastSize(t *testing.T) {
+	const size, limit, flood = 65536, 5, 200000
+	tb := NewRateTable(limit, size)
+	hammers := []netip.Addr{netip.MustParseAddr("127.255.0.1"), netip.MustParseAddr("127.255.0.2"),
+		netip.MustParseAddr("127.255.0.3"), netip.MustParseAddr("::ffff:127.255.0.4")}
+	allowed := make([]int, len(hammers))
+	start := int64(10e9)
+	for i := 0; i < flood; i++ {
+		now := start + int64(i)*int64(1e9)/flood // the whole flood within one second
+		if !tb.Allow(addr(i), now) {
+			t.Fatalf("flood source %d (%s) refused its first connection", i, addr(i))
+		}
+		if i%(flood/(10*limit)) == 0 { // 50 attempts each in the second: ten times the limit
+			for h, a := range hammers {
+				if tb.Allow(a, now) {
+					allowed[h]++
+				}
+			}
+		}
+		if i == size/2 { // a flood source seen again, soon after: still counted
+			for range limit - 1 {
+				tb.Allow(addr(i), now)
+			}
+			if tb.Allow(addr(i), now) {
+				t.Errorf("a flood source over its limit was allowed: its entry was lost")
+			}
+		}
+	}
+	if n := tb.Len(); n != size || tb.Cap() != size {
+		t.Errorf("the table holds %d sources (cap %d) after %d, want exactly %d", n, tb.Cap(), flood, size)
+	}
+	for h, n := range allowed {
+		if n != limit {
+			t.Errorf("hammering source %s: %d connections allowed in the second, want %d", hammers[h], n, limit)
+		}
+	}
+	i := flood
+	if n := testing.AllocsPerRun(10000, func() { tb.Allow(addr(i), start+2e9); i++ }); n != 0 {
+		t.Errorf("%v allocations per Allow of a new source in a full table", n)
+	}
+}

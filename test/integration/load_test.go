@@ -29,7 +29,7 @@ const soakEnv = "SLUICE_SOAK"
 
 // soakTests is how many tests share the soak time (SOAK_TESTS of the
 // Makefile).
-const soakTests = 7
+const soakTests = 11
 
 // soakFor returns this test's share of the soak time, 0 for the short form.
 func soakFor(t testing.TB) time.Duration {
