@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -13,6 +14,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/sluice-proxy/sluice/internal/etcdtest"
 	"github.com/sluice-proxy/sluice/internal/netnstest"
 	"github.com/sluice-proxy/sluice/internal/testpeer"
 	"github.com/sluice-proxy/sluice/store/etcd"
@@ -23,7 +25,7 @@ import (
 // binds in all three.
 type fleet struct {
 	t       *testing.T
-	etcd    *etcdServer
+	etcd    *etcdtest.Server
 	prefix  string
 	ns      []*netnstest.NS
 	files   []string
@@ -37,7 +39,7 @@ var fleetIDs = []string{"i0", "i1", "i2"}
 
 func startFleet(t *testing.T) *fleet {
 	t.Helper()
-	f := &fleet{t: t, etcd: startEtcd(t), prefix: fmt.Sprintf("/sluice/t%d", os.Getpid()), backend: hashBackend(t)}
+	f := &fleet{t: t, etcd: etcdtest.Start(t), prefix: fmt.Sprintf("/sluice/t%d", os.Getpid()), backend: hashBackend(t)}
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{f.etcd.URL}, DialTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -268,14 +270,14 @@ func TestFleetFailures(t *testing.T) {
 	}
 
 	t.Run("etcd killed and restarted", func(t *testing.T) {
-		f.etcd.kill()
+		f.etcd.Kill()
 		for i := range fleetIDs {
 			waitFor(t, 10*time.Second, fleetIDs[i]+" says disconnected", func() bool { return metric(i, "sluice_store_connected") == "0" })
 			if err := f.exchange(i, p1, uint64(20+i)); err != nil {
 				t.Errorf("%s with etcd down: %v", fleetIDs[i], err)
 			}
 		}
-		f.etcd.start()
+		f.etcd.Start()
 		for i := range fleetIDs {
 			waitFor(t, 20*time.Second, fleetIDs[i]+" reconnects", func() bool { return metric(i, "sluice_store_connected") == "1" })
 		}
@@ -340,4 +342,32 @@ func TestFleetFailures(t *testing.T) {
 			t.Errorf("i0 after bad input: %v", err)
 		}
 	})
+}
+
+// runSluiceFor is runSluice with a longer bound (a rollout waits for its
+// batches).
+func runSluiceFor(t *testing.T, limit time.Duration, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	cmd := exec.Command(sluiceBin, args...)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		code = 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(limit):
+		_ = cmd.Process.Kill()
+		<-done
+		t.Fatalf("sluice %s: still running after %s\n%s%s", strings.Join(args, " "), limit, out.String(), errb.String())
+	}
+	return code, out.String(), errb.String()
 }
