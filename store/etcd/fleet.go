@@ -322,7 +322,10 @@ func (f *Fleet) Rollout(ctx context.Context, table []byte, opt RolloutOptions) (
 		for _, id := range b {
 			r := InstanceReport{Instance: id, Batch: i + 1, Previous: plan.Previous[id]}
 			if m := view.Member(id); m != nil && m.Assigned == plan.Version {
-				r.Moved = true // a resumed or reverted rollout's
+				r.Moved = true // a resumed or reverted rollout's: what it reported so far
+				if st := m.Status; st != nil && st.Version == plan.Version {
+					r.Status = st
+				}
 			}
 			rep.Instances = append(rep.Instances, r)
 		}
