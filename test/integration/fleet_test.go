@@ -141,6 +141,16 @@ func (f *fleet) rollout(file string, extra ...string) (int, string, string) {
 	return runSluiceFor(f.t, 90*time.Second, args...)
 }
 
+// ctlStatus is instance i's ctl status.
+func (f *fleet) ctlStatus(i int) string {
+	f.t.Helper()
+	code, out, errb := runSluiceFor(f.t, 20*time.Second, "ctl", "-s", f.d[i].Ctl, "status")
+	if code != 0 {
+		f.t.Errorf("ctl status: exit %d\n%s%s", code, out, errb)
+	}
+	return out
+}
+
 // exchange moves bytes through instance i's port in its namespace.
 func (f *fleet) exchange(i, port int, seed uint64) error {
 	c, err := netnsDial(f.t, f.ns[i], port)
@@ -277,6 +287,9 @@ func TestFleetFailures(t *testing.T) {
 				t.Errorf("%s with etcd down: %v", fleetIDs[i], err)
 			}
 		}
+		if out := f.ctlStatus(0); !strings.Contains(out, "store             etcd unreachable") {
+			t.Errorf("ctl status with etcd down:\n%s", out)
+		}
 		f.etcd.Start()
 		for i := range fleetIDs {
 			waitFor(t, 20*time.Second, fleetIDs[i]+" reconnects", func() bool { return metric(i, "sluice_store_connected") == "1" })
@@ -288,6 +301,13 @@ func TestFleetFailures(t *testing.T) {
 		for i := range fleetIDs {
 			if err := f.exchange(i, p2, uint64(30+i)); err != nil {
 				t.Errorf("%s on the new port: %v", fleetIDs[i], err)
+			}
+		}
+		ver := f.view().Member("i0").Assigned
+		out := f.ctlStatus(0)
+		for _, want := range []string{"store             etcd connected\n", "store version     " + ver + "\n", "store last apply  20", "store errors      "} {
+			if !strings.Contains(out, want) {
+				t.Errorf("ctl status: no %q in\n%s", want, out)
 			}
 		}
 	})
