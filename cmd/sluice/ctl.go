@@ -364,14 +364,7 @@ func (x *ctlCmd) status() error {
 // stats' store.* counters (a second request: STATUS has no store fields);
 // nothing when the daemon follows no store.
 func (x *ctlCmd) storeStatus(tw io.Writer) error {
-	c, err := x.openFeature(ctl.IntentStats, ctl.FeatureStats)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	ctx, cancel := x.ctx()
-	defer cancel()
-	cs, err := c.Stats(ctx)
+	cs, err := x.counters()
 	if err != nil {
 		return err
 	}
