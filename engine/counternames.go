@@ -209,8 +209,8 @@ var EngineDefs = []CounterDef{
 	{Stat: "draining", Family: famDraining, Get: func(s *Stats) int64 { return b2i(s.Draining) }},
 	{Stat: "generation", Family: famTableGeneration, Get: func(s *Stats) int64 { return int64(s.Table.Generation) }},
 	{Stat: "rules", Get: func(s *Stats) int64 { return int64(len(s.Rules)) }},
-	// The store's, process-wide (StoreStats); not in ctl stats, which has
-	// no "absent".
+	// The store's, process-wide (StoreStats); in ctl stats as store.*
+	// only with a store (StoreCounters): ctl stats has no "absent".
 	{Family: famStoreConnected, Known: true, Get: storeGet(func(st StoreStats) int64 { return b2i(st.Connected) })},
 	{Family: famStoreLastApply, Known: true, Get: storeGet(func(st StoreStats) int64 { return st.LastApply })},
 	{Family: famStoreErrors, Known: true, Get: storeGet(func(st StoreStats) int64 { return int64(st.Errors) })},
@@ -296,7 +296,8 @@ var (
 )
 
 // Counters returns Stats as named counters, for ctl stats: engine-wide
-// ones (EngineDefs), per end code ("ended.CODE", sorted), the table's
+// ones (EngineDefs), per end code ("ended.CODE", sorted), the store's
+// (store.*, with a store only: AppendStoreCounters), the table's
 // (TableDefs), then per rule ("rule.KEY.NAME": RuleDefs, then "term.CODE"
 // sorted).
 func (e *Engine) Counters() []observe.Counter { return countersOf(e.Stats()) }
@@ -309,6 +310,7 @@ func countersOf(s Stats) []observe.Counter {
 		}
 	}
 	out = appendSorted(out, "ended.", s.Ended)
+	out = AppendStoreCounters(out, StoreNow())
 	for i := range TableDefs {
 		if d := &TableDefs[i]; d.Stat != "" {
 			out = append(out, observe.Counter{Name: d.Stat, Value: d.Get(&s)})
@@ -331,6 +333,31 @@ func countersOf(s Stats) []observe.Counter {
 		for _, step := range steps {
 			out = appendSorted(out, p+"refused."+step+".", r.Policy.Refused[step])
 		}
+	}
+	return out
+}
+
+// The store's names in ctl stats; the version the instance runs is in the
+// name of a counter of value 1, as sluice_store_version carries it in a
+// label.
+const (
+	StatStoreConnected = "store.connected"
+	StatStoreLastApply = "store.last_apply"
+	StatStoreErrors    = "store.errors"
+	StatStoreVersion   = "store.version." // + VERSION
+)
+
+// AppendStoreCounters appends st as ctl stats counters: nothing without a
+// store; store.version.VERSION only once a version runs.
+func AppendStoreCounters(out []observe.Counter, st StoreStats) []observe.Counter {
+	if !st.Enabled {
+		return out
+	}
+	out = append(out, observe.Counter{Name: StatStoreConnected, Value: b2i(st.Connected)},
+		observe.Counter{Name: StatStoreLastApply, Value: st.LastApply},
+		observe.Counter{Name: StatStoreErrors, Value: int64(st.Errors)})
+	if st.Version != "" {
+		out = append(out, observe.Counter{Name: StatStoreVersion + st.Version, Value: 1})
 	}
 	return out
 }

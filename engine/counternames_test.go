@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/sluice-proxy/sluice/observe"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -173,5 +174,30 @@ func TestCounterNamesDocumented(t *testing.T) {
 	}
 	if logBytesUp != "bytes_up" || logBytesDown != "bytes_down" || logSpliced != "spliced" {
 		t.Errorf("access-log fields %q %q %q", logBytesUp, logBytesDown, logSpliced)
+	}
+}
+
+// ctl stats carries the store's numbers only with a store, the version in
+// a counter's name; README.md names them.
+func TestStoreCounters(t *testing.T) {
+	if got := AppendStoreCounters(nil, StoreStats{}); len(got) != 0 {
+		t.Errorf("without a store: %v", got)
+	}
+	got := AppendStoreCounters(nil, StoreStats{Enabled: true, Connected: true, Version: "v1", LastApply: 7, Errors: 3})
+	want := []observe.Counter{{Name: "store.connected", Value: 1}, {Name: "store.last_apply", Value: 7}, {Name: "store.errors", Value: 3}, {Name: "store.version.v1", Value: 1}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got %v, want %v", got, want)
+	}
+	if got := AppendStoreCounters(nil, StoreStats{Enabled: true}); len(got) != 3 {
+		t.Errorf("before a version runs: %v", got)
+	}
+	b, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range want[:3] {
+		if !strings.Contains(string(b), "`"+c.Name+"`") {
+			t.Errorf("README.md does not name %s", c.Name)
+		}
 	}
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/sluice-proxy/sluice/config"
 	"github.com/sluice-proxy/sluice/ctl"
+	"github.com/sluice-proxy/sluice/engine"
 	"github.com/sluice-proxy/sluice/rules"
 	"github.com/sluice-proxy/sluice/state"
 )
@@ -350,7 +351,53 @@ func (x *ctlCmd) status() error {
 	fmt.Fprintf(tw, "sessions\t%d\n", st.Sessions)
 	fmt.Fprintf(tw, "pifs\t%d\n", st.Pifs)
 	fmt.Fprintf(tw, "writer\t%s\n", writer)
+	if h.Has(ctl.FeatureStats) {
+		c.Close() // one connection at a time against max-clients
+		if err := x.storeStatus(tw); err != nil {
+			return err
+		}
+	}
 	return tw.Flush()
+}
+
+// storeStatus prints the fleet store's lines of ctl status, read from ctl
+// stats' store.* counters (a second request: STATUS has no store fields);
+// nothing when the daemon follows no store.
+func (x *ctlCmd) storeStatus(tw io.Writer) error {
+	cs, err := x.counters()
+	if err != nil {
+		return err
+	}
+	var st engine.StoreStats
+	for _, s := range cs {
+		switch {
+		case s.Name == engine.StatStoreConnected:
+			st.Enabled, st.Connected = true, s.Value == 1
+		case s.Name == engine.StatStoreLastApply:
+			st.LastApply = s.Value
+		case s.Name == engine.StatStoreErrors:
+			st.Errors = uint64(s.Value)
+		case strings.HasPrefix(s.Name, engine.StatStoreVersion):
+			st.Version = strings.TrimPrefix(s.Name, engine.StatStoreVersion)
+		}
+	}
+	if !st.Enabled {
+		return nil
+	}
+	conn := "etcd connected"
+	if !st.Connected {
+		conn = "etcd unreachable: the active table keeps serving, retrying"
+	}
+	last := "never"
+	if st.LastApply != 0 {
+		t := time.Unix(st.LastApply, 0)
+		last = fmt.Sprintf("%s (%s ago)", t.UTC().Format(time.RFC3339), time.Since(t).Truncate(time.Second))
+	}
+	fmt.Fprintf(tw, "store\t%s\n", conn)
+	fmt.Fprintf(tw, "store version\t%s\n", dash(st.Version))
+	fmt.Fprintf(tw, "store last apply\t%s\n", last)
+	fmt.Fprintf(tw, "store errors\t%d\n", st.Errors)
+	return nil
 }
 
 func (x *ctlCmd) pifs() error {

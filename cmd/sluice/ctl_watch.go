@@ -164,17 +164,22 @@ func (x *ctlCmd) sessions() error {
 	return nil
 }
 
-// stats prints the engine's counters: NAME VALUE lines, or with --json one
-// JSON object of them, in the daemon's order.
-func (x *ctlCmd) stats() error {
+// counters reads the engine's counters on a connection of its own.
+func (x *ctlCmd) counters() ([]observe.Counter, error) {
 	c, err := x.openFeature(ctl.IntentStats, ctl.FeatureStats)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer c.Close()
 	ctx, cancel := x.ctx()
 	defer cancel()
-	cs, err := c.Stats(ctx)
+	return c.Stats(ctx)
+}
+
+// stats prints the engine's counters: NAME VALUE lines, or with --json one
+// JSON object of them, in the daemon's order.
+func (x *ctlCmd) stats() error {
+	cs, err := x.counters()
 	if err != nil {
 		return err
 	}

@@ -322,7 +322,10 @@ func (f *Fleet) Rollout(ctx context.Context, table []byte, opt RolloutOptions) (
 		for _, id := range b {
 			r := InstanceReport{Instance: id, Batch: i + 1, Previous: plan.Previous[id]}
 			if m := view.Member(id); m != nil && m.Assigned == plan.Version {
-				r.Moved = true // a resumed or reverted rollout's
+				r.Moved = true // a resumed or reverted rollout's: what it reported so far
+				if st := m.Status; st != nil && st.Version == plan.Version {
+					r.Status = st
+				}
 			}
 			rep.Instances = append(rep.Instances, r)
 		}
@@ -463,10 +466,28 @@ func (f *Fleet) release(ctx context.Context, p *Plan) error {
 	return nil
 }
 
-// assign writes want[id] (delete when "") for ids in one transaction,
-// guarded by the rollout key's revision and each assignment's (as read
-// now: a guard against a writer between this read and the write).
+// txnChunk bounds the instances of one assignment transaction: etcd
+// refuses a transaction of more than --max-txn-ops operations a side
+// (default 128), and one compare is the rollout key's.
+const txnChunk = 100
+
+// assign writes want[id] (delete when "") for ids, one transaction per
+// txnChunk of them, each guarded by the rollout key's revision and its
+// assignments' (as read now: a guard against a writer between this read
+// and the write). A batch over several transactions is not atomic, and
+// need not be: an operator lost between two leaves its moved instances
+// assigned the plan's version, which --resume and --revert see.
 func (f *Fleet) assign(ctx context.Context, p *Plan, ids []string, want func(id string) string) error {
+	for chunk := range slices.Chunk(ids, txnChunk) {
+		if err := f.assignTxn(ctx, p, chunk, want); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// assignTxn is one transaction of assign.
+func (f *Fleet) assignTxn(ctx context.Context, p *Plan, ids []string, want func(id string) string) error {
 	ops := make([]clientv3.Op, 0, len(ids))
 	for _, id := range ids {
 		ops = append(ops, clientv3.OpGet(f.keys.Assign(id)))

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -13,6 +14,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/sluice-proxy/sluice/internal/etcdtest"
 	"github.com/sluice-proxy/sluice/internal/netnstest"
 	"github.com/sluice-proxy/sluice/internal/testpeer"
 	"github.com/sluice-proxy/sluice/store/etcd"
@@ -23,7 +25,7 @@ import (
 // binds in all three.
 type fleet struct {
 	t       *testing.T
-	etcd    *etcdServer
+	etcd    *etcdtest.Server
 	prefix  string
 	ns      []*netnstest.NS
 	files   []string
@@ -37,7 +39,7 @@ var fleetIDs = []string{"i0", "i1", "i2"}
 
 func startFleet(t *testing.T) *fleet {
 	t.Helper()
-	f := &fleet{t: t, etcd: startEtcd(t), prefix: fmt.Sprintf("/sluice/t%d", os.Getpid()), backend: hashBackend(t)}
+	f := &fleet{t: t, etcd: etcdtest.Start(t), prefix: fmt.Sprintf("/sluice/t%d", os.Getpid()), backend: hashBackend(t)}
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{f.etcd.URL}, DialTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -137,6 +139,16 @@ func (f *fleet) rollout(file string, extra ...string) (int, string, string) {
 	f.t.Helper()
 	args := append([]string{"ctl", "rollout", file, "--etcd", f.etcd.URL, "--prefix", f.prefix, "--timeout", "15s"}, extra...)
 	return runSluiceFor(f.t, 90*time.Second, args...)
+}
+
+// ctlStatus is instance i's ctl status.
+func (f *fleet) ctlStatus(i int) string {
+	f.t.Helper()
+	code, out, errb := runSluiceFor(f.t, 20*time.Second, "ctl", "-s", f.d[i].Ctl, "status")
+	if code != 0 {
+		f.t.Errorf("ctl status: exit %d\n%s%s", code, out, errb)
+	}
+	return out
 }
 
 // exchange moves bytes through instance i's port in its namespace.
@@ -268,14 +280,17 @@ func TestFleetFailures(t *testing.T) {
 	}
 
 	t.Run("etcd killed and restarted", func(t *testing.T) {
-		f.etcd.kill()
+		f.etcd.Kill()
 		for i := range fleetIDs {
 			waitFor(t, 10*time.Second, fleetIDs[i]+" says disconnected", func() bool { return metric(i, "sluice_store_connected") == "0" })
 			if err := f.exchange(i, p1, uint64(20+i)); err != nil {
 				t.Errorf("%s with etcd down: %v", fleetIDs[i], err)
 			}
 		}
-		f.etcd.start()
+		if out := f.ctlStatus(0); !strings.Contains(out, "store             etcd unreachable") {
+			t.Errorf("ctl status with etcd down:\n%s", out)
+		}
+		f.etcd.Start()
 		for i := range fleetIDs {
 			waitFor(t, 20*time.Second, fleetIDs[i]+" reconnects", func() bool { return metric(i, "sluice_store_connected") == "1" })
 		}
@@ -286,6 +301,13 @@ func TestFleetFailures(t *testing.T) {
 		for i := range fleetIDs {
 			if err := f.exchange(i, p2, uint64(30+i)); err != nil {
 				t.Errorf("%s on the new port: %v", fleetIDs[i], err)
+			}
+		}
+		ver := f.view().Member("i0").Assigned
+		out := f.ctlStatus(0)
+		for _, want := range []string{"store             etcd connected\n", "store version     " + ver + "\n", "store last apply  20", "store errors      "} {
+			if !strings.Contains(out, want) {
+				t.Errorf("ctl status: no %q in\n%s", want, out)
 			}
 		}
 	})
@@ -340,4 +362,237 @@ func TestFleetFailures(t *testing.T) {
 			t.Errorf("i0 after bad input: %v", err)
 		}
 	})
+}
+
+// runSluiceFor is runSluice with a longer bound (a rollout waits for its
+// batches).
+func runSluiceFor(t *testing.T, limit time.Duration, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	cmd := exec.Command(sluiceBin, args...)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		code = 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(limit):
+		_ = cmd.Process.Kill()
+		<-done
+		t.Fatalf("sluice %s: still running after %s\n%s%s", strings.Join(args, " "), limit, out.String(), errb.String())
+	}
+	return code, out.String(), errb.String()
+}
+
+// bgRollout is a `ctl rollout` run in the background: the test kills its
+// process, or etcd under it.
+type bgRollout struct {
+	cmd      *exec.Cmd
+	out, err strings.Builder
+	done     chan int // the exit code
+}
+
+func (f *fleet) startRollout(file string, extra ...string) *bgRollout {
+	f.t.Helper()
+	args := append([]string{"ctl", "rollout", file, "--etcd", f.etcd.URL, "--prefix", f.prefix}, extra...)
+	r := &bgRollout{cmd: exec.Command(sluiceBin, args...), done: make(chan int, 1)}
+	r.cmd.Stdout, r.cmd.Stderr = &r.out, &r.err
+	if err := r.cmd.Start(); err != nil {
+		f.t.Fatal(err)
+	}
+	go func() {
+		err := r.cmd.Wait()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		}
+		r.done <- code
+	}()
+	f.t.Cleanup(func() { _ = r.cmd.Process.Kill() })
+	return r
+}
+
+// wait returns the rollout's exit code; the test fails after limit.
+func (r *bgRollout) wait(t *testing.T, limit time.Duration) int {
+	t.Helper()
+	select {
+	case code := <-r.done:
+		r.done <- code
+		return code
+	case <-time.After(limit):
+		t.Fatalf("rollout still running after %s\n%s%s", limit, r.out.String(), r.err.String())
+	}
+	return 0
+}
+
+// converged says every instance reports its assignment committed and no
+// rollout is in progress.
+func converged(v *etcd.View) bool {
+	for _, m := range v.Members {
+		if m.Assigned == "" || m.Status == nil || m.Status.Version != m.Assigned || m.Status.Outcome != etcd.OutcomeCommitted {
+			return false
+		}
+	}
+	return v.Rollout == nil && len(v.Members) == len(fleetIDs)
+}
+
+// A rollout interrupted: etcd killed and restarted under it (the command
+// completes or halts, never leaves the fleet mixed; the instances forward
+// throughout), and its operator's process killed between batches (fleet
+// shows the mixed versions and the halted rollout; --resume finishes it;
+// another run, --revert, restores the previous versions).
+func TestFleetRolloutInterrupted(t *testing.T) {
+	f := startFleet(t)
+	p1, p2, p3 := 18000+os.Getpid()%1000, 19000+os.Getpid()%1000, 17000+os.Getpid()%1000
+	rule := func(p int) string { return fmt.Sprintf("tcp net/127.0.0.1:%d -> %s\n", p, f.backend.Addr()) }
+	if code, out, errb := f.rollout(writeFile(t, "v1.rules", rule(p1))); code != 0 {
+		t.Fatalf("rollout v1: exit %d\n%s%s", code, out, errb)
+	}
+	batch1Done := func(v *etcd.View) bool { return v.Rollout != nil && v.Rollout.Done >= 1 }
+
+	// i1 stopped (SIGSTOP: it cannot report) holds a --batch 1 rollout
+	// in its second batch: the test kills etcd, or the rollout's process,
+	// while it waits there.
+	i1 := f.d[1].cmd.Process
+	stopI1 := func(t *testing.T, file string) *bgRollout {
+		t.Helper()
+		if err := i1.Signal(syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		r := f.startRollout(file, "--batch", "1", "--instances", "i0,i1,i2", "--timeout", "60s")
+		f.waitStatus("the rollout waits for i1", func(v *etcd.View) bool {
+			return batch1Done(v) && v.Member("i1").Assigned == v.Rollout.Version
+		})
+		return r
+	}
+
+	t.Run("etcd killed mid-rollout", func(t *testing.T) {
+		r := stopI1(t, writeFile(t, "v2.rules", rule(p1)+rule(p2)))
+		f.etcd.Kill()
+		if err := i1.Signal(syscall.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+		forwarded := 0
+		for round := range 3 {
+			for i := range fleetIDs {
+				if err := f.exchange(i, p1, uint64(100+10*round+i)); err != nil {
+					t.Errorf("%s with etcd down: %v", fleetIDs[i], err)
+					continue
+				}
+				forwarded++
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		if forwarded != 3*len(fleetIDs) {
+			t.Errorf("%d of %d exchanges forwarded with etcd down", forwarded, 3*len(fleetIDs))
+		}
+		f.etcd.Start()
+		code := r.wait(t, 120*time.Second)
+		t.Logf("rollout across the etcd restart: exit %d\n%s%s", code, r.out.String(), r.err.String())
+		if code != 0 && code != 3 {
+			t.Fatalf("rollout across the etcd restart: exit %d, want 0 (completed) or 3 (halted and reverted)\n%s%s\n%s", code, r.out.String(), r.err.String(), f.logs())
+		}
+		f.waitStatus("the fleet converges after the etcd restart", converged)
+		port := p2
+		if code == 3 {
+			port = p1
+		}
+		for i := range fleetIDs {
+			if err := f.exchange(i, port, uint64(200+i)); err != nil {
+				t.Errorf("%s after the restart: %v", fleetIDs[i], err)
+			}
+		}
+		if code == 3 { // the rest of the test starts from v2 everywhere
+			if c, out, errb := f.rollout(writeFile(t, "v2.rules", rule(p1)+rule(p2))); c != 0 {
+				t.Fatalf("rollout v2 again: exit %d\n%s%s", c, out, errb)
+			}
+		}
+	})
+	ver2 := f.view().Member("i0").Assigned
+
+	// interrupt kills the rollout's process while it waits for i1, resumes
+	// i1 and waits until it has committed the version: the fleet is mixed,
+	// the rollout key left.
+	interrupt := func(t *testing.T, file string) string {
+		t.Helper()
+		r := stopI1(t, file)
+		_ = r.cmd.Process.Kill()
+		if code := r.wait(t, 10*time.Second); code != -1 {
+			t.Errorf("the killed rollout: exit %d", code)
+		}
+		if err := i1.Signal(syscall.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+		v := f.view()
+		ver := v.Rollout.Version
+		f.waitStatus("i1 commits "+ver, func(v *etcd.View) bool {
+			st := v.Member("i1").Status
+			return st != nil && st.Version == ver && st.Outcome == etcd.OutcomeCommitted
+		})
+		code, out, errb := runSluiceFor(t, 20*time.Second, "ctl", "fleet", "--etcd", f.etcd.URL, "--prefix", f.prefix)
+		if code != 0 || !strings.Contains(out, "rollout of "+ver+" running: 1 of 3 batches done") {
+			t.Errorf("fleet after the operator was lost: exit %d\n%s%s", code, out, errb)
+		}
+		for _, l := range strings.Split(out, "\n") {
+			fs := strings.Fields(l)
+			if len(fs) < 5 || !strings.HasPrefix(fs[0], "i") {
+				continue
+			}
+			want := ver
+			if fs[0] == "i2" {
+				want = ver2
+			}
+			if fs[1] != want || fs[2] != want || fs[4] != "committed" {
+				t.Errorf("fleet line %q: want %s assigned and committed", l, want)
+			}
+		}
+		return ver
+	}
+
+	t.Run("operator killed, resumed", func(t *testing.T) {
+		ver := interrupt(t, writeFile(t, "v3.rules", rule(p1)+rule(p2)+rule(p3)))
+		code, out, errb := runSluiceFor(t, 90*time.Second, "ctl", "rollout", "--resume", "--etcd", f.etcd.URL, "--prefix", f.prefix, "--timeout", "15s")
+		if code != 0 || !strings.Contains(out, "rollout "+ver+": committed on all 3 instances") {
+			t.Fatalf("rollout --resume: exit %d\n%s%s\n%s", code, out, errb, f.logs())
+		}
+		f.waitStatus("every instance on "+ver, func(v *etcd.View) bool { return converged(v) && v.Member("i2").Assigned == ver })
+		for i := range fleetIDs {
+			if err := f.exchange(i, p3, uint64(300+i)); err != nil {
+				t.Errorf("%s on the resumed version's port: %v", fleetIDs[i], err)
+			}
+		}
+		ver2 = ver
+	})
+
+	t.Run("operator killed, reverted", func(t *testing.T) {
+		ver := interrupt(t, writeFile(t, "v4.rules", rule(p1)))
+		code, out, errb := runSluiceFor(t, 90*time.Second, "ctl", "rollout", "--revert", "--etcd", f.etcd.URL, "--prefix", f.prefix, "--timeout", "15s")
+		if code != 3 || !strings.Contains(errb, "rollout "+ver+" reverted") {
+			t.Fatalf("rollout --revert: exit %d, want 3\n%s%s\n%s", code, out, errb, f.logs())
+		}
+		for _, want := range []string{"i0: " + ver + " committed", "reverted to " + ver2 + ": committed", "i2: not moved (runs " + ver2 + ")"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("rollout --revert: no %q in\n%s", want, out)
+			}
+		}
+		f.waitStatus("every instance back on "+ver2, func(v *etcd.View) bool {
+			return converged(v) && v.Member("i0").Assigned == ver2 && v.Member("i1").Assigned == ver2
+		})
+		for i := range fleetIDs {
+			if err := f.exchange(i, p3, uint64(400+i)); err != nil {
+				t.Errorf("%s on the previous version's port: %v", fleetIDs[i], err)
+			}
+		}
+	})
+	if f.backend.Failures.Load() != 0 {
+		t.Errorf("%d failed exchanges at the backend", f.backend.Failures.Load())
+	}
 }

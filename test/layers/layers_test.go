@@ -20,7 +20,7 @@ const module = "github.com/sluice-proxy/sluice/"
 var layer = map[string]int{
 	// 0: leaves. rules is the model and imports nothing of ours.
 	"rules": 0, "limits": 0, "observe": 0, "handshake/hello": 0,
-	"internal/bitnames": 0, "internal/rawsys": 0, "internal/netns": 0, "internal/logsink": 0, "internal/testpeer": 0, "internal/testcert": 0,
+	"internal/bitnames": 0, "internal/rawsys": 0, "internal/netns": 0, "internal/logsink": 0, "internal/testpeer": 0, "internal/testcert": 0, "internal/etcdtest": 0,
 	"internal/netnstest": 1,
 	// 1: one connection, one direction, one pool; the configuration file.
 	"conn": 1, "channel": 1, "balance": 1, "config": 1, "tlsconf": 1,
