@@ -689,8 +689,9 @@ func TestClientStopsReading(t *testing.T) {
 	}
 	eng := ctltest.New(1, nil, big...)
 	// Long enough for the second writer below to format and send 1.2 MB
-	// under -race on a loaded machine between RULES and LOAD.
-	const io = 2 * time.Second
+	// under -race on a loaded machine between RULES and LOAD (2 s was not,
+	// at a load of 13 on 2 CPUs).
+	const io = 5 * time.Second
 	s, path := startServer(t, eng, func(c *config) { c.ioTimeout = io })
 	r := dialRaw(t, path, true)
 	r.do(func(fw *frameWriter) error { return fw.writeClientHello(&ClientHello{Want: 2, Intent: IntentWrite}) })
