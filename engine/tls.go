@@ -129,6 +129,9 @@ func (s *session) tlsDone(l *Loop, t *conn.TLS, st sessionState) {
 				e.alpn = cs.NegotiatedProtocol
 			}
 		}
+		if s.ln.rule.SendProxy == rules.ProxyV2 {
+			s.hs.AddTLS(&cs) // PP2_TYPE_SSL and the SNI as authority
+		}
 		s.hsUs = sinceUs(l.now, s.start)
 		s.pickBackend(l)
 		return

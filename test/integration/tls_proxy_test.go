@@ -1,0 +1,187 @@
+package integration
+
+import (
+	"bytes"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sluice-proxy/sluice/handshake"
+	"github.com/sluice-proxy/sluice/internal/testcert"
+)
+
+// captureProxy accepts conns that start with a PROXY header, answers
+// "ok\n" and sends each header's bytes after the address block (the TLVs,
+// as written) on the returned channel.
+func captureProxy(t *testing.T) (string, <-chan []byte) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	ch := make(chan []byte, 8)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				var b []byte
+				buf := make([]byte, 4096)
+				for {
+					n, err := c.Read(buf)
+					b = append(b, buf[:n]...)
+					if l, _ := handshake.HeaderLen(b); l > 0 && len(b) >= l {
+						const v4 = 16 + 12 // signature, length, IPv4 addresses and ports
+						ch <- bytes.Clone(b[v4:l])
+						c.Write([]byte("ok\n"))
+						return
+					}
+					if err != nil {
+						ch <- nil
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String(), ch
+}
+
+// send-proxy=v2 on a terminating route writes PP2_TYPE_AUTHORITY (the SNI)
+// and PP2_TYPE_SSL (client flags, verify, version, the client
+// certificate's CN, cipher) byte for byte as HAProxy does with
+// "proxy-v2-options ssl,cert-cn,ssl-cipher,authority" for the same client
+// (TLS 1.2 and 1.3, pinned suites); and HAProxy with accept-proxy behind
+// sluice reads the authority (fc_pp_authority, echoed by http-request
+// return).
+func TestTLSSendProxySSL(t *testing.T) {
+	dir := t.TempDir()
+	ca := testcert.NewCA(t, dir)
+	crt, key := ca.Leaf(t, "a", "a.example.com")
+	ccrt, ckey := ca.Leaf(t, "client", "client one")
+	combined := dir + "/a-combined.pem"
+	cb, _ := os.ReadFile(crt)
+	kb, _ := os.ReadFile(key)
+	if err := os.WriteFile(combined, append(cb, kb...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	slCap, slCh := captureProxy(t)
+	haCap, haCh := captureProxy(t)
+	haFront := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	haPP := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	conf := absPath(t, writeFile(t, "haproxy.cfg", fmt.Sprintf(`global
+	maxconn 100
+defaults
+	timeout connect 2s
+	timeout client 10s
+	timeout server 10s
+listen term
+	mode tcp
+	bind %s ssl crt %s ca-file %s verify required
+	server s %s send-proxy-v2 proxy-v2-options ssl,cert-cn,ssl-cipher,authority
+listen pp
+	mode http
+	bind %s accept-proxy
+	http-request return status 200 content-type text/plain lf-string "authority=%%[fc_pp_authority]\n"
+`, haFront, combined, ca.File, haCap, haPP)))
+	startExt(t, haFront, "haproxy", "-f", conf, "-db")
+
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	addr2 := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	d := startRules(t, addr,
+		"tcp "+addr+" -> "+slCap+" tls.cert="+crt+" tls.key="+key+" tls.client-ca="+ca.File+" send-proxy=v2",
+		"tcp "+addr2+" -> "+haPP+" tls.cert="+crt+" tls.key="+key+" send-proxy=v2")
+	d.waitListening(addr2)
+
+	pair, err := tls.LoadX509KeyPair(ccrt, ckey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	var suite uint16 // the last dial's
+	dial := func(to string, v uint16, withCert bool) string {
+		cfg := &tls.Config{ServerName: "a.example.com", RootCAs: pool, MinVersion: v, MaxVersion: v,
+			CipherSuites: []uint16{tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256}}
+		if withCert {
+			cfg.Certificates = []tls.Certificate{pair}
+		}
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", to, cfg)
+		if err != nil {
+			t.Fatalf("dial %s: %v\n%s", to, err, d.stderr.String())
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		suite = c.ConnectionState().CipherSuite
+		if withCert {
+			b, err := io.ReadAll(c)
+			if err != nil && !strings.Contains(err.Error(), "reset") {
+				t.Logf("read %s: %v", to, err)
+			}
+			return string(b)
+		}
+		fmt.Fprintf(c, "GET / HTTP/1.0\r\nHost: a.example.com\r\n\r\n")
+		b, _ := io.ReadAll(c)
+		return string(b)
+	}
+	wait := func(ch <-chan []byte, who string) []byte {
+		select {
+		case b := <-ch:
+			return b
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no PROXY header from %s", who)
+			return nil
+		}
+	}
+	for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+		// TLS 1.3's suites cannot be pinned by a Go client and the two
+		// servers prefer different ones: each header must name the suite
+		// its client saw (1.3 names are the same in OpenSSL and Go), the
+		// rest must be the same bytes.
+		if out := dial(addr, v, true); out != "ok\n" {
+			t.Errorf("through sluice: %q", out)
+		}
+		sl := maskSuite(t, wait(slCh, "sluice"), v, suite)
+		if out := dial(haFront, v, true); out != "ok\n" {
+			t.Errorf("through HAProxy: %q", out)
+		}
+		ha := maskSuite(t, wait(haCh, "HAProxy"), v, suite)
+		if !bytes.Equal(sl, ha) {
+			t.Errorf("%s: sluice's TLVs differ from HAProxy's\nsluice  %q\nHAProxy %q", tls.VersionName(v), sl, ha)
+		}
+		for _, want := range []string{"a.example.com", "client one", "TLSv1."} {
+			if !bytes.Contains(sl, []byte(want)) {
+				t.Errorf("%s: no %q in %q", tls.VersionName(v), want, sl)
+			}
+		}
+	}
+	if out := dial(addr2, tls.VersionTLS13, false); !strings.Contains(out, "authority=a.example.com\n") {
+		t.Errorf("HAProxy accept-proxy behind sluice: %q\n%s", out, d.stderr.String())
+	}
+}
+
+// maskSuite replaces a TLS 1.3 suite's name in b by a placeholder of the
+// same length, after checking it is there.
+func maskSuite(t *testing.T, b []byte, v, suite uint16) []byte {
+	t.Helper()
+	if v != tls.VersionTLS13 {
+		return b
+	}
+	name := []byte(tls.CipherSuiteName(suite))
+	if !bytes.Contains(b, name) {
+		t.Errorf("no %s in %q", name, b)
+	}
+	return bytes.ReplaceAll(b, name, bytes.Repeat([]byte{'*'}, len(name)))
+}
