@@ -208,3 +208,32 @@ func (e *Engine) tlsHandshake(ok bool, t *conn.TLS) {
 	}
 	c.took.observe(uint64(t.Took.Microseconds()))
 }
+
+// TLSStats are the client side TLS handshakes of every terminating route,
+// since start.
+type TLSStats struct {
+	OK, Failed    uint64 // handshakes by result (a timeout is a failure)
+	TLS12, TLS13  uint64 // successful handshakes by version
+	Resumed       uint64 // successful handshakes that resumed a session (a ticket)
+	HandshakeTime HistogramSnapshot
+}
+
+func (c *tlsCounters) stats() TLSStats {
+	return TLSStats{OK: c.ok.Load(), Failed: c.failed.Load(), TLS12: c.byVersion[0].Load(), TLS13: c.byVersion[1].Load(),
+		Resumed: c.resumed.Load(), HandshakeTime: c.took.Snapshot()}
+}
+
+// CertInfo is a terminating rule's certificate as the status page and
+// the expiry gauge show it.
+type CertInfo struct {
+	Subject string
+	Expiry  time.Time // NotAfter
+}
+
+// certInfo returns l's certificate, or nil when l does not terminate.
+func certInfo(l *tlsconf.Loaded) *CertInfo {
+	if l == nil || l.Server == nil || l.Leaf == nil {
+		return nil
+	}
+	return &CertInfo{Subject: l.Subject(), Expiry: l.Expiry()}
+}
