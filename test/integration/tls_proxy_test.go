@@ -185,3 +185,93 @@ func maskSuite(t *testing.T, b []byte, v, suite uint16) []byte {
 	}
 	return bytes.ReplaceAll(b, name, bytes.Repeat([]byte{'*'}, len(name)))
 }
+
+// tlsSerial dials addr for name and returns the serial number of the
+// certificate it got, after one echoed line.
+func tlsSerial(t *testing.T, addr, name string, pool *x509.CertPool) string {
+	t.Helper()
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{ServerName: name, RootCAs: pool})
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	echoLine(t, c, "hello")
+	return c.ConnectionState().PeerCertificates[0].SerialNumber.String()
+}
+
+func echoLine(t *testing.T, c net.Conn, s string) {
+	t.Helper()
+	if _, err := fmt.Fprintln(c, s); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, len(s)+1)
+	if _, err := io.ReadFull(c, b); err != nil || string(b) != s+"\n" {
+		t.Fatalf("echo: %q, %v", b, err)
+	}
+}
+
+// A new certificate file is picked up by an apply of the unchanged table,
+// on the same listening socket (same inode), and a session established
+// before it keeps going; a certificate file that has disappeared fails the
+// apply at the rule's line, naming the option and the file, and the
+// running table keeps serving with the certificate it loaded.
+func TestTLSCertReloadOnApply(t *testing.T) {
+	dir := t.TempDir()
+	ca := testcert.NewCA(t, dir)
+	crt, key := ca.Leaf(t, "a", "a.example.com")
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	port := freePort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	tb := liveTable{lines: []string{"tcp " + addr + " -> " + echoPlain(t) + " tls.cert=" + crt + " tls.key=" + key}}
+	d := startLive(t, tb)
+	d.waitListening(addr)
+	inode := d.listenInodes()[port]
+	first := tlsSerial(t, addr, "a.example.com", pool)
+
+	old, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{ServerName: "a.example.com", RootCAs: pool})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	old.SetDeadline(time.Now().Add(30 * time.Second))
+	echoLine(t, old, "before")
+
+	// A new pair in place of the old files (renamed over them, as a
+	// certificate manager does).
+	crt2, key2 := ca.Leaf(t, "a2", "a.example.com")
+	for from, to := range map[string]string{crt2: crt, key2: key} {
+		if err := os.Rename(from, to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	same := tb.file(t, "same.rules")
+	if code, out, errs := d.cli("apply", same); code != 0 {
+		t.Fatalf("apply of the unchanged table: exit %d\n%s%s", code, out, errs)
+	}
+	if got := tlsSerial(t, addr, "a.example.com", pool); got == first {
+		t.Errorf("after the apply, still the old certificate (serial %s)", got)
+	}
+	if got := d.listenInodes()[port]; got != inode {
+		t.Errorf("listening socket inode %s, was %s: the socket was reopened", got, inode)
+	}
+	echoLine(t, old, "after the apply")
+	served := tlsSerial(t, addr, "a.example.com", pool)
+
+	// The certificate file disappears: the apply fails at the rule's line.
+	if err := os.Remove(crt); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs := d.cli("apply", same)
+	if want := same + ":2: "; code != 2 || !strings.Contains(errs, want) || !strings.Contains(errs, "tls.cert "+crt+": ") {
+		t.Errorf("apply with the certificate gone: exit %d\nstdout:\n%s\nstderr:\n%s\nwant exit 2, %q and tls.cert %s", code, out, errs, want, crt)
+	}
+	if got := tlsSerial(t, addr, "a.example.com", pool); got != served {
+		t.Errorf("after the refused apply: serial %s, want %s (the running table's)", got, served)
+	}
+	if got := d.listenInodes()[port]; got != inode {
+		t.Errorf("listening socket inode %s after the refused apply, was %s", got, inode)
+	}
+	echoLine(t, old, "after the refused apply")
+}
