@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -274,4 +277,116 @@ func TestTLSCertReloadOnApply(t *testing.T) {
 		t.Errorf("listening socket inode %s after the refused apply, was %s", got, inode)
 	}
 	echoLine(t, old, "after the refused apply")
+}
+
+// clientHello returns the first record a Go crypto/tls client writes for
+// name: its whole ClientHello.
+func clientHello(t *testing.T, name string) []byte {
+	t.Helper()
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	go tls.Client(a, &tls.Config{ServerName: name, InsecureSkipVerify: true}).Handshake()
+	b.SetDeadline(time.Now().Add(5 * time.Second))
+	head := make([]byte, 5)
+	if _, err := io.ReadFull(b, head); err != nil {
+		t.Fatal(err)
+	}
+	rec := make([]byte, 5+int(head[3])<<8|int(head[4]))
+	copy(rec, head)
+	if _, err := io.ReadFull(b, rec[5:]); err != nil {
+		t.Fatal(err)
+	}
+	return rec
+}
+
+// 2 000 handshakes left half done at once — 1 000 whole hellos that never
+// send their Finished (each server handshake waits on its goroutine), 1 000
+// hellos cut in half (the sni stage waits on the loop) — while a good
+// client is served promptly; every one of them is closed by
+// timeout.handshake, and counted as a failed handshake.
+func TestTLSHalfDoneHandshakes(t *testing.T) {
+	dir := t.TempDir()
+	ca := testcert.NewCA(t, dir)
+	crt, key := ca.Leaf(t, "a", "a.example.com")
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	const hsTimeout = 6 * time.Second
+	d := startLive(t, liveTable{lines: []string{"tcp " + addr + " -> " + echoPlain(t) + " tls.cert=" + crt + " tls.key=" + key +
+		" timeout.handshake=" + hsTimeout.String()}})
+	d.waitListening(addr)
+	hello := clientHello(t, "a.example.com")
+
+	const n = 2000
+	conns := make([]net.Conn, 0, n)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			t.Fatalf("dial %d: %v", i, err)
+		}
+		conns = append(conns, c)
+		b := hello
+		if i%2 == 1 {
+			b = hello[:len(hello)/2]
+		}
+		if _, err := c.Write(b); err != nil {
+			t.Fatalf("write %d: %v", i, err)
+		}
+	}
+	opened := time.Since(start)
+	t0 := time.Now()
+	tlsSerial(t, addr, "a.example.com", pool)
+	if took := time.Since(t0); took > 2*time.Second {
+		t.Errorf("the good client took %v among %d half-done handshakes", took, n)
+	}
+	t.Logf("%d half-done handshakes opened in %v; a good client served in %v", n, opened, time.Since(t0))
+	if time.Since(start) > hsTimeout-time.Second {
+		t.Fatalf("too slow to open the conns (%v) to check they were still open", time.Since(start))
+	}
+
+	// Each is closed by the daemon within timeout.handshake (plus slack for
+	// a loaded machine), whatever it had sent.
+	var wg sync.WaitGroup
+	var closed, hung atomic.Int64
+	limit := start.Add(hsTimeout + 10*time.Second)
+	for _, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.SetReadDeadline(limit)
+			_, err := io.Copy(io.Discard, c)
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				hung.Add(1)
+				return
+			}
+			closed.Add(1)
+		}()
+	}
+	wg.Wait()
+	if hung.Load() != 0 || closed.Load() != n {
+		t.Errorf("%d closed by the daemon, %d still open %v after they started", closed.Load(), hung.Load(), hsTimeout+10*time.Second)
+	}
+	t.Logf("all closed %v after the first", time.Since(start))
+	code, out, errs := d.cli("stats")
+	if code != 0 {
+		t.Fatalf("ctl stats: exit %d %s", code, errs)
+	}
+	var failed int
+	for _, l := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(l, "tls.handshakes_failed "); ok {
+			fmt.Sscan(v, &failed)
+		}
+	}
+	t.Logf("tls.handshakes_failed %d", failed)
+	if failed < n/2 {
+		t.Errorf("tls.handshakes_failed %d, want at least %d (the whole hellos')\n%s", failed, n/2, out)
+	}
 }
