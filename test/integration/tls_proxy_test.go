@@ -390,3 +390,74 @@ func TestTLSHalfDoneHandshakes(t *testing.T) {
 		t.Errorf("tls.handshakes_failed %d, want at least %d (the whole hellos')\n%s", failed, n/2, out)
 	}
 }
+
+// Memory per idle TLS session: N sessions terminated by sluice (TLS 1.3,
+// ECDSA P-256, a session ticket sent), one round trip each, then silence;
+// the daemon's RSS delta / N. HAProxy (OpenSSL) terminating with the same
+// certificate in front of the same echo backend is the anchor, measured
+// the same way. SLUICE_IDLE_TLS_SESSIONS sets N (default 3 000).
+func TestIdleTLSSessionsMemory(t *testing.T) {
+	n := envInt("SLUICE_IDLE_TLS_SESSIONS", 3000)
+	dir := t.TempDir()
+	ca := testcert.NewCA(t, dir)
+	crt, key := ca.Leaf(t, "a", "a.example.com")
+	combined := dir + "/a-combined.pem"
+	cb, _ := os.ReadFile(crt)
+	kb, _ := os.ReadFile(key)
+	if err := os.WriteFile(combined, append(cb, kb...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	echo := startPeer(t, "echo")
+	tlsPing := func(addr string) func() net.Conn {
+		return func() net.Conn {
+			c, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, &tls.Config{ServerName: "a.example.com", RootCAs: pool})
+			if err != nil {
+				t.Error(err)
+				return nil
+			}
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if _, err := c.Write([]byte("p")); err != nil {
+				t.Error(err)
+				return c
+			}
+			if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+				t.Error(err)
+			}
+			c.SetDeadline(time.Time{})
+			return c
+		}
+	}
+
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	d := startRules(t, addr, "tcp "+addr+" -> "+echo.Addr+" tls.cert="+crt+" tls.key="+key)
+	h := holdIdleBy(t, tlsPing(addr), d.cmd.Process.Pid, n)
+	sl := h.perSession()
+	t.Logf("sluice: %d idle TLS sessions opened in %v; RSS %d KiB -> %d KiB: %.0f bytes per idle TLS session; fds %v -> %v",
+		n, h.opened.Round(time.Millisecond), h.rssBefore>>10, h.rssAfter>>10, sl, h.fdsBefore, h.fdsAfter)
+	if got := h.fdsAfter["socket"] - h.fdsBefore["socket"]; got != 2*n {
+		t.Errorf("daemon holds %d more sockets, want %d (two per session: no handshake's dup left)", got, 2*n)
+	}
+	h.close()
+
+	haAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	conf := absPath(t, writeFile(t, "haproxy.cfg", fmt.Sprintf(`global
+	maxconn %d
+defaults
+	mode tcp
+	timeout connect 5s
+	timeout client 60s
+	timeout server 60s
+listen term
+	bind %s ssl crt %s
+	server s %s
+`, 2*n+100, haAddr, combined, echo.Addr)))
+	ha := startExt(t, haAddr, "haproxy", "-f", conf, "-db")
+	hh := holdIdleBy(t, tlsPing(haAddr), ha.cmd.Process.Pid, n)
+	hp := hh.perSession()
+	t.Logf("HAProxy: %d idle TLS sessions; RSS %d KiB -> %d KiB: %.0f bytes per idle TLS session",
+		n, hh.rssBefore>>10, hh.rssAfter>>10, hp)
+	hh.close()
+	t.Logf("per idle TLS session: sluice %.0f B, HAProxy %.0f B (%.2f×)", sl, hp, sl/hp)
+}
