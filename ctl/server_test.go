@@ -43,7 +43,7 @@ func TestReadOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if *st != (Status{Generation: 3, Rules: 3, Ports: 4, Sessions: 5, Pifs: 2}) || c.Version() != Version4 {
+	if *st != (Status{Generation: 3, Rules: 3, Ports: 4, Sessions: 5, Pifs: 2}) || c.Version() != MaxVersion {
 		t.Fatalf("status %+v, version %d", st, c.Version())
 	}
 
@@ -769,12 +769,12 @@ func TestUpgrade(t *testing.T) {
 			})
 		}
 	}
-	t.Run("a future client asking for v5 gets v4", func(t *testing.T) {
+	t.Run("a future client asking for v6 gets v5", func(t *testing.T) {
 		eng := ctltest.New(1, nil)
 		_, path := startServer(t, eng, nil)
 		r := dialRaw(t, path, true)
-		r.do(func(fw *frameWriter) error { return fw.writeClientHello(&ClientHello{Want: 5, Intent: IntentStatus}) })
-		if f := r.expect(MsgStatus); f.ver != Version4 {
+		r.do(func(fw *frameWriter) error { return fw.writeClientHello(&ClientHello{Want: MaxVersion + 1, Intent: IntentStatus}) })
+		if f := r.expect(MsgStatus); f.ver != MaxVersion {
 			t.Fatalf("answered in v%d", f.ver)
 		}
 	})
