@@ -773,7 +773,9 @@ func TestUpgrade(t *testing.T) {
 		eng := ctltest.New(1, nil)
 		_, path := startServer(t, eng, nil)
 		r := dialRaw(t, path, true)
-		r.do(func(fw *frameWriter) error { return fw.writeClientHello(&ClientHello{Want: MaxVersion + 1, Intent: IntentStatus}) })
+		r.do(func(fw *frameWriter) error {
+			return fw.writeClientHello(&ClientHello{Want: MaxVersion + 1, Intent: IntentStatus})
+		})
 		if f := r.expect(MsgStatus); f.ver != MaxVersion {
 			t.Fatalf("answered in v%d", f.ver)
 		}
