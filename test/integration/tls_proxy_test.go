@@ -240,6 +240,9 @@ func TestTLSCertReloadOnApply(t *testing.T) {
 	defer old.Close()
 	old.SetDeadline(time.Now().Add(30 * time.Second))
 	echoLine(t, old, "before")
+	if code, out, _ := d.cli("sessions"); code != 0 || !strings.Contains(out, "TLS 1.3 TLS_") {
+		t.Errorf("ctl sessions: exit %d, no TLS 1.3 session:\n%s", code, out)
+	}
 
 	// A new pair in place of the old files (renamed over them, as a
 	// certificate manager does).
