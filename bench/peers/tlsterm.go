@@ -7,9 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
-	"slices"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"text/template"
 	"time"
@@ -96,12 +94,7 @@ func startTerminator(h *harness, p peer, target string, cpu int) (string, *proc,
 		d.MaxConn = 19800
 		return h.startNginx("nginx-term", nginxTermConf, d, cpu)
 	case "sluice":
-		conf, err := h.writeConf("sluice-term", sluiceTermConf, d)
-		if err != nil {
-			return "", nil, err
-		}
-		px, err := h.startListening("sluice", cpu, port, nil, h.sluice, "run", "-c", conf,
-			"--loops", "1", "--log-level", "warn", "--drain-timeout", "1s")
+		px, err := h.startSluiceConf("sluice-term", sluiceTermConf, d, cpu, port)
 		return addr, px, err
 	}
 	return "", nil, fmt.Errorf("%s does not terminate TLS here", p.name)
@@ -165,23 +158,7 @@ func termClientConfig(resume bool) *tls.Config {
 func tlsHandshakes(resume bool) func(*harness, target) (map[string]float64, error) {
 	return func(h *harness, t target) (map[string]float64, error) {
 		secs := h.secs(h.opt.duration)
-		v := map[string]float64{}
-		m := h.meter(t)
-		out, err := h.runTool("tlshs", h.opt.loadCPU, []string{roleEnv + "=tlshs"}, time.Duration(secs+30)*time.Second,
-			h.self, t.addr, (time.Duration(secs) * time.Second).String(), strconv.Itoa(termConc), strconv.FormatBool(resume))
-		m.read(v)
-		if err != nil {
-			return nil, err
-		}
-		var r tlsResult
-		if err := json.Unmarshal([]byte(out), &r); err != nil {
-			return nil, fmt.Errorf("tlshs: %v: %q", err, out)
-		}
-		if r.N == 0 {
-			return nil, fmt.Errorf("tlshs: no connection served: %s", r.Err)
-		}
-		v[mValue], v[mP50], v[mP99], v[mErrors] = float64(r.N)/r.Secs, r.P50ms, r.P99ms, float64(r.Errors)
-		return v, nil
+		return connRole(h, t, "tlshs", secs, t.addr, (time.Duration(secs) * time.Second).String(), strconv.Itoa(termConc), strconv.FormatBool(resume))
 	}
 }
 
@@ -205,52 +182,20 @@ func tlsHSClient(args []string) error {
 		return err
 	}
 	addr := args[0]
-	var n, errs, resumed atomic.Int64
-	var mu sync.Mutex
-	var lat []time.Duration
-	var last string
-	began := time.Now()
-	end := began.Add(d)
-	var wg sync.WaitGroup
-	for i := 0; i < conc; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			cfg := termClientConfig(resume) // a cache per worker
-			var mine []time.Duration
-			for time.Now().Before(end) {
-				t0 := time.Now()
-				did, err := tlsPingOnce(addr, cfg)
-				if err != nil {
-					errs.Add(1)
-					mu.Lock()
-					last = err.Error()
-					mu.Unlock()
-					continue
-				}
-				n.Add(1)
-				if did {
-					resumed.Add(1)
-				}
-				if len(mine) < 1<<16 {
-					mine = append(mine, time.Since(t0))
-				}
+	var resumed atomic.Int64
+	res := connLoop(d, conc, func() func() error {
+		cfg := termClientConfig(resume) // a session cache per worker
+		return func() error {
+			did, err := tlsPingOnce(addr, cfg)
+			if did {
+				resumed.Add(1)
 			}
-			mu.Lock()
-			lat = append(lat, mine...)
-			mu.Unlock()
-		}()
-	}
-	wg.Wait()
-	res := tlsResult{N: int(n.Load()), Errors: int(errs.Load()), Secs: time.Since(began).Seconds(), Err: last}
-	if resume && resumed.Load() < n.Load()/2 {
-		res.Err = fmt.Sprintf("only %d of %d connections resumed", resumed.Load(), n.Load())
+			return err
+		}
+	})
+	if resume && resumed.Load() < int64(res.N)/2 {
+		res.Err = fmt.Sprintf("only %d of %d connections resumed", resumed.Load(), res.N)
 		res.N = 0
-	}
-	if len(lat) > 0 {
-		slices.Sort(lat)
-		ms := func(q float64) float64 { return float64(lat[int(q*float64(len(lat)-1))]) / 1e6 }
-		res.P50ms, res.P99ms = ms(0.50), ms(0.99)
 	}
 	return json.NewEncoder(os.Stdout).Encode(res)
 }

@@ -131,6 +131,12 @@ func ping(t testing.TB, addr string) net.Conn {
 		t.Error(err)
 		return nil
 	}
+	return roundTrip(t, c)
+}
+
+// roundTrip makes one round trip of a byte over c (an error is reported)
+// and returns c.
+func roundTrip(t testing.TB, c net.Conn) net.Conn {
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.Write([]byte("p")); err != nil {
 		t.Error(err)

@@ -420,16 +420,7 @@ func TestIdleTLSSessionsMemory(t *testing.T) {
 				t.Error(err)
 				return nil
 			}
-			c.SetDeadline(time.Now().Add(10 * time.Second))
-			if _, err := c.Write([]byte("p")); err != nil {
-				t.Error(err)
-				return c
-			}
-			if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
-				t.Error(err)
-			}
-			c.SetDeadline(time.Time{})
-			return c
+			return roundTrip(t, c)
 		}
 	}
 
