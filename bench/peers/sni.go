@@ -92,7 +92,9 @@ func (h *harness) startSluiceConf(name string, t *template.Template, d confData,
 
 // HAProxy: wait for the whole hello (req.ssl_hello_type), then choose the
 // backend by req.ssl_sni; no match is refused.
-var haproxySNIConf = template.Must(template.New("haproxy-sni").Parse(`global
+// haproxyHead is the start of a bench configuration of HAProxy: one
+// thread, TCP mode.
+const haproxyHead = `global
     nbthread 1
     maxconn {{.MaxConn}}
 
@@ -102,7 +104,9 @@ defaults
     timeout connect 5s
     timeout client 10m
     timeout server 10m
+`
 
+var haproxySNIConf = template.Must(template.New("haproxy-sni").Parse(haproxyHead + `
 frontend fe
     bind {{.Listen}}
     tcp-request inspect-delay 5s

@@ -100,17 +100,7 @@ func startTerminator(h *harness, p peer, target string, cpu int) (string, *proc,
 	return "", nil, fmt.Errorf("%s does not terminate TLS here", p.name)
 }
 
-var haproxyTermConf = template.Must(template.New("haproxy-term").Parse(`global
-    nbthread 1
-    maxconn {{.MaxConn}}
-
-defaults
-    mode tcp
-    maxconn {{.MaxConn}}
-    timeout connect 5s
-    timeout client 10m
-    timeout server 10m
-
+var haproxyTermConf = template.Must(template.New("haproxy-term").Parse(haproxyHead + `
 frontend fe
     bind {{.Listen}} ssl crt {{.Cert}} ssl-min-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256 curves X25519
     default_backend be

@@ -73,12 +73,7 @@ func TestTLSSendProxySSL(t *testing.T) {
 	ca := testcert.NewCA(t, dir)
 	crt, key := ca.Leaf(t, "a", "a.example.com")
 	ccrt, ckey := ca.Leaf(t, "client", "client one")
-	combined := dir + "/a-combined.pem"
-	cb, _ := os.ReadFile(crt)
-	kb, _ := os.ReadFile(key)
-	if err := os.WriteFile(combined, append(cb, kb...), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	combined := combinedPEM(t, crt, key)
 
 	slCap, slCh := captureProxy(t)
 	haCap, haCh := captureProxy(t)
@@ -404,12 +399,7 @@ func TestIdleTLSSessionsMemory(t *testing.T) {
 	dir := t.TempDir()
 	ca := testcert.NewCA(t, dir)
 	crt, key := ca.Leaf(t, "a", "a.example.com")
-	combined := dir + "/a-combined.pem"
-	cb, _ := os.ReadFile(crt)
-	kb, _ := os.ReadFile(key)
-	if err := os.WriteFile(combined, append(cb, kb...), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	combined := combinedPEM(t, crt, key)
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.Cert)
 	echo := startPeer(t, "echo")
@@ -454,4 +444,20 @@ listen term
 		n, hh.rssBefore>>10, hh.rssAfter>>10, hp)
 	hh.close()
 	t.Logf("per idle TLS session: sluice %.0f B, HAProxy %.0f B (%.2f×)", sl, hp, sl/hp)
+}
+
+// combinedPEM writes the certificate and key files in one, as HAProxy's
+// crt wants them, and returns its path.
+func combinedPEM(t *testing.T, crt, key string) string {
+	t.Helper()
+	cb, err1 := os.ReadFile(crt)
+	kb, err2 := os.ReadFile(key)
+	if err1 != nil || err2 != nil {
+		t.Fatal(err1, err2)
+	}
+	f := crt + ".combined.pem"
+	if err := os.WriteFile(f, append(cb, kb...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
 }
