@@ -5,14 +5,16 @@ import "strconv"
 // Protocol versions. Version1 is the base; Version2 adds the per-port
 // detail of a SUMMARY; Version3 adds the boot id and a pending
 // commit-confirmed transaction to STATUS; Version4 adds an apply that
-// awaits its commit to STATUS. See docs/ctl-protocol.md.
+// awaits its commit to STATUS; Version5 adds a terminated session's TLS
+// version, cipher and resumption to SESSIONS. See docs/ctl-protocol.md.
 const (
 	Version1 uint8 = 1
 	Version2 uint8 = 2
 	Version3 uint8 = 3
 	Version4 uint8 = 4
+	Version5 uint8 = 5
 	// MaxVersion is the highest version this build speaks.
-	MaxVersion = Version4
+	MaxVersion = Version5
 )
 
 // MsgType is a frame's message type. The numbers are the wire's.

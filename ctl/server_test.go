@@ -43,7 +43,7 @@ func TestReadOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if *st != (Status{Generation: 3, Rules: 3, Ports: 4, Sessions: 5, Pifs: 2}) || c.Version() != Version4 {
+	if *st != (Status{Generation: 3, Rules: 3, Ports: 4, Sessions: 5, Pifs: 2}) || c.Version() != MaxVersion {
 		t.Fatalf("status %+v, version %d", st, c.Version())
 	}
 
@@ -691,7 +691,7 @@ func TestClientStopsReading(t *testing.T) {
 	// Long enough for the second writer below to format and send 1.2 MB
 	// under -race on a loaded machine between RULES and LOAD (2 s was not,
 	// at a load of 13 on 2 CPUs).
-	const io = 5 * time.Second
+	const io = 3 * time.Second // under waitIdle's 5 s
 	s, path := startServer(t, eng, func(c *config) { c.ioTimeout = io })
 	r := dialRaw(t, path, true)
 	r.do(func(fw *frameWriter) error { return fw.writeClientHello(&ClientHello{Want: 2, Intent: IntentWrite}) })
@@ -770,12 +770,14 @@ func TestUpgrade(t *testing.T) {
 			})
 		}
 	}
-	t.Run("a future client asking for v5 gets v4", func(t *testing.T) {
+	t.Run("a future client asking for v6 gets v5", func(t *testing.T) {
 		eng := ctltest.New(1, nil)
 		_, path := startServer(t, eng, nil)
 		r := dialRaw(t, path, true)
-		r.do(func(fw *frameWriter) error { return fw.writeClientHello(&ClientHello{Want: 5, Intent: IntentStatus}) })
-		if f := r.expect(MsgStatus); f.ver != Version4 {
+		r.do(func(fw *frameWriter) error {
+			return fw.writeClientHello(&ClientHello{Want: MaxVersion + 1, Intent: IntentStatus})
+		})
+		if f := r.expect(MsgStatus); f.ver != MaxVersion {
 			t.Fatalf("answered in v%d", f.ver)
 		}
 	})

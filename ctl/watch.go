@@ -30,7 +30,8 @@ const (
 	maxQueryRule  = maxListen
 	maxAddr       = 64
 	maxState      = 16
-	maxSNI        = 255 // a server name or an ALPN protocol in SESSIONS (version 2)
+	maxSNI        = 255 // a server name or an ALPN protocol in SESSIONS (version 3)
+	maxTLSName    = 64  // a TLS version or cipher suite name in SESSIONS (version 5)
 	maxStatName   = 256
 	watchBatch    = 64 // events written before a flush
 	sessionMinLen = 2 + 2 + 2 + 2 + 2 + 8 + 8 + 8 + 1
@@ -187,6 +188,11 @@ func (fw *frameWriter) writeSessions(ver uint8, l *observe.Sessions) error {
 				e.str(truncate(s.SNI, maxSNI), maxSNI, "sni")
 				e.str(truncate(s.ALPN, maxSNI), maxSNI, "alpn")
 			}
+			if ver >= Version5 { // an older client reads a session without them
+				e.str(truncate(s.TLSVersion, maxTLSName), maxTLSName, "tls-version")
+				e.str(truncate(s.TLSCipher, maxTLSName), maxTLSName, "tls-cipher")
+				e.bool(s.TLSResumed)
+			}
 		}); err != nil {
 			return err
 		}
@@ -277,6 +283,10 @@ func decodeSessionsChunk(f frame, l *SessionList, first bool) (bool, error) {
 		s.Splice = d.bool("splice")
 		if f.ver >= Version3 {
 			s.SNI, s.ALPN = d.str(maxSNI, "sni"), d.str(maxSNI, "alpn")
+		}
+		if f.ver >= Version5 {
+			s.TLSVersion, s.TLSCipher = d.str(maxTLSName, "tls-version"), d.str(maxTLSName, "tls-cipher")
+			s.TLSResumed = d.bool("tls-resumed")
 		}
 		l.Sessions = append(l.Sessions, s)
 	}

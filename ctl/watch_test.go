@@ -294,17 +294,18 @@ func TestSessionsAndStats(t *testing.T) {
 	eng := ctltest.New(1, nil)
 	live := []observe.Session{
 		{Rule: "tcp 0.0.0.0:8080", Source: netip.MustParseAddrPort("192.0.2.7:40001"), Peer: netip.MustParseAddrPort("10.0.0.1:5555"),
-			Target: netip.MustParseAddrPort("127.0.0.1:80"), State: "forwarding", Age: 1500 * time.Millisecond, Up: 1000, Down: 3000, Splice: true},
+			Target: netip.MustParseAddrPort("127.0.0.1:80"), State: "forwarding", Age: 1500 * time.Millisecond, Up: 1000, Down: 3000, Splice: true,
+			SNI: "a.example.com", TLSVersion: "TLS 1.3", TLSCipher: "TLS_AES_128_GCM_SHA256", TLSResumed: true},
 		{Rule: "tcp 0.0.0.0:9090", Source: netip.MustParseAddrPort("[2001:db8::1]:4000"), State: "handshake", Age: time.Second},
 		{Rule: "tcp 0.0.0.0:8080", Source: netip.MustParseAddrPort("192.0.2.8:40002"), Target: netip.MustParseAddrPort("127.0.0.1:80"), State: "forwarding", Up: 5},
 	}
 	eng.SetSessionList(live)
 	eng.SetCounters([]observe.Counter{{Name: "sessions", Value: 3}, {Name: "rule.tcp 0.0.0.0:8080.bytes_in", Value: 1005}, {Name: "negative", Value: -2}})
 	_, path := startServer(t, eng, nil)
-	list := func(rule string, max int) *SessionList {
+	listV := func(ver uint8, rule string, max int) *SessionList {
 		t.Helper()
 		ctx := ctxT(t)
-		c := mustDial(t, ctx, path, Options{})
+		c := mustDial(t, ctx, path, Options{Version: ver})
 		defer c.Close()
 		if err := c.Hello(ctx, IntentSessions); err != nil {
 			t.Fatal(err)
@@ -318,6 +319,7 @@ func TestSessionsAndStats(t *testing.T) {
 		}
 		return l
 	}
+	list := func(rule string, max int) *SessionList { return listV(0, rule, max) }
 	all := list("", 0)
 	if all.Total != 3 || all.Truncated() || len(all.Sessions) != 3 {
 		t.Fatalf("all sessions: %+v", all)
@@ -325,6 +327,19 @@ func TestSessionsAndStats(t *testing.T) {
 	for i := range live {
 		if all.Sessions[i] != live[i] {
 			t.Fatalf("session %d: got %+v, want %+v", i, all.Sessions[i], live[i])
+		}
+	}
+	// A version 4 client reads the sessions without their TLS (version 5),
+	// a version 2 one without the hello's names either (version 3).
+	for _, v := range []uint8{Version4, Version2} {
+		got := listV(v, "", 0).Sessions[0]
+		want := live[0]
+		want.TLSVersion, want.TLSCipher, want.TLSResumed = "", "", false
+		if v < Version3 {
+			want.SNI = ""
+		}
+		if got != want {
+			t.Errorf("version %d: got %+v, want %+v", v, got, want)
 		}
 	}
 	one := list("tcp 0.0.0.0:8080", 1)

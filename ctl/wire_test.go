@@ -217,7 +217,7 @@ func TestMalformed(t *testing.T) {
 	}{
 		{"bad magic", []byte("GET / HTTP/1.0\r\n"), nil, CodeBadFrame, ""},
 		{"version 0", header(0, MsgHello, 0), nil, CodeBadVersion, ""},
-		{"version 5", header(5, MsgHello, 0), nil, CodeBadVersion, ""},
+		{"version 6", header(MaxVersion+1, MsgHello, 0), nil, CodeBadVersion, ""},
 		{"unknown type", header(1, 0x7f, 0), nil, CodeBadFrame, ""},
 		{"type 0", header(1, 0, 0), nil, CodeBadFrame, ""},
 		{"length over the bound", header(1, MsgLoad, MaxPayload+1), nil, CodeTooLarge, ""},

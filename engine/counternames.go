@@ -112,6 +112,12 @@ var (
 	FamBackendChecks    = &Family{Name: "backend_checks_total", Help: "Active checks of the backend by result: ok, fail, timeout; rules with check= only (RuleStats.Checked).", Kind: KindCounter, Labels: []string{"backend", "result"}, PerRule: true, Proto: tcp}
 	FamBackendCheckSecs = &Family{Name: "backend_check_seconds", Help: "Latency of the rule's active checks, every backend and result (RuleStats.CheckTime).", Kind: KindHistogram, PerRule: true, Proto: tcp}
 
+	famTLSHandshakes     = &Family{Name: "tls_handshakes_total", Help: "Client side TLS handshakes of terminating routes, by result: ok, failed (an alert, bytes that are not TLS, a missing client certificate, a timeout).", Kind: KindCounter, Labels: []string{"result"}}
+	famTLSVersions       = &Family{Name: "tls_handshake_versions_total", Help: "Successful client side TLS handshakes, by version: 1.2, 1.3.", Kind: KindCounter, Labels: []string{"version"}}
+	famTLSResumed        = &Family{Name: "tls_resumptions_total", Help: "Successful client side TLS handshakes that resumed a session (a ticket).", Kind: KindCounter}
+	FamTLSHandshakeSecs  = &Family{Name: "tls_handshake_seconds", Help: "Duration of the successful client side TLS handshakes (the hello read to the handshake's end), every terminating route (Stats.TLS.HandshakeTime).", Kind: KindHistogram}
+	FamRuleTLSCertExpiry = &Family{Name: "rule_tls_cert_expiry_seconds", Help: "Seconds left until the terminating rule's certificate expires (negative once expired), as loaded by the last apply; terminating rules only (RuleStats.Cert).", Kind: KindGauge, PerRule: true, Proto: tcp}
+
 	famStoreConnected = &Family{Name: "store_connected", Help: "1 while the fleet's store (etcd) answers, 0 while it is unreachable (the active table keeps serving); absent without store.etcd.", Kind: KindGauge}
 	FamStoreVersion   = &Family{Name: "store_version", Help: "1, labelled with the store version the instance runs (its last committed assignment); absent before one.", Kind: KindGauge, Labels: []string{"version"}}
 	famStoreLastApply = &Family{Name: "store_last_apply_seconds", Help: "Unix time of the last transaction run for an assignment of the store; 0 before one.", Kind: KindGauge}
@@ -174,6 +180,7 @@ var Families = []*Family{
 	famRuleUDPFlows, famRuleUDPFlowsOpened, famRuleUDPDatagrams, famRuleUDPDropped,
 	FamBackendUp, FamBackendChecks, FamBackendCheckSecs,
 	famStoreConnected, FamStoreVersion, famStoreLastApply, famStoreErrors,
+	famTLSHandshakes, famTLSVersions, famTLSResumed, FamTLSHandshakeSecs, FamRuleTLSCertExpiry,
 }
 
 func b2i(b bool) int64 {
@@ -209,6 +216,11 @@ var EngineDefs = []CounterDef{
 	{Stat: "draining", Family: famDraining, Get: func(s *Stats) int64 { return b2i(s.Draining) }},
 	{Stat: "generation", Family: famTableGeneration, Get: func(s *Stats) int64 { return int64(s.Table.Generation) }},
 	{Stat: "rules", Get: func(s *Stats) int64 { return int64(len(s.Rules)) }},
+	{Stat: "tls.handshakes_ok", Family: famTLSHandshakes, Labels: []string{"ok"}, Get: func(s *Stats) int64 { return int64(s.TLS.OK) }},
+	{Stat: "tls.handshakes_failed", Family: famTLSHandshakes, Labels: []string{"failed"}, Get: func(s *Stats) int64 { return int64(s.TLS.Failed) }},
+	{Stat: "tls.tls1_2", Family: famTLSVersions, Labels: []string{"1.2"}, Get: func(s *Stats) int64 { return int64(s.TLS.TLS12) }},
+	{Stat: "tls.tls1_3", Family: famTLSVersions, Labels: []string{"1.3"}, Get: func(s *Stats) int64 { return int64(s.TLS.TLS13) }},
+	{Stat: "tls.resumed", Family: famTLSResumed, Get: func(s *Stats) int64 { return int64(s.TLS.Resumed) }},
 	// The store's, process-wide (StoreStats); in ctl stats as store.*
 	// only with a store (StoreCounters): ctl stats has no "absent".
 	{Family: famStoreConnected, Known: true, Get: storeGet(func(st StoreStats) int64 { return b2i(st.Connected) })},

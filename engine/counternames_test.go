@@ -62,30 +62,32 @@ func TestCounterDefsConsistent(t *testing.T) {
 // as noted.
 func TestEveryStatsFieldHasADef(t *testing.T) {
 	notInTable := map[string]string{
-		"Stats.Ended":          "sessions_ended_total, ended.CODE",
-		"TableStats.ApplyTime": "table_apply_seconds",
-		"RuleStats.Terms":      "rule_terminations_total, term.CODE",
-		"RuleStats.Handshake":  "rule_handshake_seconds",
-		"RuleStats.Connect":    "rule_connect_seconds",
-		"RuleStats.Duration":   "rule_session_seconds",
-		"RuleStats.Hello":      "rule_tls_hello_bytes",
-		"RuleStats.Routes":     "status page only",
-		"RuleStats.Requested":  "status page only",
-		"UDPStats.Expired":     "engine-wide only (udp_flows_expired_total), as before",
-		"TableStats.Recent":    "status page only",
-		"TableStats.Paused":    "status page only",
-		"RuleStats.Policy":     "handshake's own Stats; its Accepted, HealthUp/Down and ProxyV1/V2 are in the table",
-		"RuleStats.Listeners":  "counted: ports_bound",
-		"RuleStats.Failed":     "counted: ports_failed",
-		"RuleStats.Backends":   "counted: backends, backends_up",
-		"RuleStats.Checked":    "backend_up, backend_checks_total; counted: checks_ok, checks_failed, checks_timeout",
-		"RuleStats.CheckTime":  "backend_check_seconds",
-		"Stats.Rules":          "counted: rules; each rule by RuleDefs",
-		"RuleStats.Line":       "a name, not a number",
-		"RuleStats.Listen":     "the rule label",
-		"RuleStats.Pif":        "the pif label",
-		"RuleStats.Proto":      "selects the families",
-		"ListenerStats":        "status page only",
+		"Stats.Ended":            "sessions_ended_total, ended.CODE",
+		"TableStats.ApplyTime":   "table_apply_seconds",
+		"RuleStats.Terms":        "rule_terminations_total, term.CODE",
+		"RuleStats.Handshake":    "rule_handshake_seconds",
+		"RuleStats.Connect":      "rule_connect_seconds",
+		"RuleStats.Duration":     "rule_session_seconds",
+		"RuleStats.Hello":        "rule_tls_hello_bytes",
+		"RuleStats.Routes":       "status page only",
+		"RuleStats.Requested":    "status page only",
+		"UDPStats.Expired":       "engine-wide only (udp_flows_expired_total), as before",
+		"TableStats.Recent":      "status page only",
+		"TableStats.Paused":      "status page only",
+		"RuleStats.Policy":       "handshake's own Stats; its Accepted, HealthUp/Down and ProxyV1/V2 are in the table",
+		"RuleStats.Listeners":    "counted: ports_bound",
+		"RuleStats.Failed":       "counted: ports_failed",
+		"RuleStats.Backends":     "counted: backends, backends_up",
+		"RuleStats.Checked":      "backend_up, backend_checks_total; counted: checks_ok, checks_failed, checks_timeout",
+		"RuleStats.CheckTime":    "backend_check_seconds",
+		"Stats.Rules":            "counted: rules; each rule by RuleDefs",
+		"RuleStats.Line":         "a name, not a number",
+		"RuleStats.Listen":       "the rule label",
+		"RuleStats.Pif":          "the pif label",
+		"RuleStats.Proto":        "selects the families",
+		"ListenerStats":          "status page only",
+		"TLSStats.HandshakeTime": "tls_handshake_seconds",
+		"RuleStats.Cert":         "rule_tls_cert_expiry_seconds; status page",
 	}
 	read := func(s *Stats) []int64 {
 		var out []int64
@@ -145,6 +147,8 @@ func TestEveryStatsFieldHasADef(t *testing.T) {
 			v = RuleStats{}
 		case "UDPStats":
 			v = UDPStats{}
+		case "TLSStats":
+			v = TLSStats{}
 		case "ListenerStats":
 			continue
 		}

@@ -520,6 +520,7 @@ type Stats struct {
 	Draining bool        // Shutdown began
 	Rules    []RuleStats // the table's rules in order (while an apply is pending, the applied table)
 	Table    TableStats  // generation, table operations, transactions
+	TLS      TLSStats    // client side handshakes of terminating routes (tls.go)
 }
 
 // Stats returns the engine's counters. It allocates; call it from the
@@ -550,5 +551,6 @@ func (e *Engine) Stats() Stats {
 		}
 	}
 	e.counterStats(&s)
+	s.TLS = e.tlsc.stats()
 	return s
 }

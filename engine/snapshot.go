@@ -52,6 +52,7 @@ func (e *Engine) SessionList(rule string, max int) observe.Sessions {
 				Up: s.up.Bytes, Down: s.down.Bytes, Splice: s.up.Spliced+s.down.Spliced > 0 || s.up.Piped() || s.down.Piped()}
 			v.Peer = s.origSrc()
 			v.SNI, v.ALPN = s.seen()
+			v.TLSVersion, v.TLSCipher, v.TLSResumed = s.tlsInfo()
 			if s.state != stHandshake {
 				v.Target = s.srv.Dst
 			}

@@ -59,6 +59,7 @@ type RuleStats struct {
 	Handshake, Connect, Duration HistogramSnapshot
 	Hello                        HistogramSnapshot // a route's: sizes of the hellos that chose it; zero for a rule that does not route
 	UDP                          UDPStats
+	Cert                         *CertInfo // a terminating rule's certificate (tls.go); nil otherwise
 }
 
 // TableStats are the rule table's counters and its recent operations.
@@ -154,6 +155,7 @@ func (e *Engine) counterStats(s *Stats) {
 		if len(lns) > 0 {
 			// Every port of a rule shares its policy and counters.
 			rs.Policy = lns[0].policy.Stats()
+			rs.Cert = certInfo(lns[0].policy.TLS())
 			c := lns[0].ctr
 			for i := range c.shards {
 				sh := &c.shards[i]

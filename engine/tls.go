@@ -129,6 +129,9 @@ func (s *session) tlsDone(l *Loop, t *conn.TLS, st sessionState) {
 				e.alpn = cs.NegotiatedProtocol
 			}
 		}
+		if s.ln.rule.SendProxy == rules.ProxyV2 {
+			s.hs.AddTLS(&cs) // PP2_TYPE_SSL and the SNI as authority
+		}
 		s.hsUs = sinceUs(l.now, s.start)
 		s.pickBackend(l)
 		return
@@ -204,4 +207,33 @@ func (e *Engine) tlsHandshake(ok bool, t *conn.TLS) {
 		c.byVersion[0].Add(1)
 	}
 	c.took.observe(uint64(t.Took.Microseconds()))
+}
+
+// TLSStats are the client side TLS handshakes of every terminating route,
+// since start.
+type TLSStats struct {
+	OK, Failed    uint64 // handshakes by result (a timeout is a failure)
+	TLS12, TLS13  uint64 // successful handshakes by version
+	Resumed       uint64 // successful handshakes that resumed a session (a ticket)
+	HandshakeTime HistogramSnapshot
+}
+
+func (c *tlsCounters) stats() TLSStats {
+	return TLSStats{OK: c.ok.Load(), Failed: c.failed.Load(), TLS12: c.byVersion[0].Load(), TLS13: c.byVersion[1].Load(),
+		Resumed: c.resumed.Load(), HandshakeTime: c.took.Snapshot()}
+}
+
+// CertInfo is a terminating rule's certificate as the status page and
+// the expiry gauge show it.
+type CertInfo struct {
+	Subject string
+	Expiry  time.Time // NotAfter
+}
+
+// certInfo returns l's certificate, or nil when l does not terminate.
+func certInfo(l *tlsconf.Loaded) *CertInfo {
+	if l == nil || l.Server == nil || l.Leaf == nil {
+		return nil
+	}
+	return &CertInfo{Subject: l.Subject(), Expiry: l.Expiry()}
 }

@@ -60,6 +60,10 @@ var custom = map[*engine.Family]metric{
 	engine.FamBackendChecks:     {samples: perRule(engine.FamBackendChecks, backendCheckSamples)},
 	engine.FamBackendCheckSecs:  {hist: checkedHist(engine.FamBackendCheckSecs)},
 	engine.FamRuleTLSHelloBytes: {hist: perRuleHist(engine.FamRuleTLSHelloBytes, func(r *engine.RuleStats) engine.HistogramSnapshot { return r.Hello })},
+	engine.FamTLSHandshakeSecs: {hist: func(s *engine.Stats, emit func(engine.HistogramSnapshot, ...string)) {
+		emit(s.TLS.HandshakeTime)
+	}},
+	engine.FamRuleTLSCertExpiry: {samples: perRule(engine.FamRuleTLSCertExpiry, certExpirySamples)},
 	engine.FamStoreVersion: {samples: func(_ *engine.Stats, emit func(float64, ...string)) {
 		if st := engine.StoreNow(); st.Enabled && st.Version != "" {
 			emit(1, st.Version)
@@ -299,4 +303,12 @@ func (s *Server) Close(ctx context.Context) error {
 		err = errors.Join(err, c.Close())
 	}
 	return err
+}
+
+// certExpirySamples emits a terminating rule's seconds left on its
+// certificate; a rule that does not terminate has no sample.
+func certExpirySamples(r *engine.RuleStats, emit func(float64, ...string)) {
+	if r.Cert != nil {
+		emit(time.Until(r.Cert.Expiry).Seconds())
+	}
 }

@@ -96,7 +96,9 @@ func TestCollector(t *testing.T) {
 		Policy: handshake.Stats{Accepted: 20, HealthUp: 3, HealthDown: 4, ProxyV1: 5, ProxyV2: 6,
 			Refused: map[string]map[string]uint64{"rules": {"denied": 7}, "accept-proxy": {"proxy-bad": 8}}},
 		Sessions: 9, BytesUp: 1000, BytesDown: 3000, Spliced: 2500, ConnectErrors: 10, Retries: 11,
-		Terms: map[string]uint64{"--": 12, "PR": 15}, Handshake: h, Connect: h, Duration: h}
+		Terms: map[string]uint64{"--": 12, "PR": 15}, Handshake: h, Connect: h, Duration: h,
+		Cert: &engine.CertInfo{Subject: "CN=a.example.com", Expiry: time.Now().Add(100 * time.Hour)}}
+	stats.TLS = engine.TLSStats{OK: 30, Failed: 31, TLS12: 32, TLS13: 33, Resumed: 34, HandshakeTime: h}
 	udpRule := engine.RuleStats{Listen: "udp ns1/10.0.0.1:53", Pif: "ns1", Proto: "udp", Requested: 1,
 		Listeners: make([]engine.ListenerStats, 1),
 		UDP:       engine.UDPStats{Flows: 21, Opened: 22, DatagramsUp: 23, DatagramsDown: 24, Dropped: 25}}
@@ -118,6 +120,12 @@ func TestCollector(t *testing.T) {
 		byName[f.GetName()] = f
 	}
 	got := samples(byName, "sluice_")
+	// Seconds left on the certificate: read at scrape time.
+	const expiry = "sluice_rule_tls_cert_expiry_seconds{pif=host,rule=tcp 0.0.0.0:80}"
+	if v := got[expiry]; v < 100*3600-60 || v > 100*3600 {
+		t.Errorf("%s = %v, want about %d", expiry, v, 100*3600)
+	}
+	delete(got, expiry)
 	want := map[string]float64{
 		"sluice_event_loops":                                        3,
 		"sluice_sessions":                                           7,
@@ -150,6 +158,16 @@ func TestCollector(t *testing.T) {
 		"sluice_ctl_transactions_total{outcome=committed}":   3,
 		"sluice_ctl_transactions_total{outcome=rolled_back}": 1,
 		"sluice_ctl_transactions_total{outcome=failed}":      6,
+		"sluice_tls_handshakes_total{result=ok}":             30,
+		"sluice_tls_handshakes_total{result=failed}":         31,
+		"sluice_tls_handshake_versions_total{version=1.2}":   32,
+		"sluice_tls_handshake_versions_total{version=1.3}":   33,
+		"sluice_tls_resumptions_total":                       34,
+		"sluice_tls_handshake_seconds_count":                 6,
+		"sluice_tls_handshake_seconds_sum":                   1.5,
+		"sluice_tls_handshake_seconds_bucket{le=0.001}":      1,
+		"sluice_tls_handshake_seconds_bucket{le=0.01}":       3,
+		"sluice_tls_handshake_seconds_bucket{le=+Inf}":       6,
 		"sluice_table_apply_seconds_count":                   6,
 		"sluice_table_apply_seconds_sum":                     1.5,
 		"sluice_table_apply_seconds_bucket{le=0.001}":        1,

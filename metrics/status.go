@@ -187,6 +187,8 @@ type ruleView struct {
 	BindOK                   bool
 	Failed                   []string
 	Routes                   []string // the routes sharing the rule's socket (a routed key)
+	Cert, CertExpiry         string   // a terminating rule's certificate subject and NotAfter (UTC), with the time left
+	CertSoon                 bool     // it expires within a week, or has
 	Listeners                []listenerView
 	MoreListeners            int
 	Backends                 []backendView
@@ -241,6 +243,14 @@ func (p *StatusPage) view(now time.Time) statusView {
 			Accepted: r.Policy.Accepted, Up: humanBytes(float64(r.BytesUp)), Down: humanBytes(float64(r.BytesDown)),
 			HealthOK: r.Policy.HealthUp, HealthFail: r.Policy.HealthDown, UDP: r.UDP, Routes: r.Routes}
 		rv.BindOK = len(r.Failed) == 0 && rv.Bound == rv.Requested
+		if c := r.Cert; c != nil {
+			left := c.Expiry.Sub(now)
+			rv.Cert, rv.CertSoon = c.Subject, left < 7*24*time.Hour
+			rv.CertExpiry = c.Expiry.UTC().Format("2006-01-02 15:04 UTC") + " (" + shortDuration(left.Round(time.Minute)) + " left)"
+			if left <= 0 {
+				rv.CertExpiry = c.Expiry.UTC().Format("2006-01-02 15:04 UTC") + " (expired)"
+			}
+		}
 		for _, byCode := range r.Policy.Refused {
 			for _, n := range byCode {
 				rv.Refused += n
@@ -400,6 +410,7 @@ a{color:#1559b7}
 <div><code>{{.Line}}</code></div>
 <div class="meta">{{.Proto}} · pif {{.Pif}} · {{if .BindOK}}<span class="pill">{{.Bound}}/{{.Requested}} ports bound</span>{{else}}<span class="pill bad">{{.Bound}}/{{.Requested}} ports bound</span>{{end}}</div>
 {{if .Failed}}<ul class="bad">{{range .Failed}}<li>{{.}}</li>{{end}}</ul>{{end}}
+{{if .Cert}}<div class="meta">certificate <code>{{.Cert}}</code> · expires {{if .CertSoon}}<span class="pill bad">{{.CertExpiry}}</span>{{else}}{{.CertExpiry}}{{end}}</div>{{end}}
 {{if .Routes}}<div class="meta">routes of this listener, by TLS name: {{range .Routes}}<code>{{.}}</code> {{end}}</div>{{end}}
 {{if eq .Proto "udp"}}<div>flows {{.UDP.Flows}} live, {{.UDP.Opened}} opened · datagrams {{.UDP.DatagramsUp}} in, {{.UDP.DatagramsDown}} out, {{.UDP.Dropped}} dropped</div>
 {{else}}<div>sessions <b>{{.Sessions}}</b> · accepted {{.Accepted}} · refused {{.Refused}} · in {{.Up}} · out {{.Down}}{{if or .HealthOK .HealthFail}} · health replies {{.HealthOK}} ok, {{.HealthFail}} fail{{end}}</div>{{end}}

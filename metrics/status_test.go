@@ -135,9 +135,11 @@ func TestStatusPageContent(t *testing.T) {
 				Backends: []balance.BackendStats{{Target: netip.MustParseAddrPort("10.0.0.1:80"), Up: true, Active: 4},
 					{Target: netip.MustParseAddrPort("10.0.0.2:80"), Up: false, Failures: 6}},
 				Policy:   handshake.Stats{Accepted: 31, HealthUp: 2, Refused: map[string]map[string]uint64{"rules": {"denied": 5}, "accept-proxy": {"proxy-bad": 1}}},
-				Sessions: 3, BytesUp: 1 << 20, BytesDown: 3 << 30},
+				Sessions: 3, BytesUp: 1 << 20, BytesDown: 3 << 30,
+				Cert: &engine.CertInfo{Subject: "CN=a.example.com", Expiry: time.Date(2099, 1, 2, 3, 4, 0, 0, time.UTC)}},
 			{Line: "tcp 127.0.0.1:8000-8026 -> 10.0.0.9:8000-8026 weak", Listen: "tcp 127.0.0.1:8000-8026", Pif: "ns1", Proto: "tcp", Requested: 28,
-				Listeners: many, Failed: []rules.PortError{{Port: 8027, Msg: "address already in use"}}},
+				Listeners: many, Failed: []rules.PortError{{Port: 8027, Msg: "address already in use"}},
+				Cert: &engine.CertInfo{Subject: "CN=old.example.com", Expiry: time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)}},
 			{Line: "udp 127.0.0.1:5353 -> 10.0.0.3:53", Listen: "udp 127.0.0.1:5353", Pif: "host", Proto: "udp", Requested: 1,
 				Listeners: []engine.ListenerStats{{Addr: netip.MustParseAddrPort("127.0.0.1:5353"), State: engine.ListenerPending}},
 				UDP:       engine.UDPStats{Flows: 7, Opened: 8, DatagramsUp: 9, DatagramsDown: 10, Dropped: 11}},
@@ -153,6 +155,8 @@ func TestStatusPageContent(t *testing.T) {
 		"health replies 2 ok, 0 fail", "10.0.0.1:80", "10.0.0.2:80", "backend (1/2 up)", `<span class="pill">up</span>`, `<span class="pill bad">down</span>`,
 		`<span class="pill bad">27/28 ports bound</span>`, "port 8027: address already in use", "… and 3 more", "pif ns1",
 		"flows 7 live, 8 opened", "datagrams 9 in, 10 out, 11 dropped", `<span class="warn">pending</span>`,
+		"certificate <code>CN=a.example.com</code> · expires 2099-01-02 03:04 UTC (",
+		`certificate <code>CN=old.example.com</code> · expires <span class="pill bad">2000-01-01 00:00 UTC (expired)</span>`,
 		"Last transactions", "tcp 127.0.0.1:9000: port 9000: address already in use", "1/2/0", `href="/metrics"`,
 	} {
 		if !strings.Contains(page, s) {

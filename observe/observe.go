@@ -201,6 +201,10 @@ type Session struct {
 	Splice bool   // bytes moved through a pipe (splice) rather than a buffer
 	SNI    string // a routed session's hello: server name ("" when none)
 	ALPN   string // and ALPN protocol, the one that chose the route or the first offered
+	// A terminated session's TLS, once its handshake is done ("" else):
+	// Go's names, "TLS 1.3", "TLS_AES_128_GCM_SHA256" (ctl version 5).
+	TLSVersion, TLSCipher string
+	TLSResumed            bool
 }
 
 // Sessions is a bounded listing of live sessions.

@@ -152,3 +152,16 @@ func TestParseTimeWait(t *testing.T) {
 		}
 	}
 }
+
+// A short run of the TLS termination scenarios: every peer that terminates
+// TLS, in its configuration, reaching the backend (and resuming, for
+// tls-hs-resume).
+func TestSmokeTLSTerm(t *testing.T) {
+	for _, tool := range []string{"haproxy", "nginx"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("no %s (make bench-deps)", tool)
+		}
+	}
+	smoke(t, "tls-hs,tls-hs-resume,tls-bulk", "haproxy,nginx,sluice", "1s", "### tls-hs:", "### tls-hs-resume:", "### tls-bulk:",
+		"| sluice |", "| haproxy |", "| nginx |", "TLS handshakes/s per proxy core")
+}

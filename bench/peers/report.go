@@ -292,6 +292,7 @@ func (r *results) markdown() string {
 	w("rps and cps: `wrk -t1 -c50 -d SECS --latency` to nginx (one worker) returning 1 KiB from memory; cps adds `-H 'Connection: close'`. ")
 	w("*TIME_WAIT at start* is the `tw` count of `/proc/net/sockstat` when the measurement began: when the sockets toward one destination approach the ephemeral port range (about 28 000 ports here), each connect there searches longer for a free port, a cost charged to whoever connects, the proxy included. ")
 	w("sni: a Go crypto/tls client (its default post-quantum hello, no resumption), 50 connections in flight, each a full handshake for `bench.example.com`, `GET /` and the reply, to nginx (one worker, self-signed ECDSA P-256 certificate, session cache and tickets off); each peer routes that name to it and a decoy name elsewhere without terminating TLS: HAProxy `tcp-request inspect-delay` + `req.ssl_sni` + `use_backend`, nginx stream `ssl_preread` + `map`, sluice two routes `sni=` on one listen key (`run -c`, `--loops 1`); p50/p99 are per connection. ")
+	w("tls-hs, tls-hs-resume, tls-bulk: each peer terminates TLS with the same self-signed ECDSA P-256 certificate, TLS 1.3 only, X25519, `TLS_AES_128_GCM_SHA256` where settable (HAProxy `bind … ssl crt … ssl-min-ver TLSv1.3 ciphersuites … curves X25519`, nginx stream `ssl_protocols TLSv1.3` + `ssl_conf_command Ciphersuites` + `ssl_ecdh_curve X25519`, sluice `tls.cert= tls.key= tls.min=1.3`), plaintext to a Go backend; the Go client pins TLS 1.3 and X25519. tls-hs: 50 connections in flight, each a full handshake, one byte echoed, closed; tls-hs-resume: the same with each worker's session cache (tickets); tls-bulk: one connection writing 64 KiB records for the duration to a discarding backend, bits written. ")
 	w("idle: after 50 warm-up sessions, a client process opens the sessions 64 at a time, one byte each way, to a Go echo backend; the figure is the growth of the peer's PSS (`/proc/PID/smaps_rollup`, all its processes summed) ÷ sessions held, one second after the last opened. ")
 	w("rtt: one session, 64 bytes there and back on blocking sockets, client and echo on CPU %d; *added* is the peer's latency minus direct's in the same repetition; *proxy CPU per round trip* is the proxy's CPU time ÷ round trips.\n\n", h.opt.loadCPU)
 	w("Peers:\n\n")
@@ -353,7 +354,7 @@ func (r *results) peerNames(scen string) []string {
 
 func (r *results) throughputTable(b *strings.Builder, sc scenario) {
 	w := func(format string, args ...any) { fmt.Fprintf(b, format, args...) }
-	wrk := sc.name == "rps" || sc.name == "cps" || sc.name == "sni" // latencies and errors
+	wrk := sc.name == "rps" || sc.name == "cps" || sc.name == "sni" || sc.name == "tls-hs" || sc.name == "tls-hs-resume" // latencies and errors
 	w("| peer | %s | proxy CPU | %s per proxy core | others on proxy CPU | load CPU |", sc.unit, sc.unit)
 	if wrk {
 		w(" p50 ms | p99 ms | errors | TIME_WAIT at start |")
@@ -435,6 +436,9 @@ var goals = []goal{
 	{"cps", "conn/s", key(mValue), false},
 	{"cps", "conn/s per proxy core", perCore, false},
 	{"sni", "routed conn/s per proxy core", perCore, false},
+	{"tls-hs", "TLS handshakes/s per proxy core", perCore, false},
+	{"tls-hs-resume", "resumed TLS handshakes/s per proxy core", perCore, false},
+	{"tls-bulk", "TLS Gbit/s per proxy core", perCore, false},
 	{"idle", "PSS bytes per idle session", key(mPSS), true},
 	{"rtt-local", "added p50 µs, proxy on the load CPU", added(mP50), true},
 	{"rtt", "added p50 µs, proxy cross-CPU", added(mP50), true},

@@ -37,6 +37,12 @@ func runRole(role string, args []string) int {
 		err = idleClient(args)
 	case "tlsclient":
 		err = tlsClient(args)
+	case "tlshs":
+		err = tlsHSClient(args)
+	case "tlsbulk":
+		err = tlsBulkClient(args)
+	case "sink":
+		err = serveSink()
 	default:
 		err = fmt.Errorf("unknown role %q", role)
 	}

@@ -83,6 +83,7 @@ var allScenarios = []scenario{
 		backend: func(h *harness) (string, *proc, error) { return h.startRole("rttecho", h.opt.loadCPU) },
 		measure: rtt},
 	sniScenario,
+	tlsTermScenarios[0], tlsTermScenarios[1], tlsTermScenarios[2],
 }
 
 // target is what a measurement runs against: a peer started to the

@@ -73,20 +73,28 @@ func startRouter(h *harness, p peer, target string, cpu int) (string, *proc, err
 		if p.name == "sluice-splice" {
 			d.Options = " splice=on"
 		}
-		conf, err := h.writeConf("sluice-sni", sluiceSNIConf, d)
-		if err != nil {
-			return "", nil, err
-		}
-		px, err := h.startListening("sluice", cpu, port, nil, h.sluice, "run", "-c", conf,
-			"--loops", "1", "--log-level", "warn", "--drain-timeout", "1s")
+		px, err := h.startSluiceConf("sluice-sni", sluiceSNIConf, d, cpu, port)
 		return addr, px, err
 	}
 	return "", nil, fmt.Errorf("%s does not route by TLS name", p.name)
 }
 
+// startSluiceConf runs sluice with the configuration t renders from d
+// (one event loop, warnings only), listening on port.
+func (h *harness) startSluiceConf(name string, t *template.Template, d confData, cpu, port int) (*proc, error) {
+	conf, err := h.writeConf(name, t, d)
+	if err != nil {
+		return nil, err
+	}
+	return h.startListening("sluice", cpu, port, nil, h.sluice, "run", "-c", conf,
+		"--loops", "1", "--log-level", "warn", "--drain-timeout", "1s")
+}
+
 // HAProxy: wait for the whole hello (req.ssl_hello_type), then choose the
 // backend by req.ssl_sni; no match is refused.
-var haproxySNIConf = template.Must(template.New("haproxy-sni").Parse(`global
+// haproxyHead is the start of a bench configuration of HAProxy: one
+// thread, TCP mode.
+const haproxyHead = `global
     nbthread 1
     maxconn {{.MaxConn}}
 
@@ -96,7 +104,9 @@ defaults
     timeout connect 5s
     timeout client 10m
     timeout server 10m
+`
 
+var haproxySNIConf = template.Must(template.New("haproxy-sni").Parse(haproxyHead + `
 frontend fe
     bind {{.Listen}}
     tcp-request inspect-delay 5s
@@ -178,20 +188,26 @@ func (h *harness) startTLSBackend(cpu int) (string, *proc, error) {
 // tlsConns runs the tlsclient role on the load CPU through the peer.
 func tlsConns(h *harness, t target) (map[string]float64, error) {
 	secs := h.secs(h.opt.duration)
+	return connRole(h, t, "tlsclient", secs, t.addr, sniName, (time.Duration(secs) * time.Second).String(), strconv.Itoa(sniConc))
+}
+
+// connRole runs a client role that prints a tlsResult (args after this
+// binary) on the load CPU through the peer, for about secs seconds.
+func connRole(h *harness, t target, role string, secs int, args ...string) (map[string]float64, error) {
 	v := map[string]float64{}
 	m := h.meter(t)
-	out, err := h.runTool("tlsclient", h.opt.loadCPU, []string{roleEnv + "=tlsclient"}, time.Duration(secs+30)*time.Second,
-		h.self, t.addr, sniName, (time.Duration(secs) * time.Second).String(), strconv.Itoa(sniConc))
+	out, err := h.runTool(role, h.opt.loadCPU, []string{roleEnv + "=" + role}, time.Duration(secs+30)*time.Second,
+		append([]string{h.self}, args...)...)
 	m.read(v)
 	if err != nil {
 		return nil, err
 	}
 	var r tlsResult
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
-		return nil, fmt.Errorf("tlsclient: %v: %q", err, out)
+		return nil, fmt.Errorf("%s: %v: %q", role, err, out)
 	}
 	if r.N == 0 {
-		return nil, fmt.Errorf("tlsclient: no connection served: %s", r.Err)
+		return nil, fmt.Errorf("%s: no connection served: %s", role, r.Err)
 	}
 	v[mValue], v[mP50], v[mP99], v[mErrors] = float64(r.N)/r.Secs, r.P50ms, r.P99ms, float64(r.Errors)
 	return v, nil
@@ -225,6 +241,16 @@ func tlsClient(args []string) error {
 	addr, name := args[0], args[1]
 	cfg := &tls.Config{ServerName: name, InsecureSkipVerify: true}
 	req := "GET / HTTP/1.0\r\nHost: " + name + "\r\n\r\n"
+	res := connLoop(d, conc, func() func() error {
+		return func() error { return tlsOnce(addr, cfg, req, name) }
+	})
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// connLoop runs conc workers, each calling its once (newOnce makes one per
+// worker) again and again until d has passed, and returns the
+// connections made, the failures, and the latencies' p50 and p99.
+func connLoop(d time.Duration, conc int, newOnce func() func() error) tlsResult {
 	var n, errs atomic.Int64
 	var mu sync.Mutex
 	var lat []time.Duration
@@ -236,10 +262,11 @@ func tlsClient(args []string) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			once := newOnce()
 			var mine []time.Duration
 			for time.Now().Before(end) {
 				t0 := time.Now()
-				if err := tlsOnce(addr, cfg, req, name); err != nil {
+				if err := once(); err != nil {
 					errs.Add(1)
 					mu.Lock()
 					last = err.Error()
@@ -263,7 +290,7 @@ func tlsClient(args []string) error {
 		ms := func(q float64) float64 { return float64(lat[int(q*float64(len(lat)-1))]) / 1e6 }
 		res.P50ms, res.P99ms = ms(0.50), ms(0.99)
 	}
-	return json.NewEncoder(os.Stdout).Encode(res)
+	return res
 }
 
 // tlsOnce makes one connection and checks the reply names the backend.

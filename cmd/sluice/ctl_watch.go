@@ -131,7 +131,7 @@ func (x *ctlCmd) sessions() error {
 			if err := enc.Encode(map[string]any{"rule": s.Rule, "source": addr(s.Source, s.Source.String()),
 				"peer": addr(s.Peer, s.Peer.String()), "target": addr(s.Target, s.Target.String()), "state": s.State,
 				"age_ms": s.Age.Milliseconds(), "bytes_up": s.Up, "bytes_down": s.Down, "mode": mode(s.Splice),
-				"sni": s.SNI, "alpn": s.ALPN}); err != nil {
+				"sni": s.SNI, "alpn": s.ALPN, "tls_version": s.TLSVersion, "tls_cipher": s.TLSCipher, "tls_resumed": s.TLSResumed}); err != nil {
 				return err
 			}
 		}
@@ -147,11 +147,21 @@ func (x *ctlCmd) sessions() error {
 		}
 		return s
 	}
-	fmt.Fprintln(tw, "RULE\tSOURCE\tPEER\tTARGET\tSTATE\tAGE\tUP\tDOWN\tMODE\tSNI\tALPN")
-	for _, s := range l.Sessions {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\n", s.Rule, addr(s.Source, s.Source.String()),
+	tlsOf := func(s *observe.Session) string {
+		switch {
+		case s.TLSVersion == "":
+			return "-"
+		case s.TLSResumed:
+			return s.TLSVersion + " " + s.TLSCipher + " resumed"
+		}
+		return s.TLSVersion + " " + s.TLSCipher
+	}
+	fmt.Fprintln(tw, "RULE\tSOURCE\tPEER\tTARGET\tSTATE\tAGE\tUP\tDOWN\tMODE\tSNI\tALPN\tTLS")
+	for i := range l.Sessions {
+		s := &l.Sessions[i]
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n", s.Rule, addr(s.Source, s.Source.String()),
 			addr(s.Peer, s.Peer.String()), addr(s.Target, s.Target.String()), s.State, s.Age.Round(time.Millisecond), s.Up, s.Down, mode(s.Splice),
-			dash(s.SNI), dash(s.ALPN))
+			dash(s.SNI), dash(s.ALPN), tlsOf(s))
 	}
 	if err := tw.Flush(); err != nil {
 		return err

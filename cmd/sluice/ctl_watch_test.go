@@ -38,7 +38,8 @@ func TestCtlSessionsVerb(t *testing.T) {
 	eng, sock := ctlServer(t, ruleA)
 	eng.SetSessionList([]observe.Session{
 		{Rule: "tcp 0.0.0.0:8080", Source: netip.MustParseAddrPort("192.0.2.7:40001"), Target: netip.MustParseAddrPort("127.0.0.1:80"),
-			State: "forwarding", Age: 2 * time.Second, Up: 1000, Down: 3000, SNI: "a.example.com", ALPN: "h2"},
+			State: "forwarding", Age: 2 * time.Second, Up: 1000, Down: 3000, SNI: "a.example.com", ALPN: "h2",
+			TLSVersion: "TLS 1.3", TLSCipher: "TLS_AES_128_GCM_SHA256", TLSResumed: true},
 		{Rule: "tcp 0.0.0.0:9090", Source: netip.MustParseAddrPort("192.0.2.8:40002"), State: "handshake", Splice: true},
 	})
 	code, out, errOut := sluiceCtl(t, "-s", sock, "sessions", "--rule", "tcp 0.0.0.0:8080")
@@ -50,7 +51,7 @@ func TestCtlSessionsVerb(t *testing.T) {
 		t.Fatalf("sessions output:\n%s", out)
 	}
 	f := strings.Fields(lines[1])
-	if want := []string{"tcp", "0.0.0.0:8080", "192.0.2.7:40001", "-", "127.0.0.1:80", "forwarding", "2s", "1000", "3000", "buffer", "a.example.com", "h2"}; strings.Join(f, " ") != strings.Join(want, " ") {
+	if want := []string{"tcp", "0.0.0.0:8080", "192.0.2.7:40001", "-", "127.0.0.1:80", "forwarding", "2s", "1000", "3000", "buffer", "a.example.com", "h2", "TLS", "1.3", "TLS_AES_128_GCM_SHA256", "resumed"}; strings.Join(f, " ") != strings.Join(want, " ") {
 		t.Fatalf("session line %q, want %q", f, want)
 	}
 	code, out, errOut = sluiceCtl(t, "-s", sock, "sessions", "--json")
@@ -65,7 +66,8 @@ func TestCtlSessionsVerb(t *testing.T) {
 		}
 		rows = append(rows, r)
 	}
-	if len(rows) != 2 || rows[0]["bytes_up"] != float64(1000) || rows[1]["mode"] != "splice" || rows[1]["target"] != "-" {
+	if len(rows) != 2 || rows[0]["bytes_up"] != float64(1000) || rows[1]["mode"] != "splice" || rows[1]["target"] != "-" ||
+		rows[0]["tls_cipher"] != "TLS_AES_128_GCM_SHA256" || rows[0]["tls_resumed"] != true || rows[1]["tls_version"] != "" {
 		t.Fatalf("sessions --json: %s", out)
 	}
 	if code, _, _ := sluiceCtl(t, "-s", sock, "stats", "--rule", "x"); code != exitUsage {

@@ -78,11 +78,19 @@ func (h *idleHold) close() {
 // caller closes the sessions.
 func holdIdle(t testing.TB, addr string, pid, n int) *idleHold {
 	t.Helper()
+	return holdIdleBy(t, func() net.Conn { return ping(t, addr) }, pid, n)
+}
+
+// holdIdleBy is holdIdle with the sessions opened (and their round trip
+// made) by ping, which reports its own failures and may return nil.
+func holdIdleBy(t testing.TB, ping func() net.Conn, pid, n int) *idleHold {
+	t.Helper()
 	// Warm up: a few sessions with traffic, so pools and runtime have their
 	// steady-state shape before the baseline.
 	for i := 0; i < 50; i++ {
-		c := ping(t, addr)
-		c.Close()
+		if c := ping(); c != nil {
+			c.Close()
+		}
 	}
 	time.Sleep(300 * time.Millisecond)
 	h := &idleHold{rssBefore: procStatus(t, pid, "VmRSS"), fdsBefore: fdKinds(t, pid)}
@@ -98,7 +106,7 @@ func holdIdle(t testing.TB, addr string, pid, n int) *idleHold {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			c := ping(t, addr)
+			c := ping()
 			mu.Lock()
 			conns = append(conns, c)
 			mu.Unlock()
@@ -123,6 +131,12 @@ func ping(t testing.TB, addr string) net.Conn {
 		t.Error(err)
 		return nil
 	}
+	return roundTrip(t, c)
+}
+
+// roundTrip makes one round trip of a byte over c (an error is reported)
+// and returns c.
+func roundTrip(t testing.TB, c net.Conn) net.Conn {
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.Write([]byte("p")); err != nil {
 		t.Error(err)
