@@ -23,7 +23,8 @@ const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
   apply FILE [--dry-run] [--force] [--timeout DUR] [--json] [--confirm DUR]
                           replace the table in one transaction; --confirm leaves it
                           pending: rolled back after DUR unless confirmed
-  add RULE | del RULE     add or remove one rule (one quoted argument)
+  add RULE | del RULE     add or remove one rule (one quoted argument; del also takes
+                          the rule's name, its listen key: 'tcp 0.0.0.0:8080')
   diff FILE               what apply FILE would change: "- line", "~ old" / "  new",
                           "+ line"; exit 0 none, 1 some, 2 invalid file (or no daemon)
   watch [GROUP...] [--count N]
@@ -496,25 +497,33 @@ func (x *ctlCmd) add(line string) error {
 	})
 }
 
-// del removes the rule whose canonical line is line's, in one transaction.
+// del removes one rule, in one transaction: the rule whose canonical line is
+// line's, or, when line is not a whole rule, the rule whose name (its
+// listen key or listen part, with its sni=/alpn= words for a route: the
+// name sessions, stats and the metrics use) is line's.
 func (x *ctlCmd) del(line string) error {
-	r, err := rules.Parse(line)
-	if err != nil {
-		return usagef("del: %v", err)
+	var match func(r *rules.Rule) bool
+	what := ""
+	if r, err := rules.Parse(line); err == nil {
+		canon := r.String()
+		match = func(r *rules.Rule) bool { return r.String() == canon }
+		what = canon
+	} else if name, nerr := rules.ParseName(line); nerr == nil {
+		match = func(r *rules.Rule) bool { return r.RouteString() == name }
+		what = name
+	} else {
+		return usagef("del: %v (nor is it a rule's name: %v)", err, nerr)
 	}
-	canon := r.String()
 	return x.write("del", func(t *ctl.Table) ([]*rules.Rule, error) {
 		rs, err := t.Rules()
 		if err != nil {
 			return nil, err
 		}
-		for i, l := range t.Lines {
-			if l == canon {
-				return append(rs[:i:i], rs[i+1:]...), nil
-			}
+		if i := slices.IndexFunc(rs, match); i >= 0 {
+			return append(rs[:i:i], rs[i+1:]...), nil
 		}
-		return nil, usagef("del: no rule %q in the active table (generation %d)", canon, t.Generation)
-	}, func(_ *ctl.Table, e *ctl.Error) error { return usagef("del %q: %w", canon, e) })
+		return nil, usagef("del: no rule %q in the active table (generation %d)", what, t.Generation)
+	}, func(_ *ctl.Table, e *ctl.Error) error { return usagef("del %q: %w", what, e) })
 }
 
 // transact runs one writing transaction: read the table, build the new one,

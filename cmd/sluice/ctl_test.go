@@ -230,6 +230,10 @@ func TestCtlAddDel(t *testing.T) {
 		{[]string{"add", "tcp", "0.0.0.0:1"}, 2, "one rule line as one argument", []string{ruleA, ruleB}},
 		{[]string{"del", "tcp 0.0.0.0:9090  ->  127.0.0.1:90"}, 0, "committed generation 3", []string{ruleA}},
 		{[]string{"del", ruleB}, 2, "no rule", []string{ruleA}},
+		{[]string{"add", ruleB}, 0, "committed generation 4", []string{ruleA, ruleB}},
+		{[]string{"del", "tcp  0.0.0.0:9090"}, 0, "committed generation 5", []string{ruleA}}, // by its name, the listen key
+		{[]string{"del", "tcp 0.0.0.0:9090"}, 2, "no rule \"tcp 0.0.0.0:9090\"", []string{ruleA}},
+		{[]string{"del", "tcp 0.0.0.0:99999"}, 2, "nor is it a rule's name", []string{ruleA}},
 		{[]string{"add", "--dry-run", ruleB}, 0, "valid: 2 rules", []string{ruleA}},
 	}
 	for _, st := range steps {

@@ -68,6 +68,17 @@ func TestCtlSessionsVerb(t *testing.T) {
 	if len(rows) != 2 || rows[0]["bytes_up"] != float64(1000) || rows[1]["mode"] != "splice" || rows[1]["target"] != "-" {
 		t.Fatalf("sessions --json: %s", out)
 	}
+	// A --rule of the wrong form, or naming no rule: no such rule, exit 2;
+	// a name with other blanks is the rule's.
+	for _, r := range []string{"tcp 0.0.0.0:7777", "0.0.0.0:8080", "tcp 0.0.0.0:8080 -> 127.0.0.1:80"} {
+		code, out, errOut := sluiceCtl(t, "-s", sock, "sessions", "--rule", r)
+		if code != exitUsage || !strings.Contains(errOut, "no such rule") || out != "" {
+			t.Fatalf("sessions --rule %q: exit %d, stdout %q, stderr %q; want exit 2, no such rule", r, code, out, errOut)
+		}
+	}
+	if code, out, errOut := sluiceCtl(t, "-s", sock, "sessions", "--rule", " tcp  0.0.0.0:8080"); code != 0 || !strings.Contains(out, "192.0.2.7:40001") {
+		t.Fatalf("sessions --rule with blanks: exit %d\n%s%s", code, out, errOut)
+	}
 	if code, _, _ := sluiceCtl(t, "-s", sock, "stats", "--rule", "x"); code != exitUsage {
 		t.Fatalf("stats --rule: exit %d, want %d", code, exitUsage)
 	}
