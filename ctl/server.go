@@ -10,6 +10,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -149,9 +150,12 @@ func serve(ctx context.Context, path string, eng Engine, log *zap.Logger, cfg co
 	if log == nil {
 		log = zap.NewNop()
 	}
-	ln, err := listenUnix(path)
+	ln, made, err := listenUnix(path)
 	if err != nil {
 		return nil, err
+	}
+	if made {
+		log.Info("made the control socket's directory", zap.String("dir", filepath.Dir(path)), zap.String("mode", "0700"))
 	}
 	return serveOn(ctx, ln, path, eng, log, cfg, false), nil
 }

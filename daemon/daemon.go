@@ -276,7 +276,10 @@ func (d *Daemon) start() error {
 		d.phase(PhaseCtl)
 		s, err := ctl.Serve(context.Background(), d.opt.CtlPath, ctlEngine{e, d}, log)
 		if err != nil {
-			return fmt.Errorf("control socket: %w (set ctl.socket, or stop the daemon that holds it)", err)
+			if errors.Is(err, ctl.ErrInUse) {
+				return fmt.Errorf("control socket: %w (set ctl.socket, or stop the daemon that holds it)", err)
+			}
+			return fmt.Errorf("control socket: %w", err)
 		}
 		d.ctl = s
 	}

@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/ctl"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -31,6 +32,10 @@ func cmdCheck(args []string) error {
 		c, err := loadConfig(cfgFile)
 		if err != nil {
 			return err
+		}
+		// What run would refuse and check can know without a daemon.
+		if err := ctl.CheckSocketPath(c.CtlSocket()); err != nil {
+			return usageError{fmt.Errorf("%s: ctl.socket %s: %w", cfgFile, c.CtlSocket(), err)}
 		}
 		fmt.Printf("%s: ok: %s, %s, %s\n", cfgFile, count(len(c.Rules), "rule"), count(c.Ports(), "listen port"), count(len(c.Pifs), "pif"))
 	default:
