@@ -154,7 +154,7 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 	fs.SetOutput(stderr)
 	fs.Var(&socks, "s", "the control socket (default: ctl.socket of -c, else $XDG_RUNTIME_DIR/sluice/ctl.sock, else /run/sluice/ctl.sock)")
 	fs.StringVar(&cfgFile, "c", "", "a configuration file whose ctl.socket to use")
-	fs.BoolVar(&x.dryRun, "dry-run", false, "apply, add, del: validate on the daemon, change nothing")
+	fs.BoolVar(&x.dryRun, "dry-run", false, "apply, add, del: validate on the daemon, change nothing (binds are not tried)")
 	fs.BoolVar(&x.pending, "pending", false, "list: the applied table that awaits its commit, not the committed one")
 	fs.BoolVar(&x.force, "force", false, "apply, add, del: commit even when the bind summary's verdict is bad")
 	fs.DurationVar(&x.timeout, "timeout", ctl.DefaultConfirm, "bound of each answer of the daemon, and the confirm timeout of a write: without a commit in time the daemon rolls back by itself (with several -s: (2 + instances) × DUR, at most 10m)")
@@ -526,6 +526,14 @@ func (x *ctlCmd) del(line string) error {
 	}, func(_ *ctl.Table, e *ctl.Error) error { return usagef("del %q: %w", what, e) })
 }
 
+// dryRunLine is what --dry-run says of a load: the table is valid, what an
+// apply would do with its ports, and that no bind was tried (a port in use
+// shows only at the real apply).
+func dryRunLine(ld *ctl.Loaded) string {
+	return fmt.Sprintf("valid: %s, %s; applying would keep %d, add %d and remove %d listen ports (generation %d; nothing changed: binds are not tried, so a port in use fails only at the real apply)",
+		count(ld.Rules, "rule"), count(ld.Ports, "listen port"), ld.Kept, ld.Added, ld.Removed, ld.Generation)
+}
+
 // transact runs one writing transaction: read the table, build the new one,
 // load, and unless --dry-run apply, print the bind summary, and commit if
 // the verdict is good (or --force), else roll back (exit 3). refused says
@@ -556,8 +564,7 @@ func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, er
 	}
 	if x.dryRun {
 		fmt.Fprint(x.out, state.DiffLines(t.Lines, state.Lines(rs)).Format())
-		fmt.Fprintf(x.out, "valid: %s, %s; applying would keep %d, add %d and remove %d listen keys (generation %d; nothing changed)\n",
-			count(ld.Rules, "rule"), count(ld.Ports, "listen port"), ld.Kept, ld.Added, ld.Removed, ld.Generation)
+		fmt.Fprintln(x.out, dryRunLine(ld))
 		return nil
 	}
 	cancel()
@@ -592,7 +599,7 @@ func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, er
 		if d == ctl.DecideForce {
 			how = "verdict bad, committed anyway (--force)"
 		}
-		fmt.Fprintf(x.out, "%s: committed generation %d (listen keys: %d kept, %d added, %d removed)\n", how, gen, sum.Kept, sum.Added, sum.Removed)
+		fmt.Fprintf(x.out, "%s: committed generation %d (listen ports: %d kept, %d added, %d removed)\n", how, gen, sum.Kept, sum.Added, sum.Removed)
 		return nil
 	}
 	rsum, err := c.Rollback(ctx)

@@ -79,8 +79,7 @@ func (x *ctlCmd) printMulti(res *ctl.MultiResult, built map[string][]string) {
 			x.printSummary(m.Summary)
 		case m.Loaded != nil && x.dryRun && m.Err == nil:
 			ld := m.Loaded
-			fmt.Fprintf(x.out, "== %s: valid: %s, %s; applying would keep %d, add %d and remove %d listen keys (generation %d; nothing changed)\n",
-				m.Path, count(ld.Rules, "rule"), count(ld.Ports, "listen port"), ld.Kept, ld.Added, ld.Removed, ld.Generation)
+			fmt.Fprintf(x.out, "== %s: %s\n", m.Path, dryRunLine(ld))
 			fmt.Fprint(x.out, state.DiffLines(m.Base.Lines, built[m.Path]).Format())
 		}
 	}

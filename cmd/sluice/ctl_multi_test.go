@@ -94,7 +94,7 @@ func TestCtlMultiApply(t *testing.T) {
 		a, b, sa, sb := twoInstances(t)
 		r := multiCtl(t, nil, "-s", sa.Path(), "-s", sb.Path(), "apply", "--dry-run", writeFile(t, "rules.txt", file))
 		r.want(t, 0, []string{
-			"== " + sa.Path() + ": valid: 2 rules, 2 listen ports; applying would keep 1, add 1 and remove 0 listen keys",
+			"== " + sa.Path() + ": valid: 2 rules, 2 listen ports; applying would keep 1, add 1 and remove 0 listen ports",
 			"valid on all 2 instances; nothing changed (--dry-run)",
 		}, nil)
 		// Each instance's diff, after its line: a lacks ruleB, b lacks ruleA.

@@ -138,7 +138,7 @@ func TestCtlApply(t *testing.T) {
 			stdout: []string{"port 9090: address already in use", "committed anyway (--force)"},
 			table:  []string{ruleB}, applies: 1},
 		{name: "dry run", file: "# new\n" + ruleB + "\n", flags: []string{"--dry-run"}, code: 0,
-			stdout: []string{"valid: 1 rule, 1 listen port; applying would keep 0, add 1 and remove 1 listen keys"},
+			stdout: []string{"valid: 1 rule, 1 listen port; applying would keep 0, add 1 and remove 1 listen ports (generation 1; nothing changed: binds are not tried"},
 			table:  []string{ruleA}},
 		{name: "a line that does not parse", file: ruleA + "\ntcp 0.0.0.0:99999 -> 127.0.0.1:80\n", code: 2,
 			stderr: []string{"rules.txt:2: "}, table: []string{ruleA}},
