@@ -7,6 +7,7 @@ import (
 	"os/signal"
 	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -195,7 +196,7 @@ func (x *ctlCmd) sessions() error {
 	if l.Truncated() {
 		fmt.Fprintf(x.out, "# truncated: %d of %d sessions listed\n", len(l.Sessions), l.Total)
 	} else {
-		fmt.Fprintf(x.out, "# %d sessions\n", len(l.Sessions))
+		fmt.Fprintf(x.out, "# %s\n", count(len(l.Sessions), "session"))
 	}
 	return nil
 }
@@ -213,6 +214,9 @@ func (x *ctlCmd) stats() error {
 	cs, err := c.Stats(ctx)
 	if err != nil {
 		return err
+	}
+	for i := range cs {
+		cs[i].Name = statKey(cs[i].Name)
 	}
 	if x.json {
 		b := []byte{'{'}
@@ -240,3 +244,8 @@ func (x *ctlCmd) stats() error {
 	}
 	return nil
 }
+
+// statKey is a counter's name as stats prints it: one word, the blanks of
+// a rule's name (its listen key, "tcp 0.0.0.0:8080", and a route's
+// sni=/alpn= words) made '_': "rule.tcp_0.0.0.0:8080.bytes_in".
+func statKey(name string) string { return strings.ReplaceAll(name, " ", "_") }
