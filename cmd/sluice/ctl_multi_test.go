@@ -338,7 +338,7 @@ func TestCtlMultiUsage(t *testing.T) {
 	}{
 		{[]string{"-s", "/a", "-s", "/a", "add", ruleC}, "-s /a given twice"},
 		{[]string{"-s", "/a", "-s", "/b", "list"}, "list reads one instance"},
-		{[]string{"-s", "/a", "status", "--json"}, "--json"},
+		{[]string{"-s", "/a", "diff", "x", "--json"}, "--json"}, // status, pifs and list take --json (TestCtlReadVerbs)
 	} {
 		code, _, errs := sluiceCtl(t, c.args...)
 		if code != 2 || !strings.Contains(errs, c.want) {

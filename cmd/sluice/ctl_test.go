@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -98,8 +99,29 @@ func TestCtlReadVerbs(t *testing.T) {
 		}
 	}
 	code, out, _ = sluiceCtl(t, "-s", sock, "pifs")
-	if code != 0 || out != "0\thost\n1\tns1\n" {
+	if code != 0 || out != "INDEX\tPIF\n0\thost\n1\tns1\n" {
 		t.Fatalf("pifs: exit %d\n%q", code, out)
+	}
+	// --json, for scripts: status, pifs and list as JSON objects.
+	code, out, errs = sluiceCtl(t, "-s", sock, "status", "--json")
+	var st map[string]any
+	if err := json.Unmarshal([]byte(out), &st); code != 0 || err != nil || st["generation"] != float64(1) || st["rules"] != float64(2) ||
+		st["sessions"] != float64(3) || st["protocol"] != float64(4) || st["writer"] != false || st["pending"] != nil {
+		t.Fatalf("status --json: exit %d, %v\n%s%s", code, err, out, errs)
+	}
+	code, out, errs = sluiceCtl(t, "-s", sock, "pifs", "--json")
+	var pifs []map[string]any
+	if err := json.Unmarshal([]byte(out), &pifs); code != 0 || err != nil || len(pifs) != 2 || pifs[1]["name"] != "ns1" || pifs[1]["index"] != float64(1) {
+		t.Fatalf("pifs --json: exit %d, %v\n%s%s", code, err, out, errs)
+	}
+	code, out, errs = sluiceCtl(t, "-s", sock, "list", "--json")
+	var ls struct {
+		Generation uint64
+		Pending    bool
+		Rules      []string
+	}
+	if err := json.Unmarshal([]byte(out), &ls); code != 0 || err != nil || ls.Generation != 1 || ls.Pending || len(ls.Rules) != 2 || ls.Rules[0] != ruleA {
+		t.Fatalf("list --json: exit %d, %v\n%s%s", code, err, out, errs)
 	}
 	code, out, _ = sluiceCtl(t, "list", "-s", sock)
 	want := "# generation 1\n" + ruleA + "\ntcp ns1/10.0.0.1:80 -> 127.0.0.1:80\n"
