@@ -133,7 +133,7 @@ func (e *Engine) Start() {
 	// the GC, and the loop waits for it: one spare P halved the round-trip
 	// cost in bench/RESULTS.md. Raised only, never lowered.
 	if want := len(e.loops) + 1; runtime.GOMAXPROCS(0) < want {
-		e.log.Info("raising GOMAXPROCS so a waking loop finds an idle P",
+		e.log.Debug("raising GOMAXPROCS so a waking loop finds an idle P",
 			zap.Int("from", runtime.GOMAXPROCS(0)), zap.Int("to", want))
 		runtime.GOMAXPROCS(want)
 	}
