@@ -234,6 +234,9 @@ func (r *Rule) setOption(name, val string, hasVal bool) error {
 		}
 		return nil
 	}
+	if !optionKnown(name) { // OptionDocs: no option without a help line
+		return fmt.Errorf("unknown option %q", name)
+	}
 	if isCheckOption(name) {
 		return r.setCheckOption(name, val, hasVal)
 	}
