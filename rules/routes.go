@@ -365,15 +365,10 @@ func ParseName(s string) (string, error) {
 		return "", fmt.Errorf("%q: want a rule's name, PROTO LISTEN [sni=…] [alpn=…] (as \"tcp 0.0.0.0:8080\")", s)
 	}
 	r := &Rule{}
-	switch f[0] {
-	case "tcp":
-		r.Proto = TCP
-	case "udp":
-		r.Proto = UDP
-	default:
-		return "", fmt.Errorf("%q: unknown protocol %q: want tcp or udp", s, f[0])
-	}
 	var err error
+	if r.Proto, err = parseProto(f[0]); err != nil {
+		return "", fmt.Errorf("%q: %w", s, err)
+	}
 	if r.ListenPif, r.ListenAddr, r.ListenPorts, err = parseListen(f[1]); err != nil {
 		return "", fmt.Errorf("%q: %w", s, err)
 	}
