@@ -77,6 +77,41 @@ func TestSocketPlace(t *testing.T) {
 	}
 }
 
+// Only the last directory of the socket's path is made; CheckSocketPath
+// refuses what Serve refuses about the place and makes nothing.
+func TestSocketDirMade(t *testing.T) {
+	eng := ctltest.New(1, nil)
+	dir := shortDir(t)
+	deep := filepath.Join(dir, "a", "b", "ctl.sock")
+	if err := CheckSocketPath(deep); err == nil || !strings.Contains(err.Error(), "only the last directory") {
+		t.Fatalf("CheckSocketPath of a missing tree: %v", err)
+	}
+	if _, err := Serve(ctxT(t), deep, eng, nil); err == nil || !strings.Contains(err.Error(), "only the last directory") {
+		t.Fatalf("Serve in a missing tree: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "a")); err == nil {
+		t.Fatal("Serve made the tree")
+	}
+	last := filepath.Join(dir, "a", "ctl.sock")
+	if err := CheckSocketPath(last); err != nil {
+		t.Fatalf("CheckSocketPath of a missing last directory: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "a")); err == nil {
+		t.Fatal("CheckSocketPath made the directory")
+	}
+	s, err := Serve(ctxT(t), last, eng, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if err := os.Chmod(filepath.Join(dir, "a"), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := CheckSocketPath(last); err == nil || !strings.Contains(err.Error(), "mode 0750") {
+		t.Fatalf("CheckSocketPath of a 0750 directory: %v", err)
+	}
+}
+
 func TestPeerAllowed(t *testing.T) {
 	cases := []struct {
 		peer, server uint32

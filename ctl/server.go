@@ -10,6 +10,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -149,12 +150,52 @@ func serve(ctx context.Context, path string, eng Engine, log *zap.Logger, cfg co
 	if log == nil {
 		log = zap.NewNop()
 	}
-	ln, err := listenUnix(path)
+	b, err := Bind(path)
 	if err != nil {
 		return nil, err
 	}
-	return serveOn(ctx, ln, path, eng, log, cfg, false), nil
+	return b.serve(ctx, eng, log, cfg)
 }
+
+// Bound is a control socket made and listening, not served yet: a daemon
+// binds every socket that can fail before any of them accepts, and serves
+// this one once its table is in place. Close it when it is never served.
+type Bound struct {
+	ln   *net.UnixListener
+	path string
+	made bool // its directory was made
+}
+
+// Bind makes the control socket at path as Serve does, without serving it.
+func Bind(path string) (*Bound, error) {
+	ln, made, err := listenUnix(path)
+	if err != nil {
+		return nil, err
+	}
+	return &Bound{ln: ln, path: path, made: made}, nil
+}
+
+// Serve serves the bound socket as Serve does; b is the Server's from then on.
+func (b *Bound) Serve(ctx context.Context, eng Engine, log *zap.Logger) (*Server, error) {
+	return b.serve(ctx, eng, log, defaultConfig())
+}
+
+func (b *Bound) serve(ctx context.Context, eng Engine, log *zap.Logger, cfg config) (*Server, error) {
+	if eng == nil {
+		b.Close()
+		return nil, errors.New("ctl: nil engine")
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if b.made {
+		log.Info("made the control socket's directory", zap.String("dir", filepath.Dir(b.path)), zap.String("mode", "0700"))
+	}
+	return serveOn(ctx, b.ln, b.path, eng, log, cfg, false), nil
+}
+
+// Close closes a socket never served and removes its file.
+func (b *Bound) Close() error { return b.ln.Close() }
 
 // serveOn serves the control socket ln (at path) until ctx ends or Close
 // is called; held: the writer slot is taken before the first accept, for

@@ -44,6 +44,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/sluice-proxy/sluice/rules"
 )
@@ -67,8 +68,9 @@ const (
 // writeTxn is one writing transaction, on the connection of intent write.
 type writeTxn struct {
 	cc       *ctlConn
-	pending  bool // applied, neither committed nor rolled back
-	detached bool // left pending past the connection (LEAVE): the server's now (confirm.go)
+	pending  bool     // applied, neither committed nor rolled back
+	detached bool     // left pending past the connection (LEAVE): the server's now (confirm.go)
+	failed   []string // the apply's failed ports, for the rollback's log line
 }
 
 // run runs the writing transaction, steps 3 to 10 (see the file's comment
@@ -162,8 +164,13 @@ func (tx *writeTxn) run() error {
 	if sum == nil {
 		return errorf(CodeInternal, "the engine applied the table but gave no summary: rolled back")
 	}
-	cc.log.Info("table applied, waiting for commit", zap.Uint64("generation", sum.Generation), zap.Bool("verdict", sum.OK()),
-		zap.Int("kept", sum.Kept), zap.Int("added", sum.Added), zap.Int("removed", sum.Removed), zap.Duration("confirm", confirm))
+	tx.failed = failedPorts(sum)
+	fields := []zap.Field{zap.Uint64("generation", sum.Generation), zap.Bool("verdict", sum.OK()),
+		zap.Int("kept", sum.Kept), zap.Int("added", sum.Added), zap.Int("removed", sum.Removed), zap.Duration("confirm", confirm)}
+	if len(tx.failed) > 0 {
+		fields = append(fields, zap.Strings("failed", tx.failed))
+	}
+	cc.log.Info("table applied, waiting for commit", fields...)
 	// 8.
 	if err := cc.send(func() error { return cc.w.writeSummary(cc.ver, summaryFrom(sum)) }); err != nil {
 		return err
@@ -250,13 +257,32 @@ func (s *Server) commit(log *zap.Logger, old, new []*rules.Rule, who Who) (uint6
 // summary of the restored table, or the engine's error (logged here).
 func (tx *writeTxn) rollback(why string) (*rules.Summary, error) {
 	tx.pending = false
+	if len(tx.failed) > 0 {
+		return tx.cc.s.rollback(tx.cc.log, why, zap.Strings("failed", tx.failed))
+	}
 	return tx.cc.s.rollback(tx.cc.log, why)
 }
 
-// rollback undoes the engine's pending apply; why is for the log. It
-// returns the summary of the restored table, or the engine's error (logged
-// here).
-func (s *Server) rollback(log *zap.Logger, why string) (*rules.Summary, error) {
+// failedPorts lists the ports an apply could not bind, each as the
+// contract's line with the errno's name: "tcp 0.0.0.0:8080: port 8080:
+// address already in use (EADDRINUSE)"; nil when none failed.
+func failedPorts(sum *rules.Summary) []string {
+	out, i := sum.Failures(), 0 // its lines in the order of the loop below
+	for _, r := range sum.Rules {
+		for _, f := range r.Failed {
+			if name := unix.ErrnoName(f.Errno); f.Errno != 0 && name != "" {
+				out[i] += " (" + name + ")"
+			}
+			i++
+		}
+	}
+	return out
+}
+
+// rollback undoes the engine's pending apply; why and fields are for the
+// log. It returns the summary of the restored table, or the engine's error
+// (logged here).
+func (s *Server) rollback(log *zap.Logger, why string, fields ...zap.Field) (*rules.Summary, error) {
 	sum, err := s.eng.Rollback()
 	if err == nil && sum == nil {
 		err = errors.New("the engine rolled back but gave no summary")
@@ -266,7 +292,7 @@ func (s *Server) rollback(log *zap.Logger, why string) (*rules.Summary, error) {
 		return nil, err
 	}
 	s.rolledBack.Add(1)
-	log.Info("table rolled back", zap.String("why", why), zap.Uint64("generation", sum.Generation))
+	log.Info("table rolled back", append([]zap.Field{zap.String("why", why), zap.Uint64("generation", sum.Generation)}, fields...)...)
 	return sum, nil
 }
 

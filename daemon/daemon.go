@@ -2,10 +2,13 @@
 // and the output, which stay in cmd/sluice.
 //
 // Start brings the parts up in order: the engine's loops, its pifs, the
-// loops running, the configuration's table as generation 1 (through the
-// same apply, commit and rollback as the control socket), the control
-// socket, the metrics endpoint. A step that fails undoes the steps before
-// it, so a daemon that did not start holds no port and no socket.
+// loops running, the control socket and the metrics address bound (not
+// served), the configuration's table as generation 1 (through the same
+// apply, commit and rollback as the control socket), the control socket
+// served, the metrics endpoint served. A step that fails undoes the steps
+// before it, so a daemon that did not start holds no port and no socket;
+// and the binds that can fail come before the table, so no rule's port
+// accepts a connection a failed start then drops.
 //
 // Run serves until the first signal (SIGINT or SIGTERM, or a value on
 // Options.Signals), then stops; Stop stops at once. Stopping goes in its
@@ -31,6 +34,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"strings"
@@ -64,6 +68,7 @@ const (
 	PhaseEngine       Phase = iota + 1 // the engine's loops created
 	PhasePifs                          // every pif of the configuration added
 	PhaseLoops                         // the loops running; from here on the signals are caught
+	PhaseBind                          // the control socket and the metrics address bound, not served: what can fail fails before anything accepts
 	PhaseTable                         // the first table applied and committed: the saved one or the configuration's (start.go)
 	PhaseCtl                           // the control socket served
 	PhaseMetrics                       // the metrics endpoint served
@@ -73,7 +78,7 @@ const (
 	phaseEnd                           // past the last: the names test stops here
 )
 
-var phaseText = [...]string{"", "engine", "pifs", "loops", "table", "ctl", "metrics", "close-ctl", "drain", "close-metrics"}
+var phaseText = [...]string{"", "engine", "pifs", "loops", "bind", "table", "ctl", "metrics", "close-ctl", "drain", "close-metrics"}
 
 func (p Phase) String() string {
 	if int(p) < len(phaseText) && p != 0 {
@@ -126,11 +131,15 @@ type Daemon struct {
 	e       *engine.Engine  // nil until PhaseEngine succeeded
 	ctl     *ctl.Server     // nil without a control socket
 	metrics *metrics.Server // nil without metrics.listen
-	store   *storeLoop      // nil without store.etcd (store.go)
-	sig     <-chan os.Signal
-	hup     chan os.Signal // SIGHUP: a reload; nil when Options.Signals was given
-	unwatch func()         // stops catching the signals; nil when Options.Signals was given
-	bootID  uint64         // this run's id, in the control socket's hello
+	// Bound in PhaseBind, served after the table (nil once served, or
+	// when not configured): nothing accepts before every bind succeeded.
+	ctlBound  *ctl.Bound
+	metricsLn net.Listener
+	store     *storeLoop // nil without store.etcd (store.go)
+	sig       <-chan os.Signal
+	hup       chan os.Signal // SIGHUP: a reload; nil when Options.Signals was given
+	unwatch   func()         // stops catching the signals; nil when Options.Signals was given
+	bootID    uint64         // this run's id, in the control socket's hello
 
 	st     *state.Dir    // nil without a state dir
 	recMu  sync.Mutex    // orders the commits written to st, and guards digest
@@ -208,8 +217,13 @@ func (d *Daemon) environ() error {
 	return nil
 }
 
-func (d *Daemon) start() error {
+func (d *Daemon) start() (err error) {
 	c, log := d.c, d.log
+	defer func() {
+		if err != nil { // halt stops what was served; this, what was only bound
+			d.closeBound()
+		}
+	}()
 	if d.opt.Environ {
 		if err := d.environ(); err != nil {
 			return err
@@ -238,6 +252,9 @@ func (d *Daemon) start() error {
 		signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 		signal.Notify(hup, syscall.SIGHUP)
 		d.sig, d.hup, d.unwatch = sig, hup, func() { signal.Stop(sig); signal.Stop(hup) }
+	}
+	if err := d.bind(); err != nil {
+		return err
 	}
 	d.phase(PhaseTable)
 	if d.handed != nil {
@@ -272,11 +289,12 @@ func (d *Daemon) start() error {
 			return fmt.Errorf("control socket (socket activation): %w", err)
 		}
 		d.ctl = s
-	case d.opt.CtlPath != "":
+	case d.ctlBound != nil:
 		d.phase(PhaseCtl)
-		s, err := ctl.Serve(context.Background(), d.opt.CtlPath, ctlEngine{e, d}, log)
+		s, err := d.ctlBound.Serve(context.Background(), ctlEngine{e, d}, log)
+		d.ctlBound = nil
 		if err != nil {
-			return fmt.Errorf("control socket: %w (set ctl.socket, or stop the daemon that holds it)", err)
+			return fmt.Errorf("control socket: %w", err)
 		}
 		d.ctl = s
 	}
@@ -289,14 +307,63 @@ func (d *Daemon) start() error {
 	return d.startMetricsPhase()
 }
 
-// startMetricsPhase serves the metrics endpoint, if configured.
+// bind is PhaseBind: the control socket at Options.CtlPath (not when a
+// predecessor or systemd handed one over) and the
+// metrics address (not for a successor: its predecessor holds it until
+// takeOver) are bound, so that their failures come before the table's
+// listeners accept anything.
+func (d *Daemon) bind() error {
+	d.phase(PhaseBind)
+	if d.opt.CtlPath != "" && (d.handed == nil || d.handed.ctl == nil) && d.actCtl == nil {
+		b, err := ctl.Bind(d.opt.CtlPath)
+		if err != nil {
+			if errors.Is(err, ctl.ErrInUse) {
+				return fmt.Errorf("control socket: %w (set ctl.socket, or stop the daemon that holds it)", err)
+			}
+			return fmt.Errorf("control socket: %w", err)
+		}
+		d.ctlBound = b
+	}
+	if d.c.Metrics.Listen.IsValid() && d.handed == nil {
+		ln, err := metrics.Listen(d.c.Metrics.Listen)
+		if err != nil {
+			return err
+		}
+		d.metricsLn = ln
+	}
+	return nil
+}
+
+// closeBound closes the sockets bind bound and start did not serve.
+func (d *Daemon) closeBound() {
+	if d.ctlBound != nil {
+		d.ctlBound.Close()
+		d.ctlBound = nil
+	}
+	if d.metricsLn != nil {
+		d.metricsLn.Close()
+		d.metricsLn = nil
+	}
+}
+
+// startMetricsPhase serves the metrics endpoint, if configured: on the
+// listener bind bound, else (a successor's, after takeOver) on one bound
+// now.
 func (d *Daemon) startMetricsPhase() error {
 	c := d.c
 	if !c.Metrics.Listen.IsValid() {
 		return nil
 	}
 	d.phase(PhaseMetrics)
-	m, err := startMetrics(c, d.e, d.log, d.opt.Version)
+	ln := d.metricsLn
+	d.metricsLn = nil
+	if ln == nil {
+		var err error
+		if ln, err = metrics.Listen(c.Metrics.Listen); err != nil {
+			return err
+		}
+	}
+	m, err := startMetrics(c, d.e, d.log, d.opt.Version, ln)
 	if err != nil {
 		return err
 	}
@@ -504,18 +571,14 @@ func applyTable(e *engine.Engine, rs []*rules.Rule, where func(i int) string) (u
 	return gen, nil
 }
 
-// startMetrics serves /metrics from e's counters and the status page (the
+// startMetrics serves /metrics on ln (which it owns) from e's counters and the status page (the
 // server's Close stops the page's sampler).
-func startMetrics(c *config.Config, e *engine.Engine, log *zap.Logger, version string) (*metrics.Server, error) {
+func startMetrics(c *config.Config, e *engine.Engine, log *zap.Logger, version string, ln net.Listener) (*metrics.Server, error) {
 	reg, err := metrics.NewRegistry(e.Stats)
 	if err != nil {
+		ln.Close()
 		return nil, err
 	}
 	page := metrics.NewStatusPage(e, metrics.StatusInfo{Version: version, Config: c.File})
-	srv, err := metrics.Serve(c.Metrics.Listen, reg, page, log)
-	if err != nil {
-		page.Close()
-		return nil, err
-	}
-	return srv, nil
+	return metrics.ServeOn(ln, reg, page, log), nil
 }

@@ -216,7 +216,7 @@ func openTxn(t *testing.T, path, backend string) *ctl.Client {
 // loopback.
 func TestStartStopOrder(t *testing.T) {
 	be := echoBackend(t)
-	start := []Phase{PhaseEngine, PhasePifs, PhaseLoops, PhaseTable}
+	start := []Phase{PhaseEngine, PhasePifs, PhaseLoops, PhaseBind, PhaseTable}
 	for _, tc := range []struct {
 		name         string
 		ctl, metrics bool
@@ -357,7 +357,7 @@ func TestStartUndo(t *testing.T) {
 			_, port, _ := strings.Cut(addr, ":")
 			return []string{"rules:", rule, "  - tcp " + addr + " -> " + be},
 				fmt.Sprintf("t.yaml:4: tcp %s: port %s: address already in use", addr, port)
-		}, []Phase{PhaseEngine, PhasePifs, PhaseLoops, PhaseTable, PhaseDrain}},
+		}, []Phase{PhaseEngine, PhasePifs, PhaseLoops, PhaseBind, PhaseTable, PhaseDrain}},
 		{"ctl socket held by another daemon", func(t *testing.T, ctlPath string) ([]string, string) {
 			ln, err := net.Listen("unix", ctlPath)
 			if err != nil {
@@ -365,11 +365,11 @@ func TestStartUndo(t *testing.T) {
 			}
 			t.Cleanup(func() { ln.Close() })
 			return []string{"rules:", rule}, "control socket: "
-		}, []Phase{PhaseEngine, PhasePifs, PhaseLoops, PhaseTable, PhaseCtl, PhaseDrain}},
+		}, []Phase{PhaseEngine, PhasePifs, PhaseLoops, PhaseBind, PhaseDrain}}, // bound before the table: no rule's port ever accepted
 		{"metrics address in use", func(t *testing.T, _ string) ([]string, string) {
 			addr := taken(t)
 			return []string{"metrics: {listen: " + addr + "}", "rules:", rule}, "metrics listen " + addr + ": "
-		}, []Phase{PhaseEngine, PhasePifs, PhaseLoops, PhaseTable, PhaseCtl, PhaseMetrics, PhaseCloseCtl, PhaseDrain}},
+		}, []Phase{PhaseEngine, PhasePifs, PhaseLoops, PhaseBind, PhaseDrain}}, // as the ctl socket's
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctlPath := ctlSocket(t)

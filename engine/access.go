@@ -2,6 +2,7 @@ package engine
 
 import (
 	"net/netip"
+	"strconv"
 	"time"
 
 	"go.uber.org/zap"
@@ -153,6 +154,9 @@ func (s *session) keepOrig(src netip.AddrPort) {
 // incoming chain, at debug for a health reply or a refused conn, so a flood
 // of those is never a flood of log lines. Fields:
 //
+//	id          the session's id, unique within the daemon's run: its loop,
+//	            its loop clock at accept (base 36) and its client fd
+//	start       the accept's time
 //	rule        the rule's listen part, pif included
 //	listen      the address the listener is bound to
 //	src, dst    the client and the address it reached (after PROXY, if any)
@@ -204,6 +208,8 @@ func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
 		connect = zap.Duration("connect", time.Duration(s.connUs-min(s.hsUs, s.connUs))*time.Microsecond)
 	}
 	ce.Write(
+		zap.String("id", s.id(l)),
+		zap.Time("start", l.base.Add(time.Duration(s.start))),
 		zap.String("rule", s.ln.ruleName()),
 		zap.Stringer("listen", s.ln.addr),
 		zap.Stringer("src", s.cli.Src),
@@ -223,4 +229,16 @@ func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
 		zap.Stringer("end", code),
 		zap.Uint16("code", uint16(code)),
 	)
+}
+
+// id is the session's id in the access log: "LOOP-START-FD", unique within
+// the daemon's run (two sessions of one loop that share the clock of a
+// wake-up have two fds).
+func (s *session) id(l *Loop) string {
+	b := strconv.AppendInt(make([]byte, 0, 24), int64(l.id), 10)
+	b = append(b, '-')
+	b = strconv.AppendInt(b, s.start, 36)
+	b = append(b, '-')
+	b = strconv.AppendInt(b, int64(s.cli.FD()), 10)
+	return string(b)
 }

@@ -222,6 +222,13 @@ func TestAccessLogAndRuleCounters(t *testing.T) {
 	if hs, d := ok["handshake"].(time.Duration), ok["duration"].(time.Duration); hs > d || d <= 0 {
 		t.Errorf("handshake %v, duration %v", hs, d)
 	}
+	// Each line names its session and when it started.
+	if id, _ := ok["id"].(string); id == "" || id == denied["id"] {
+		t.Errorf("session ids %v and %v: want two, distinct", ok["id"], denied["id"])
+	}
+	if st, _ := ok["start"].(time.Time); time.Since(st) <= 0 || time.Since(st) > time.Minute {
+		t.Errorf("served session: start %v", ok["start"])
+	}
 	want = map[string]any{"level": "debug", "rule": listen, "src": "203.0.113.9:4242", "term": "PR", "end": "denied"}
 	for k, v := range want {
 		if denied[k] != v {

@@ -9,13 +9,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-proxy/sluice/balance"
@@ -134,7 +137,7 @@ func (e *Engine) Start() {
 	// the GC, and the loop waits for it: one spare P halved the round-trip
 	// cost in bench/RESULTS.md. Raised only, never lowered.
 	if want := len(e.loops) + 1; runtime.GOMAXPROCS(0) < want {
-		e.log.Info("raising GOMAXPROCS so a waking loop finds an idle P",
+		e.log.Debug("raising GOMAXPROCS so a waking loop finds an idle P",
 			zap.Int("from", runtime.GOMAXPROCS(0)), zap.Int("to", want))
 		runtime.GOMAXPROCS(want)
 	}
@@ -477,7 +480,7 @@ func (e *Engine) logRuleStats(lnss ...[]*Listener) {
 			return
 		}
 		seen[ln.policy] = true
-		e.log.Info("rule counters", zap.String("rule", ln.rule.String()), zap.Any("counters", ln.policy.Stats()))
+		e.log.Info("rule counters", zap.String("rule", ln.rule.String()), zap.Object("counters", stopCounters(ln.policy.Stats())))
 	}
 	for _, lns := range lnss {
 		for _, ln := range lns {
@@ -553,4 +556,39 @@ func (e *Engine) Stats() Stats {
 	e.counterStats(&s)
 	s.TLS = e.tlsc.stats()
 	return s
+}
+
+// stopCounters is the stop line's tally of a rule in the log's words
+// (snake_case; refusals "refused.STEP.REASON" and ends "ended.CODE" as ctl
+// stats names them), zeros left out: a rule that saw nothing logs {}.
+func stopCounters(s handshake.Stats) zapcore.ObjectMarshalerFunc {
+	return func(enc zapcore.ObjectEncoder) error {
+		for _, c := range []struct {
+			name string
+			n    uint64
+		}{
+			{"accepted", s.Accepted}, {"passed", s.Passed}, {"monitor_hits", s.MonitorHits},
+			{"health_ok", s.HealthUp}, {"health_fail", s.HealthDown},
+			{"proxy_v1", s.ProxyV1}, {"proxy_v2", s.ProxyV2}, {"proxy_local", s.ProxyLocal}, {"proxy_untrusted", s.ProxyUntrusted},
+			{"rate_refused", s.RateRefused}, {"max_conn_refused", s.MaxConnRefused},
+			{"sent_proxy_v1", s.SentV1}, {"sent_proxy_v2", s.SentV2},
+		} {
+			if c.n != 0 {
+				enc.AddUint64(c.name, c.n)
+			}
+		}
+		for _, step := range slices.Sorted(maps.Keys(s.Refused)) {
+			for _, code := range slices.Sorted(maps.Keys(s.Refused[step])) {
+				if n := s.Refused[step][code]; n != 0 {
+					enc.AddUint64("refused."+step+"."+code, n)
+				}
+			}
+		}
+		for _, code := range slices.Sorted(maps.Keys(s.Ended)) {
+			if n := s.Ended[code]; n != 0 {
+				enc.AddUint64("ended."+code, n)
+			}
+		}
+		return nil
+	}
 }

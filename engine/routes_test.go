@@ -144,6 +144,13 @@ func TestApplyRoutesKeepSocket(t *testing.T) {
 	logged := map[string]bool{}
 	for _, en := range logs.FilterMessage("rule counters").All() {
 		logged[en.ContextMap()["rule"].(string)] = true
+		// In the log's words, zeros left out.
+		c, _ := en.ContextMap()["counters"].(map[string]any)
+		for k, v := range c {
+			if k != strings.ToLower(k) || v == uint64(0) {
+				t.Errorf("rule counters: %s = %v", k, v)
+			}
+		}
 	}
 	for _, line := range []string{" sni=a.example.com", " sni=c.example.com"} {
 		found := false

@@ -255,10 +255,26 @@ type Server struct {
 // (a StatusPage). Errors of the HTTP server after the start are logged to
 // log.
 func Serve(addr netip.AddrPort, g prometheus.Gatherer, status http.Handler, log *zap.Logger) (*Server, error) {
+	ln, err := Listen(addr)
+	if err != nil {
+		return nil, err
+	}
+	return ServeOn(ln, g, status, log), nil
+}
+
+// Listen binds the metrics endpoint's address (port 0: any free port)
+// without serving it: a daemon binds every socket that can fail before
+// any of them accepts, and serves this one later with ServeOn.
+func Listen(addr netip.AddrPort) (net.Listener, error) {
 	ln, err := net.Listen("tcp", addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("metrics listen %s: %w", addr, err)
 	}
+	return ln, nil
+}
+
+// ServeOn is Serve on a listener of Listen; the Server owns ln.
+func ServeOn(ln net.Listener, g prometheus.Gatherer, status http.Handler, log *zap.Logger) *Server {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{
 		ErrorLog:      zap.NewStdLog(log),
@@ -284,7 +300,7 @@ func Serve(addr netip.AddrPort, g prometheus.Gatherer, status http.Handler, log 
 			log.Error("metrics server stopped", zap.Error(err))
 		}
 	}()
-	return s, nil
+	return s
 }
 
 // Addr returns the address the server listens on.

@@ -27,15 +27,10 @@ func Parse(line string) (*Rule, error) {
 		return nil, fmt.Errorf("rule %q: want PROTO LISTEN [-> TARGET] [OPTION...]", line)
 	}
 	r := &Rule{}
-	switch f[0] {
-	case "tcp":
-		r.Proto = TCP
-	case "udp":
-		r.Proto = UDP
-	default:
-		return nil, fmt.Errorf("unknown protocol %q: want tcp or udp", f[0])
-	}
 	var err error
+	if r.Proto, err = parseProto(f[0]); err != nil {
+		return nil, err
+	}
 	if r.ListenPif, r.ListenAddr, r.ListenPorts, err = parseListen(f[1]); err != nil {
 		return nil, err
 	}
@@ -56,6 +51,17 @@ func Parse(line string) (*Rule, error) {
 		return nil, err
 	}
 	return r, nil
+}
+
+// parseProto reads PROTO: tcp or udp.
+func parseProto(s string) (Proto, error) {
+	switch s {
+	case "tcp":
+		return TCP, nil
+	case "udp":
+		return UDP, nil
+	}
+	return 0, fmt.Errorf("unknown protocol %q: want tcp or udp", s)
 }
 
 // ParseForward builds the TCP rule of `sluice forward LISTEN TARGET
@@ -233,6 +239,9 @@ func (r *Rule) setOption(name, val string, hasVal bool) error {
 			return fmt.Errorf("option %s needs a value (%s=...)", name, name)
 		}
 		return nil
+	}
+	if !optionKnown(name) { // OptionDocs: no option without a help line
+		return fmt.Errorf("unknown option %q", name)
 	}
 	if isCheckOption(name) {
 		return r.setCheckOption(name, val, hasVal)

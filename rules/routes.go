@@ -353,3 +353,32 @@ func (rt *Router) pick(cands []int, alpn [][]byte) int {
 	}
 	return plain
 }
+
+// ParseName reads a rule's name as RouteString writes it, "PROTO LISTEN
+// [sni=…] [alpn=…]" (blanks between words of any length), and returns it
+// canonical: the form ctl's del and sessions --rule compare with
+// RouteString. It returns an error that says what is wrong when s is not a
+// name (a target or another option in it, a bad address).
+func ParseName(s string) (string, error) {
+	f := strings.Fields(s)
+	if len(f) < 2 {
+		return "", fmt.Errorf("%q: want a rule's name, PROTO LISTEN [sni=…] [alpn=…] (as \"tcp 0.0.0.0:8080\")", s)
+	}
+	r := &Rule{}
+	var err error
+	if r.Proto, err = parseProto(f[0]); err != nil {
+		return "", fmt.Errorf("%q: %w", s, err)
+	}
+	if r.ListenPif, r.ListenAddr, r.ListenPorts, err = parseListen(f[1]); err != nil {
+		return "", fmt.Errorf("%q: %w", s, err)
+	}
+	for _, o := range f[2:] {
+		if name, _, _ := strings.Cut(o, "="); name != "sni" && name != "alpn" {
+			return "", fmt.Errorf("%q: %q is not part of a rule's name (only sni= and alpn= are)", s, o)
+		}
+	}
+	if err := r.parseOptions(f[2:]); err != nil {
+		return "", fmt.Errorf("%q: %w", s, err)
+	}
+	return r.RouteString(), nil
+}

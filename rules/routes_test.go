@@ -142,3 +142,52 @@ func TestRouterChoose(t *testing.T) {
 		t.Errorf("Choose allocates %v times", n)
 	}
 }
+
+func TestParseName(t *testing.T) {
+	good := map[string]string{
+		"tcp 127.0.0.1:8090":                        "tcp 127.0.0.1:8090",
+		"  tcp   127.0.0.1:8090  ":                  "tcp 127.0.0.1:8090",
+		"udp ns1/[::]:53":                           "udp ns1/[::]:53",
+		"tcp host/0.0.0.0:80":                       "tcp 0.0.0.0:80",
+		"tcp 0.0.0.0:8000-8009":                     "tcp 0.0.0.0:8000-8009",
+		"tcp [::ffff:1.2.3.4]:1":                    "tcp 1.2.3.4:1",
+		"tcp 0.0.0.0:443 alpn=h2 sni=A.example.com": "tcp 0.0.0.0:443 sni=a.example.com alpn=h2",
+	}
+	for in, want := range good {
+		if got, err := ParseName(in); err != nil || got != want {
+			t.Errorf("ParseName(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "tcp", "sctp 1.2.3.4:1", "tcp 1.2.3.4", "tcp 1.2.3.4:1 -> 1.2.3.4:2",
+		"tcp 1.2.3.4:1 health", "tcp 1.2.3.4:1 sni=", "tcp 1.2.3.4:1 sni=a sni=b", "tcp 1.2.3.4:1:2"} {
+		if got, err := ParseName(in); err == nil {
+			t.Errorf("ParseName(%q) = %q, want an error", in, got)
+		}
+	}
+	// Every rule's name parses to itself.
+	for _, tc := range goodLines {
+		r, err := Parse(tc.in)
+		if err != nil {
+			continue
+		}
+		if got, err := ParseName(r.RouteString()); err != nil || got != r.RouteString() {
+			t.Errorf("ParseName(%q) = %q, %v", r.RouteString(), got, err)
+		}
+	}
+}
+
+func FuzzParseName(f *testing.F) {
+	f.Add("tcp 127.0.0.1:8090")
+	f.Add("udp ns1/[::]:53-60")
+	f.Add("tcp 0.0.0.0:443 sni=*.a.example,b alpn=h2")
+	f.Fuzz(func(t *testing.T, s string) {
+		canon, err := ParseName(s)
+		if err != nil {
+			return
+		}
+		again, err := ParseName(canon)
+		if err != nil || again != canon {
+			t.Fatalf("ParseName(%q) = %q, then %q, %v", s, canon, again, err)
+		}
+	})
+}

@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/ctl"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -32,6 +33,10 @@ func cmdCheck(args []string) error {
 		if err != nil {
 			return err
 		}
+		// What run would refuse and check can know without a daemon.
+		if err := ctl.CheckSocketPath(c.CtlSocket()); err != nil {
+			return usageError{fmt.Errorf("%s: ctl.socket %s: %w", cfgFile, c.CtlSocket(), err)}
+		}
 		fmt.Printf("%s: ok: %s, %s, %s\n", cfgFile, count(len(c.Rules), "rule"), count(c.Ports(), "listen port"), count(len(c.Pifs), "pif"))
 	default:
 		src, err := config.ReadFile(rulesFile)
@@ -49,11 +54,23 @@ func cmdCheck(args []string) error {
 }
 
 // count writes "1 rule", "2 rules".
-func count(n int, what string) string {
+func count(n int, what string) string { return fmt.Sprintf("%d %s", n, plural(n, what)) }
+
+// plural is what, with an s unless n is 1.
+func plural(n int, what string) string {
 	if n == 1 {
-		return "1 " + what
+		return what
 	}
-	return fmt.Sprintf("%d %ss", n, what)
+	return what + "s"
+}
+
+// allOf writes "all 2" (of several), "the one" (of one): "committed on all
+// 2 instances", "on the one instance".
+func allOf(n int) string {
+	if n == 1 {
+		return "the one"
+	}
+	return fmt.Sprintf("all %d", n)
 }
 
 // isErrorList reports whether err carries validation errors to print one

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,13 +19,14 @@ import (
 )
 
 const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
-  status                  version, features, generation, rule and session counts
+  status [--json]         version, features, generation, rule and session counts
   pifs                    the daemon's pifs
   list [--pending]        the committed table as canonical rule lines (--pending: the applied one awaiting its commit)
   apply FILE [--dry-run] [--force] [--timeout DUR] [--json] [--confirm DUR]
                           replace the table in one transaction; --confirm leaves it
                           pending: rolled back after DUR unless confirmed
-  add RULE | del RULE     add or remove one rule (one quoted argument)
+  add RULE | del RULE     add or remove one rule (one quoted argument; del also takes
+                          the rule's name, its listen key: 'tcp 0.0.0.0:8080')
   diff FILE               what apply FILE would change: "- line", "~ old" / "  new",
                           "+ line"; exit 0 none, 1 some, 2 invalid file (or no daemon)
   watch [GROUP...] [--count N]
@@ -154,11 +156,11 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 	fs.SetOutput(stderr)
 	fs.Var(&socks, "s", "the control socket (default: ctl.socket of -c, else $XDG_RUNTIME_DIR/sluice/ctl.sock, else /run/sluice/ctl.sock)")
 	fs.StringVar(&cfgFile, "c", "", "a configuration file whose ctl.socket to use")
-	fs.BoolVar(&x.dryRun, "dry-run", false, "apply, add, del: validate on the daemon, change nothing")
+	fs.BoolVar(&x.dryRun, "dry-run", false, "apply, add, del: validate on the daemon, change nothing (binds are not tried)")
 	fs.BoolVar(&x.pending, "pending", false, "list: the applied table that awaits its commit, not the committed one")
 	fs.BoolVar(&x.force, "force", false, "apply, add, del: commit even when the bind summary's verdict is bad")
 	fs.DurationVar(&x.timeout, "timeout", ctl.DefaultConfirm, "bound of each answer of the daemon, and the confirm timeout of a write: without a commit in time the daemon rolls back by itself (with several -s: (2 + instances) × DUR, at most 10m)")
-	fs.BoolVar(&x.json, "json", false, "apply, add, del: print the outcome as one JSON object, instance by instance; sessions, stats: print JSON")
+	fs.BoolVar(&x.json, "json", false, "apply, add, del: print the outcome as one JSON object, instance by instance; status, pifs, list, sessions, stats: print JSON")
 	fs.StringVar(&x.rule, "rule", "", "sessions: only the sessions of the rule with this listen key (\"tcp 0.0.0.0:8080\")")
 	fs.IntVar(&x.count, "count", 0, "watch: exit after this many events (0: until interrupted)")
 	fs.IntVar(&x.n, "n", 0, "history: the last N commits (0: every one kept, at most 1000)")
@@ -217,8 +219,8 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 		return usagef("diff: --dry-run, --force, --json and several -s are for apply, add and del")
 	case len(rest) != n:
 		return usagef("%s: want one rule line as one argument (quote it: '%s tcp 0.0.0.0:8443 -> 127.0.0.1:443'), got %d arguments", verb, verb, len(rest))
-	case n == 0 && (x.dryRun || x.force || x.json):
-		return usagef("%s: --dry-run, --force and --json are for apply, add and del", verb)
+	case n == 0 && (x.dryRun || x.force):
+		return usagef("%s: --dry-run and --force are for apply, add and del", verb)
 	case x.timeout <= 0 || x.timeout > ctl.MaxConfirm:
 		return usagef("--timeout %s: want more than 0 and at most %s", x.timeout, ctl.MaxConfirm)
 	case x.confirm < 0 || x.confirm > ctl.MaxConfirm:
@@ -238,7 +240,7 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 		if x.sock, err = ctlSocket(socks, cfgFile); err != nil {
 			return err
 		}
-		if x.json { // one instance, reported as a transaction across one
+		if x.json && n > 0 { // one instance, reported as a transaction across one
 			x.socks = []string{x.sock}
 		}
 	}
@@ -331,6 +333,9 @@ func (x *ctlCmd) status() error {
 	case st.Writer:
 		writer = "a transaction is open"
 	}
+	if x.json {
+		return json.NewEncoder(x.out).Encode(statusJSON(x.sock, c, st))
+	}
 	tw := tabwriter.NewWriter(x.out, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "socket\t%s\n", x.sock)
 	fmt.Fprintf(tw, "software\t%s\n", h.Software)
@@ -412,10 +417,38 @@ func (x *ctlCmd) pifs() error {
 	if err != nil {
 		return err
 	}
+	if x.json {
+		out := make([]map[string]any, len(pifs))
+		for i, p := range pifs {
+			out[i] = map[string]any{"index": p.Index, "name": p.Name}
+		}
+		return json.NewEncoder(x.out).Encode(out)
+	}
+	fmt.Fprintln(x.out, "INDEX\tPIF")
 	for _, p := range pifs {
 		fmt.Fprintf(x.out, "%d\t%s\n", p.Index, p.Name)
 	}
 	return nil
+}
+
+// statusJSON is ctl status --json: the lines of the table as one object,
+// numbers as numbers; the fields a STATUS of the server's version does
+// not carry are left out.
+func statusJSON(sock string, c *ctl.Client, st *ctl.Status) map[string]any {
+	h := c.Server()
+	m := map[string]any{"socket": sock, "software": h.Software, "protocol": c.Version(), "features": h.Features,
+		"generation": st.Generation, "rules": st.Rules, "ports": st.Ports, "sessions": st.Sessions, "pifs": st.Pifs,
+		"writer": st.Writer}
+	if boot := max(st.BootID, h.Limits.BootID); boot != 0 {
+		m["boot_id"] = fmt.Sprintf("%016x", boot)
+	}
+	if st.ConfirmGen != 0 {
+		m["confirm"] = map[string]any{"generation": st.ConfirmGen, "left_ms": st.ConfirmLeft.Milliseconds()}
+	}
+	if st.PendingGen != 0 {
+		m["pending"] = map[string]any{"generation": st.PendingGen, "rules": st.PendingRules, "ports": st.PendingPorts}
+	}
+	return m
 }
 
 // list prints the committed table as a rules file: a comment with the
@@ -432,6 +465,18 @@ func (x *ctlCmd) list() error {
 		return err
 	}
 	defer c.Close()
+	if x.json {
+		m := map[string]any{"generation": t.Generation, "pending": x.pending, "rules": t.Lines}
+		if !x.pending {
+			if g := x.pendingGen(t.Generation); g != 0 {
+				m["pending_generation"] = g
+			}
+		}
+		if t.Lines == nil {
+			m["rules"] = []string{}
+		}
+		return json.NewEncoder(x.out).Encode(m)
+	}
 	if x.pending {
 		fmt.Fprintf(x.out, "# generation %d (pending: applied, not committed)\n", t.Generation)
 	} else {
@@ -543,25 +588,41 @@ func (x *ctlCmd) add(line string) error {
 	})
 }
 
-// del removes the rule whose canonical line is line's, in one transaction.
+// del removes one rule, in one transaction: the rule whose canonical line is
+// line's, or, when line is not a whole rule, the rule whose name (its
+// listen key or listen part, with its sni=/alpn= words for a route: the
+// name sessions, stats and the metrics use) is line's.
 func (x *ctlCmd) del(line string) error {
-	r, err := rules.Parse(line)
-	if err != nil {
-		return usagef("del: %v", err)
+	var match func(r *rules.Rule) bool
+	what := ""
+	if r, err := rules.Parse(line); err == nil {
+		canon := r.String()
+		match = func(r *rules.Rule) bool { return r.String() == canon }
+		what = canon
+	} else if name, nerr := rules.ParseName(line); nerr == nil {
+		match = func(r *rules.Rule) bool { return r.RouteString() == name }
+		what = name
+	} else {
+		return usagef("del: %v (nor is it a rule's name: %v)", err, nerr)
 	}
-	canon := r.String()
 	return x.write("del", func(t *ctl.Table) ([]*rules.Rule, error) {
 		rs, err := t.Rules()
 		if err != nil {
 			return nil, err
 		}
-		for i, l := range t.Lines {
-			if l == canon {
-				return append(rs[:i:i], rs[i+1:]...), nil
-			}
+		if i := slices.IndexFunc(rs, match); i >= 0 {
+			return append(rs[:i:i], rs[i+1:]...), nil
 		}
-		return nil, usagef("del: no rule %q in the active table (generation %d)", canon, t.Generation)
-	}, func(_ *ctl.Table, e *ctl.Error) error { return usagef("del %q: %w", canon, e) })
+		return nil, usagef("del: no rule %q in the active table (generation %d)", what, t.Generation)
+	}, func(_ *ctl.Table, e *ctl.Error) error { return usagef("del %q: %w", what, e) })
+}
+
+// dryRunLine is what --dry-run says of a load: the table is valid, what an
+// apply would do with its ports, and that no bind was tried (a port in use
+// shows only at the real apply).
+func dryRunLine(ld *ctl.Loaded) string {
+	return fmt.Sprintf("valid: %s, %s; applying would keep %d, add %d and remove %d listen ports (generation %d; nothing changed: binds are not tried, so a port in use fails only at the real apply)",
+		count(ld.Rules, "rule"), count(ld.Ports, "listen port"), ld.Kept, ld.Added, ld.Removed, ld.Generation)
 }
 
 // transact runs one writing transaction: read the table, build the new one,
@@ -594,8 +655,7 @@ func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, er
 	}
 	if x.dryRun {
 		fmt.Fprint(x.out, state.DiffLines(t.Lines, state.Lines(rs)).Format())
-		fmt.Fprintf(x.out, "valid: %s, %s; applying would keep %d, add %d and remove %d listen keys (generation %d; nothing changed)\n",
-			count(ld.Rules, "rule"), count(ld.Ports, "listen port"), ld.Kept, ld.Added, ld.Removed, ld.Generation)
+		fmt.Fprintln(x.out, dryRunLine(ld))
 		return nil
 	}
 	cancel()
@@ -630,7 +690,7 @@ func (x *ctlCmd) transact(verb string, build func(*ctl.Table) ([]*rules.Rule, er
 		if d == ctl.DecideForce {
 			how = "verdict bad, committed anyway (--force)"
 		}
-		fmt.Fprintf(x.out, "%s: committed generation %d (listen keys: %d kept, %d added, %d removed)\n", how, gen, sum.Kept, sum.Added, sum.Removed)
+		fmt.Fprintf(x.out, "%s: committed generation %d (listen ports: %d kept, %d added, %d removed)\n", how, gen, sum.Kept, sum.Added, sum.Removed)
 		return nil
 	}
 	rsum, err := c.Rollback(ctx)

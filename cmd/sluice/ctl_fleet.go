@@ -161,7 +161,7 @@ func (x *fleetCmd) rollout(table []byte) error {
 	switch rep.Outcome {
 	case etcd.RolloutCommitted:
 		if !x.json {
-			fmt.Fprintf(x.out, "rollout %s: committed on all %d instances\n", rep.Version, len(rep.Instances))
+			fmt.Fprintf(x.out, "rollout %s: committed on %s %s\n", rep.Version, allOf(len(rep.Instances)), plural(len(rep.Instances), "instance"))
 		}
 		return nil
 	case etcd.RolloutHalted:

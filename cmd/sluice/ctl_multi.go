@@ -79,8 +79,7 @@ func (x *ctlCmd) printMulti(res *ctl.MultiResult, built map[string][]string) {
 			x.printSummary(m.Summary)
 		case m.Loaded != nil && x.dryRun && m.Err == nil:
 			ld := m.Loaded
-			fmt.Fprintf(x.out, "== %s: valid: %s, %s; applying would keep %d, add %d and remove %d listen keys (generation %d; nothing changed)\n",
-				m.Path, count(ld.Rules, "rule"), count(ld.Ports, "listen port"), ld.Kept, ld.Added, ld.Removed, ld.Generation)
+			fmt.Fprintf(x.out, "== %s: %s\n", m.Path, dryRunLine(ld))
 			fmt.Fprint(x.out, state.DiffLines(m.Base.Lines, built[m.Path]).Format())
 		}
 	}
@@ -112,19 +111,19 @@ func multiHeadline(res *ctl.MultiResult, dryRun bool) string {
 				committed++
 			}
 		}
-		return fmt.Sprintf("PARTIAL: %s; committed on %d of %d instances: they may now disagree", strings.Join(paths, "; "), committed, n)
+		return fmt.Sprintf("PARTIAL: %s; committed on %d of %s: they may now disagree", strings.Join(paths, "; "), committed, count(n, "instance"))
 	case res.Outcome == ctl.OutcomeCommitted && res.Forced:
-		return fmt.Sprintf("verdict bad on %d of %d instances, committed anyway (--force) on all %d", len(bad), n, n)
+		return fmt.Sprintf("verdict bad on %d of %s, committed anyway (--force) on %s", len(bad), count(n, "instance"), allOf(n))
 	case res.Outcome == ctl.OutcomeCommitted:
-		return fmt.Sprintf("verdict good on all %d instances: committed on all %d", n, n)
+		return fmt.Sprintf("verdict good on %s %s: committed on %s", allOf(n), plural(n, "instance"), allOf(n))
 	case len(failed) > 0 && res.Outcome == ctl.OutcomeUnchanged:
 		return fmt.Sprintf("%s: nothing changed on any instance", strings.Join(paths, "; "))
 	case len(failed) > 0:
 		return fmt.Sprintf("%s: no instance committed; every one that applied rolled back", strings.Join(paths, "; "))
 	case dryRun:
-		return fmt.Sprintf("valid on all %d instances; nothing changed (--dry-run)", n)
+		return fmt.Sprintf("valid on %s %s; nothing changed (--dry-run)", allOf(n), plural(n, "instance"))
 	}
-	return fmt.Sprintf("verdict bad on %d of %d instances (%s): rolled back on all %d", len(bad), n, strings.Join(bad, ", "), n)
+	return fmt.Sprintf("verdict bad on %d of %s (%s): rolled back on %s", len(bad), count(n, "instance"), strings.Join(bad, ", "), allOf(n))
 }
 
 // multiError is what the transaction means for the exit code: nil (0) when
@@ -170,8 +169,8 @@ func multiError(verb string, res *ctl.MultiResult, refused func(*ctl.Table, *ctl
 			}
 			ports += n
 		}
-		return &exitError{exitRollback, fmt.Errorf("%s: %s failed to bind on %s: rolled back on all %d instances",
-			verb, count(ports, "listen port"), strings.Join(where, ", "), len(res.Members))}
+		return &exitError{exitRollback, fmt.Errorf("%s: %s failed to bind on %s: rolled back on %s %s",
+			verb, count(ports, "listen port"), strings.Join(where, ", "), allOf(len(res.Members)), plural(len(res.Members), "instance"))}
 	}
 	var (
 		list                  rules.ErrorList

@@ -94,7 +94,7 @@ func TestCtlMultiApply(t *testing.T) {
 		a, b, sa, sb := twoInstances(t)
 		r := multiCtl(t, nil, "-s", sa.Path(), "-s", sb.Path(), "apply", "--dry-run", writeFile(t, "rules.txt", file))
 		r.want(t, 0, []string{
-			"== " + sa.Path() + ": valid: 2 rules, 2 listen ports; applying would keep 1, add 1 and remove 0 listen keys",
+			"== " + sa.Path() + ": valid: 2 rules, 2 listen ports; applying would keep 1, add 1 and remove 0 listen ports",
 			"valid on all 2 instances; nothing changed (--dry-run)",
 		}, nil)
 		// Each instance's diff, after its line: a lacks ruleB, b lacks ruleA.
@@ -338,7 +338,7 @@ func TestCtlMultiUsage(t *testing.T) {
 	}{
 		{[]string{"-s", "/a", "-s", "/a", "add", ruleC}, "-s /a given twice"},
 		{[]string{"-s", "/a", "-s", "/b", "list"}, "list reads one instance"},
-		{[]string{"-s", "/a", "status", "--json"}, "--json"},
+		{[]string{"-s", "/a", "diff", "x", "--json"}, "--json"}, // status, pifs and list take --json (TestCtlReadVerbs)
 	} {
 		code, _, errs := sluiceCtl(t, c.args...)
 		if code != 2 || !strings.Contains(errs, c.want) {

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -98,8 +99,29 @@ func TestCtlReadVerbs(t *testing.T) {
 		}
 	}
 	code, out, _ = sluiceCtl(t, "-s", sock, "pifs")
-	if code != 0 || out != "0\thost\n1\tns1\n" {
+	if code != 0 || out != "INDEX\tPIF\n0\thost\n1\tns1\n" {
 		t.Fatalf("pifs: exit %d\n%q", code, out)
+	}
+	// --json, for scripts: status, pifs and list as JSON objects.
+	code, out, errs = sluiceCtl(t, "-s", sock, "status", "--json")
+	var st map[string]any
+	if err := json.Unmarshal([]byte(out), &st); code != 0 || err != nil || st["generation"] != float64(1) || st["rules"] != float64(2) ||
+		st["sessions"] != float64(3) || st["protocol"] != float64(ctl.MaxVersion) || st["writer"] != false || st["pending"] != nil {
+		t.Fatalf("status --json: exit %d, %v\n%s%s", code, err, out, errs)
+	}
+	code, out, errs = sluiceCtl(t, "-s", sock, "pifs", "--json")
+	var pifs []map[string]any
+	if err := json.Unmarshal([]byte(out), &pifs); code != 0 || err != nil || len(pifs) != 2 || pifs[1]["name"] != "ns1" || pifs[1]["index"] != float64(1) {
+		t.Fatalf("pifs --json: exit %d, %v\n%s%s", code, err, out, errs)
+	}
+	code, out, errs = sluiceCtl(t, "-s", sock, "list", "--json")
+	var ls struct {
+		Generation uint64
+		Pending    bool
+		Rules      []string
+	}
+	if err := json.Unmarshal([]byte(out), &ls); code != 0 || err != nil || ls.Generation != 1 || ls.Pending || len(ls.Rules) != 2 || ls.Rules[0] != ruleA {
+		t.Fatalf("list --json: exit %d, %v\n%s%s", code, err, out, errs)
 	}
 	code, out, _ = sluiceCtl(t, "list", "-s", sock)
 	want := "# generation 1\n" + ruleA + "\ntcp ns1/10.0.0.1:80 -> 127.0.0.1:80\n"
@@ -138,7 +160,7 @@ func TestCtlApply(t *testing.T) {
 			stdout: []string{"port 9090: address already in use", "committed anyway (--force)"},
 			table:  []string{ruleB}, applies: 1},
 		{name: "dry run", file: "# new\n" + ruleB + "\n", flags: []string{"--dry-run"}, code: 0,
-			stdout: []string{"valid: 1 rule, 1 listen port; applying would keep 0, add 1 and remove 1 listen keys"},
+			stdout: []string{"valid: 1 rule, 1 listen port; applying would keep 0, add 1 and remove 1 listen ports (generation 1; nothing changed: binds are not tried"},
 			table:  []string{ruleA}},
 		{name: "a line that does not parse", file: ruleA + "\ntcp 0.0.0.0:99999 -> 127.0.0.1:80\n", code: 2,
 			stderr: []string{"rules.txt:2: "}, table: []string{ruleA}},
@@ -230,6 +252,10 @@ func TestCtlAddDel(t *testing.T) {
 		{[]string{"add", "tcp", "0.0.0.0:1"}, 2, "one rule line as one argument", []string{ruleA, ruleB}},
 		{[]string{"del", "tcp 0.0.0.0:9090  ->  127.0.0.1:90"}, 0, "committed generation 3", []string{ruleA}},
 		{[]string{"del", ruleB}, 2, "no rule", []string{ruleA}},
+		{[]string{"add", ruleB}, 0, "committed generation 4", []string{ruleA, ruleB}},
+		{[]string{"del", "tcp  0.0.0.0:9090"}, 0, "committed generation 5", []string{ruleA}}, // by its name, the listen key
+		{[]string{"del", "tcp 0.0.0.0:9090"}, 2, "no rule \"tcp 0.0.0.0:9090\"", []string{ruleA}},
+		{[]string{"del", "tcp 0.0.0.0:99999"}, 2, "nor is it a rule's name", []string{ruleA}},
 		{[]string{"add", "--dry-run", ruleB}, 0, "valid: 2 rules", []string{ruleA}},
 	}
 	for _, st := range steps {

@@ -5,13 +5,16 @@ import (
 	"encoding/json"
 	"fmt"
 	"os/signal"
+	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/sluice-proxy/sluice/ctl"
 	"github.com/sluice-proxy/sluice/observe"
+	"github.com/sluice-proxy/sluice/rules"
 )
 
 // The read verbs beyond the table: watch, sessions, stats.
@@ -44,6 +47,25 @@ func (x *ctlCmd) observeVerb(verb string, rest []string) error {
 		return x.sessions()
 	}
 	return x.stats()
+}
+
+// ruleExists returns nil when a rule of the active table is named name (its
+// RouteString), a usage error "no such rule" when none is, or the error of
+// reading the table.
+func (x *ctlCmd) ruleExists(name string) error {
+	c, t, err := x.readTable(ctl.IntentList)
+	if err != nil {
+		return err
+	}
+	c.Close()
+	rs, err := t.Rules()
+	if err != nil {
+		return err
+	}
+	if !slices.ContainsFunc(rs, func(r *rules.Rule) bool { return r.RouteString() == name }) {
+		return usagef("sessions --rule: no such rule %q in the active table (generation %d)", name, t.Generation)
+	}
+	return nil
 }
 
 // openFeature is open, for a daemon that lists feature; for intents but
@@ -100,8 +122,18 @@ func (x *ctlCmd) watch(groups []string) error {
 }
 
 // sessions prints the live sessions, oldest first: a table, or with --json
-// one JSON object a line. A listing cut at ctl.MaxSessions says so.
+// one JSON object a line. A listing cut at ctl.MaxSessions says so. A
+// --rule that is not a rule's name, or names no rule of the active table,
+// is "no such rule" (exit 2), not an empty listing.
 func (x *ctlCmd) sessions() error {
+	rule := ""
+	if x.rule != "" {
+		name, err := rules.ParseName(x.rule)
+		if err != nil {
+			return usagef("sessions --rule: no such rule: %v", err)
+		}
+		rule = name
+	}
 	c, err := x.openFeature(ctl.IntentSessions, ctl.FeatureSessions)
 	if err != nil {
 		return err
@@ -109,9 +141,14 @@ func (x *ctlCmd) sessions() error {
 	defer c.Close()
 	ctx, cancel := x.ctx()
 	defer cancel()
-	l, err := c.Sessions(ctx, x.rule, ctl.MaxSessions)
+	l, err := c.Sessions(ctx, rule, ctl.MaxSessions)
 	if err != nil {
 		return err
+	}
+	if rule != "" && len(l.Sessions) == 0 {
+		if err := x.ruleExists(rule); err != nil {
+			return err
+		}
 	}
 	addr := func(a interface{ IsValid() bool }, s string) string {
 		if !a.IsValid() {
@@ -169,7 +206,7 @@ func (x *ctlCmd) sessions() error {
 	if l.Truncated() {
 		fmt.Fprintf(x.out, "# truncated: %d of %d sessions listed\n", len(l.Sessions), l.Total)
 	} else {
-		fmt.Fprintf(x.out, "# %d sessions\n", len(l.Sessions))
+		fmt.Fprintf(x.out, "# %s\n", count(len(l.Sessions), "session"))
 	}
 	return nil
 }
@@ -192,6 +229,9 @@ func (x *ctlCmd) stats() error {
 	cs, err := x.counters()
 	if err != nil {
 		return err
+	}
+	for i := range cs {
+		cs[i].Name = statKey(cs[i].Name)
 	}
 	if x.json {
 		b := []byte{'{'}
@@ -219,3 +259,8 @@ func (x *ctlCmd) stats() error {
 	}
 	return nil
 }
+
+// statKey is a counter's name as stats prints it: one word, the blanks of
+// a rule's name (its listen key, "tcp 0.0.0.0:8080", and a route's
+// sni=/alpn= words) made '_': "rule.tcp_0.0.0.0:8080.bytes_in".
+func statKey(name string) string { return strings.ReplaceAll(name, " ", "_") }

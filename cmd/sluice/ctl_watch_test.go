@@ -21,7 +21,7 @@ func TestCtlStatsVerb(t *testing.T) {
 	}
 	lines := strings.Split(strings.TrimRight(out, "\n"), "\n")
 	if len(lines) != 2 || strings.Fields(lines[0])[0] != "sessions" || strings.Fields(lines[0])[1] != "2" ||
-		!strings.HasPrefix(lines[1], "rule.tcp 0.0.0.0:8080.bytes_in") || !strings.HasSuffix(strings.TrimSpace(lines[1]), "12345") {
+		strings.Fields(lines[1])[0] != "rule.tcp_0.0.0.0:8080.bytes_in" || !strings.HasSuffix(strings.TrimSpace(lines[1]), "12345") {
 		t.Fatalf("stats output:\n%s", out)
 	}
 	code, out, errOut = sluiceCtl(t, "-s", sock, "stats", "--json")
@@ -29,7 +29,7 @@ func TestCtlStatsVerb(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, errOut)
 	}
 	var m map[string]int64
-	if err := json.Unmarshal([]byte(out), &m); err != nil || m["sessions"] != 2 || m["rule.tcp 0.0.0.0:8080.bytes_in"] != 12345 {
+	if err := json.Unmarshal([]byte(out), &m); err != nil || m["sessions"] != 2 || m["rule.tcp_0.0.0.0:8080.bytes_in"] != 12345 {
 		t.Fatalf("stats --json %q: %v", out, err)
 	}
 }
@@ -47,7 +47,7 @@ func TestCtlSessionsVerb(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, errOut)
 	}
 	lines := strings.Split(strings.TrimRight(out, "\n"), "\n")
-	if len(lines) != 3 || !strings.HasPrefix(lines[0], "RULE") || lines[2] != "# 1 sessions" {
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "RULE") || lines[2] != "# 1 session" {
 		t.Fatalf("sessions output:\n%s", out)
 	}
 	f := strings.Fields(lines[1])
@@ -69,6 +69,17 @@ func TestCtlSessionsVerb(t *testing.T) {
 	if len(rows) != 2 || rows[0]["bytes_up"] != float64(1000) || rows[1]["mode"] != "splice" || rows[1]["target"] != "-" ||
 		rows[0]["tls_cipher"] != "TLS_AES_128_GCM_SHA256" || rows[0]["tls_resumed"] != true || rows[1]["tls_version"] != "" {
 		t.Fatalf("sessions --json: %s", out)
+	}
+	// A --rule of the wrong form, or naming no rule: no such rule, exit 2;
+	// a name with other blanks is the rule's.
+	for _, r := range []string{"tcp 0.0.0.0:7777", "0.0.0.0:8080", "tcp 0.0.0.0:8080 -> 127.0.0.1:80"} {
+		code, out, errOut := sluiceCtl(t, "-s", sock, "sessions", "--rule", r)
+		if code != exitUsage || !strings.Contains(errOut, "no such rule") || out != "" {
+			t.Fatalf("sessions --rule %q: exit %d, stdout %q, stderr %q; want exit 2, no such rule", r, code, out, errOut)
+		}
+	}
+	if code, out, errOut := sluiceCtl(t, "-s", sock, "sessions", "--rule", " tcp  0.0.0.0:8080"); code != 0 || !strings.Contains(out, "192.0.2.7:40001") {
+		t.Fatalf("sessions --rule with blanks: exit %d\n%s%s", code, out, errOut)
 	}
 	if code, _, _ := sluiceCtl(t, "-s", sock, "stats", "--rule", "x"); code != exitUsage {
 		t.Fatalf("stats --rule: exit %d, want %d", code, exitUsage)
@@ -127,4 +138,17 @@ func sluiceCtlNoT(args ...string) (code int, stdout, stderr string) {
 	var out, errb bytes.Buffer
 	code = runCtlWith(args, &out, &errb, nil)
 	return code, out.String(), errb.String()
+}
+
+// Counts read as English: one of a thing is singular.
+func TestPlurals(t *testing.T) {
+	for _, c := range []struct{ got, want string }{
+		{count(1, "session"), "1 session"}, {count(0, "session"), "0 sessions"}, {count(2, "rule"), "2 rules"},
+		{allOf(1) + " " + plural(1, "instance"), "the one instance"}, {allOf(3) + " " + plural(3, "instance"), "all 3 instances"},
+		{statKey("rule.tcp 0.0.0.0:443 sni=a.example.com.bytes_in"), "rule.tcp_0.0.0.0:443_sni=a.example.com.bytes_in"},
+	} {
+		if c.got != c.want {
+			t.Errorf("%q, want %q", c.got, c.want)
+		}
+	}
 }

@@ -123,21 +123,17 @@ func newFlagSet(name, synopsis string) *flag.FlagSet {
 	return fs
 }
 
+// logTimeLayout is the JSON log's time: RFC 3339, UTC, milliseconds.
+const logTimeLayout = "2006-01-02T15:04:05.000Z07:00"
+
 func newLogger(level, format string) (*zap.Logger, error) {
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
 		return nil, usagef("--log-level %q: want debug, info, warn or error", level)
 	}
-	var cfg zap.Config
-	switch format {
-	case "json":
-		cfg = zap.NewProductionConfig()
-	case "console":
-		cfg = zap.NewDevelopmentConfig()
-		cfg.Development = false
-		cfg.DisableStacktrace = true
-	default:
-		return nil, usagef("--log-format %q: want console or json", format)
+	cfg, err := logConfig(format)
+	if err != nil {
+		return nil, err
 	}
 	// Not cfg.Build: its stderr is written synchronously, and a log line of
 	// an event loop must never wait for a slow reader of stderr (a stuck
@@ -152,6 +148,28 @@ func newLogger(level, format string) (*zap.Logger, error) {
 		opts = append(opts, zap.AddStacktrace(zapcore.ErrorLevel))
 	}
 	return zap.New(zapcore.NewCore(enc, out, zap.NewAtomicLevelAt(lvl)), opts...), nil
+}
+
+// logConfig is the zap configuration of a --log-format: its encoder's
+// settings and whether errors carry stacks.
+func logConfig(format string) (zap.Config, error) {
+	var cfg zap.Config
+	switch format {
+	case "json":
+		cfg = zap.NewProductionConfig()
+		// RFC 3339 in UTC with milliseconds, as ctl watch's events; not
+		// an epoch float a reader has to convert.
+		cfg.EncoderConfig.EncodeTime = func(t time.Time, e zapcore.PrimitiveArrayEncoder) {
+			e.AppendString(t.UTC().Format(logTimeLayout))
+		}
+	case "console":
+		cfg = zap.NewDevelopmentConfig()
+		cfg.Development = false
+		cfg.DisableStacktrace = true
+	default:
+		return cfg, usagef("--log-format %q: want console or json", format)
+	}
+	return cfg, nil
 }
 
 // stderrSink is the process's one non-blocking writer for stderr.

@@ -9,6 +9,9 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strings"
+
+	"github.com/sluice-proxy/sluice/rules"
 )
 
 // The main goroutine keeps the main thread to itself. The process's
@@ -53,6 +56,7 @@ usage:
   sluice ctl rollout FILE|fleet --etcd URL --prefix P
                                          talk to a running daemon (sluice ctl -h)
   sluice version                         this build: module version, VCS revision (also --version)
+  sluice help rules                      every rule option, with its default
 
 Run "sluice COMMAND -h" for a command's flags.
 `
@@ -78,7 +82,16 @@ func run(args []string) int {
 		return runCtl(args[1:], os.Stdout, os.Stderr)
 	case "version", "--version", "-version":
 		fmt.Println("sluice", version)
-	case "-h", "--help", "help":
+	case "help":
+		switch {
+		case len(args) == 1:
+			fmt.Print(usage)
+		case len(args) == 2 && args[1] == "rules":
+			fmt.Print(rules.OptionHelp())
+		default:
+			err = usagef("help %s: want no topic, or rules", strings.Join(args[1:], " "))
+		}
+	case "-h", "--help":
 		fmt.Print(usage)
 	default:
 		err = usagef("unknown command %q (see sluice --help)", args[0])

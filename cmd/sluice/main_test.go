@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -87,5 +89,38 @@ func TestDemoConfig(t *testing.T) {
 func TestCount(t *testing.T) {
 	if count(1, "rule") != "1 rule" || count(0, "pif") != "0 pifs" || count(101, "listen port") != "101 listen ports" {
 		t.Fatal(count(1, "rule"), count(0, "pif"), count(101, "listen port"))
+	}
+}
+
+// deploy/bash/sluice completes every command and every ctl verb.
+func TestBashCompletion(t *testing.T) {
+	bash, err := exec.LookPath("bash")
+	if err != nil {
+		t.Skip("no bash")
+	}
+	complete := func(words ...string) []string {
+		script := `source ../../deploy/bash/sluice; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _sluice; echo "${COMPREPLY[@]}"`
+		out, err := exec.Command(bash, append([]string{"-c", script, "bash"}, words...)...).Output()
+		if err != nil {
+			t.Fatalf("complete %q: %v", words, err)
+		}
+		return strings.Fields(string(out))
+	}
+	for _, c := range []struct {
+		words []string
+		want  []string
+	}{
+		{[]string{"sluice", ""}, []string{"run", "forward", "check", "ctl", "version", "help"}},
+		{[]string{"sluice", "ctl", ""}, []string{"status", "pifs", "list", "apply", "diff", "add", "del", "watch", "sessions", "stats",
+			"history", "reload", "confirm", "rollback", "upgrade", "rollout", "fleet"}},
+		{[]string{"sluice", "help", ""}, []string{"rules"}},
+		{[]string{"sluice", "ctl", "-s", "x", "list", "--"}, []string{"--pending", "--json"}},
+	} {
+		got := complete(c.words...)
+		for _, w := range c.want {
+			if !slices.Contains(got, w) {
+				t.Errorf("complete %q: %q lacks %q", c.words, got, w)
+			}
+		}
 	}
 }

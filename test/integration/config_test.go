@@ -92,6 +92,18 @@ rules:
 	goodRules := writeFile(t, "good.rules", "# a comment\ntcp 0.0.0.0:8000-8099 -> 127.0.0.1:9000-9099\n\ntcp 0.0.0.0:8443 -> 127.0.0.1:443 weak\n")
 	badRules := writeFile(t, "bad.rules", "tcp 0.0.0.0:80 -> 127.0.0.1:80\ntcp 0.0.0.0:80 -> 127.0.0.1:81\nsctp 0.0.0.0:1 -> 1.2.3.4:1\n")
 	syntax := writeFile(t, "syntax.yaml", "loops: 1\nrules: [\n")
+	// Control socket places run refuses: a directory open to others, a
+	// missing directory whose parent is missing too.
+	openDir := filepath.Join(t.TempDir(), "open")
+	if err := os.Mkdir(openDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(openDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	openSock := writeFile(t, "open.yaml", "ctl: {socket: "+openDir+"/ctl.sock}\n")
+	deepDir := filepath.Join(t.TempDir(), "a", "b")
+	deepSock := writeFile(t, "deep.yaml", "ctl: {socket: "+deepDir+"/ctl.sock}\n")
 	for _, tc := range []struct {
 		name   string
 		args   []string
@@ -124,6 +136,8 @@ rules:
 		{"missing config", []string{"check", "-c", "no/such.yaml"}, 2, nil, []string{"no/such.yaml", "no such file"}, true},
 		{"missing rules", []string{"check", "-r", "no/such.rules"}, 2, nil, []string{"no/such.rules", "no such file"}, true},
 		{"unknown flag", []string{"check", "-x"}, 2, nil, []string{"-x"}, true},
+		{"ctl.socket directory open", []string{"check", "-c", openSock}, 2, nil, []string{openSock + ": ctl.socket " + openDir + "/ctl.sock", "mode 0755", "0700"}, true},
+		{"ctl.socket directory tree missing", []string{"check", "-c", deepSock}, 2, nil, []string{"ctl socket directory " + deepDir + " is missing and so is its parent", "only the last directory"}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, stdout, stderr := runSluice(t, tc.args...)
@@ -161,20 +175,33 @@ func TestConfigRunRefuses(t *testing.T) {
 	portTaken := writeFile(t, "taken.yaml", fmt.Sprintf("rules:\n  - tcp %s -> %s\n  - tcp %s -> %s\n", listen, backend.Addr(), taken.Addr(), backend.Addr()))
 	metricsTaken := writeFile(t, "metrics.yaml", fmt.Sprintf("metrics: {listen: %q}\nrules:\n  - tcp %s -> %s\n", taken.Addr(), listen, backend.Addr()))
 	noNetns := writeFile(t, "pif.yaml", "pifs:\n  - {name: gone, netns: /nonexistent/netns/gone}\n")
+	openDir := filepath.Join(t.TempDir(), "open")
+	if err := os.Mkdir(openDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(openDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	openSock := writeFile(t, "open.yaml", fmt.Sprintf("ctl: {socket: %s/ctl.sock}\nrules:\n  - tcp %s -> %s\n", openDir, listen, backend.Addr()))
+	deepDir := filepath.Join(t.TempDir(), "a", "b")
+	deepSock := writeFile(t, "deep.yaml", fmt.Sprintf("ctl: {socket: %s/ctl.sock}\nrules:\n  - tcp %s -> %s\n", deepDir, listen, backend.Addr()))
 	for _, tc := range []struct {
 		name string
 		args []string
 		code int
 		want []string
+		not  []string // in no line of stderr
 	}{
 		{"invalid", []string{"run", "-c", bad}, 2, []string{
 			bad + ":1: loops: want a whole number from 0 (one per CPU) to 1024, got \"-1\"\n",
-			bad + `:3: no target: give "-> TARGET", or health=tcp|http for a rule that answers probes itself` + "\n"}},
-		{"missing", []string{"run", "-c", "no/such.yaml"}, 2, []string{"no/such.yaml: no such file"}},
-		{"extra argument", []string{"run", "-c", bad, "more"}, 2, []string{`unexpected argument "more"`}},
-		{"port taken", []string{"run", "-c", portTaken}, 1, []string{portTaken + ":3: tcp " + taken.Addr().String(), "address already in use"}},
-		{"metrics port taken", []string{"run", "-c", metricsTaken}, 1, []string{"metrics listen " + taken.Addr().String(), "address already in use"}},
-		{"netns missing", []string{"run", "-c", noNetns}, 1, []string{noNetns + ":2: pif gone (netns /nonexistent/netns/gone)"}},
+			bad + `:3: no target: give "-> TARGET", or health=tcp|http for a rule that answers probes itself` + "\n"}, nil},
+		{"missing", []string{"run", "-c", "no/such.yaml"}, 2, []string{"no/such.yaml: no such file"}, nil},
+		{"extra argument", []string{"run", "-c", bad, "more"}, 2, []string{`unexpected argument "more"`}, nil},
+		{"port taken", []string{"run", "-c", portTaken}, 1, []string{portTaken + ":3: tcp " + taken.Addr().String(), "address already in use"}, nil},
+		{"metrics port taken", []string{"run", "-c", metricsTaken}, 1, []string{"metrics listen " + taken.Addr().String(), "address already in use"}, nil},
+		{"netns missing", []string{"run", "-c", noNetns}, 1, []string{noNetns + ":2: pif gone (netns /nonexistent/netns/gone)"}, nil},
+		{"ctl.socket directory open", []string{"run", "-c", openSock}, 1, []string{"control socket: ctl socket directory " + openDir + " has mode 0755"}, []string{"stop the daemon"}},
+		{"ctl.socket directory tree missing", []string{"run", "-c", deepSock}, 1, []string{"only the last directory"}, []string{"stop the daemon"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, _, stderr := runSluice(t, append(tc.args, "--log-level", "error")...)
@@ -186,7 +213,15 @@ func TestConfigRunRefuses(t *testing.T) {
 					t.Errorf("stderr does not mention %q:\n%s", w, stderr)
 				}
 			}
+			for _, w := range tc.not {
+				if strings.Contains(stderr, w) {
+					t.Errorf("stderr says %q:\n%s", w, stderr)
+				}
+			}
 		})
+	}
+	if _, err := os.Stat(deepDir); err == nil {
+		t.Errorf("run made the directory tree %s", deepDir)
 	}
 	// Nothing was left listening by the run that failed on its second rule.
 	if c, err := net.DialTimeout("tcp", listen, time.Second); err == nil {

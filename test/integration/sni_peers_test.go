@@ -370,7 +370,7 @@ func TestSNISeenEverywhere(t *testing.T) {
 		t.Errorf("a post-quantum hello is in the 1024-byte bucket (%v %v)", v, ok)
 	}
 	_, stats, _ := runSluice(t, "ctl", "-s", d.Ctl, "stats")
-	if !regexp.MustCompile(regexp.QuoteMeta("rule."+a+".refused.sni.tls-hello-bad") + ` +1\n`).MatchString(stats) {
+	if !regexp.MustCompile(regexp.QuoteMeta("rule."+strings.ReplaceAll(a, " ", "_")+".refused.sni.tls-hello-bad") + ` +1\n`).MatchString(stats) {
 		t.Errorf("ctl stats has no refusal by the sni stage on route %q:\n%s", a, stats)
 	}
 	_, page := httpGet(t, base)
