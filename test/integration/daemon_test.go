@@ -52,7 +52,9 @@ type daemon struct {
 	Addr   string // the listen address
 	Ctl    string // the default control socket of a `run -c` daemon without ctl.socket
 	stderr *logBuffer
-	exited chan error
+	exited chan error    // the exit, once: a reader that takes it puts it back
+	done   chan struct{} // closed at the exit (after the log is read to its end); then err holds it
+	err    error
 }
 
 // freePort returns a loopback port that was free a moment ago.
@@ -147,7 +149,7 @@ func startDaemon(t testing.TB, o forwardOpts, args ...string) *daemon {
 	}
 	t.Cleanup(func() { os.RemoveAll(runDir) })
 	cmd.Env = append(os.Environ(), "XDG_RUNTIME_DIR="+runDir)
-	d := &daemon{t: t, cmd: cmd, stderr: &logBuffer{}, exited: make(chan error, 1),
+	d := &daemon{t: t, cmd: cmd, stderr: &logBuffer{}, exited: make(chan error, 1), done: make(chan struct{}),
 		Ctl: filepath.Join(runDir, "sluice", "ctl.sock")}
 	pr, pw, _ := os.Pipe()
 	cmd.Stderr = pw
@@ -164,7 +166,7 @@ func startDaemon(t testing.TB, o forwardOpts, args ...string) *daemon {
 		}
 		close(logDone)
 	}()
-	go func() { err := cmd.Wait(); <-logDone; d.exited <- err }()
+	go func() { err := cmd.Wait(); <-logDone; d.err = err; close(d.done); d.exited <- err }()
 	t.Cleanup(func() { d.stop(5 * time.Second) })
 	return d
 }
@@ -208,24 +210,21 @@ func (d *daemon) waitListening(addr string) {
 // stop sends SIGTERM and waits up to grace for a clean exit (then SIGKILL).
 // It returns the exit error (nil for status 0).
 func (d *daemon) stop(grace time.Duration) error {
-	// Exited already (cmd.Wait's goroutine said so)? Reading
-	// cmd.ProcessState here would race with that Wait.
+	// Exited already? done says so whoever took the value of exited;
+	// cmd.ProcessState would race with the Wait that writes it.
 	select {
-	case err := <-d.exited:
-		d.exited <- err
+	case <-d.done:
 		return nil
 	default:
 	}
 	d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case err := <-d.exited:
-		d.exited <- err
-		return err
+	case <-d.done:
+		return d.err
 	case <-time.After(grace):
 		d.cmd.Process.Kill()
-		err := <-d.exited
-		d.exited <- err
-		return fmt.Errorf("did not stop within %v after SIGTERM: %v", grace, err)
+		<-d.done
+		return fmt.Errorf("did not stop within %v after SIGTERM: %v", grace, d.err)
 	}
 }
 

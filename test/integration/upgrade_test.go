@@ -447,7 +447,7 @@ func TestSocketActivation(t *testing.T) {
 		cmd.Wait()
 	}()
 	logText := func() string { logMu.Lock(); defer logMu.Unlock(); return logs.String() }
-	ld := &liveDaemon{daemon: &daemon{t: t, cmd: cmd, stderr: &logBuffer{}, exited: make(chan error, 1)}, t: t, sock: sock}
+	ld := &liveDaemon{daemon: &daemon{t: t, cmd: cmd, stderr: &logBuffer{}, exited: make(chan error, 1), done: make(chan struct{})}, t: t, sock: sock}
 	waitFor(t, 10*time.Second, "the activated control socket to answer", func() bool { _, err := ld.tryStatus(); return err == nil })
 	if got := listenInodes(t, cmd.Process.Pid, port)[port]; got != inode {
 		t.Fatalf("port %d listens on inode %s, the test's socket is %s: sluice bound its own\n%s", port, got, inode, logText())
