@@ -572,6 +572,7 @@ func stopCounters(s handshake.Stats) zapcore.ObjectMarshalerFunc {
 			{"proxy_v1", s.ProxyV1}, {"proxy_v2", s.ProxyV2}, {"proxy_local", s.ProxyLocal}, {"proxy_untrusted", s.ProxyUntrusted},
 			{"rate_refused", s.RateRefused}, {"max_conn_refused", s.MaxConnRefused},
 			{"sent_proxy_v1", s.SentV1}, {"sent_proxy_v2", s.SentV2},
+			{"rate_sources", uint64(s.RateSources)}, {"max_conn_in_use", uint64(max(s.MaxConnInUse, 0))},
 		} {
 			if c.n != 0 {
 				enc.AddUint64(c.name, c.n)

@@ -122,7 +122,7 @@ rules:
 	if err := d.stop(5 * time.Second); err != nil {
 		t.Fatalf("stop: %v\n%s", err, d.stderr.String())
 	}
-	if want := fmt.Sprintf(`"connect-refused":%d`, tries); !strings.Contains(d.stderr.String(), want) {
+	if want := fmt.Sprintf(`"ended.connect-refused": %d`, tries); !strings.Contains(d.stderr.String(), want) {
 		t.Errorf("the daemon's counts do not say %s:\n%s", want, d.stderr.String())
 	}
 	if f := host.Failures.Load() + inner.Failures.Load(); f != 0 {

@@ -134,9 +134,9 @@ func TestRateTablePastSize(t *testing.T) {
 	if err := d.stop(10 * time.Second); err != nil {
 		t.Fatalf("stop: %v\n%s", err, d.stderr.String())
 	}
-	m := regexp.MustCompile(`"RateSources":(\d+)`).FindStringSubmatch(d.stderr.String())
+	m := regexp.MustCompile(`"rate_sources": ?(\d+)`).FindStringSubmatch(d.stderr.String())
 	if m == nil {
-		t.Fatalf("no RateSources in the daemon's counters:\n%s", d.stderr.String())
+		t.Fatalf("no rate_sources in the daemon's counters:\n%s", d.stderr.String())
 	}
 	if held, _ := strconv.Atoi(m[1]); held != 65536 {
 		t.Errorf("the rate table holds %d sources after %d, want its bound, 65536", held, n*sources)
