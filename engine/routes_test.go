@@ -23,21 +23,13 @@ func namedBackend(t *testing.T, name string) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(5 * time.Second))
-				if _, err := io.ReadFull(c, make([]byte, 5)); err == nil {
-					io.WriteString(c, name)
-				}
-			}()
+	testpeer.Accept(ln, func(c net.Conn) {
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, 5)); err == nil {
+			io.WriteString(c, name)
 		}
-	}()
+	})
 	return ln.Addr().String()
 }
 

@@ -24,21 +24,13 @@ func tlsBackend(t *testing.T, name string) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(5 * time.Second))
-				if c.(*tls.Conn).Handshake() == nil {
-					io.WriteString(c, name)
-				}
-			}()
+	testpeer.Accept(ln, func(c net.Conn) {
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if c.(*tls.Conn).Handshake() == nil {
+			io.WriteString(c, name)
 		}
-	}()
+	})
 	return ln.Addr().String()
 }
 
