@@ -41,16 +41,17 @@ const (
 	pipeFull Flags = 0x0200 // splice-in said EAGAIN with bytes in the pipe: flush before reading again
 	sawHup   Flags = 0x0400 // the last input event carried RDHUP/HUP/ERR (or none came yet): read on to EOF
 	yielded  Flags = 0x0800 // the last Pump stopped on its budget with bytes still to move: no event will say so, pump again
+	sawFin   Flags = 0x1000 // the last input event carried RDHUP alone: the peer's FIN is queued behind the bytes, a short read ends the input
 )
 
 var flagNames = []bitnames.Name[Flags]{
 	{Bit: ErrIn, Name: "ERR_IN"}, {Bit: ErrOut, Name: "ERR_OUT"}, {Bit: ShutIn, Name: "SHUT_IN"}, {Bit: ShutOut, Name: "SHUT_OUT"},
 	{Bit: EmptyIn, Name: "EMPTY_IN"}, {Bit: FullOut, Name: "FULL_OUT"}, {Bit: onPipe, Name: "ON_PIPE"}, {Bit: toPipe, Name: "TO_PIPE"},
 	{Bit: noSplice, Name: "NO_SPLICE"}, {Bit: pipeFull, Name: "PIPE_FULL"}, {Bit: sawHup, Name: "SAW_HUP"},
-	{Bit: yielded, Name: "YIELDED"},
+	{Bit: yielded, Name: "YIELDED"}, {Bit: sawFin, Name: "SAW_FIN"},
 }
 
-const allFlags Flags = 0x0fff
+const allFlags Flags = 0x1fff
 
 // String names every set bit, joined by '|'.
 func (f Flags) String() string { return bitnames.Format(f, flagNames) }
@@ -125,12 +126,23 @@ func (c *Channel) Prime(readable, hup bool) {
 // Readable records a readable event on the input; hup says whether it
 // carried RDHUP, HUP or ERR (the input ended or failed: read on to EOF).
 func (c *Channel) Readable(hup bool) {
-	c.flags &^= EmptyIn
+	c.flags &^= EmptyIn | sawFin
 	if hup {
 		c.flags |= sawHup
 	} else {
 		c.flags &^= sawHup
 	}
+}
+
+// ReadableFin records a readable event that carried RDHUP without HUP or
+// ERR: the peer shut its write side, so its FIN is queued behind whatever
+// bytes are there and no more can come. The read that drains them short
+// therefore ends the input as well, saving the read that would only return
+// 0 (HAProxy's raw_sock stops there too). A socket that fails afterwards
+// still reports it on the output side or at close.
+func (c *Channel) ReadableFin() {
+	c.Readable(true)
+	c.flags |= sawFin
 }
 
 // HupSeen reports whether the input's last event carried RDHUP, HUP or ERR
@@ -294,8 +306,13 @@ func (c *Channel) recv(p *Pools) int {
 		}
 		// A short read of a layer says nothing of the socket (a record
 		// at a time): it reads on to EAGAIN.
-		if n < room && c.flags&sawHup == 0 && !layered {
-			c.flags |= EmptyIn // a short read drained the socket: wait for the next edge
+		if n < room && !layered {
+			switch {
+			case c.flags&sawHup == 0:
+				c.flags |= EmptyIn // a short read drained the socket: wait for the next edge
+			case c.flags&sawFin != 0:
+				c.flags |= ShutIn // drained up to the FIN the event announced: the 0 read is not needed
+			}
 		}
 		return n
 	case err == nil: // n == 0

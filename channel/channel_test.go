@@ -329,3 +329,50 @@ func TestPrime(t *testing.T) {
 		})
 	}
 }
+
+// ReadableFin: an event that carried RDHUP alone says the peer's FIN is
+// queued behind its bytes, so the short read that drains them ends the
+// input without the read that would return 0. The "FIN not sent" case shows
+// that the channel trusts the event (it does not read again), which is what
+// saves the system call; the engine only calls ReadableFin for RDHUP without
+// HUP or ERR.
+func TestReadableFinSkipsTheZeroRead(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		fin      bool // ReadableFin rather than Readable(true)
+		closeW   bool // the peer really shut its write side
+		wantFlag Flags
+	}{
+		{"hang-up, FIN sent", false, true, ShutIn},
+		{"FIN event, FIN sent", true, true, ShutIn},
+		{"hang-up, FIN not sent", false, false, EmptyIn}, // read on: EAGAIN
+		{"FIN event, FIN not sent", true, false, ShutIn}, // no second read
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in, writer := tcpPair(t)
+			out, _ := tcpPair(t)
+			p := NewPools(0, 0, nil)
+			var ch Channel
+			ch.Init(in, out, rules.SpliceOff)
+			writer.Write([]byte("ping"))
+			if tc.closeW {
+				writer.(*net.TCPConn).CloseWrite()
+			}
+			testpeer.DeliveredConn(t, writer.(*net.TCPConn))
+			if tc.fin {
+				ch.ReadableFin()
+			} else {
+				ch.Readable(true)
+			}
+			ch.Pump(p, 0)
+			if ch.Bytes != 4 || ch.Flags()&(EmptyIn|ShutIn) != tc.wantFlag {
+				t.Fatalf("moved %d, flags %v; want 4, %v", ch.Bytes, ch.Flags(), tc.wantFlag)
+			}
+			ch.Readable(false) // a later plain event forgets the FIN
+			if ch.Flags()&sawFin != 0 {
+				t.Fatalf("flags %v after a plain event, want no SAW_FIN", ch.Flags())
+			}
+			ch.Release(p)
+		})
+	}
+}

@@ -506,6 +506,19 @@ func (s *session) forward(l *Loop) {
 	s.pump(l)
 }
 
+// readable hands a readable event of its input to ch: RDHUP alone is the
+// peer's FIN (channel.ReadableFin), any HUP or ERR a hang-up to read on to.
+func readable(ch *channel.Channel, ev uint32) {
+	switch {
+	case ev&(unix.EPOLLHUP|unix.EPOLLERR) != 0:
+		ch.Readable(true)
+	case ev&unix.EPOLLRDHUP != 0:
+		ch.ReadableFin()
+	default:
+		ch.Readable(false)
+	}
+}
+
 func (s *session) handle(l *Loop, fd int, ev uint32) {
 	const hup = unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR
 	if s.state != stForwarding {
@@ -585,14 +598,14 @@ func (s *session) handle(l *Loop, fd int, ev uint32) {
 		const out = unix.EPOLLOUT | unix.EPOLLHUP | unix.EPOLLERR
 		if fd == s.cli.FD() {
 			if ev&in != 0 {
-				s.up.Readable(ev&hup != 0)
+				readable(&s.up, ev)
 			}
 			if ev&out != 0 {
 				s.down.Writable()
 			}
 		} else {
 			if ev&in != 0 {
-				s.down.Readable(ev&hup != 0)
+				readable(&s.down, ev)
 			}
 			if ev&out != 0 {
 				s.up.Writable()
