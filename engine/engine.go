@@ -225,6 +225,16 @@ func (e *Engine) pif(name string) (*pif, error) {
 	return nil, fmt.Errorf("unknown pif %q", name)
 }
 
+// livePif is pif for a rule about to be bound: the pif must also still be
+// the namespace it was entered as (pif.alive).
+func (e *Engine) livePif(name string) (*pif, error) {
+	p, err := e.pif(name)
+	if err == nil {
+		err = p.alive()
+	}
+	return p, err
+}
+
 // Listen binds every port of a rule and starts serving it: a tcp rule's
 // listeners are polled by every loop, each udp listener by one loop (spread
 // round robin). Either every port is bound and serving, or none is and the
@@ -252,11 +262,11 @@ func (e *Engine) Listen(r *rules.Rule) ([]*Listener, error) {
 		return nil, ErrStopped
 	}
 	e.startResolver([]*rules.Rule{r})
-	lp, err := e.pif(r.ListenPif)
+	lp, err := e.livePif(r.ListenPif)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := e.pif(r.TargetPif); err != nil {
+	if _, err := e.livePif(r.TargetPif); err != nil {
 		return nil, err
 	}
 	g := []*rules.Rule{r}

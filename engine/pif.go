@@ -24,7 +24,8 @@ import (
 // thread.
 type pif struct {
 	name  string
-	netns string // the path it was opened from, for messages
+	netns string    // the path it was opened from, for messages
+	ident [2]uint64 // device and inode of the namespace entered (alive compares the path's)
 	reqs  chan sockReq
 	done  chan struct{}
 
@@ -51,6 +52,10 @@ func openPif(name, path string) (*pif, error) {
 		return nil, fmt.Errorf("pif %s: open netns: %w", name, err)
 	}
 	p := &pif{name: name, netns: path, reqs: make(chan sockReq), done: make(chan struct{})}
+	if p.ident, err = nsIdent(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("pif %s: %w", name, err)
+	}
 	ready := make(chan error, 1)
 	go p.run(f, ready)
 	if err := <-ready; err != nil {
@@ -80,6 +85,43 @@ func (p *pif) run(f *os.File, ready chan<- error) {
 		fd, err := unix.Socket(req.family, req.typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 		req.reply <- sockReply{fd, err}
 	}
+}
+
+// nsIdent is the device and inode of an open namespace file: what makes a
+// namespace itself, whatever path names it.
+func nsIdent(f *os.File) ([2]uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return [2]uint64{}, fmt.Errorf("fstat %s: %w", f.Name(), err)
+	}
+	return [2]uint64{st.Dev, st.Ino}, nil
+}
+
+// alive returns nil when the pif's path still names the namespace its
+// thread entered, else why not. A namespace deleted with `ip netns del`
+// (or whose process ended) lives on while the pif's thread is inside it,
+// but nothing else can reach it any more: a rule bound there would commit
+// and never be reached, so a table that names it is refused instead. A path
+// that now names another namespace (deleted and added again) is refused
+// too: the daemon would serve the old one; restart it, or name the new one
+// under another pif. The host pif is always alive.
+func (p *pif) alive() error {
+	if p == nil {
+		return nil
+	}
+	f, err := os.Open(p.netns)
+	if err != nil {
+		return fmt.Errorf("pif %s: its namespace %s is gone (deleted after the daemon entered it): %w", p.name, p.netns, err)
+	}
+	defer f.Close()
+	id, err := nsIdent(f)
+	if err != nil {
+		return fmt.Errorf("pif %s: %w", p.name, err)
+	}
+	if id != p.ident {
+		return fmt.Errorf("pif %s: %s now names another namespace than the one the daemon entered at start (deleted and made again?): restart the daemon to enter it", p.name, p.netns)
+	}
+	return nil
 }
 
 // errPifClosed is returned for sockets asked of a pif that was closed.

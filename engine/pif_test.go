@@ -110,3 +110,32 @@ func TestPifErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A namespace deleted after the daemon entered it lives on inside the pif's
+// thread, but nothing else can reach it: a rule bound there would commit and
+// never be reached. Listen and Apply refuse it, and refuse a path that names
+// a new namespace made under the old name. The host is not affected.
+func TestPifNamespaceGone(t *testing.T) {
+	ns := netnstest.New(t)
+	e := startPifs(t, map[string]*netnstest.NS{"ns1": ns})
+	line := "tcp ns1/127.0.0.1:0 -> 127.0.0.1:1"
+	listen(t, e, line) // alive: binds
+
+	netnstest.Run(t, "ip", "netns", "del", ns.Name)
+	r, _ := rules.Parse(line)
+	if _, err := e.Listen(r); err == nil || !strings.Contains(err.Error(), "pif ns1: its namespace "+ns.Path+" is gone") {
+		t.Fatalf("Listen in a deleted namespace: %v", err)
+	}
+	if _, err := e.Apply([]*rules.Rule{r}); err == nil || !strings.Contains(err.Error(), "is gone") {
+		t.Fatalf("Apply in a deleted namespace: %v", err)
+	}
+
+	netnstest.Run(t, "ip", "netns", "add", ns.Name)
+	if _, err := e.Listen(r); err == nil || !strings.Contains(err.Error(), "now names another namespace") {
+		t.Fatalf("Listen in a namespace made again under the name: %v", err)
+	}
+	host, _ := rules.Parse("tcp 127.0.0.1:0 -> 127.0.0.1:1")
+	if _, err := e.Apply([]*rules.Rule{host}); err != nil {
+		t.Fatalf("Apply of a host rule: %v", err)
+	}
+}

@@ -276,10 +276,10 @@ func (e *Engine) applyStart(rs []*rules.Rule) (tableNow, uint64, error) {
 		return tableNow{}, 0, ErrPending
 	}
 	for _, r := range rs {
-		if _, err := e.pif(r.ListenPif); err != nil {
+		if _, err := e.livePif(r.ListenPif); err != nil {
 			return tableNow{}, 0, fmt.Errorf("%s: %w", r, err)
 		}
-		if _, err := e.pif(r.TargetPif); err != nil {
+		if _, err := e.livePif(r.TargetPif); err != nil {
 			return tableNow{}, 0, fmt.Errorf("%s: %w", r, err)
 		}
 	}
