@@ -217,9 +217,11 @@ func (l *Loop) run() {
 	l.wheel.init(l.now / int64(tick))
 	for {
 		msec := -1
-		if l.wheel.count > 0 {
-			// Sleep to the next tick boundary.
-			next := (l.wheel.cur)*int64(tick) - l.now
+		if due := l.wheel.next(); due >= 0 {
+			// Sleep to the boundary of the first tick with a timer in its
+			// slot, not to the next tick: no wake-up every tick for timers
+			// that are far away.
+			next := due*int64(tick) - l.now
 			msec = int((next + int64(time.Millisecond) - 1) / int64(time.Millisecond))
 			if msec < 0 {
 				msec = 0

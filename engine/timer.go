@@ -31,6 +31,11 @@ type wheel struct {
 	slots [wheelSlots]timer // sentinels of circular lists
 	cur   int64             // next tick to process
 	count int
+	// first is a lower bound of the tick of the first slot at or after cur
+	// that holds a timer, valid while first >= cur: add lowers it, del
+	// leaves it (a lower bound stays one), advance passing it invalidates
+	// it and the next call of next scans again.
+	first int64
 }
 
 func (w *wheel) init(now int64) {
@@ -39,6 +44,30 @@ func (w *wheel) init(now int64) {
 		s.next, s.prev = s, s
 	}
 	w.cur = now
+	w.first = now - 1
+}
+
+// next returns the tick the loop must wake at: the first tick at or after
+// cur whose slot holds a timer (due then, or on a later turn of the wheel:
+// the wake then only moves cur on), or -1 when no timer is armed. The loop
+// sleeps until it instead of waking every tick: an idle loop with sessions
+// whose timeouts are minutes away sleeps a turn of the wheel at a time. A
+// scan walks at most one turn of slots, and only when the last answer has
+// been passed.
+func (w *wheel) next() int64 {
+	if w.count == 0 {
+		return -1
+	}
+	if w.first >= w.cur {
+		return w.first
+	}
+	for d := int64(0); d < wheelSlots; d++ {
+		if s := &w.slots[(w.cur+d)&(wheelSlots-1)]; s.next != s {
+			w.first = w.cur + d
+			return w.first
+		}
+	}
+	return w.cur // unreachable while count > 0
 }
 
 // add arms t to fire at tick when (at the earliest the next tick). An armed
@@ -51,6 +80,11 @@ func (w *wheel) add(t *timer, when int64) {
 		when = w.cur
 	}
 	t.when = when
+	// The slot's tick in the current turn (when itself for a timer within
+	// one turn; earlier for one further away, which is then a lower bound).
+	if slot := w.cur + (when-w.cur)&(wheelSlots-1); w.first >= w.cur && slot < w.first {
+		w.first = slot
+	}
 	s := &w.slots[when&(wheelSlots-1)]
 	t.prev, t.next = s.prev, s
 	s.prev.next = t
