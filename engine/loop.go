@@ -58,6 +58,7 @@ type Loop struct {
 
 	budget   int           // bytes per pump of a direction (Config.Budget; 0: no bound)
 	again    []*session    // sessions whose pump yielded on its budget, to pump after the batch (sfAgain)
+	free     []*session    // finished sessions' structs for newSession to reuse (recycle), at most maxFreeSessions
 	requeued atomic.Uint64 // times a session went on again (read by tests and benchmarks)
 
 	sessions int // live sessions on this loop

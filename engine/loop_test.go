@@ -2,7 +2,10 @@ package engine
 
 import (
 	"context"
+	"crypto/tls"
+	"net"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
@@ -10,6 +13,8 @@ import (
 
 	"github.com/sluice-proxy/sluice/conn"
 	"github.com/sluice-proxy/sluice/internal/rawsys"
+	"github.com/sluice-proxy/sluice/internal/testcert"
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 )
 
 // onLoop runs fn on l's goroutine and waits for it: fn may touch everything
@@ -213,4 +218,81 @@ func rawListener(t *testing.T, backlog int) int {
 		t.Fatal(err)
 	}
 	return fd
+}
+
+// freeSessions counts the session structs the engine's loops keep for reuse.
+func freeSessions(e *Engine) int {
+	n := 0
+	var mu sync.Mutex
+	e.onLoops(func(l *Loop) { mu.Lock(); n += len(l.free); mu.Unlock() })
+	return n
+}
+
+// A plain session's struct is reused by a later one (recycle), at most
+// maxFreeSessions per loop are kept, and a session whose TLS handshake ran
+// on a goroutine is never reused (the goroutine may still post to it).
+func TestSessionRecycle(t *testing.T) {
+	be, err := testpeer.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(be.Close)
+	e, addr := start(t, "tcp 127.0.0.1:0 -> "+be.Addr(), Config{Loops: 1})
+	var conns []*net.TCPConn
+	for i := 0; i < maxFreeSessions+10; i++ { // all open at once, then all closed
+		conns = append(conns, dial(t, addr))
+	}
+	waitActive(t, e, len(conns))
+	for _, c := range conns {
+		c.Close()
+	}
+	waitIdle(t, e)
+	if n := freeSessions(e); n != maxFreeSessions {
+		t.Fatalf("%d free session structs after %d sessions ended, want the bound %d", n, len(conns), maxFreeSessions)
+	}
+	for i := 0; i < 5; i++ { // one at a time: each takes a struct and gives it back
+		c := dial(t, addr)
+		if err := testpeer.Exchange(c, 100, 100, uint64(i)); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		waitIdle(t, e)
+	}
+	if n := freeSessions(e); n != maxFreeSessions {
+		t.Fatalf("%d free session structs after sequential sessions, want %d", n, maxFreeSessions)
+	}
+
+	dir := t.TempDir()
+	ca := testcert.NewCA(t, dir)
+	cert, key := ca.Leaf(t, "srv", "a.example.com")
+	e2, addr2 := start(t, "tcp 127.0.0.1:0 -> "+be.Addr()+" tls.cert="+cert+" tls.key="+key, Config{Loops: 1})
+	for i := 0; i < 3; i++ {
+		c, err := tls.Dial("tcp", addr2, &tls.Config{RootCAs: caPool(t, ca), ServerName: "a.example.com"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := testpeer.Exchange(c, 100, 100, uint64(i)); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	waitIdle(t, e2)
+	if n := freeSessions(e2); n != 0 {
+		t.Fatalf("%d TLS session structs kept for reuse, want 0", n)
+	}
+	if n := freeSessions(e2); n != 0 {
+		t.Fatalf("%d TLS session structs kept for reuse, want 0", n)
+	}
+}
+
+// waitActive waits until the engine holds n sessions.
+func waitActive(t *testing.T, e *Engine, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for e.active.Load() != int64(n) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d sessions active, want %d", e.active.Load(), n)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }

@@ -62,17 +62,18 @@ const (
 	sfSrvIn  sessionFlags = 0x80  // a readable event on the backend conn
 	sfSrvHup sessionFlags = 0x100 // an event on the backend conn with RDHUP, HUP or ERR
 
-	sfParked sessionFlags = 0x200 // waited for an fd on this dial: on l.fdWait until it dials, its timer the first connect deadline
-	sfHeld   sessionFlags = 0x400 // the gate holds a strict prefix of a PROXY signature: the timer bounds the wait (sfGate)
-	sfAgain  sessionFlags = 0x800 // a pump yielded on its budget: on l.again, to pump after the batch
+	sfParked sessionFlags = 0x200  // waited for an fd on this dial: on l.fdWait until it dials, its timer the first connect deadline
+	sfHeld   sessionFlags = 0x400  // the gate holds a strict prefix of a PROXY signature: the timer bounds the wait (sfGate)
+	sfAgain  sessionFlags = 0x800  // a pump yielded on its budget: on l.again, to pump after the batch
+	sfTLS    sessionFlags = 0x1000 // a TLS handshake was started: its goroutine may still post to the session, which is never reused (recycle)
 )
 
 var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"},
 	{Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}, {Bit: sfGate, Name: "GATE"},
 	{Bit: sfCliIn, Name: "CLI_IN"}, {Bit: sfCliHup, Name: "CLI_HUP"}, {Bit: sfSrvIn, Name: "SRV_IN"}, {Bit: sfSrvHup, Name: "SRV_HUP"},
-	{Bit: sfParked, Name: "PARKED"}, {Bit: sfHeld, Name: "HELD"}, {Bit: sfAgain, Name: "AGAIN"}}
+	{Bit: sfParked, Name: "PARKED"}, {Bit: sfHeld, Name: "HELD"}, {Bit: sfAgain, Name: "AGAIN"}, {Bit: sfTLS, Name: "TLS"}}
 
-const allSessionFlags sessionFlags = 0xfff
+const allSessionFlags sessionFlags = 0x1fff
 
 func (f sessionFlags) String() string { return bitnames.Format(f, sessionFlagNames[:]) }
 
@@ -231,7 +232,8 @@ func (s *session) connectTimeout() time.Duration {
 // registered on l and its incoming handshake chain run, bounded by the
 // rule's timeout.handshake.
 func newSession(l *Loop, ln *Listener, fd int, src netip.AddrPort) {
-	s := &session{ln: ln, start: l.now, active: l.now}
+	s := l.newSessionStruct()
+	*s = session{ln: ln, start: l.now, active: l.now}
 	s.tmr.owner = s
 	s.cli.Init(fd, nil, true)
 	s.cli.Src = src
@@ -822,4 +824,39 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	s.ln.ctr.ended(l, s, term)
 	s.logEnd(l, code, term)
 	l.fdFreed()
+	l.recycle(s)
+}
+
+// maxFreeSessions bounds a loop's free list of session structs: enough for
+// a burst of short connections, small against the sessions a loop holds.
+const maxFreeSessions = 64
+
+// newSessionStruct returns a session struct for newSession to fill: one
+// that finished on this loop when there is one, else a new allocation. A
+// loop that accepts and ends connections at a steady rate allocates none
+// (fewer GC cycles, and each GC cycle preempts the loops).
+func (l *Loop) newSessionStruct() *session {
+	if n := len(l.free); n > 0 {
+		s := l.free[n-1]
+		l.free[n-1] = nil
+		l.free = l.free[:n-1]
+		return s
+	}
+	return new(session)
+}
+
+// recycle keeps a finished session's struct for a later newSession. It is
+// called last in finish and the struct is left as it is (stClosed) until
+// newSession overwrites it, so what runs after finish in the same event
+// still reads a closed session. References that outlive finish make a
+// struct unfit: a TLS handshake's goroutine posts to its session (sfTLS),
+// and a sessionExt is left to the GC with its session. Entries for it left
+// on l.again are harmless: pumpAgain pumps only a forwarding session, and a
+// pump too many of a live one moves what is there. Events still queued for
+// its fds are dropped by the table's generations.
+func (l *Loop) recycle(s *session) {
+	if s.ext != nil || s.flags&sfTLS != 0 || len(l.free) >= maxFreeSessions {
+		return
+	}
+	l.free = append(l.free, s)
 }

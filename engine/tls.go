@@ -92,6 +92,7 @@ func (s *session) tlsConnect(l *Loop) {
 
 func (s *session) startTLS(l *Loop, t *conn.TLS, d time.Duration) {
 	st := s.state
+	s.flags |= sfTLS // the goroutine below holds s: never recycled
 	err := t.Start(time.Now().Add(d), func() {
 		l.post(func(l *Loop) { s.tlsDone(l, t, st) })
 	})
