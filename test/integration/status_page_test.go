@@ -122,7 +122,7 @@ func TestStatusPageInChromium(t *testing.T) {
 	})
 
 	dom := html.UnescapeString(string(runChromium(t, bin, base, "--dump-dom")))
-	want := []string{"<title>sluice status</title>", "Live sessions", `id="sessions">0<`, "Rates, last", "Open fds",
+	want := []string{"<title>sluice status</title>", "Live sessions", `id="sessions">0<`, `Rates per second, <span class="window">last 10 s</span>`, `Rates per second, <span class="window">last 60 s</span>`, `Refused<b id="refused">0</b>`, "Open fds",
 		"Last transactions", ">apply<", ">commit<", "table generation 1",
 		"1/1 ports bound", "1/2 ports bound", fmt.Sprintf("port %d: address already in use", weak+1),
 		"accepted 3", "health replies 1 ok, 0 fail", back.Addr(), ">up<",
