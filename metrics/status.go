@@ -443,7 +443,7 @@ header{display:flex;flex-wrap:wrap;align-items:baseline;gap:4px 16px}
 h1{font-size:1.35em;margin:0}
 h2{font-size:1.05em;margin:18px 0 6px;text-transform:uppercase;letter-spacing:.04em;color:var(--mute)}
 .meta{color:var(--mute);font-size:.88em;overflow-wrap:anywhere}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,210px),1fr));gap:8px}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,170px),1fr));gap:8px}
 .card,.rule{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px 10px;min-width:0}
 .card b{display:block;font-size:1.35em}
 .card .meta{display:block}
