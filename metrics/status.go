@@ -2,16 +2,19 @@ package metrics
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"html/template"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/sluice-proxy/sluice/balance"
+	"github.com/sluice-proxy/sluice/conn"
 	"github.com/sluice-proxy/sluice/engine"
 )
 
@@ -37,20 +40,22 @@ const maxRows = 24
 // minSpan is the shortest time a rate is computed over.
 const minSpan = 500 * time.Millisecond
 
-// rateWindows are the windows the page shows rates over.
+// rateWindows are the windows the page shows rates over, shortest first.
 var rateWindows = []time.Duration{10 * time.Second, time.Minute}
 
 // StatusPage is the HTML page at /: rules with their listeners and bind
-// state, backends with their passive health, live sessions and rates, the
-// last table operations with their bind summaries. Plain HTML with a little
-// inline CSS, no external asset, a meta refresh; laid out for a phone first.
+// state, backends with their passive health, live sessions and rates,
+// refusals by reason, the last table operations with their bind summaries.
+// Plain HTML with a little inline CSS, no external asset, a meta refresh;
+// laid out for a phone first, up to 1400 px wide on a desktop.
 // A goroutine samples the engine's totals every second for the rates; Close
 // stops it.
 type StatusPage struct {
 	src     StatusSource
 	info    StatusInfo
 	started time.Time
-	every   time.Duration
+	every   time.Duration   // the sampler's tick
+	windows []time.Duration // rateWindows, shorter in tests
 
 	mu      sync.Mutex
 	samples []sample // oldest first, at most a window's worth
@@ -67,14 +72,15 @@ type sample struct {
 
 // NewStatusPage starts the page's sampler.
 func NewStatusPage(src StatusSource, info StatusInfo) *StatusPage {
-	return newStatusPage(src, info, time.Second)
+	return newStatusPage(src, info, time.Second, rateWindows)
 }
 
-func newStatusPage(src StatusSource, info StatusInfo, every time.Duration) *StatusPage {
+// newStatusPage samples every tick for rates over windows (shortest first).
+func newStatusPage(src StatusSource, info StatusInfo, every time.Duration, windows []time.Duration) *StatusPage {
 	if info.Refresh <= 0 {
 		info.Refresh = DefaultRefresh
 	}
-	p := &StatusPage{src: src, info: info, started: time.Now(), every: every,
+	p := &StatusPage{src: src, info: info, started: time.Now(), every: every, windows: windows,
 		stop: make(chan struct{}), done: make(chan struct{})}
 	p.take(time.Now())
 	go p.sampler()
@@ -101,7 +107,7 @@ func (p *StatusPage) take(now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.samples = append(p.samples, sample{at: now, t: t})
-	keep := rateWindows[len(rateWindows)-1] + 2*time.Second
+	keep := p.windows[len(p.windows)-1] + 2*time.Second // a sample a window old stays, at a tick of 1 s or less
 	i := 0
 	for i < len(p.samples)-1 && now.Sub(p.samples[i].at) > keep {
 		i++
@@ -118,18 +124,20 @@ func (p *StatusPage) Close() error {
 
 // rateView is the traffic over one window.
 type rateView struct {
-	Window                string
+	Window                string // the window the card is defined over: "last 60 s"
+	Filling               string // while the page is younger than the window: "filling: 11 s so far"; "" once full
 	Conns, Up, Down, Dgrm string
 }
 
-// rates compares cur, read at now, with the sample a window ago (or the
-// oldest, when the page is younger than the window).
+// rates compares cur, read at now, with the sample a window ago, one card
+// per window. A window the page is younger than compares with the oldest
+// sample and says it is filling, with the span its figures cover: a card
+// keeps the name of its window, so that "last 60 s" never reads "last 11s".
 func (p *StatusPage) rates(now time.Time, cur engine.Totals) []rateView {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var out []rateView
-	lastSpan := time.Duration(-1)
-	for _, w := range rateWindows {
+	for _, w := range p.windows {
 		var old *sample
 		for i := len(p.samples) - 1; i >= 0; i-- {
 			old = &p.samples[i]
@@ -137,34 +145,38 @@ func (p *StatusPage) rates(now time.Time, cur engine.Totals) []rateView {
 				break
 			}
 		}
+		rv := rateView{Window: "last " + seconds(w)}
 		var span time.Duration // 0: too little history for a rate
-		if old != nil && now.Sub(old.at) >= minSpan {
+		if old != nil {
 			span = now.Sub(old.at)
 		}
-		if span == lastSpan {
-			continue // younger than this window too: the same figures again
+		if span < w {
+			rv.Filling = "filling: " + seconds(span) + " so far"
 		}
-		lastSpan = span
-		if span == 0 {
-			out = append(out, rateView{Window: "last " + shortDuration(w), Conns: "–", Up: "–", Down: "–", Dgrm: "–"})
+		if span < minSpan {
+			rv.Conns, rv.Up, rv.Down, rv.Dgrm = "–", "–", "–", "–"
+			out = append(out, rv)
 			continue
 		}
-		dt := now.Sub(old.at).Seconds()
+		dt := span.Seconds()
 		per := func(a, b uint64) float64 {
 			if a < b { // a table change dropped a rule's counters
 				return 0
 			}
 			return float64(a-b) / dt
 		}
-		label := "last " + shortDuration(now.Sub(old.at).Round(time.Second))
-		out = append(out, rateView{Window: label,
-			Conns: strconv.FormatFloat(per(cur.Accepted, old.t.Accepted), 'f', 1, 64) + "/s",
-			Up:    humanBytes(per(cur.BytesUp, old.t.BytesUp)) + "/s",
-			Down:  humanBytes(per(cur.BytesDown, old.t.BytesDown)) + "/s",
-			Dgrm:  strconv.FormatFloat(per(cur.Datagrams, old.t.Datagrams), 'f', 1, 64) + "/s",
-		})
+		rv.Conns = strconv.FormatFloat(per(cur.Accepted, old.t.Accepted), 'f', 1, 64) + "/s"
+		rv.Up = humanBytes(per(cur.BytesUp, old.t.BytesUp)) + "/s"
+		rv.Down = humanBytes(per(cur.BytesDown, old.t.BytesDown)) + "/s"
+		rv.Dgrm = strconv.FormatFloat(per(cur.Datagrams, old.t.Datagrams), 'f', 1, 64) + "/s"
+		out = append(out, rv)
 	}
 	return out
+}
+
+// seconds writes d in whole seconds, "60 s": the unit of every rate.
+func seconds(d time.Duration) string {
+	return strconv.FormatInt(int64(d.Round(time.Second)/time.Second), 10) + " s"
 }
 
 type statusView struct {
@@ -177,6 +189,8 @@ type statusView struct {
 	FDs                          int
 	Buffers, Pipes               string
 	Rates                        []rateView
+	Refused                      uint64        // by every rule of the table
+	Refusals                     []refusalView // Refused by reason, most first
 	Rules                        []ruleView
 	Txns                         []txnView
 }
@@ -196,9 +210,61 @@ type ruleView struct {
 	UpBackends, AllBackends  int
 	Sessions                 int64
 	Accepted, Refused        uint64
+	Refusals                 []refusalView // Refused by reason, most first
 	Up, Down                 string
 	HealthOK, HealthFail     uint64
 	UDP                      engine.UDPStats
+}
+
+// refusalView is one reason connections were refused, with its count.
+type refusalView struct {
+	Reason        string // the end code's name, sluice_rule_refused_total's reason
+	N             uint64
+	Rate, MaxConn uint64 // of rate-limited: refused by rate= and by maxconn=
+}
+
+// Detail says which limit a rate-limited count came from: "maxconn 2,
+// rate 1"; "" for any other reason.
+func (r refusalView) Detail() string {
+	var parts []string
+	if r.MaxConn > 0 {
+		parts = append(parts, "maxconn "+strconv.FormatUint(r.MaxConn, 10))
+	}
+	if r.Rate > 0 {
+		parts = append(parts, "rate "+strconv.FormatUint(r.Rate, 10))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// addRefusals adds rule r's refusals to list by reason, whatever the step
+// (the step is in the metric), and returns list sorted most first.
+func addRefusals(list []refusalView, r *engine.RuleStats) []refusalView {
+	at := func(reason string) *refusalView {
+		for i := range list {
+			if list[i].Reason == reason {
+				return &list[i]
+			}
+		}
+		list = append(list, refusalView{Reason: reason})
+		return &list[len(list)-1]
+	}
+	refusedSamples(r, func(n float64, labels ...string) {
+		if n > 0 {
+			at(labels[1]).N += uint64(n)
+		}
+	})
+	if r.Policy.RateRefused+r.Policy.MaxConnRefused > 0 {
+		rl := at(conn.CodeRateLimited.String())
+		rl.Rate += r.Policy.RateRefused
+		rl.MaxConn += r.Policy.MaxConnRefused
+	}
+	slices.SortFunc(list, func(a, b refusalView) int {
+		if c := cmp.Compare(b.N, a.N); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Reason, b.Reason)
+	})
+	return list
 }
 
 type listenerView struct {
@@ -251,11 +317,12 @@ func (p *StatusPage) view(now time.Time) statusView {
 				rv.CertExpiry = c.Expiry.UTC().Format("2006-01-02 15:04 UTC") + " (expired)"
 			}
 		}
-		for _, byCode := range r.Policy.Refused {
-			for _, n := range byCode {
-				rv.Refused += n
-			}
+		rv.Refusals = addRefusals(nil, &r)
+		for _, f := range rv.Refusals {
+			rv.Refused += f.N
 		}
+		v.Refused += rv.Refused
+		v.Refusals = addRefusals(v.Refusals, &r)
 		for _, f := range r.Failed {
 			rv.Failed = append(rv.Failed, fmt.Sprintf("port %d: %s", f.Port, f.Msg))
 		}
@@ -369,18 +436,26 @@ var statusTmpl = template.Must(template.New("status").Parse(`<!doctype html>
 <style>
 :root{--fg:#1d232a;--mute:#5d6873;--line:#dfe3e8;--card:#fff;--bg:#f4f6f8;--ok:#157f3b;--bad:#b42318;--warn:#9a5b00}
 *{box-sizing:border-box}
-body{margin:0;padding:12px;font:15px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+body{margin:0;font:15px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+.page{max-width:1400px;margin:0 auto;padding:12px}
+@media (min-width:800px){.page{padding:16px 24px}}
+header{display:flex;flex-wrap:wrap;align-items:baseline;gap:4px 16px}
 h1{font-size:1.35em;margin:0}
 h2{font-size:1.05em;margin:18px 0 6px;text-transform:uppercase;letter-spacing:.04em;color:var(--mute)}
 .meta{color:var(--mute);font-size:.88em;overflow-wrap:anywhere}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:8px}
-.card,.rule{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px 10px}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,170px),1fr));gap:8px}
+.card,.rule{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px 10px;min-width:0}
 .card b{display:block;font-size:1.35em}
-.rule{margin-bottom:10px}
-code{font:13px/1.35 ui-monospace,"DejaVu Sans Mono",monospace;word-break:break-all}
-.scroll{overflow-x:auto}
+.card .meta{display:block}
+.window{white-space:nowrap}
+.filling{color:var(--warn)}
+.rules{display:grid;gap:10px}
+.rule-body{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,520px),1fr));gap:0 16px}
+code{font:13px/1.35 ui-monospace,"DejaVu Sans Mono",monospace;overflow-wrap:anywhere}
+.scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;width:100%;font-size:.9em;margin-top:6px}
-th,td{text-align:left;padding:3px 6px;border-bottom:1px solid var(--line);white-space:nowrap}
+th,td{text-align:left;padding:3px 8px;border-bottom:1px solid var(--line);white-space:nowrap}
+td.wrap{white-space:normal;overflow-wrap:anywhere;min-width:12em}
 th{color:var(--mute);font-weight:600}
 .ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}
 .pill{display:inline-block;padding:0 7px;border-radius:10px;font-size:.85em;font-weight:600;background:#e7f4ec;color:var(--ok)}
@@ -391,6 +466,7 @@ a{color:#1559b7}
 </style>
 </head>
 <body>
+<main class="page">
 <header>
 <h1>sluice {{.Version}}</h1>
 <div class="meta">up {{.Uptime}} · table generation {{.Generation}} · {{if .Draining}}<span class="pill warn">draining</span>{{else}}<span class="pill">running</span>{{end}}{{if .Pending}} · <span class="pill warn">apply pending commit</span>{{end}}{{with .Config}} · {{.}}{{end}}</div>
@@ -400,12 +476,14 @@ a{color:#1559b7}
 <h2>Traffic</h2>
 <div class="cards">
 <div class="card">Live sessions<b id="sessions">{{.Sessions}}</b></div>
-{{range .Rates}}<div class="card">Rates, {{.Window}}<b>{{.Conns}}</b><span class="meta">new connections · in {{.Up}} · out {{.Down}}{{if $.UDP}} · {{.Dgrm}} datagrams{{end}}</span></div>
-{{end}}<div class="card">Open fds<b>{{if ge .FDs 0}}{{.FDs}}{{else}}?{{end}}</b><span class="meta">buffers {{.Buffers}}; pipes {{.Pipes}}</span></div>
+{{range .Rates}}<div class="card rate">Rates per second, <span class="window">{{.Window}}</span>{{with .Filling}} <span class="filling">({{.}})</span>{{end}}<b>{{.Conns}}</b><span class="meta">new connections · in {{.Up}} · out {{.Down}}{{if $.UDP}} · {{.Dgrm}} datagrams{{end}}</span></div>
+{{end}}<div class="card">Refused<b id="refused">{{.Refused}}</b><span class="meta">{{with .Refusals}}{{template "refusals" .}}{{else}}none{{end}} · by the rules of this table</span></div>
+<div class="card">Open fds<b>{{if ge .FDs 0}}{{.FDs}}{{else}}?{{end}}</b><span class="meta">buffers {{.Buffers}}; pipes {{.Pipes}}</span></div>
 </div>
 
 <h2>Rules</h2>
 {{if not .Rules}}<p class="meta">No rules: nothing is forwarded.</p>{{end}}
+<div class="rules">
 {{range .Rules}}<section class="rule">
 <div><code>{{.Line}}</code></div>
 <div class="meta">{{.Proto}} · pif {{.Pif}} · {{if .BindOK}}<span class="pill">{{.Bound}}/{{.Requested}} ports bound</span>{{else}}<span class="pill bad">{{.Bound}}/{{.Requested}} ports bound</span>{{end}}</div>
@@ -413,7 +491,8 @@ a{color:#1559b7}
 {{if .Cert}}<div class="meta">certificate <code>{{.Cert}}</code> · expires {{if .CertSoon}}<span class="pill bad">{{.CertExpiry}}</span>{{else}}{{.CertExpiry}}{{end}}</div>{{end}}
 {{if .Routes}}<div class="meta">routes of this listener, by TLS name: {{range .Routes}}<code>{{.}}</code> {{end}}</div>{{end}}
 {{if eq .Proto "udp"}}<div>flows {{.UDP.Flows}} live, {{.UDP.Opened}} opened · datagrams {{.UDP.DatagramsUp}} in, {{.UDP.DatagramsDown}} out, {{.UDP.Dropped}} dropped</div>
-{{else}}<div>sessions <b>{{.Sessions}}</b> · accepted {{.Accepted}} · refused {{.Refused}} · in {{.Up}} · out {{.Down}}{{if or .HealthOK .HealthFail}} · health replies {{.HealthOK}} ok, {{.HealthFail}} fail{{end}}</div>{{end}}
+{{else}}<div>sessions <b>{{.Sessions}}</b> · accepted {{.Accepted}} · refused {{.Refused}}{{with .Refusals}}: {{template "refusals" .}}{{end}} · in {{.Up}} · out {{.Down}}{{if or .HealthOK .HealthFail}} · health replies {{.HealthOK}} ok, {{.HealthFail}} fail{{end}}</div>{{end}}
+<div class="rule-body">
 <div class="scroll"><table>
 <tr><th>listener</th><th>state</th><th>accepted</th><th title="times accept paused for want of fds">paused</th></tr>
 {{range .Listeners}}<tr><td><code>{{.Addr}}</code></td><td>{{if eq .State "listening"}}<span class="ok">{{.State}}</span>{{else}}<span class="warn">{{.State}}</span>{{end}}</td><td>{{.Accepted}}</td><td>{{.Paused}}</td></tr>
@@ -421,21 +500,23 @@ a{color:#1559b7}
 </table></div>
 {{if .Backends}}<div class="scroll"><table>
 <tr><th>backend ({{.UpBackends}}/{{.AllBackends}} up)</th><th>health</th><th>sessions</th><th title="connects that failed">fails</th><th title="active checks: time in this state">since</th><th title="the last check's result and latency">last check</th><th>reason</th></tr>
-{{range .Backends}}<tr><td><code>{{.Addr}}</code></td><td>{{if .Up}}<span class="pill">up</span>{{else}}<span class="pill bad">down</span>{{end}}</td><td>{{.Active}}</td><td>{{.Failures}}</td>{{if .Checked}}<td>{{.Since}}</td><td>{{.Last}}</td><td>{{.Reason}}</td>{{else}}<td colspan="3" class="meta">passive only</td>{{end}}</tr>
+{{range .Backends}}<tr><td><code>{{.Addr}}</code></td><td>{{if .Up}}<span class="pill">up</span>{{else}}<span class="pill bad">down</span>{{end}}</td><td>{{.Active}}</td><td>{{.Failures}}</td>{{if .Checked}}<td>{{.Since}}</td><td>{{.Last}}</td><td class="wrap">{{.Reason}}</td>{{else}}<td colspan="3" class="meta">passive only</td>{{end}}</tr>
 {{end}}{{if .MoreBackends}}<tr><td colspan="7" class="meta">… and {{.MoreBackends}} more</td></tr>{{end}}
 </table></div>{{end}}
+</div>
 </section>
-{{end}}
+{{end}}</div>
 {{if .Paused}}<p class="meta">Paused by the pending apply (closed at commit): {{range $i, $k := .Paused}}{{if $i}}, {{end}}<code>{{$k}}</code>{{end}}</p>{{end}}
 
 <h2>Last transactions</h2>
 {{if not .Txns}}<p class="meta">No table operation yet.</p>{{else}}<div class="scroll"><table>
 <tr><th>time</th><th>step</th><th>gen</th><th>verdict</th><th title="listen ports kept, added, removed">kept/added/removed</th><th>took</th></tr>
 {{range .Txns}}<tr><td>{{.Time}}</td><td>{{.Op}}</td><td>{{.Generation}}</td><td>{{if .HasSummary}}{{if .OK}}<span class="pill">ok</span>{{else}}<span class="pill bad">failed</span>{{end}}{{else}}<span class="pill">committed</span>{{end}}</td><td>{{if .HasSummary}}{{.Kept}}/{{.Added}}/{{.Remove}}{{end}}</td><td>{{.Took}}</td></tr>
-{{if .Failures}}<tr><td></td><td colspan="5" class="bad">{{range .Failures}}<div><code>{{.}}</code></div>{{end}}</td></tr>{{end}}
+{{if .Failures}}<tr><td></td><td colspan="5" class="bad wrap">{{range .Failures}}<div><code>{{.}}</code></div>{{end}}</td></tr>{{end}}
 {{end}}</table></div>{{end}}
 
 <footer class="meta">Prometheus metrics: <a href="/metrics">/metrics</a> · this page reloads every {{.Refresh}} s</footer>
+</main>
 </body>
 </html>
-`))
+{{define "refusals"}}{{range $i, $r := .}}{{if $i}}, {{end}}{{$r.Reason}} {{$r.N}}{{with $r.Detail}} ({{.}}){{end}}{{end}}{{end}}`))

@@ -122,7 +122,7 @@ func TestStatusPageInChromium(t *testing.T) {
 	})
 
 	dom := html.UnescapeString(string(runChromium(t, bin, base, "--dump-dom")))
-	want := []string{"<title>sluice status</title>", "Live sessions", `id="sessions">0<`, "Rates, last", "Open fds",
+	want := []string{"<title>sluice status</title>", "Live sessions", `id="sessions">0<`, `Rates per second, <span class="window">last 10 s</span>`, `Rates per second, <span class="window">last 60 s</span>`, `Refused<b id="refused">0</b>`, "Open fds",
 		"Last transactions", ">apply<", ">commit<", "table generation 1",
 		"1/1 ports bound", "1/2 ports bound", fmt.Sprintf("port %d: address already in use", weak+1),
 		"accepted 3", "health replies 1 ok, 0 fail", back.Addr(), ">up<",
@@ -149,12 +149,24 @@ func TestStatusPageInChromium(t *testing.T) {
 		t.Logf("DOM:\n%s", dom)
 	}
 
-	shot := filepath.Join(t.TempDir(), "status.png")
-	runChromium(t, bin, base, "--screenshot="+shot, "--window-size=412,915", "--hide-scrollbars")
-	checkScreenshot(t, shot, 412, 915)
-	if dir := os.Getenv("SLUICE_SCREENSHOT_DIR"); dir != "" { // to look at it
-		if b, err := os.ReadFile(shot); err == nil {
-			_ = os.WriteFile(filepath.Join(dir, "status.png"), b, 0o644)
+	// At a phone's size and a desktop's: the white of the cards and rules
+	// spans the screen less the page's padding on the phone, and a centred
+	// 1400 px column less its padding on the desktop.
+	for _, size := range []struct {
+		name     string
+		w, h     int
+		min, max int // the width the white spans
+	}{{"status.png", 412, 915, 412 - 2*12 - 4, 412 - 2*12}, {"status-desktop.png", 1600, 1000, 1400 - 2*24 - 4, 1400 - 2*24}} {
+		shot := filepath.Join(t.TempDir(), size.name)
+		runChromium(t, bin, base, "--screenshot="+shot, fmt.Sprintf("--window-size=%d,%d", size.w, size.h), "--hide-scrollbars")
+		left, right := whiteSpan(checkScreenshot(t, shot, size.w, size.h))
+		if w := right - left; w < size.min || w > size.max || left-(size.w-right) > 2 || (size.w-right)-left > 2 {
+			t.Errorf("%d px wide: the page's white spans x %d to %d (%d px), want %d to %d px, centred", size.w, left, right, w, size.min, size.max)
+		}
+		if dir := os.Getenv("SLUICE_SCREENSHOT_DIR"); dir != "" { // to look at it
+			if b, err := os.ReadFile(shot); err == nil {
+				_ = os.WriteFile(filepath.Join(dir, size.name), b, 0o644)
+			}
 		}
 	}
 
@@ -193,9 +205,26 @@ func exchangeVia(t *testing.T, addr string, seed uint64) {
 	}
 }
 
+// whiteSpan returns the columns from the leftmost white pixel of img to
+// just past the rightmost one: the extent of the page's cards and rules
+// (white on a grey background).
+func whiteSpan(img image.Image) (left, right int) {
+	bounds := img.Bounds()
+	left, right = bounds.Max.X, bounds.Min.X
+	for y := bounds.Min.Y; y < bounds.Max.Y; y++ {
+		for x := bounds.Min.X; x < bounds.Max.X; x++ {
+			if r, g, b, _ := img.At(x, y).RGBA(); r == 0xffff && g == 0xffff && b == 0xffff {
+				left, right = min(left, x), max(right, x+1)
+			}
+		}
+	}
+	return left, right
+}
+
 // checkScreenshot checks that file is a PNG of w×h with something drawn on
-// it: more than a few colours (text is anti-aliased), and some bytes.
-func checkScreenshot(t *testing.T, file string, w, h int) {
+// it: more than a few colours (text is anti-aliased), and some bytes. It
+// returns the image.
+func checkScreenshot(t *testing.T, file string, w, h int) image.Image {
 	t.Helper()
 	b, err := os.ReadFile(file)
 	if err != nil {
@@ -222,4 +251,5 @@ func checkScreenshot(t *testing.T, file string, w, h int) {
 		t.Errorf("screenshot has %d colours: a blank page?", len(colours))
 	}
 	t.Logf("screenshot %s: %d bytes, %d colours", file, len(b), len(colours))
+	return img
 }
