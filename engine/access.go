@@ -173,11 +173,7 @@ func (s *session) keepOrig(src netip.AddrPort) {
 // bytes_up, bytes_down and spliced are named by RuleDefs, beside the rule's
 // sums of them.
 func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
-	lvl := zapcore.InfoLevel
-	if s.flags&sfPassed == 0 {
-		lvl = zapcore.DebugLevel
-	}
-	ce := l.log.Check(lvl, "session")
+	ce := l.log.Check(s.logLevel(), "session")
 	if ce == nil {
 		return
 	}
@@ -229,6 +225,15 @@ func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
 		zap.Stringer("end", code),
 		zap.Uint16("code", uint16(code)),
 	)
+}
+
+// logLevel is the level of the session's access line: info for a session
+// that passed the incoming chain, debug for one refused or gone before.
+func (s *session) logLevel() zapcore.Level {
+	if s.flags&sfPassed == 0 {
+		return zapcore.DebugLevel
+	}
+	return zapcore.InfoLevel
 }
 
 // id is the session's id in the access log: "LOOP-START-FD", unique within

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"bufio"
 	"net"
 	"os"
 	"regexp"
@@ -405,5 +406,84 @@ func BenchmarkRuleStats(b *testing.B) {
 	b.ReportAllocs()
 	for i := 0; i < b.N; i++ {
 		_ = e.Stats()
+	}
+}
+
+// On a wildcard listener the access line's dst is the address the client
+// reached, found when the line is written (a rule without send-proxy defers
+// getsockname to then), and a PROXY header's destination wins over it. With
+// the line not written the session goes without.
+func TestAccessLogDstOnWildcard(t *testing.T) {
+	b := backend(t)
+	for _, tc := range []struct {
+		name, opts string
+		proxyDst   *net.TCPAddr // a PROXY header's destination, or nil
+		want       string       // "" : the address dialled
+	}{
+		{"plain", "", nil, ""},
+		{"accept-proxy", " accept-proxy=127.0.0.0/8", &net.TCPAddr{IP: net.IPv4(198, 51, 100, 1), Port: 443}, "198.51.100.1:443"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			log, logs := observed(zap.NewAtomicLevelAt(zap.InfoLevel))
+			e, addr := start(t, "tcp 0.0.0.0:0 -> "+b.Addr()+tc.opts, Config{Log: log})
+			port := addr[strings.LastIndex(addr, ":")+1:]
+			c := dial(t, "127.0.0.2:"+port)
+			if tc.proxyDst != nil {
+				h := proxyproto.HeaderProxyFromAddrs(1, &net.TCPAddr{IP: net.IPv4(192, 0, 2, 7), Port: 4242}, tc.proxyDst)
+				if _, err := h.WriteTo(c); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := testpeer.Exchange(c, 100, 100, 1); err != nil {
+				t.Fatal(err)
+			}
+			c.Close()
+			waitIdle(t, e)
+			want := tc.want
+			if want == "" {
+				want = "127.0.0.2:" + port
+			}
+			if got := sessionLogs(t, logs, 1)[0]["dst"]; got != want {
+				t.Errorf("dst %v, want %s", got, want)
+			}
+		})
+	}
+}
+
+// send-proxy on a wildcard listener: the header carries the address the
+// client reached, not 0.0.0.0 (getsockname at accept, not deferred).
+func TestSendProxyDstOnWildcard(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	got := make(chan string, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		h, err := proxyproto.Read(bufio.NewReader(c))
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		got <- h.DestinationAddr.String()
+	}()
+	_, addr := start(t, "tcp 0.0.0.0:0 -> "+ln.Addr().String()+" send-proxy=v2", Config{})
+	port := addr[strings.LastIndex(addr, ":")+1:]
+	c := dial(t, "127.0.0.2:"+port)
+	defer c.Close()
+	select {
+	case dst := <-got:
+		if dst != "127.0.0.2:"+port {
+			t.Fatalf("PROXY header's destination %s, want 127.0.0.2:%s", dst, port)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no PROXY header reached the backend")
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/sluice-proxy/sluice/handshake"
 	"github.com/sluice-proxy/sluice/internal/bitnames"
 	"github.com/sluice-proxy/sluice/internal/rawsys"
+	"github.com/sluice-proxy/sluice/rules"
 )
 
 // Defaults for a rule's timeouts left at zero.
@@ -66,14 +67,15 @@ const (
 	sfHeld   sessionFlags = 0x400  // the gate holds a strict prefix of a PROXY signature: the timer bounds the wait (sfGate)
 	sfAgain  sessionFlags = 0x800  // a pump yielded on its budget: on l.again, to pump after the batch
 	sfTLS    sessionFlags = 0x1000 // a TLS handshake was started: its goroutine may still post to the session, which is never reused (recycle)
+	sfDstAny sessionFlags = 0x2000 // cli.Dst is the wildcard listener's address: getsockname deferred until something needs the real one (localAddr)
 )
 
 var sessionFlagNames = [...]bitnames.Name[sessionFlags]{{Bit: sfMaxConn, Name: "MAXCONN"}, {Bit: sfBackend, Name: "BACKEND"},
 	{Bit: sfPassed, Name: "PASSED"}, {Bit: sfConnected, Name: "CONNECTED"}, {Bit: sfGate, Name: "GATE"},
 	{Bit: sfCliIn, Name: "CLI_IN"}, {Bit: sfCliHup, Name: "CLI_HUP"}, {Bit: sfSrvIn, Name: "SRV_IN"}, {Bit: sfSrvHup, Name: "SRV_HUP"},
-	{Bit: sfParked, Name: "PARKED"}, {Bit: sfHeld, Name: "HELD"}, {Bit: sfAgain, Name: "AGAIN"}, {Bit: sfTLS, Name: "TLS"}}
+	{Bit: sfParked, Name: "PARKED"}, {Bit: sfHeld, Name: "HELD"}, {Bit: sfAgain, Name: "AGAIN"}, {Bit: sfTLS, Name: "TLS"}, {Bit: sfDstAny, Name: "DST_ANY"}}
 
-const allSessionFlags sessionFlags = 0x1fff
+const allSessionFlags sessionFlags = 0x3fff
 
 func (f sessionFlags) String() string { return bitnames.Format(f, sessionFlagNames[:]) }
 
@@ -240,9 +242,13 @@ func newSession(l *Loop, ln *Listener, fd int, src netip.AddrPort) {
 	s.cli.Dst = ln.addr
 	if ln.addr.Addr().IsUnspecified() {
 		// A wildcard listener: the address the client reached is what a
-		// PROXY header sent onwards must carry.
-		if la, err := rawsys.Getsockname(fd); err == nil {
-			s.cli.Dst = la
+		// PROXY header sent onwards must carry, and what the access log
+		// shows; a rule without send-proxy asks for it only when the log
+		// line is written (localAddr), one system call fewer per
+		// connection when nobody reads it.
+		s.flags |= sfDstAny
+		if ln.rule.SendProxy != rules.ProxyNone {
+			s.localAddr()
 		}
 	}
 	// TCP_NODELAY came with the accept: listenSocket set it on the listener.
@@ -808,6 +814,12 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	if s.flags&sfBackend != 0 {
 		s.ln.pool.Release(int(s.backend))
 	}
+	if s.flags&sfDstAny != 0 && s.cli.FD() >= 0 && l.log.Core().Enabled(s.logLevel()) {
+		s.localAddr() // for the access line's dst, before the fd closes
+	}
+	if s.flags&sfDstAny != 0 && s.cli.FD() >= 0 && l.log.Core().Enabled(s.logLevel()) {
+		s.localAddr() // for the access line's dst, before the fd closes
+	}
 	for _, c := range [...]*conn.Conn{&s.cli, &s.srv} {
 		if fd := c.FD(); fd >= 0 {
 			l.forget(fd)
@@ -825,6 +837,22 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	s.logEnd(l, code, term)
 	l.fdFreed()
 	l.recycle(s)
+}
+
+// localAddr replaces a wildcard cli.Dst with the address the client
+// reached (getsockname), once, unless a PROXY header has replaced it; the
+// client fd must still be open.
+func (s *session) localAddr() {
+	if s.flags&sfDstAny == 0 {
+		return
+	}
+	s.flags &^= sfDstAny
+	if s.cli.Dst != s.ln.addr {
+		return // a PROXY header said where the client went
+	}
+	if la, err := rawsys.Getsockname(s.cli.FD()); err == nil {
+		s.cli.Dst = la
+	}
 }
 
 // maxFreeSessions bounds a loop's free list of session structs: enough for
