@@ -1,7 +1,7 @@
-// Package engine owns the event loops (one goroutine locked to an OS thread
-// per loop, epoll, eventfd wake-ups, a timer wheel), the listeners and their
-// accept, outgoing connects, and the sessions that join a client to a backend
-// through two channels. There is no goroutine per connection.
+// Package engine owns the event loops (one goroutine per loop, epoll,
+// eventfd wake-ups, a timer wheel), the listeners and their accept, outgoing
+// connects, and the sessions that join a client to a backend through two
+// channels. There is no goroutine per connection.
 package engine
 
 import (

@@ -4,7 +4,7 @@
 // unix.Read and its kin go through syscall.Syscall, which marks the thread as
 // possibly blocked (entersyscall/exitsyscall): if the call lasts a few tens of
 // microseconds, sysmon hands the caller's P to another thread, and the caller
-// must win a P back before it goes on. An event loop locked to its thread pays
+// must win a P back before it goes on. An event loop pays
 // that on every loopback send, whose delivery runs the receiver's softirq in
 // the sender's call. The calls here act only on non-blocking sockets, pipes
 // (with SPLICE_F_NONBLOCK) and epoll sets, so none can block, and
