@@ -3,14 +3,15 @@
 //
 // Start brings the parts up in order: the engine's loops, its pifs, the
 // loops running, the control socket and the metrics address bound (not
-// served) and the store's settings read, the configuration's table as generation 1 (through the same
-// apply, commit and rollback as the control socket), the control socket
-// served, the store's loop started, the metrics endpoint served. A step
-// that fails undoes the steps before it, so a daemon that did not start
-// holds no port and no socket; and every step that can fail comes before
-// the table, so no rule's port accepts a connection a failed start then
-// drops: what follows the table cannot fail (a successor's metrics, bound
-// once its predecessor let go, apart).
+// served) and the store's settings read, the configuration's table as
+// generation 1 (through the same apply, commit and rollback as the
+// control socket), the control socket served, the store's loop started,
+// the metrics endpoint served. A step that fails undoes the steps before
+// it, so a daemon that did not start holds no port and no socket; and
+// every step that can fail comes before the table, so no rule's port
+// accepts a connection a failed start then drops: what follows the table
+// cannot fail (a successor's metrics, bound once its predecessor let go,
+// apart).
 //
 // Run serves until the first signal (SIGINT or SIGTERM, or a value on
 // Options.Signals), then stops; Stop stops at once. Stopping goes in its
