@@ -161,9 +161,10 @@ func serve(ctx context.Context, path string, eng Engine, log *zap.Logger, cfg co
 // binds every socket that can fail before any of them accepts, and serves
 // this one once its table is in place. Close it when it is never served.
 type Bound struct {
-	ln   *net.UnixListener
-	path string
-	made bool // its directory was made
+	ln        *net.UnixListener
+	path      string
+	made      bool // its directory was made
+	inherited bool // BindFile's: an fd handed over, served by Bound.ServeFile
 }
 
 // Bind makes the control socket at path as Serve does, without serving it.
@@ -175,8 +176,13 @@ func Bind(path string) (*Bound, error) {
 	return &Bound{ln: ln, path: path, made: made}, nil
 }
 
-// Serve serves the bound socket as Serve does; b is the Server's from then on.
+// Serve serves the bound socket as Serve does; b is the Server's from then
+// on. A socket BindFile took is served as Bound.ServeFile does, not held.
 func (b *Bound) Serve(ctx context.Context, eng Engine, log *zap.Logger) (*Server, error) {
+	if b.inherited {
+		s, _, err := b.ServeFile(ctx, eng, log, false)
+		return s, err
+	}
 	return b.serve(ctx, eng, log, defaultConfig())
 }
 

@@ -180,28 +180,57 @@ func (s *Server) Conns() int {
 // taken before the first accept, and the file is not removed at Close,
 // until release (a successor takes no table change before its predecessor
 // stopped, and one that fails leaves the socket to it); release is a no-op
-// when not held.
+// when not held. It is BindFile, then Bound.ServeFile.
 func ServeFile(ctx context.Context, f *os.File, eng Engine, log *zap.Logger, held bool) (s *Server, release func(), err error) {
 	if eng == nil {
+		return nil, nil, errors.New("ctl: nil engine")
+	}
+	b, err := BindFile(f)
+	if err != nil {
+		return nil, nil, err
+	}
+	return b.ServeFile(ctx, eng, log, held)
+}
+
+// BindFile takes the listening control socket whose fd is f as Bind makes
+// one: not served yet, so that a daemon checks the fd (a unix listening
+// socket) before any of its ports accepts. f may be closed once it
+// returns. Closed without being served, the socket file stays: it is the
+// predecessor's, or systemd's.
+func BindFile(f *os.File) (*Bound, error) {
+	l, err := net.FileListener(f)
+	if err != nil {
+		return nil, fmt.Errorf("ctl socket (inherited fd %d): %w", f.Fd(), err)
+	}
+	ln, ok := l.(*net.UnixListener)
+	if !ok {
+		l.Close()
+		return nil, fmt.Errorf("ctl socket (inherited fd %d): a %s socket, not a unix one", f.Fd(), l.Addr().Network())
+	}
+	ln.SetUnlinkOnClose(false)
+	return &Bound{ln: ln, path: ln.Addr().String(), inherited: true}, nil
+}
+
+// ServeFile serves a socket BindFile took, as the function ServeFile
+// does (held and release are its); on a socket Bind made it is Serve, and
+// release a no-op.
+func (b *Bound) ServeFile(ctx context.Context, eng Engine, log *zap.Logger, held bool) (s *Server, release func(), err error) {
+	if !b.inherited {
+		s, err := b.Serve(ctx, eng, log)
+		return s, func() {}, err
+	}
+	if eng == nil {
+		b.Close()
 		return nil, nil, errors.New("ctl: nil engine")
 	}
 	if log == nil {
 		log = zap.NewNop()
 	}
-	l, err := net.FileListener(f)
-	if err != nil {
-		return nil, nil, fmt.Errorf("ctl socket (inherited fd %d): %w", f.Fd(), err)
-	}
-	ln, ok := l.(*net.UnixListener)
-	if !ok {
-		l.Close()
-		return nil, nil, fmt.Errorf("ctl socket (inherited fd %d): a %s socket, not a unix one", f.Fd(), l.Addr().Network())
-	}
-	path := ln.Addr().String()
+	ln := b.ln
 	// A successor that fails before its release must leave the socket
 	// file to the predecessor, which serves on.
 	ln.SetUnlinkOnClose(!held)
-	s = serveOn(ctx, ln, path, eng, log, defaultConfig(), held)
+	s = serveOn(ctx, ln, b.path, eng, log, defaultConfig(), held)
 	release = func() {}
 	if held {
 		release = func() {

@@ -3,12 +3,15 @@
 //
 // Start brings the parts up in order: the engine's loops, its pifs, the
 // loops running, the control socket and the metrics address bound (not
-// served), the configuration's table as generation 1 (through the same
-// apply, commit and rollback as the control socket), the control socket
-// served, the metrics endpoint served. A step that fails undoes the steps
-// before it, so a daemon that did not start holds no port and no socket;
-// and the binds that can fail come before the table, so no rule's port
-// accepts a connection a failed start then drops.
+// served) and the store's settings read, the configuration's table as
+// generation 1 (through the same apply, commit and rollback as the
+// control socket), the control socket served, the store's loop started,
+// the metrics endpoint served. A step that fails undoes the steps before
+// it, so a daemon that did not start holds no port and no socket; and
+// every step that can fail comes before the table, so no rule's port
+// accepts a connection a failed start then drops: what follows the table
+// cannot fail (a successor's metrics, bound once its predecessor let go,
+// apart).
 //
 // Run serves until the first signal (SIGINT or SIGTERM, or a value on
 // Options.Signals), then stops; Stop stops at once. Stopping goes in its
@@ -43,6 +46,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/sluice-proxy/sluice/config"
@@ -68,9 +72,9 @@ const (
 	PhaseEngine       Phase = iota + 1 // the engine's loops created
 	PhasePifs                          // every pif of the configuration added
 	PhaseLoops                         // the loops running; from here on the signals are caught
-	PhaseBind                          // the control socket and the metrics address bound, not served: what can fail fails before anything accepts
+	PhaseBind                          // the control socket and the metrics address bound, not served, the store's loop made: what can fail fails before anything accepts
 	PhaseTable                         // the first table applied and committed: the saved one or the configuration's (start.go)
-	PhaseCtl                           // the control socket served
+	PhaseCtl                           // the control socket served (then the store's loop started)
 	PhaseMetrics                       // the metrics endpoint served
 	PhaseCloseCtl                      // the control socket closed, first: no table change during the drain
 	PhaseDrain                         // the engine drained, its remaining sessions closed, its loops stopped
@@ -133,13 +137,14 @@ type Daemon struct {
 	metrics *metrics.Server // nil without metrics.listen
 	// Bound in PhaseBind, served after the table (nil once served, or
 	// when not configured): nothing accepts before every bind succeeded.
-	ctlBound  *ctl.Bound
-	metricsLn net.Listener
-	store     *storeLoop // nil without store.etcd (store.go)
-	sig       <-chan os.Signal
-	hup       chan os.Signal // SIGHUP: a reload; nil when Options.Signals was given
-	unwatch   func()         // stops catching the signals; nil when Options.Signals was given
-	bootID    uint64         // this run's id, in the control socket's hello
+	ctlBound   *ctl.Bound
+	metricsLn  net.Listener
+	metricsReg *prometheus.Registry // made in PhaseBind; nil without metrics.listen
+	store      *storeLoop           // nil without store.etcd (store.go)
+	sig        <-chan os.Signal
+	hup        chan os.Signal // SIGHUP: a reload; nil when Options.Signals was given
+	unwatch    func()         // stops catching the signals; nil when Options.Signals was given
+	bootID     uint64         // this run's id, in the control socket's hello
 
 	st     *state.Dir    // nil without a state dir
 	recMu  sync.Mutex    // orders the commits written to st, and guards digest
@@ -164,7 +169,8 @@ type Daemon struct {
 // comment). On an error every part it had started is stopped again and the
 // error names the step: "starting the engine: …", "FILE:LINE: pif NAME
 // (netns PATH): …", one line "FILE:LINE: LISTEN: port N: …" per port the
-// table could not bind, "control socket: …", "metrics listen ADDR: …".
+// table could not bind, "control socket: …", "metrics listen ADDR: …",
+// "FILE:LINE: store.etcd: …".
 func Start(opt Options) (*Daemon, error) {
 	if opt.Config == nil {
 		return nil, errors.New("daemon: no configuration")
@@ -271,50 +277,53 @@ func (d *Daemon) start() (err error) {
 	if len(c.Rules) == 0 {
 		log.Warn("the configuration has no rules: nothing to forward")
 	}
-	switch {
-	case d.handed != nil && d.handed.ctl != nil:
-		// The predecessor's socket; no table change until it stopped.
+	if d.ctlBound != nil {
+		// A successor's socket is held: no table change until its
+		// predecessor stopped.
 		d.phase(PhaseCtl)
-		s, release, err := ctl.ServeFile(context.Background(), d.handed.ctl, ctlEngine{e, d}, log, true)
-		d.handed.ctl.Close()
-		if err != nil {
-			return fmt.Errorf("control socket: %w", err)
-		}
-		d.ctl, d.handed.release = s, release
-	case d.actCtl != nil:
-		d.phase(PhaseCtl)
-		s, _, err := ctl.ServeFile(context.Background(), d.actCtl, ctlEngine{e, d}, log, false)
-		d.actCtl.Close()
-		if err != nil {
-			return fmt.Errorf("control socket (socket activation): %w", err)
-		}
-		d.ctl = s
-	case d.ctlBound != nil:
-		d.phase(PhaseCtl)
-		s, err := d.ctlBound.Serve(context.Background(), ctlEngine{e, d}, log)
+		held := d.handed != nil && d.handed.ctl != nil
+		s, release, err := d.ctlBound.ServeFile(context.Background(), ctlEngine{e, d}, log, held)
 		d.ctlBound = nil
 		if err != nil {
 			return fmt.Errorf("control socket: %w", err)
 		}
 		d.ctl = s
+		if held {
+			d.handed.release = release
+		}
 	}
-	if err := d.startStore(); err != nil {
-		return err
-	}
+	d.startStore()
 	if d.handed != nil {
 		return nil // metrics once the predecessor closed its own (takeOver)
 	}
 	return d.startMetricsPhase()
 }
 
-// bind is PhaseBind: the control socket at Options.CtlPath (not when a
-// predecessor or systemd handed one over) and the
-// metrics address (not for a successor: its predecessor holds it until
-// takeOver) are bound, so that their failures come before the table's
-// listeners accept anything.
+// bind is PhaseBind: every start-up step that can fail and does not need
+// the table, taken before it so that its failure comes before any rule's
+// port accepts: the control socket bound at Options.CtlPath, or the one a
+// predecessor or systemd handed over checked (not served); the metrics
+// address bound (not for a successor: its predecessor holds it until
+// takeOver) and its registry made; the store's instance loop made, not run
+// (its settings read: store.go).
 func (d *Daemon) bind() error {
 	d.phase(PhaseBind)
-	if d.opt.CtlPath != "" && (d.handed == nil || d.handed.ctl == nil) && d.actCtl == nil {
+	switch {
+	case d.handed != nil && d.handed.ctl != nil:
+		b, err := ctl.BindFile(d.handed.ctl)
+		d.handed.ctl.Close()
+		if err != nil {
+			return fmt.Errorf("control socket: %w", err)
+		}
+		d.ctlBound = b
+	case d.actCtl != nil:
+		b, err := ctl.BindFile(d.actCtl)
+		d.actCtl.Close()
+		if err != nil {
+			return fmt.Errorf("control socket (socket activation): %w", err)
+		}
+		d.ctlBound = b
+	case d.opt.CtlPath != "":
 		b, err := ctl.Bind(d.opt.CtlPath)
 		if err != nil {
 			if errors.Is(err, ctl.ErrInUse) {
@@ -324,14 +333,21 @@ func (d *Daemon) bind() error {
 		}
 		d.ctlBound = b
 	}
-	if d.c.Metrics.Listen.IsValid() && d.handed == nil {
-		ln, err := metrics.Listen(d.c.Metrics.Listen)
+	if d.c.Metrics.Listen.IsValid() {
+		reg, err := metrics.NewRegistry(d.e.Stats)
 		if err != nil {
 			return err
 		}
-		d.metricsLn = ln
+		d.metricsReg = reg
+		if d.handed == nil {
+			ln, err := metrics.Listen(d.c.Metrics.Listen)
+			if err != nil {
+				return err
+			}
+			d.metricsLn = ln
+		}
 	}
-	return nil
+	return d.prepareStore()
 }
 
 // closeBound closes the sockets bind bound and start did not serve.
@@ -363,10 +379,7 @@ func (d *Daemon) startMetricsPhase() error {
 			return err
 		}
 	}
-	m, err := startMetrics(c, d.e, d.log, d.opt.Version, ln)
-	if err != nil {
-		return err
-	}
+	m := startMetrics(c, d.e, d.log, d.opt.Version, ln, d.metricsReg)
 	d.metrics = m
 	d.log.Info("metrics listening", zap.String("url", "http://"+m.Addr().String()+"/metrics"))
 	return nil
@@ -571,14 +584,10 @@ func applyTable(e *engine.Engine, rs []*rules.Rule, where func(i int) string) (u
 	return gen, nil
 }
 
-// startMetrics serves /metrics on ln (which it owns) from e's counters and the status page (the
-// server's Close stops the page's sampler).
-func startMetrics(c *config.Config, e *engine.Engine, log *zap.Logger, version string, ln net.Listener) (*metrics.Server, error) {
-	reg, err := metrics.NewRegistry(e.Stats)
-	if err != nil {
-		ln.Close()
-		return nil, err
-	}
+// startMetrics serves /metrics on ln (which it owns) from reg (bind made it
+// from e's counters) and the status page (the server's Close stops the
+// page's sampler).
+func startMetrics(c *config.Config, e *engine.Engine, log *zap.Logger, version string, ln net.Listener, reg *prometheus.Registry) *metrics.Server {
 	page := metrics.NewStatusPage(e, metrics.StatusInfo{Version: version, Config: c.File})
-	return metrics.ServeOn(ln, reg, page, log), nil
+	return metrics.ServeOn(ln, reg, page, log)
 }

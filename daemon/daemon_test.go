@@ -370,6 +370,11 @@ func TestStartUndo(t *testing.T) {
 			addr := taken(t)
 			return []string{"metrics: {listen: " + addr + "}", "rules:", rule}, "metrics listen " + addr + ": "
 		}, []Phase{PhaseEngine, PhasePifs, PhaseLoops, PhaseBind, PhaseDrain}}, // as the ctl socket's
+		{"store settings", func(t *testing.T, _ string) ([]string, string) {
+			ca := filepath.Join(t.TempDir(), "no-such-ca.pem")
+			return []string{"store: {etcd: {endpoints: [http://127.0.0.1:1], prefix: /sluice/t, instance: a, ca: " + ca + "}}", "rules:", rule},
+				"t.yaml:2: store.etcd: etcd ca: open " + ca + ": no such file or directory"
+		}, []Phase{PhaseEngine, PhasePifs, PhaseLoops, PhaseBind, PhaseDrain}}, // read before the table, as the binds
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctlPath := ctlSocket(t)

@@ -127,8 +127,10 @@ func (d *Daemon) startTable() error {
 	}
 	switch dec {
 	case state.FileWins:
+		// The table is committed and its ports accept: a failed write is
+		// the record's kind of failure (logged), not the start's.
 		if err := st.SavePrev(saved); err != nil {
-			return err
+			log.Error("the saved table could not be kept as "+state.PrevFile, zap.Error(err))
 		}
 		log.Warn("the configuration's rules changed since the saved table: the file wins; the saved table is kept",
 			zap.Uint64("saved_generation", saved.Generation), zap.String("kept", st.Path()+"/"+state.PrevFile), zap.Uint64("generation", gen))

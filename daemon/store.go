@@ -1,7 +1,8 @@
 package daemon
 
-// This file wires the fleet's store (store/etcd): the instance loop,
-// started once the control socket serves, stopped first at the stop; an
+// This file wires the fleet's store (store/etcd): the instance loop, made
+// (its settings read) before the table, started once the control socket
+// serves, stopped first at the stop; an
 // assignment applied through transact, the reload's and ctl apply's
 // transaction.
 
@@ -25,7 +26,8 @@ import (
 // storeLoop is the running instance loop.
 type storeLoop struct {
 	in     *etcd.Instance
-	cancel context.CancelFunc
+	id     string             // the instance's name
+	cancel context.CancelFunc // nil until startStore ran it
 	wg     sync.WaitGroup
 }
 
@@ -72,10 +74,11 @@ func (a storeApplier) ApplyTable(file string, entries []rules.Entry) etcd.Result
 	return out
 }
 
-// startStore starts the instance loop when store.etcd is set. It never
-// waits for etcd: a start fails only on settings that cannot work (the
-// password file unreadable, the TLS files, the instance's name).
-func (d *Daemon) startStore() error {
+// prepareStore makes the instance loop when store.etcd is set, without
+// starting it: it is PhaseBind's, so that a setting that cannot work (the
+// instance's name, the password file unreadable, the TLS files) fails the
+// start before any rule's port accepts. Nothing here waits for etcd.
+func (d *Daemon) prepareStore() error {
 	sc := d.c.Store.Etcd
 	if sc == nil {
 		return nil
@@ -90,11 +93,11 @@ func (d *Daemon) startStore() error {
 	}
 	pw, err := etcd.ReadPassword(sc.PasswordFile)
 	if err != nil {
-		return err
+		return fmt.Errorf("%sstore.etcd: %w", at(d.c, sc.Line), err)
 	}
 	tc, err := etcd.TLSConfig(sc.CA, sc.Cert, sc.Key)
 	if err != nil {
-		return err
+		return fmt.Errorf("%sstore.etcd: %w", at(d.c, sc.Line), err)
 	}
 	ttl := sc.TTL
 	if ttl == 0 {
@@ -105,25 +108,36 @@ func (d *Daemon) startStore() error {
 		Prefix: sc.Prefix, Instance: id, BootID: d.bootID, TTL: ttl, Log: d.log,
 	}, storeApplier{d})
 	if err != nil {
-		return err
+		return fmt.Errorf("%s%w", at(d.c, sc.Line), err)
+	}
+	d.store = &storeLoop{in: in, id: id}
+	return nil
+}
+
+// startStore starts the loop prepareStore made, once the control socket
+// serves. It cannot fail: it never waits for etcd.
+func (d *Daemon) startStore() {
+	s := d.store
+	if s == nil {
+		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &storeLoop{in: in, cancel: cancel}
+	s.cancel = cancel
 	s.wg.Add(1)
-	go func() { defer s.wg.Done(); in.Run(ctx) }()
-	d.store = s
+	go func() { defer s.wg.Done(); s.in.Run(ctx) }()
+	in := s.in
 	engine.SetStoreSource(func() engine.StoreStats {
 		st := in.Stats()
 		return engine.StoreStats{Enabled: true, Connected: st.Connected, Version: st.Version, LastApply: st.LastApply, Errors: st.Errors}
 	})
-	d.log.Info("following the fleet's store", zap.Strings("etcd", sc.Endpoints), zap.String("prefix", sc.Prefix), zap.String("instance", id))
-	return nil
+	sc := d.c.Store.Etcd
+	d.log.Info("following the fleet's store", zap.Strings("etcd", sc.Endpoints), zap.String("prefix", sc.Prefix), zap.String("instance", s.id))
 }
 
 // stopStore stops the instance loop and waits for it (a transaction it
 // runs ends first): no assignment is applied during the drain.
 func (d *Daemon) stopStore() {
-	if d.store == nil {
+	if d.store == nil || d.store.cancel == nil { // none, or made and never run
 		return
 	}
 	d.store.cancel()

@@ -45,6 +45,7 @@ type RuleCounters struct {
 	connectErrors atomic.Uint64 // backend connects that failed (each try)
 	retries       atomic.Uint64 // connects to a further backend of the pool after a failure
 	terms         [whoCount][phaseCount]atomic.Uint64
+	refusals      refusalLog // the rule's refusal lines (refusals.go); kept with sluice_nocounters
 
 	handshake Histogram // accept to the end of the incoming chain, sessions that passed it
 	connect   Histogram // end of the chain to backend connected (retries included)

@@ -38,6 +38,9 @@ type Config struct {
 	MaxFlows int         // udp flows of the whole process (default: 1/4 of the fd limit, at most 16384)
 	Budget   int         // bytes one pump of a direction moves before the session waits its turn (default channel.DefaultBudget); <0: no bound
 	Log      *zap.Logger // nil = no logs
+	// RefusalLog is the least time between two info lines of one rule's
+	// refused connections (refusals.go); 0 = DefaultRefusalLog.
+	RefusalLog time.Duration
 }
 
 // Engine runs the loops and the listeners. Its methods are safe for
@@ -102,6 +105,9 @@ func New(cfg Config) (*Engine, error) {
 	}
 	if cfg.MaxFlows <= 0 {
 		cfg.MaxFlows = min(tableSize/4, 16384)
+	}
+	if cfg.RefusalLog <= 0 {
+		cfg.RefusalLog = DefaultRefusalLog
 	}
 	e := &Engine{cfg: cfg, base: time.Now(), log: cfg.Log, sessLimit: observe.NewLimiter(SessionEventRate)}
 	e.flows.max = int64(cfg.MaxFlows)

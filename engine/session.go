@@ -835,6 +835,9 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	pol.Ended(code)
 	s.ln.ctr.ended(l, s, term)
 	s.logEnd(l, code, term)
+	if loggedRefusal(code) {
+		s.logRefusal(l, code, term)
+	}
 	l.fdFreed()
 	l.recycle(s)
 }

@@ -260,12 +260,20 @@ type Dir struct {
 }
 
 // Open opens the state directory at path, creating it (owner-only) if it
-// does not exist. A history.jsonl cut short by a crash (no final newline)
-// is cut back to its last whole line.
+// does not exist, and checks that a file can be made in it (a daemon that
+// could not save its commits would find out only after its start). A
+// history.jsonl cut short by a crash (no final newline) is cut back to its
+// last whole line.
 func Open(path string) (*Dir, error) {
 	if err := os.MkdirAll(path, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
+	f, err := os.CreateTemp(path, ".probe.tmp*")
+	if err != nil {
+		return nil, fmt.Errorf("state dir %s: not writable: %w", path, err)
+	}
+	f.Close()
+	os.Remove(f.Name())
 	d := &Dir{path: path}
 	n, err := d.repairHistory()
 	if err != nil {
