@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sluice-proxy/sluice/internal/testcert"
 )
@@ -44,6 +45,7 @@ func TestCheck(t *testing.T) {
 	ca := testcert.NewCA(t, dir)
 	crt, key := ca.Leaf(t, "a", "a.example.com")
 	_, otherKey := ca.Leaf(t, "b", "b.example.com")
+	oldCrt, oldKey := ca.LeafValid(t, "old", "old.example.com", time.Now().Add(-48*time.Hour), time.Now().Add(-24*time.Hour))
 	missing := filepath.Join(dir, "gone.pem")
 	write := func(name, body string) string {
 		p := filepath.Join(dir, name)
@@ -64,6 +66,10 @@ func TestCheck(t *testing.T) {
 		{"one bad option", "rules", "tcp 127.0.0.1:1 -> 127.0.0.1:2 balance=first\n", 2, []string{
 			"FILE:1: balance=first: want roundrobin, leastconn or source"}},
 		{"good TLS", "rules", "tcp 127.0.0.1:1 -> 127.0.0.1:2 tls.cert=" + crt + " tls.key=" + key + " tls.client-ca=" + ca.File + "\n", 0, []string{
+			"FILE: ok: 1 rule, 1 listen port"}},
+		// run loads an expired certificate as it is (its expiry is on the
+		// status page and in a metric, no warning), and so does check
+		{"expired certificate", "rules", "tcp 127.0.0.1:1 -> 127.0.0.1:2 tls.cert=" + oldCrt + " tls.key=" + oldKey + "\n", 0, []string{
 			"FILE: ok: 1 rule, 1 listen port"}},
 		{"TLS files", "rules", "# certificates\n" +
 			"tcp 127.0.0.1:1 -> 127.0.0.1:2 tls.cert=" + missing + "\n" +
