@@ -6,7 +6,7 @@ BIN     := bin/sluice
 # a worker is busy (go.dev/issue/75804, fixed in Go 1.27); a count has no deadline.
 FUZZTIME ?= 200000x
 
-.PHONY: all build run test test-deps unit integration fuzz soak bench bench-micro bench-peers bench-deps vet clean
+.PHONY: all build run test test-deps unit integration fuzz soak bench bench-micro bench-peers bench-deps vet man clean
 
 all: build
 
@@ -19,6 +19,11 @@ build:
 # Build and start sluice on its built-in demo configuration.
 run: build
 	./$(BIN) run
+
+# The man page, written by the binary from the help's source (cmd/sluice/help.go,
+# rules/options.go); cmd/sluice's TestManPage fails when docs/sluice.1 is not it.
+man:
+	$(GO) run ./cmd/sluice help man > docs/sluice.1.tmp && mv docs/sluice.1.tmp docs/sluice.1
 
 # Everything CI runs: installs what the tests need, then vet, race-enabled
 # tests, and a short run of every fuzz target.

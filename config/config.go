@@ -751,7 +751,9 @@ func (p *parser) rules(c *Config, v *yaml.Node) {
 		}
 		r, err := rules.Parse(item.Value)
 		if err != nil {
-			p.errorAt(line, "%s", err.Error())
+			for _, e := range rules.Errors(err) { // each problem of the line on a line of its own
+				p.errorAt(line, "%s", e.Error())
+			}
 			continue
 		}
 		bad := false

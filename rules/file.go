@@ -73,7 +73,7 @@ func ParseFile(file string, src []byte) ([]Entry, error) {
 		}
 		r, err := Parse(text)
 		if err != nil {
-			errs = append(errs, &Error{file, line, err.Error()})
+			errs = append(errs, LineErrorsAt(file, line, err)...)
 			continue
 		}
 		entries = append(entries, Entry{r, line})
@@ -87,6 +87,16 @@ func ParseFile(file string, src []byte) ([]Entry, error) {
 		return nil, errs
 	}
 	return entries, nil
+}
+
+// LineErrorsAt places each problem err carries (Errors) at line of file,
+// one Error each: a line with two bad options prints two lines.
+func LineErrorsAt(file string, line int, err error) ErrorList {
+	var out ErrorList
+	for _, e := range Errors(err) {
+		out = append(out, &Error{file, line, e.Error()})
+	}
+	return out
 }
 
 // CheckEntries runs ValidateTable over entries, naming rules by their line.

@@ -64,23 +64,28 @@ func optionKnown(name string) bool {
 	return false
 }
 
+// Syntax is a rule's one-line syntax as `sluice help rules` and the man
+// page show it.
+const Syntax = "PROTO [PIF/]ADDR:PORT[-PORT] [-> [PIF/]TARGET[,TARGET…]] [OPTION…]"
+
 // OptionHelp is `sluice help rules`: the rule syntax, then one line per
 // option with its value and default, aligned.
 func OptionHelp() string {
 	var b strings.Builder
-	b.WriteString("A rule: PROTO [PIF/]ADDR:PORT[-PORT] [-> [PIF/]TARGET[,TARGET…]] [OPTION…]\n\noptions (default in brackets):\n")
+	b.WriteString("A rule: " + Syntax + "\n\noptions (default in brackets):\n")
 	w := 0
 	for _, o := range OptionDocs {
-		w = max(w, len(optionForm(o)))
+		w = max(w, len(o.Form()))
 	}
 	for _, o := range OptionDocs {
-		fmt.Fprintf(&b, "  %-*s  %s [%s]\n", w, optionForm(o), o.Help, o.Default)
+		fmt.Fprintf(&b, "  %-*s  %s [%s]\n", w, o.Form(), o.Help, o.Default)
 	}
 	return b.String()
 }
 
-// optionForm is "splice=auto|on|off", "weak", "accept-proxy[=CIDR,…]".
-func optionForm(o OptionDoc) string {
+// Form is how the option is written: "splice=auto|on|off", "weak",
+// "accept-proxy[=CIDR,…]".
+func (o OptionDoc) Form() string {
 	switch {
 	case o.Value == "":
 		return o.Name

@@ -38,8 +38,8 @@ func TestOptionDocs(t *testing.T) {
 		if _, err := Parse(base + o.Example); err != nil {
 			t.Errorf("option %q: %q does not parse: %v", o.Name, base+o.Example, err)
 		}
-		if !strings.Contains(help, "  "+optionForm(o)+" ") {
-			t.Errorf("help rules lacks %q:\n%s", optionForm(o), help)
+		if !strings.Contains(help, "  "+o.Form()+" ") {
+			t.Errorf("help rules lacks %q:\n%s", o.Form(), help)
 		}
 	}
 	if _, err := Parse("tcp 127.0.0.1:1 -> 127.0.0.1:2 frobnicate=1"); err == nil || !strings.Contains(err.Error(), `unknown option "frobnicate"`) {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -15,6 +16,9 @@ import (
 //
 // It returns the rule, or an error whose message says what is wrong and
 // where in the line, without a file or line prefix (ParseFile adds those).
+// A line with several problems (a bad listen and two bad options) gives a
+// LineErrors with each of them, in the order of the line's words; one
+// problem is returned alone, so its text is the same as ever.
 func Parse(line string) (*Rule, error) {
 	if len(line) > MaxLineLen {
 		return nil, fmt.Errorf("rule is %d bytes long, at most %d allowed", len(line), MaxLineLen)
@@ -27,30 +31,84 @@ func Parse(line string) (*Rule, error) {
 		return nil, fmt.Errorf("rule %q: want PROTO LISTEN [-> TARGET] [OPTION...]", line)
 	}
 	r := &Rule{}
+	var errs LineErrors
 	var err error
 	if r.Proto, err = parseProto(f[0]); err != nil {
-		return nil, err
+		errs = append(errs, err)
 	}
 	if r.ListenPif, r.ListenAddr, r.ListenPorts, err = parseListen(f[1]); err != nil {
-		return nil, err
+		errs = append(errs, err)
 	}
 	opts := f[2:]
 	if len(opts) > 0 && opts[0] == "->" {
 		if len(opts) < 2 {
-			return nil, errors.New("\"->\" with no target after it")
+			errs = append(errs, errors.New("\"->\" with no target after it"))
+			opts = nil
+		} else {
+			if r.TargetPif, r.Targets, err = parseTarget(opts[1]); err != nil {
+				errs = append(errs, err)
+			}
+			opts = opts[2:]
 		}
-		if r.TargetPif, r.Targets, err = parseTarget(opts[1]); err != nil {
-			return nil, err
-		}
-		opts = opts[2:]
 	}
-	if err := r.parseOptions(opts); err != nil {
-		return nil, err
+	if len(errs) > 0 && slices.Contains(opts, "->") {
+		// The words are not where the syntax has them (a blank inside
+		// LISTEN): reading the rest as options would only add noise.
+		opts = nil
 	}
-	if err := r.Validate(); err != nil {
+	errs = append(errs, r.parseOptions(opts)...)
+	if len(errs) == 0 {
+		// Only a rule whose every word was read: the rule as a whole is
+		// not what the user wrote when a word of it was refused.
+		errs = append(errs, Errors(r.Validate())...)
+	}
+	if err := errs.Err(); err != nil {
 		return nil, err
 	}
 	return r, nil
+}
+
+// LineErrors is every problem of one rule line (Parse), or of one rule
+// (Validate), in the order found.
+type LineErrors []error
+
+// Error is the problems joined by "; ", for a caller that shows one line
+// (ctl add, forward); a file's reader shows one per line (Errors).
+func (l LineErrors) Error() string {
+	var b strings.Builder
+	for i, e := range l {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(e.Error())
+	}
+	return b.String()
+}
+
+func (l LineErrors) Unwrap() []error { return l }
+
+// Err returns nil for no problem, the problem itself for one, else l.
+func (l LineErrors) Err() error {
+	switch len(l) {
+	case 0:
+		return nil
+	case 1:
+		return l[0]
+	}
+	return l
+}
+
+// Errors returns the problems err carries: each of a LineErrors, err
+// alone otherwise, none for nil.
+func Errors(err error) []error {
+	var l LineErrors
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &l):
+		return l
+	}
+	return []error{err}
 }
 
 // parseProto reads PROTO: tcp or udp.
@@ -217,20 +275,23 @@ func parsePort(s string) (uint16, error) {
 	return uint16(n), nil
 }
 
-// parseOptions reads the OPTION words into r. Each option may appear once.
-func (r *Rule) parseOptions(opts []string) error {
+// parseOptions reads the OPTION words into r, each of which may appear
+// once. It returns the problem of every word refused, in order.
+func (r *Rule) parseOptions(opts []string) []error {
+	var errs []error
 	seen := map[string]bool{}
 	for _, o := range opts {
 		name, val, hasVal := strings.Cut(o, "=")
 		if seen[name] {
-			return fmt.Errorf("option %q given twice", name)
+			errs = append(errs, fmt.Errorf("option %q given twice", name))
+			continue
 		}
 		seen[name] = true
 		if err := r.setOption(name, val, hasVal); err != nil {
-			return err
+			errs = append(errs, err)
 		}
 	}
-	return nil
+	return errs
 }
 
 func (r *Rule) setOption(name, val string, hasVal bool) error {

@@ -377,7 +377,7 @@ func ParseName(s string) (string, error) {
 			return "", fmt.Errorf("%q: %q is not part of a rule's name (only sni= and alpn= are)", s, o)
 		}
 	}
-	if err := r.parseOptions(f[2:]); err != nil {
+	if err := LineErrors(r.parseOptions(f[2:])).Err(); err != nil {
 		return "", fmt.Errorf("%q: %w", s, err)
 	}
 	return r.RouteString(), nil

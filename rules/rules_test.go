@@ -387,3 +387,67 @@ func TestListenPortCount(t *testing.T) {
 		t.Errorf("RulesOf = %v", got)
 	}
 }
+
+// Parse reports every problem of a line, in the order of its words, each
+// naming its word; one problem alone keeps its own text (TestParseErrors).
+func TestParseEveryError(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want []string // each error, in order, contains it
+	}{
+		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 splice=maybe send-proxy=v3",
+			[]string{"splice=maybe: want auto, on or off", "send-proxy=v3: want v1 or v2"}},
+		{"tcp 0.0.0.0:80 -> 1.2.3.4:80 frobnicate rate=100 splice=on splice=off",
+			[]string{`unknown option "frobnicate"`, "rate=100: want N/s", `option "splice" given twice`}},
+		{"sctp 0.0.0.0:99999 -> 1.2.3.4:80 maxconn=0",
+			[]string{`unknown protocol "sctp"`, `port "99999"`, "maxconn=0: want a whole number"}},
+		{"tcp 0.0.0.0:80 -> 1.2.3.4 timeout.idle=soon",
+			[]string{`target "1.2.3.4"`, "timeout.idle=soon: want a duration"}},
+		{"tcp 0.0.0.0:80 -> check.rise=0",
+			[]string{`target "check.rise=0"`}},
+		// a blank inside LISTEN: the words after it are not options
+		{"tcp bad pif/0.0.0.0:80 -> 1.2.3.4:80 splice=maybe", []string{`listen "bad": want ADDR:PORT`}},
+		// Validate runs only on a rule whose every word was read ...
+		{"udp 0.0.0.0:53 -> 1.2.3.4:53 sockbuf=1k tls.key=/k.pem", []string{"sockbuf=1k: want auto"}},
+		// ... and then gives one problem per concern
+		{"udp 0.0.0.0:53 -> 1.2.3.4:53 sockbuf=64k check.path=/x tls.key=/k.pem",
+			[]string{"option sockbuf is for tcp rules only", "check.* options without check=tcp|http", "tls.key needs tls.cert"}},
+		{"tcp 0.0.0.0:80 health=tcp splice=on sni=a.example.com",
+			[]string{"option splice needs a target", "a route (sni= or alpn=) needs a target"}},
+		{"tcp 0.0.0.0:80", []string{"no target"}},
+	} {
+		_, err := Parse(tc.in)
+		errs := Errors(err)
+		if len(errs) != len(tc.want) {
+			t.Errorf("Parse(%q): %d errors %q, want %d", tc.in, len(errs), errs, len(tc.want))
+			continue
+		}
+		for i, w := range tc.want {
+			if !strings.Contains(errs[i].Error(), w) {
+				t.Errorf("Parse(%q): error %d = %q, want it to say %q", tc.in, i, errs[i], w)
+			}
+		}
+		texts := make([]string, len(errs))
+		for i, e := range errs {
+			texts[i] = e.Error()
+		}
+		if _, many := err.(LineErrors); many != (len(errs) > 1) || err.Error() != strings.Join(texts, "; ") {
+			t.Errorf("Parse(%q) = %q (%T), want one error alone or several joined by \"; \"", tc.in, err, err)
+		}
+	}
+	if Errors(nil) != nil {
+		t.Errorf("Errors(nil) = %v", Errors(nil))
+	}
+}
+
+// A rules file prints each problem of a line at that line.
+func TestParseFileEveryError(t *testing.T) {
+	src := "tcp 0.0.0.0:8080 -> 127.0.0.1:80 splice=maybe balance=first\n\ntcp 0.0.0.0:81 -> 127.0.0.1:80 rate=1\n"
+	_, err := ParseFile("r.rules", []byte(src))
+	want := "r.rules:1: splice=maybe: want auto, on or off\n" +
+		"r.rules:1: balance=first: want roundrobin, leastconn or source\n" +
+		"r.rules:3: rate=1: want N/s, as rate=100/s"
+	if err == nil || err.Error() != want {
+		t.Errorf("ParseFile:\n%v\nwant\n%s", err, want)
+	}
+}

@@ -8,8 +8,10 @@ import (
 	"strings"
 )
 
-// Validate checks one rule on its own. It returns nil, or an error whose
-// message names the first problem found.
+// Validate checks one rule on its own. It returns nil, or the problems
+// found: the first one of the listen part and the targets alone (past it
+// the rest would be noise), else one per concern of the options (each
+// naming its option), as LineErrors when there are several.
 func (r *Rule) Validate() error {
 	if r.Proto != TCP && r.Proto != UDP {
 		return fmt.Errorf("unknown protocol %s", r.Proto)
@@ -38,27 +40,46 @@ func (r *Rule) Validate() error {
 			return err
 		}
 	}
-	if len(r.Targets) == 0 {
-		if r.Health == HealthNone {
-			return errors.New("no target: give \"-> TARGET\", or health=tcp|http for a rule that answers probes itself")
+	if len(r.Targets) == 0 && r.Health == HealthNone {
+		return errors.New("no target: give \"-> TARGET\", or health=tcp|http for a rule that answers probes itself")
+	}
+	var errs LineErrors
+	add := func(err error) {
+		if err != nil {
+			errs = append(errs, err)
 		}
+	}
+	if len(r.Targets) == 0 {
 		if opt := r.targetOnlyOption(); opt != "" {
-			return fmt.Errorf("option %s needs a target (\"-> TARGET\")", opt)
+			add(fmt.Errorf("option %s needs a target (\"-> TARGET\")", opt))
 		}
 	} else if r.Health != HealthNone && len(r.Monitor) == 0 {
-		return fmt.Errorf("health=%s with a target: say which sources get the health reply with monitor=CIDR, or drop the target", r.Health)
+		add(fmt.Errorf("health=%s with a target: say which sources get the health reply with monitor=CIDR, or drop the target", r.Health))
 	}
 	if r.Proto == UDP {
 		if opt := r.tcpOnlyOption(); opt != "" {
-			return fmt.Errorf("option %s is for tcp rules only", opt)
+			add(fmt.Errorf("option %s is for tcp rules only", opt))
 		}
 	}
-	if err := r.validateRoute(); err != nil {
-		return err
-	}
+	add(r.validateRoute())
 	if len(r.Trusted) > 0 && !r.AcceptProxy {
-		return errors.New("trusted sources without accept-proxy")
+		add(errors.New("trusted sources without accept-proxy"))
 	}
+	add(r.validateCIDRs())
+	if r.SockBuf != 0 && r.SockBuf != SockBufAuto && (r.SockBuf < MinSockBuf || r.SockBuf > MaxSockBuf) {
+		add(fmt.Errorf("sockbuf %d: want auto or a size from 4k to 64m", r.SockBuf))
+	}
+	if r.Rate < 0 || r.MaxConn < 0 || r.ConnectTimeout < 0 || r.IdleTimeout < 0 || r.HandshakeTimeout < 0 {
+		add(errors.New("negative rate, maxconn or timeout"))
+	}
+	add(r.validateCheck())
+	add(r.validateTLS())
+	add(r.validateNames())
+	return errs.Err()
+}
+
+// validateCIDRs checks the prefix lists' lengths and that each is masked.
+func (r *Rule) validateCIDRs() error {
 	for _, l := range [...]struct {
 		name string
 		ps   []netip.Prefix
@@ -71,21 +92,6 @@ func (r *Rule) Validate() error {
 				return fmt.Errorf("%s: %s is not a masked CIDR prefix", l.name, p)
 			}
 		}
-	}
-	if r.SockBuf != 0 && r.SockBuf != SockBufAuto && (r.SockBuf < MinSockBuf || r.SockBuf > MaxSockBuf) {
-		return fmt.Errorf("sockbuf %d: want auto or a size from 4k to 64m", r.SockBuf)
-	}
-	if r.Rate < 0 || r.MaxConn < 0 || r.ConnectTimeout < 0 || r.IdleTimeout < 0 || r.HandshakeTimeout < 0 {
-		return errors.New("negative rate, maxconn or timeout")
-	}
-	if err := r.validateCheck(); err != nil {
-		return err
-	}
-	if err := r.validateTLS(); err != nil {
-		return err
-	}
-	if err := r.validateNames(); err != nil {
-		return err
 	}
 	return nil
 }

@@ -8,11 +8,13 @@ import (
 	"github.com/sluice-proxy/sluice/config"
 	"github.com/sluice-proxy/sluice/ctl"
 	"github.com/sluice-proxy/sluice/rules"
+	"github.com/sluice-proxy/sluice/tlsconf"
 )
 
-// cmdCheck validates a configuration (-c) or a rules file (-r). Every error
-// goes to stderr as "FILE:LINE: message" (main prints the list, exit 2); on
-// success a one-line summary goes to stdout.
+// cmdCheck validates a configuration (-c) or a rules file (-r), and reads
+// the rules' TLS files as run would (checkTLS). Every error goes to stderr
+// as "FILE:LINE: message" (main prints the list, exit 2); on success a
+// one-line summary goes to stdout.
 func cmdCheck(args []string) error {
 	var cfgFile, rulesFile string
 	fs := newFlagSet("check", "sluice check -c FILE | sluice check -r RULESFILE")
@@ -33,6 +35,9 @@ func cmdCheck(args []string) error {
 		if err != nil {
 			return err
 		}
+		if errs := checkTLS(cfgFile, c.Rules); len(errs) > 0 {
+			return errs
+		}
 		// What run would refuse and check can know without a daemon.
 		if err := ctl.CheckSocketPath(c.CtlSocket()); err != nil {
 			return usageError{fmt.Errorf("%s: ctl.socket %s: %w", cfgFile, c.CtlSocket(), err)}
@@ -47,10 +52,28 @@ func cmdCheck(args []string) error {
 		if err != nil {
 			return err
 		}
+		if errs := checkTLS(rulesFile, entries); len(errs) > 0 {
+			return errs
+		}
 		ports := rules.ListenPortCount(rules.RulesOf(entries))
 		fmt.Printf("%s: ok: %s, %s\n", rulesFile, count(len(entries), "rule"), count(ports, "listen port"))
 	}
 	return nil
+}
+
+// checkTLS reads and checks the files of every entry's tls.* options with
+// the loader run and apply use (tlsconf.Load, through the engine's
+// CheckTLS), and returns a problem per rule whose files do not load, in
+// run's words: "FILE:LINE: RULE: tls.cert /a.pem: open …". A relative path
+// is read from the current directory, as the daemon reads it from its own.
+func checkTLS(file string, entries []rules.Entry) rules.ErrorList {
+	var errs rules.ErrorList
+	for _, e := range entries {
+		if _, err := tlsconf.Load(e.Rule); err != nil {
+			errs = append(errs, &rules.Error{File: file, Line: e.Line, Msg: fmt.Sprintf("%s: %v", e.Rule, err)})
+		}
+	}
+	return errs
 }
 
 // count writes "1 rule", "2 rules".

@@ -38,36 +38,13 @@ func (u usageError) Unwrap() error { return u.err }
 
 func usagef(format string, a ...any) error { return usageError{fmt.Errorf(format, a...)} }
 
-const usage = `sluice: a TCP/UDP stream proxy
-
-usage:
-  sluice run [-c FILE] [--loops N] [--log-level L] [--log-format F] [--drain-timeout D]
-             [--state DIR [--fresh]]
-                                         the daemon on a YAML configuration file;
-                                         without -c, on its built-in demo configuration
-  sluice check -c FILE                   validate a configuration file
-  sluice check -r RULESFILE              validate a rules file (one rule per line)
-  sluice forward LISTEN TARGET [OPTION...] [--loops N] [--log-level L] [--log-format F]
-                                         the daemon with one rule, e.g.
-                                         sluice forward 127.0.0.1:8080 127.0.0.1:80 splice=on
-  sluice ctl [-s SOCKET] status|pifs|list|apply FILE|add RULE|del RULE
-  sluice ctl [-s SOCKET] watch [GROUP...]|sessions [--rule KEY]|stats
-  sluice ctl [-s SOCKET] history [-n N]|reload|confirm|rollback
-  sluice ctl rollout FILE|fleet --etcd URL --prefix P
-                                         talk to a running daemon (sluice ctl -h)
-  sluice version                         this build: module version, VCS revision (also --version)
-  sluice help rules                      every rule option, with its default
-
-Run "sluice COMMAND -h" for a command's flags.
-`
-
 func main() {
 	os.Exit(run(os.Args[1:]))
 }
 
 func run(args []string) int {
 	if len(args) == 0 {
-		fmt.Fprint(os.Stderr, usage)
+		fmt.Fprint(os.Stderr, usageText())
 		return exitUsage
 	}
 	var err error
@@ -85,14 +62,16 @@ func run(args []string) int {
 	case "help":
 		switch {
 		case len(args) == 1:
-			fmt.Print(usage)
+			fmt.Print(usageText())
 		case len(args) == 2 && args[1] == "rules":
 			fmt.Print(rules.OptionHelp())
+		case len(args) == 2 && args[1] == "man":
+			fmt.Print(manPage())
 		default:
-			err = usagef("help %s: want no topic, or rules", strings.Join(args[1:], " "))
+			err = usagef("help %s: want no topic, rules or man", strings.Join(args[1:], " "))
 		}
 	case "-h", "--help":
-		fmt.Print(usage)
+		fmt.Print(usageText())
 	default:
 		err = usagef("unknown command %q (see sluice --help)", args[0])
 	}

@@ -113,7 +113,7 @@ func TestBashCompletion(t *testing.T) {
 		{[]string{"sluice", ""}, []string{"run", "forward", "check", "ctl", "version", "help"}},
 		{[]string{"sluice", "ctl", ""}, []string{"status", "pifs", "list", "apply", "diff", "add", "del", "watch", "sessions", "stats",
 			"history", "reload", "confirm", "rollback", "upgrade", "rollout", "fleet"}},
-		{[]string{"sluice", "help", ""}, []string{"rules"}},
+		{[]string{"sluice", "help", ""}, []string{"rules", "man"}},
 		{[]string{"sluice", "ctl", "-s", "x", "list", "--"}, []string{"--pending", "--json"}},
 	} {
 		got := complete(c.words...)

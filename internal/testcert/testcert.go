@@ -54,11 +54,18 @@ func NewCA(t testing.TB, dir string) *CA {
 // certificate) and NAME.key (its key) and returns their paths.
 func (ca *CA) Leaf(t testing.TB, name, cn string) (certFile, keyFile string) {
 	t.Helper()
+	return ca.LeafValid(t, name, cn, time.Now().Add(-time.Hour), time.Now().Add(12*time.Hour))
+}
+
+// LeafValid is Leaf valid from notBefore to notAfter: an expired
+// certificate, or one not valid yet.
+func (ca *CA) LeafValid(t testing.TB, name, cn string, notBefore, notAfter time.Time) (certFile, keyFile string) {
+	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	ca.n++
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(ca.n), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(12 * time.Hour),
+		NotBefore: notBefore, NotAfter: notAfter,
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}
