@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use; add here, never in a test.
-./scripts/debian-pkgs.sh test-deps iproute2 procps haproxy nginx libnginx-mod-stream curl openssl chromium prometheus etcd-server
+./scripts/debian-pkgs.sh test-deps iproute2 procps haproxy nginx libnginx-mod-stream curl openssl chromium prometheus etcd-server groff-base
 go mod download
