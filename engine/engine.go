@@ -323,6 +323,9 @@ func (e *Engine) newGroupListener(g []*rules.Rule, i, fd int, bound netip.AddrPo
 		ln := e.newListener(r, i, fd, bound, lp, tp, pols[j], e.countersFor(&ctrs[j], r), owner)
 		if j == 0 {
 			front = ln
+			if r.Proto == rules.TCP {
+				setDeferAccept(fd, deferAccept(g, pols[0]))
+			}
 		}
 		if len(g) > 1 || r.IsRoute() {
 			ln.route = true

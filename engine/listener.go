@@ -114,6 +114,34 @@ func groupSignature(g []*rules.Rule, line func(*rules.Rule) string) string {
 // bandwidth-delay product wants sockbuf=auto or a larger size.
 const DefaultSockBuf = 1 << 20
 
+// deferAccept returns the TCP_DEFER_ACCEPT seconds of the listening socket
+// of the routes g (pol the first route's policy), 0 for none. A key whose
+// every client must speak first — it routes by the ClientHello, or
+// terminates TLS — and that gives no health reply (a monitor may connect and
+// only read) is accepted only once the client's first bytes are there: the
+// accept then finds the hello, with no read for EAGAIN and no wake-up for
+// the bytes, and a client that connects and says nothing costs no session.
+// The wait is timeout.handshake, rounded up to seconds: the kernel then
+// hands the connection over anyway, and the handshake timeout runs again
+// from the accept.
+func deferAccept(g []*rules.Rule, pol *handshake.Policy) int {
+	r := g[0]
+	if r.Health != rules.HealthNone || len(r.Monitor) > 0 {
+		return 0
+	}
+	if len(g) == 1 && !r.IsRoute() && !r.Terminates() {
+		return 0
+	}
+	return int((pol.Timeout() + time.Second - 1) / time.Second)
+}
+
+// setDeferAccept sets TCP_DEFER_ACCEPT on a listening socket (0 clears
+// it: a kept socket takes its new rule's). Best effort: without it the
+// session reads the first bytes after their event, as for any rule.
+func setDeferAccept(fd, secs int) {
+	_ = rawsys.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, secs)
+}
+
 // noBufForce is set once SO_SNDBUFFORCE has been refused (no
 // CAP_NET_ADMIN): from then on only SO_SNDBUF / SO_RCVBUF are tried, which
 // the kernel caps at net.core.wmem_max / rmem_max.

@@ -10,7 +10,9 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
+	"github.com/sluice-proxy/sluice/internal/testcert"
 	"github.com/sluice-proxy/sluice/internal/testpeer"
 )
 
@@ -155,5 +157,51 @@ func TestApplyRoutesKeepSocket(t *testing.T) {
 	}
 	if len(logged) != 3 {
 		t.Errorf("rule counters logged at stop for %d rules, want the key's 3 routes: %v", len(logged), logged)
+	}
+}
+
+// A key whose clients must speak first (it routes by the hello, or it
+// terminates TLS) and that gives no health reply defers the accept until
+// the first bytes come (TCP_DEFER_ACCEPT, timeout.handshake rounded up);
+// others do not, and a kept socket takes its new rule's setting.
+func TestDeferAccept(t *testing.T) {
+	dir := t.TempDir()
+	ca := testcert.NewCA(t, dir)
+	cert, key := ca.Leaf(t, "srv", "a.example.com")
+	deferSecs := func(e *Engine) int {
+		t.Helper()
+		v, err := unix.GetsockoptInt(e.Listeners()[0].fd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	on := fmt.Sprintf("tcp 127.0.0.1:%d", freePort(t))
+	for _, tc := range []struct {
+		name  string
+		lines []string
+		min   int // the kernel reports whole retransmission periods: at least what was asked
+	}{
+		{"plain", []string{on + " -> 127.0.0.1:1"}, 0},
+		{"routes", []string{on + " -> 127.0.0.1:1 sni=a.example.com timeout.handshake=2s", on + " -> 127.0.0.1:2 sni=b.example.com timeout.handshake=2s"}, 2},
+		{"terminates", []string{on + " -> 127.0.0.1:1 tls.cert=" + cert + " tls.key=" + key}, 5},
+		{"routes with a health reply", []string{on + " -> 127.0.0.1:1 sni=a.example.com health=http monitor=127.0.0.2/32", on + " -> 127.0.0.1:2 sni=b.example.com health=http monitor=127.0.0.2/32"}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEngine(t)
+			applyCommit(t, e, tc.lines...)
+			got := deferSecs(e)
+			if (tc.min == 0) != (got == 0) || got < tc.min {
+				t.Fatalf("TCP_DEFER_ACCEPT %d, want %s", got, map[bool]string{true: "0", false: fmt.Sprintf("at least %d", tc.min)}[tc.min == 0])
+			}
+			if tc.min == 0 {
+				return
+			}
+			// The same key, now a plain rule: the kept socket accepts at once.
+			applyCommit(t, e, on+" -> 127.0.0.1:1")
+			if got := deferSecs(e); got != 0 {
+				t.Fatalf("kept socket, plain rule: TCP_DEFER_ACCEPT %d, want 0", got)
+			}
+		})
 	}
 }

@@ -308,6 +308,11 @@ func (s *session) sessionStep(l *Loop) {
 			x.sni, x.alpn = sni, alpn
 		}
 	}
+	if s.hs.Has(handshake.Drained) {
+		// The hello's read emptied the socket: forwarding need not read
+		// it before its next event (which sets sfCliIn again).
+		s.flags &^= sfCliIn
+	}
 	s.flags |= sfPassed
 	s.hsUs = sinceUs(l.now, s.start)
 	if s.hs.Has(handshake.MaxConn) {

@@ -444,3 +444,47 @@ func TestEveryNameIsThere(t *testing.T) {
 		}
 	}
 }
+
+// The sni stage marks the conn Drained when the read that completed the
+// hello was short (the socket held nothing more: the session need not read
+// it before its next event), and not when that read filled the buffer.
+func TestSNIDrained(t *testing.T) {
+	hl, err := testpeer.ClientHello("a.example.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hl) >= helloTiers[0] {
+		t.Fatalf("hello of %d bytes: the test wants one under the first buffer (%d)", len(hl), helloTiers[0])
+	}
+	for _, tc := range []struct {
+		name  string
+		extra int // bytes after the hello, in the same write
+		want  bool
+	}{
+		{"hello alone", 0, true},
+		{"hello and bytes that fill the buffer", helloTiers[0] - len(hl), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var g []*rules.Rule
+			for _, line := range []string{"tcp 127.0.0.1:443 -> 127.0.0.1:1 sni=a.example.com", "tcp 127.0.0.1:443 -> 127.0.0.1:2 sni=b.example.com"} {
+				r, err := rules.Parse(line)
+				if err != nil {
+					t.Fatal(err)
+				}
+				g = append(g, r)
+			}
+			pr := newPair(t, "tcp 127.0.0.1:443 -> 127.0.0.1:1", "127.0.0.1:5000")
+			pr.p = NewRoutePolicies(g, 64)[0]
+			Put(pr.st)
+			pr.st = Get(&pr.in, nil)
+			pr.p.Begin(pr.st)
+			pr.send(append(append([]byte(nil), hl...), make([]byte, tc.extra)...))
+			if res, code := pr.run(); res != Done {
+				t.Fatalf("run: %v %v", res, code)
+			}
+			if got := pr.st.Has(Drained); got != tc.want {
+				t.Errorf("Drained %v, want %v (flags %v)", got, tc.want, pr.st.Flags())
+			}
+		})
+	}
+}

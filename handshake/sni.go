@@ -144,8 +144,12 @@ func (h *sniStage) Handshake(st *State) (Result, conn.Code) {
 			}
 			return Fail, conn.CodeTLSHelloBad // the stream ended inside the hello
 		}
+		short := n < len(b)-int(s.n) // a stream socket hands over all it holds
 		s.n += uint32(n)
 		if status := s.scan.Scan(b[:s.n]); status != hello.NeedMore {
+			if short {
+				st.Set(Drained)
+			}
 			return h.route(st, status)
 		}
 	}

@@ -22,16 +22,17 @@ const (
 	MaxConn    Flags = 0x0040 // the conn holds one of the rule's maxconn slots: ReleaseSlot at its end
 	Replied    Flags = 0x0080 // the health reply is written and the write side shut
 	Routed     Flags = 0x0100 // the sni stage chose a route (State.Route)
+	Drained    Flags = 0x0200 // the chain's last read of the client was short: its socket held nothing more (a read before its next event would only say EAGAIN)
 )
 
 var flagNames = [...]bitnames.Name[Flags]{
 	{Bit: Health, Name: "HEALTH"}, {Bit: Failing, Name: "FAILING"}, {Bit: PeerClosed, Name: "PEER_CLOSED"}, {Bit: Proxied, Name: "PROXIED"},
 	{Bit: Local, Name: "LOCAL"}, {Bit: Untrusted, Name: "UNTRUSTED"}, {Bit: MaxConn, Name: "MAXCONN"}, {Bit: Replied, Name: "REPLIED"},
-	{Bit: Routed, Name: "ROUTED"},
+	{Bit: Routed, Name: "ROUTED"}, {Bit: Drained, Name: "DRAINED"},
 }
 
 // allFlags is the union of every named bit.
-const allFlags Flags = 0x01ff
+const allFlags Flags = 0x03ff
 
 // String names every set bit, joined by '|'; unknown bits are shown in hex.
 func (f Flags) String() string { return bitnames.Format(f, flagNames[:]) }
