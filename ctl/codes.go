@@ -6,15 +6,18 @@ import "strconv"
 // detail of a SUMMARY; Version3 adds the boot id and a pending
 // commit-confirmed transaction to STATUS; Version4 adds an apply that
 // awaits its commit to STATUS; Version5 adds a terminated session's TLS
-// version, cipher and resumption to SESSIONS. See docs/ctl-protocol.md.
+// version, cipher and resumption to SESSIONS; Version6 adds the daemon's
+// version, pid, start and uptime, and its state (serving, draining) to
+// STATUS. See docs/ctl-protocol.md.
 const (
 	Version1 uint8 = 1
 	Version2 uint8 = 2
 	Version3 uint8 = 3
 	Version4 uint8 = 4
 	Version5 uint8 = 5
+	Version6 uint8 = 6
 	// MaxVersion is the highest version this build speaks.
-	MaxVersion = Version5
+	MaxVersion = Version6
 )
 
 // MsgType is a frame's message type. The numbers are the wire's.
@@ -165,7 +168,8 @@ const (
 	CodeEmptyChunk       Code = 24 // a LOAD chunk with no line that is not the last
 	CodeUpgradeFailed    Code = 25 // the new process did not become ready: stopped; the old one serves on
 	CodeUpgrading        Code = 26 // an upgrade is under way, or the process it replaced still drains
-	codeCount                 = 27
+	CodeDraining         Code = 27 // the daemon drains its sessions before it exits: read-only intents only
+	codeCount                 = 28
 )
 
 var codeNames = [codeCount]string{
@@ -195,6 +199,7 @@ var codeNames = [codeCount]string{
 	CodeEmptyChunk:       "empty-chunk",
 	CodeUpgradeFailed:    "upgrade-failed",
 	CodeUpgrading:        "upgrading",
+	CodeDraining:         "draining",
 }
 
 // String returns the code's stable name, or "code-N" for a number this
@@ -204,6 +209,33 @@ func (c Code) String() string {
 		return codeNames[c]
 	}
 	return "code-" + strconv.Itoa(int(c))
+}
+
+// RunState is what the daemon is doing, as STATUS (version 6) says it. The
+// numbers are the wire's; 0 is an older server's STATUS, which has none.
+type RunState uint8
+
+const (
+	StateServing  RunState = 1 // serving: every intent
+	StateDraining RunState = 2 // stopping: sessions drain until the drain deadline; read-only intents only
+	runStateCount          = 3
+)
+
+var runStateNames = [runStateCount]string{
+	StateServing:  "serving",
+	StateDraining: "draining",
+}
+
+// String returns the state's stable name, "" for none (an older server),
+// or "state-N" for a number this build does not know.
+func (r RunState) String() string {
+	switch {
+	case r == 0:
+		return ""
+	case int(r) < len(runStateNames) && runStateNames[r] != "":
+		return runStateNames[r]
+	}
+	return "state-" + strconv.Itoa(int(r))
 }
 
 // LimitID names one of the server's limits in the hello.

@@ -96,12 +96,12 @@ func (s *Server) pendingLeft() (uint64, time.Duration) {
 // leave keeps the writing transaction's apply pending until deadline: the
 // writer slot stays held (the caller does not free it) and a timer rolls
 // back at the deadline. It reports false, leaving nothing, once the server
-// is closing: the caller rolls back. (s.mu is held across the check and
+// is closing or draining: the caller rolls back. (s.mu is held across the check and
 // the hand-over, so Close either sees the pending transaction or is seen.)
 func (s *Server) leave(p *pendingTxn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.closed || s.draining {
 		return false
 	}
 	s.pmu.Lock()

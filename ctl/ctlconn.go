@@ -36,7 +36,9 @@ type ctlConn struct {
 	ver  uint8 // Version1 until the client hello is answered
 	who  Who   // the peer and its client name, set once the hello is read
 
-	watcher bool // counted in Server.watchers (admit); under s.mu
+	watcher bool          // counted in Server.watchers (admit); under s.mu
+	intent  Intent        // said in the client hello (admit); under s.mu
+	done    chan struct{} // closed once run has ended (Drain waits for the writers)
 
 	mu      sync.Mutex
 	closing bool // the server is closing: deadlines are "now"
@@ -52,6 +54,7 @@ func (cc *ctlConn) run() {
 			cc.s.watchers--
 		}
 		cc.s.mu.Unlock()
+		close(cc.done)
 		cc.s.wg.Done()
 	}()
 	cc.log = cc.s.log.With(zap.Uint64("conn", cc.id))
@@ -256,7 +259,7 @@ func (cc *ctlConn) serve() error {
 }
 
 // status is the answer to intent status: the committed table and, apart,
-// an applied one that awaits its commit.
+// an applied one that awaits its commit; the process and its state.
 func (s *Server) status() *Status {
 	gen, rs, applied, pending := s.eng.Tables()
 	st := &Status{Generation: gen, Rules: len(rs), Ports: rules.ListenPortCount(rs), Sessions: s.eng.Sessions(),
@@ -265,6 +268,8 @@ func (s *Server) status() *Status {
 		st.PendingGen, st.PendingRules, st.PendingPorts = gen+1, len(applied), rules.ListenPortCount(applied)
 	}
 	st.ConfirmGen, st.ConfirmLeft = s.pendingLeft()
+	st.Version, st.PID, st.Started, st.Uptime = s.version, os.Getpid(), s.started, time.Since(s.started)
+	st.State, st.DrainLeft = s.drainState()
 	return st
 }
 

@@ -18,6 +18,10 @@
 //	...
 //	defer srv.Close() // rolls back an open transaction
 //
+// A daemon that stops calls srv.Drain(deadline) first (drain.go): the
+// socket serves only the read-only intents until Close, and refuses the
+// others with CodeDraining.
+//
 // A client, step by step (each call bounded by its context):
 //
 //	c, err := ctl.Dial(ctx, path, ctl.Options{})

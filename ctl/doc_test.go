@@ -231,6 +231,15 @@ func TestEveryNumberHasAName(t *testing.T) {
 	for i := Intent(1); i < intentCount; i++ {
 		check("intent", int(i), i.String(), "intent-")
 	}
+	for r := RunState(1); r < runStateCount; r++ {
+		check("state", int(r), r.String(), "state-")
+	}
+	if RunState(0).String() != "" || RunState(runStateCount).String() != "state-"+strconv.Itoa(runStateCount) {
+		t.Error("state 0 is none, a state past the names has none")
+	}
+	if StateServing != 1 || StateDraining != 2 {
+		t.Error("run states are never renumbered")
+	}
 	if Code(999).String() != "code-999" || MsgType(0).Known() || Intent(0).Known() {
 		t.Error("unknown numbers must not have names")
 	}
@@ -238,7 +247,7 @@ func TestEveryNumberHasAName(t *testing.T) {
 		7: "stale-generation", 8: "invalid-rule", 9: "invalid-table", 10: "unknown-pif", 11: "bad-value", 12: "apply-failed",
 		13: "commit-failed", 14: "rollback-failed", 15: "confirm-timeout", 16: "shutting-down", 17: "permission-denied",
 		18: "too-many-clients", 19: "internal", 20: "slow-watcher",
-		21: "no-state", 22: "no-pending", 23: "no-reload"}
+		21: "no-state", 22: "no-pending", 23: "no-reload", 24: "empty-chunk", 25: "upgrade-failed", 26: "upgrading", 27: "draining"}
 	for c, name := range stable {
 		if c.String() != name {
 			t.Errorf("code %d is %q, was %q: codes are never renumbered", c, c, name)

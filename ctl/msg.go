@@ -24,6 +24,7 @@ const (
 	maxPortText   = 128
 	maxPortDetail = rules.MaxPortsPerRule
 	maxErrMsg     = 1024
+	maxVersionStr = 256 // the daemon's version in STATUS
 	maxChunkItems = 0xffff
 	noIndex       = 0xffffffff
 )
@@ -217,6 +218,13 @@ type Status struct {
 	PendingGen   uint64 // the generation it gets if committed; 0 = none pending
 	PendingRules int
 	PendingPorts int
+	// Version 6 only: the daemon's process and what it is doing.
+	Version   string        // as `sluice version` prints it; "" = not known (a bare server)
+	PID       int           // the daemon's process id
+	Started   time.Time     // when the daemon started (millisecond precision)
+	Uptime    time.Duration // since then, by the daemon's monotonic clock (a wall clock step does not change it)
+	State     RunState      // serving or draining; 0 from an older server
+	DrainLeft time.Duration // draining: until the drain deadline cuts the sessions left
 }
 
 // tableLine is one rule line of RULES or LOAD with its listen pif's index.
@@ -412,6 +420,14 @@ func (fw *frameWriter) writeStatus(ver uint8, s *Status) error {
 		fw.u64(s.PendingGen)
 		fw.count32(s.PendingRules, "pending rules")
 		fw.count32(s.PendingPorts, "pending ports")
+	}
+	if ver >= Version6 {
+		fw.str(truncate(s.Version, maxVersionStr), maxVersionStr, "version")
+		fw.u32(uint32(max(s.PID, 0)))
+		fw.u64(uint64(max(s.Started.UnixMilli(), 0)))
+		fw.u64(uint64(max(s.Uptime, 0) / time.Millisecond))
+		fw.u8(uint8(s.State))
+		fw.u64(uint64(max(s.DrainLeft, 0) / time.Millisecond))
 	}
 	return fw.finish()
 }
@@ -659,7 +675,20 @@ func decodeStatus(f frame) (*Status, error) {
 		s.PendingRules = int(d.u32("pending rules"))
 		s.PendingPorts = int(d.u32("pending ports"))
 	}
+	if f.ver >= Version6 {
+		s.Version = d.str(maxVersionStr, "version")
+		s.PID = int(d.u32("pid"))
+		s.Started = time.UnixMilli(int64(min(d.u64("started"), math.MaxInt64/2))).UTC()
+		s.Uptime = msDuration(d.u64("uptime-ms"))
+		s.State = RunState(d.u8("state"))
+		s.DrainLeft = msDuration(d.u64("drain-left-ms"))
+	}
 	return s, d.end()
+}
+
+// msDuration is ms milliseconds, capped where a Duration would overflow.
+func msDuration(ms uint64) time.Duration {
+	return time.Duration(min(ms, uint64(math.MaxInt64/int64(time.Millisecond)))) * time.Millisecond
 }
 
 func decodeError(f frame) (*Error, error) {

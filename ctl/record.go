@@ -37,8 +37,12 @@ type Booted interface {
 // socket (the daemon's reload), so that no writing transaction is between
 // its load and its apply meanwhile. When a writer holds the slot it returns
 // the *Error busy a writer would get (naming a pending commit-confirmed
-// transaction and its time left); otherwise release frees the slot.
+// transaction and its time left), and while the daemon drains the *Error
+// draining; otherwise release frees the slot.
 func (s *Server) Hold() (release func(), err error) {
+	if s.isDraining() {
+		return nil, s.drainingError(IntentReload)
+	}
 	if !s.writer.CompareAndSwap(false, true) {
 		return nil, s.busy()
 	}

@@ -125,8 +125,15 @@ type Server struct {
 	ending  sync.WaitGroup // endTaken calls under way
 	nextID  atomic.Uint64
 
+	// What STATUS says of the process (version 6): the Engine's Described,
+	// else no version and the server's own start.
+	version string
+	started time.Time
+
 	mu         sync.Mutex
 	closed     bool
+	draining   bool                  // Drain: read-only intents only (drain.go)
+	drainBy    time.Time             // Drain's deadline
 	handedOver bool                  // StopAccepting: the socket is a successor's (upgrade.go)
 	conns      map[*ctlConn]struct{} // the connections being served; Close shuts each down
 	watchers   int                   // of conns, those of intent watch (admit)
@@ -208,10 +215,13 @@ func (b *Bound) Close() error { return b.ln.Close() }
 // the caller to release (an upgrade's successor, upgrade.go).
 func serveOn(ctx context.Context, ln *net.UnixListener, path string, eng Engine, log *zap.Logger, cfg config, held bool) *Server {
 	s := &Server{path: path, eng: eng, log: log.Named("ctl"), cfg: cfg, ln: ln, uid: uint32(os.Geteuid()),
-		conns: map[*ctlConn]struct{}{}}
+		conns: map[*ctlConn]struct{}{}, started: time.Now()}
 	s.hello = cfg.hello()
 	if b, ok := eng.(Booted); ok {
 		s.hello.Limits.BootID = b.BootID()
+	}
+	if d, ok := eng.(Described); ok {
+		s.version, s.started = d.Described()
 	}
 	s.writer.Store(held)
 	s.stop = context.AfterFunc(ctx, func() { _ = s.Close() })
@@ -295,7 +305,7 @@ func (s *Server) accept() {
 			continue
 		}
 		backoff = 5 * time.Millisecond
-		cc := &ctlConn{s: s, conn: c, id: s.nextID.Add(1), ver: Version1}
+		cc := &ctlConn{s: s, conn: c, id: s.nextID.Add(1), ver: Version1, done: make(chan struct{})}
 		s.mu.Lock()
 		if s.closed {
 			s.mu.Unlock()
@@ -323,6 +333,10 @@ func (i Intent) isWriter() bool {
 	return i == IntentWrite || i == IntentReload || i == IntentConfirm || i == IntentRollback
 }
 
+// changes reports whether intent changes the daemon's state (its table,
+// or its process): these are refused while it drains (Drain).
+func (i Intent) changes() bool { return i.isWriter() || i == IntentUpgrade }
+
 // admit classes a connection by the intent of its client hello, and
 // refuses it (too-many-clients) if its class is full. Watchers stay open
 // for as long as their clients like: they have a bound of their own
@@ -332,6 +346,10 @@ func (i Intent) isWriter() bool {
 func (s *Server) admit(cc *ctlConn, intent Intent) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	cc.intent = intent
+	if s.draining && intent.changes() {
+		return s.drainingError(intent)
+	}
 	if intent == IntentWatch {
 		if s.watchers >= s.cfg.maxWatchers {
 			return errorf(CodeTooManyClients, "%d watchers are open, at most %d allowed", s.watchers, s.cfg.maxWatchers)

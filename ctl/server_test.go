@@ -43,6 +43,11 @@ func TestReadOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A bare server (no Described engine) says no version, and its own start.
+	if st.PID != os.Getpid() || st.Version != "" || st.State != StateServing || st.Started.IsZero() || st.Uptime < 0 || st.Uptime > time.Minute {
+		t.Fatalf("status: the process %+v", st)
+	}
+	st.PID, st.Started, st.Uptime, st.State = 0, time.Time{}, 0, 0
 	if *st != (Status{Generation: 3, Rules: 3, Ports: 4, Sessions: 5, Pifs: 2}) || c.Version() != MaxVersion {
 		t.Fatalf("status %+v, version %d", st, c.Version())
 	}

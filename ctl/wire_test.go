@@ -217,7 +217,7 @@ func TestMalformed(t *testing.T) {
 	}{
 		{"bad magic", []byte("GET / HTTP/1.0\r\n"), nil, CodeBadFrame, ""},
 		{"version 0", header(0, MsgHello, 0), nil, CodeBadVersion, ""},
-		{"version 6", header(MaxVersion+1, MsgHello, 0), nil, CodeBadVersion, ""},
+		{"a version past MaxVersion", header(MaxVersion+1, MsgHello, 0), nil, CodeBadVersion, ""},
 		{"unknown type", header(1, 0x7f, 0), nil, CodeBadFrame, ""},
 		{"type 0", header(1, 0, 0), nil, CodeBadFrame, ""},
 		{"length over the bound", header(1, MsgLoad, MaxPayload+1), nil, CodeTooLarge, ""},
@@ -336,6 +336,10 @@ func FuzzDecode(f *testing.F) {
 	}))
 	f.Add(encodeFrames(f, func(fw *frameWriter) error {
 		return fw.writeStatus(3, &Status{Generation: 1, BootID: 9, ConfirmGen: 2, ConfirmLeft: time.Second})
+	}))
+	f.Add(encodeFrames(f, func(fw *frameWriter) error {
+		return fw.writeStatus(6, &Status{Generation: 1, Version: "v1.2.3 (rev abc)", PID: 42, Started: time.UnixMilli(1e12),
+			Uptime: time.Hour, State: StateDraining, DrainLeft: time.Second})
 	}))
 	f.Add(encodeFrames(f, func(fw *frameWriter) error { return fw.writeRecent(3, 10) }))
 	f.Add(encodeFrames(f, func(fw *frameWriter) error { return fw.writeHistory(3, []string{`{"generation":1}`, "{}"}) }))

@@ -17,12 +17,18 @@
 // Options.Signals), then stops; Stop stops at once. Stopping goes in its
 // own order, not the reverse of the start's:
 //
-//  1. the control socket closes: no table change during the drain, and an
-//     open transaction rolls back through the engine while it still runs;
+//  1. the control socket goes read-only (ctl.Server.Drain): no table change
+//     during the drain, an open transaction rolls back through the engine
+//     while it still runs, and status, sessions, stats, list and watch are
+//     served on, so an operator sees what holds the stop up;
 //  2. the engine drains: no new connection, live sessions may finish until
 //     the drain deadline (Config.Drain; a second signal ends it at once),
 //     then the rest are closed and the loops stop;
-//  3. the metrics endpoint closes last: scrapes go on during the drain.
+//  3. the control socket closes;
+//  4. the metrics endpoint closes last: scrapes go on during the drain.
+//
+// After an upgrade the control socket is the successor's: the old
+// process's closes first, its connections ended at once.
 //
 // With a state dir (Options.StateDir, package state) every commit — the
 // initial table, each control transaction — is written there before it is
@@ -76,13 +82,14 @@ const (
 	PhaseTable                         // the first table applied and committed: the saved one or the configuration's (start.go)
 	PhaseCtl                           // the control socket served (then the store's loop started)
 	PhaseMetrics                       // the metrics endpoint served
-	PhaseCloseCtl                      // the control socket closed, first: no table change during the drain
+	PhaseCtlReadOnly                   // the control socket read-only, first: no table change during the drain, the reads served on
 	PhaseDrain                         // the engine drained, its remaining sessions closed, its loops stopped
+	PhaseCloseCtl                      // the control socket closed (first, after an upgrade: the socket is the successor's)
 	PhaseCloseMetrics                  // the metrics endpoint closed, last: scrapes go on during the drain
 	phaseEnd                           // past the last: the names test stops here
 )
 
-var phaseText = [...]string{"", "engine", "pifs", "loops", "bind", "table", "ctl", "metrics", "close-ctl", "drain", "close-metrics"}
+var phaseText = [...]string{"", "engine", "pifs", "loops", "bind", "table", "ctl", "metrics", "ctl-read-only", "drain", "close-ctl", "close-metrics"}
 
 func (p Phase) String() string {
 	if int(p) < len(phaseText) && p != 0 {
@@ -145,6 +152,7 @@ type Daemon struct {
 	hup        chan os.Signal // SIGHUP: a reload; nil when Options.Signals was given
 	unwatch    func()         // stops catching the signals; nil when Options.Signals was given
 	bootID     uint64         // this run's id, in the control socket's hello
+	started    time.Time      // when Start began, in ctl status
 
 	st     *state.Dir    // nil without a state dir
 	recMu  sync.Mutex    // orders the commits written to st, and guards digest
@@ -175,7 +183,7 @@ func Start(opt Options) (*Daemon, error) {
 	if opt.Config == nil {
 		return nil, errors.New("daemon: no configuration")
 	}
-	d := &Daemon{opt: opt, c: opt.Config, log: opt.Log, sig: opt.Signals, done: make(chan struct{}), bootID: newBootID(),
+	d := &Daemon{opt: opt, c: opt.Config, log: opt.Log, sig: opt.Signals, done: make(chan struct{}), bootID: newBootID(), started: time.Now(),
 		drain: opt.Config.Drain, exe: opt.Executable, up: upgradeState{upgraded: make(chan struct{})}}
 	if d.log == nil {
 		d.log = zap.NewNop()
@@ -185,7 +193,7 @@ func Start(opt Options) (*Daemon, error) {
 	}
 	if err := d.start(); err != nil {
 		// As the daemon failed to start, no drain: whatever started stops.
-		_ = d.halt(context.Background())
+		_ = d.halt(context.Background(), false)
 		d.stopSignals()
 		d.notify.close()
 		return nil, err
@@ -491,7 +499,7 @@ func (d *Daemon) stop(ctx context.Context, sig os.Signal) error {
 		if upgraded {
 			d.drainHanded(ctx)
 		}
-		err := d.halt(ctx)
+		err := d.halt(ctx, !upgraded)
 		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 			d.log.Warn("drain deadline passed; remaining sessions closed")
 			err = nil
@@ -510,11 +518,19 @@ func (d *Daemon) stop(ctx context.Context, sig os.Signal) error {
 }
 
 // halt stops the parts that started, in the stop order: the control
-// socket, the engine (its drain bounded by ctx), the metrics endpoint. It
+// socket read-only (readOnly; else closed at once), the engine (its drain
+// bounded by ctx), the control socket closed, the metrics endpoint. It
 // returns the engine's Shutdown error: ctx's when sessions were cut.
-func (d *Daemon) halt(ctx context.Context) error {
+func (d *Daemon) halt(ctx context.Context, readOnly bool) error {
 	d.stopStore()
-	if d.ctl != nil {
+	if d.ctl != nil && readOnly {
+		d.phase(PhaseCtlReadOnly)
+		deadline, ok := ctx.Deadline()
+		if !ok {
+			deadline = time.Now()
+		}
+		d.ctl.Drain(deadline)
+	} else if d.ctl != nil {
 		d.phase(PhaseCloseCtl)
 		_ = d.ctl.Close()
 	}
@@ -522,6 +538,10 @@ func (d *Daemon) halt(ctx context.Context) error {
 	if d.e != nil {
 		d.phase(PhaseDrain)
 		err = d.e.Shutdown(ctx)
+	}
+	if d.ctl != nil && readOnly {
+		d.phase(PhaseCloseCtl)
+		_ = d.ctl.Close()
 	}
 	if d.metrics != nil {
 		d.phase(PhaseCloseMetrics)

@@ -141,6 +141,11 @@ func (p *parts) state() string {
 		if c, err := net.DialTimeout("unix", p.ctlPath, time.Second); err == nil {
 			c.Close()
 			ctlState = "up"
+			if st, err := ctlStatus(p.ctlPath); err != nil {
+				ctlState = "status: " + err.Error()
+			} else if st.State == ctl.StateDraining {
+				ctlState = "draining"
+			}
 		} else if _, err := os.Stat(p.ctlPath); err == nil {
 			ctlState = "stale-file"
 		}
@@ -169,6 +174,21 @@ func (p *parts) state() string {
 		}
 	}
 	return fmt.Sprintf("ctl=%s engine=%s table=%s metrics=%s", ctlState, engState, table, mState)
+}
+
+// ctlStatus reads the daemon's STATUS on its control socket.
+func ctlStatus(path string) (*ctl.Status, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := ctl.Dial(ctx, path, ctl.Options{})
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	if err := c.Hello(ctx, ctl.IntentStatus); err != nil {
+		return nil, err
+	}
+	return c.Status(ctx)
 }
 
 // openTxn applies one more rule through the control socket and leaves the
@@ -210,9 +230,10 @@ func openTxn(t *testing.T, path, backend string) *ctl.Client {
 }
 
 // Start takes its phases in order, and Stop its own: the control socket
-// closes first (an open transaction rolled back, the engine still
-// running), then the engine drains and stops, the metrics endpoint, which
-// answered all along, last. No binary is started: the real parts run on
+// goes read-only first (an open transaction rolled back, the engine still
+// running; STATUS says draining), then the engine drains and stops, the
+// control socket closes, the metrics endpoint, which answered all along,
+// last. No binary is started: the real parts run on
 // loopback.
 func TestStartStopOrder(t *testing.T) {
 	be := echoBackend(t)
@@ -228,8 +249,9 @@ func TestStartStopOrder(t *testing.T) {
 			"stopped: ctl=- engine=stopped table=gen1 metrics=-",
 		}},
 		{"ctl", true, false, false, []string{
-			"ctl", "close-ctl: ctl=up engine=running table=gen1 metrics=-",
-			"drain: ctl=closed engine=running table=gen1 metrics=-",
+			"ctl", "ctl-read-only: ctl=up engine=running table=gen1 metrics=-",
+			"drain: ctl=draining engine=running table=gen1 metrics=-",
+			"close-ctl: ctl=draining engine=stopped table=gen1 metrics=-",
 			"stopped: ctl=closed engine=stopped table=gen1 metrics=-",
 		}},
 		{"metrics", false, true, false, []string{
@@ -238,14 +260,16 @@ func TestStartStopOrder(t *testing.T) {
 			"stopped: ctl=- engine=stopped table=gen1 metrics=closed",
 		}},
 		{"ctl and metrics", true, true, false, []string{
-			"ctl", "metrics", "close-ctl: ctl=up engine=running table=gen1 metrics=200",
-			"drain: ctl=closed engine=running table=gen1 metrics=200",
+			"ctl", "metrics", "ctl-read-only: ctl=up engine=running table=gen1 metrics=200",
+			"drain: ctl=draining engine=running table=gen1 metrics=200",
+			"close-ctl: ctl=draining engine=stopped table=gen1 metrics=200",
 			"close-metrics: ctl=closed engine=stopped table=gen1 metrics=200",
 			"stopped: ctl=closed engine=stopped table=gen1 metrics=closed",
 		}},
 		{"open transaction rolled back before the drain", true, true, true, []string{
-			"ctl", "metrics", "close-ctl: ctl=up engine=running table=gen1+pending metrics=200",
-			"drain: ctl=closed engine=running table=gen1 metrics=200",
+			"ctl", "metrics", "ctl-read-only: ctl=up engine=running table=gen1+pending metrics=200",
+			"drain: ctl=draining engine=running table=gen1 metrics=200",
+			"close-ctl: ctl=draining engine=stopped table=gen1 metrics=200",
 			"close-metrics: ctl=closed engine=stopped table=gen1 metrics=200",
 			"stopped: ctl=closed engine=stopped table=gen1 metrics=closed",
 		}},
@@ -264,7 +288,7 @@ func TestStartStopOrder(t *testing.T) {
 			var got []string
 			p := &parts{ctlPath: opt.CtlPath}
 			opt.trace = func(d *Daemon, ph Phase) {
-				if ph < PhaseCloseCtl {
+				if ph < PhaseCtlReadOnly {
 					got = append(got, ph.String())
 					return
 				}
@@ -385,7 +409,7 @@ func TestStartUndo(t *testing.T) {
 			opt := Options{Config: parse(t, append([]string{"loops: 1"}, lines...)...), CtlPath: ctlPath, Signals: make(chan os.Signal),
 				trace: func(d *Daemon, p Phase) {
 					got = append(got, p)
-					if p <= PhaseTable || p >= PhaseCloseCtl {
+					if p <= PhaseTable || p >= PhaseCtlReadOnly {
 						return
 					}
 					if lns := d.Engine().Listeners(); len(lns) > 0 {

@@ -31,6 +31,7 @@ var (
 	_ ctl.TxnObserver    = ctlEngine{}
 	_ ctl.CommitRecorder = ctlEngine{}
 	_ ctl.Booted         = ctlEngine{}
+	_ ctl.Described      = ctlEngine{}
 )
 
 func (c ctlEngine) Committed(x ctl.Commit) {
@@ -38,6 +39,10 @@ func (c ctlEngine) Committed(x ctl.Commit) {
 }
 
 func (c ctlEngine) BootID() uint64 { return c.d.bootID }
+
+// Described is what ctl status says of the process: Options.Version and
+// the start (ctl.Described).
+func (c ctlEngine) Described() (string, time.Time) { return c.d.opt.Version, c.d.started }
 
 // BootID is this run's id: random, never 0, new at every start.
 func (d *Daemon) BootID() uint64 { return d.bootID }

@@ -71,7 +71,8 @@ type Engine struct {
 	pifs      map[string]*pif // named pifs; the host pif is nil
 	pifOrder  []*pif          // named pifs in the order added
 	started   bool
-	stopped   bool
+	stopped   bool          // Shutdown began: no apply, no listener
+	halted    bool          // Shutdown told the loops to stop: nothing more is posted to them for a reader (SessionList)
 	nextLoop  atomic.Uint32 // round-robin owner for udp listeners
 
 	active        atomic.Int64 // live sessions
@@ -455,6 +456,9 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	e.mu.Unlock()
 	e.amu.Unlock()
 	e.logRuleStats(keep, stop)
+	e.mu.Lock()
+	e.halted = true // after a SessionList under way, before the loops stop
+	e.mu.Unlock()
 	for _, l := range e.loops {
 		l.mu.Lock()
 		l.stop = true

@@ -351,6 +351,11 @@ func TestShutdownDrains(t *testing.T) {
 		stopped <- e.Shutdown(ctx)
 	}()
 	waitFor(t, "the engine to start draining", e.Draining)
+	// The session that holds the stop up is listed (ctl sessions while
+	// the daemon drains).
+	if l := e.SessionList("", 0); l.Total != 1 || len(l.List) != 1 || l.List[0].Rule != lns[0].ruleName() {
+		t.Errorf("sessions while draining: %+v", l)
+	}
 	time.Sleep(300 * time.Millisecond) // the session outlives the stop's start by far
 	if err := testpeer.ExchangeSlow(c, 1000, 1<<20, 9, 200*time.Millisecond); err != nil {
 		t.Fatalf("session cut by a graceful stop: %v", err)

@@ -15,8 +15,9 @@ const MaxSessionList = 10000
 // SessionList copies up to max (at most MaxSessionList) live sessions whose
 // rule's listen key is rule ("" = every rule), oldest first. Each loop
 // copies its own sessions, on its own goroutine (onLoops): no session field
-// is read from another goroutine. Total counts every match. A stopped
-// engine lists nothing.
+// is read from another goroutine. Total counts every match. A draining
+// engine lists the sessions that hold its stop up; one whose loops stop
+// lists nothing.
 func (e *Engine) SessionList(rule string, max int) observe.Sessions {
 	if max <= 0 || max > MaxSessionList {
 		max = MaxSessionList
@@ -24,11 +25,11 @@ func (e *Engine) SessionList(rule string, max int) observe.Sessions {
 	var mu sync.Mutex
 	var out observe.Sessions
 	// e.mu held: Shutdown cannot stop the loops while they copy (it marks
-	// the engine stopped under e.mu first). A stopped engine, draining or
-	// not, lists nothing.
+	// the engine halted under e.mu first). While it drains, the loops run
+	// and their sessions are listed.
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if !e.started || e.stopped {
+	if !e.started || e.halted {
 		return out
 	}
 	e.onLoops(func(l *Loop) {

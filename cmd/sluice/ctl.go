@@ -19,7 +19,8 @@ import (
 )
 
 const ctlSynopsis = `sluice ctl [-s SOCKET]... [-c CONFIG] VERB
-  status [--json]         version, features, generation, rule and session counts
+  status [--json]         version, pid, uptime, state (serving, draining), features,
+                          generation, rule and session counts
   pifs                    the daemon's pifs
   list [--pending]        the committed table as canonical rule lines (--pending: the applied one awaiting its commit)
   apply FILE [--dry-run] [--force] [--timeout DUR] [--json] [--confirm DUR]
@@ -339,6 +340,12 @@ func (x *ctlCmd) status() error {
 	tw := tabwriter.NewWriter(x.out, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "socket\t%s\n", x.sock)
 	fmt.Fprintf(tw, "software\t%s\n", h.Software)
+	if st.State != 0 { // STATUS carries the process from version 6
+		fmt.Fprintf(tw, "version\t%s\n", dash(st.Version))
+		fmt.Fprintf(tw, "pid\t%d\n", st.PID)
+		fmt.Fprintf(tw, "uptime\t%s (since %s)\n", st.Uptime.Truncate(time.Second), st.Started.UTC().Format(time.RFC3339))
+		fmt.Fprintf(tw, "state\t%s\n", runState(st))
+	}
 	fmt.Fprintf(tw, "protocol\tversion %d\n", c.Version())
 	fmt.Fprintf(tw, "features\t%s\n", strings.Join(h.Features, ", "))
 	if boot := max(st.BootID, h.Limits.BootID); boot != 0 { // STATUS carries it from version 3
@@ -433,7 +440,8 @@ func (x *ctlCmd) pifs() error {
 
 // statusJSON is ctl status --json: the lines of the table as one object,
 // numbers as numbers; the fields a STATUS of the server's version does
-// not carry are left out.
+// not carry are left out. "started" is RFC 3339, UTC, milliseconds, as
+// the logs write time.
 func statusJSON(sock string, c *ctl.Client, st *ctl.Status) map[string]any {
 	h := c.Server()
 	m := map[string]any{"socket": sock, "software": h.Software, "protocol": c.Version(), "features": h.Features,
@@ -448,7 +456,25 @@ func statusJSON(sock string, c *ctl.Client, st *ctl.Status) map[string]any {
 	if st.PendingGen != 0 {
 		m["pending"] = map[string]any{"generation": st.PendingGen, "rules": st.PendingRules, "ports": st.PendingPorts}
 	}
+	if st.State != 0 { // version 6
+		m["version"], m["pid"], m["state"] = st.Version, st.PID, st.State.String()
+		m["started"] = st.Started.UTC().Format("2006-01-02T15:04:05.000Z07:00")
+		m["uptime_ms"] = st.Uptime.Milliseconds()
+		if st.State == ctl.StateDraining {
+			m["drain_left_ms"] = st.DrainLeft.Milliseconds()
+		}
+	}
 	return m
+}
+
+// runState is ctl status's state line: "serving", or "draining" with the
+// time left until the drain deadline closes the sessions left.
+func runState(st *ctl.Status) string {
+	if st.State != ctl.StateDraining {
+		return st.State.String()
+	}
+	return fmt.Sprintf("draining: stopping, %s left of the drain deadline; table changes refused (sluice ctl sessions: what is still open)",
+		st.DrainLeft.Round(time.Second))
 }
 
 // list prints the committed table as a rules file: a comment with the

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -93,7 +94,8 @@ func TestCtlReadVerbs(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("status: exit %d\n%s", code, errs)
 	}
-	for _, want := range []string{"protocol    version 5", "features    txn, confirm-timeout", "generation  1", "rules       2", "sessions    3", "pifs        2", "writer      none", "pending     none"} {
+	for _, want := range []string{"protocol    version " + strconv.Itoa(int(ctl.MaxVersion)), "features    txn, confirm-timeout",
+		"pid         " + strconv.Itoa(os.Getpid()), "state       serving", "version     -", "generation  1", "rules       2", "sessions    3", "pifs        2", "writer      none", "pending     none"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status lacks %q:\n%s", want, out)
 		}
@@ -106,7 +108,8 @@ func TestCtlReadVerbs(t *testing.T) {
 	code, out, errs = sluiceCtl(t, "-s", sock, "status", "--json")
 	var st map[string]any
 	if err := json.Unmarshal([]byte(out), &st); code != 0 || err != nil || st["generation"] != float64(1) || st["rules"] != float64(2) ||
-		st["sessions"] != float64(3) || st["protocol"] != float64(ctl.MaxVersion) || st["writer"] != false || st["pending"] != nil {
+		st["sessions"] != float64(3) || st["protocol"] != float64(ctl.MaxVersion) || st["writer"] != false || st["pending"] != nil ||
+		st["pid"] != float64(os.Getpid()) || st["state"] != "serving" || st["started"] == nil || st["uptime_ms"] == nil || st["drain_left_ms"] != nil {
 		t.Fatalf("status --json: exit %d, %v\n%s%s", code, err, out, errs)
 	}
 	code, out, errs = sluiceCtl(t, "-s", sock, "pifs", "--json")
