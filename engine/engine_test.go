@@ -344,6 +344,9 @@ func TestShutdownDrains(t *testing.T) {
 	// what still waits in its accept queue), and live: the client has sent
 	// nothing yet, so the session cannot end before Shutdown begins.
 	waitStats(t, e, "the session to be accepted", func(s Stats) bool { return s.Sessions == 1 })
+	// And past its (empty) incoming chain: a session still in it when the
+	// drain begins is refused, as a new one is (sessionStep).
+	waitFor(t, "the session to leave its handshake", func() bool { return e.handshaking.Load() == 0 })
 	stopped := make(chan error, 1)
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
