@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -42,6 +43,40 @@ func TestSmokeSNI(t *testing.T) {
 // anything is.
 func smoke(t *testing.T, scenarios, peers, duration string, want ...string) {
 	t.Helper()
+	smokeRun(t, scenarios, peers, duration, want...)
+}
+
+// smokeServed runs smoke and checks that every peer that runs a scenario
+// served: a sample with a positive figure and no error, neither its own nor
+// the load's (wrk's socket errors and non-2xx replies).
+func smokeServed(t *testing.T, scenarios, peers, duration string, want ...string) {
+	t.Helper()
+	samples := smokeRun(t, scenarios, peers, duration, want...)
+	got := map[string]rawSample{}
+	for _, s := range samples {
+		got[s.Scenario+" "+s.Peer] = s
+	}
+	for _, sn := range splitList(scenarios) {
+		sc, _ := scenarioByName(sn)
+		for _, pn := range splitList(peers) {
+			p, _ := peerByName(pn)
+			s, ran := got[sn+" "+pn]
+			switch why := skipReason(sc, p); {
+			case why != "" && ran:
+				t.Errorf("%s, %s: ran, though skipped (%s)", sn, pn, why)
+			case why != "":
+			case !ran:
+				t.Errorf("%s, %s: no sample", sn, pn)
+			case s.Err != "" || s.Values[mValue] <= 0 || s.Values[mErrors] != 0:
+				t.Errorf("%s, %s: did not serve cleanly: %s %v", sn, pn, s.Err, s.Values)
+			}
+		}
+	}
+}
+
+// smokeRun runs the harness once with --json and returns its samples.
+func smokeRun(t *testing.T, scenarios, peers, duration string, want ...string) []rawSample {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("builds sluice and runs processes")
 	}
@@ -52,8 +87,9 @@ func smoke(t *testing.T, scenarios, peers, duration string, want ...string) {
 	if err := os.WriteFile(out, []byte("# kept\n\nearlier text\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	jsonOut := filepath.Join(t.TempDir(), "samples.json")
 	args := []string{"--scenarios", scenarios, "--peers", peers, "--reps", "1",
-		"--duration", duration, "--out", out}
+		"--duration", duration, "--out", out, "--json", jsonOut}
 	if runtime.NumCPU() < 2 {
 		args = append(args, "--proxy-cpu", "0")
 	}
@@ -74,6 +110,16 @@ func smoke(t *testing.T, scenarios, peers, duration string, want ...string) {
 	if strings.Contains(got, "FAILED") || strings.Contains(got, "repetitions failed") {
 		t.Errorf("a run failed:\n%s\n%s", got, stderr.String())
 	}
+	var samples []rawSample
+	if b, err := os.ReadFile(jsonOut); err != nil {
+		t.Fatal(err)
+	} else if err := json.Unmarshal(b, &samples); err != nil {
+		t.Fatalf("--json: %v", err)
+	}
+	if t.Failed() {
+		t.Logf("progress:\n%s", stderr.String())
+	}
+	return samples
 }
 
 func TestParseWrk(t *testing.T) {
@@ -164,4 +210,73 @@ func TestSmokeTLSTerm(t *testing.T) {
 	}
 	smoke(t, "tls-hs,tls-hs-resume,tls-bulk", "haproxy,nginx,sluice", "1s", "### tls-hs:", "### tls-hs-resume:", "### tls-bulk:",
 		"| sluice |", "| haproxy |", "| nginx |", "TLS handshakes/s per proxy core")
+}
+
+// needTools skips the test without the programs the peers need.
+func needTools(t *testing.T, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("no %s (make bench-deps)", tool)
+		}
+	}
+}
+
+// Issue 22's scenarios, each briefly against every peer that can run it:
+// each serves without an error, and those that cannot are named with why.
+func TestSmokeCPSAny(t *testing.T) {
+	needTools(t, "haproxy", "nginx", "wrk", "socat")
+	smokeServed(t, "cps-any", "direct,haproxy,nginx,socat,gocopy,sluice", "1s", "### cps-any:", "| sluice |", "| gocopy |", "| socat |")
+}
+
+// 3 s: socat forks a process per connection, and 1 000 forks on a loaded
+// CPU can take more than a second before its first reply.
+func TestSmokeRPS1K(t *testing.T) {
+	needTools(t, "haproxy", "nginx", "wrk", "socat")
+	smokeServed(t, "rps-1k", "direct,haproxy,nginx,socat,gocopy,sluice", "3s", "### rps-1k:", "| sluice |", "| socat |")
+}
+
+func TestSmokeProxy(t *testing.T) {
+	needTools(t, "haproxy", "nginx", "wrk")
+	smokeServed(t, "proxy-rps,proxy-cps", "direct,haproxy,haproxy-splice,nginx,socat,gocopy,sluice,sluice-splice", "1s",
+		"### proxy-rps:", "### proxy-cps:", "| sluice-splice |", "| haproxy |", "| nginx |",
+		"`socat` (does not speak the PROXY protocol); `gocopy` (does not speak the PROXY protocol)")
+}
+
+func TestSmokeLoops2(t *testing.T) {
+	needTools(t, "haproxy", "nginx", "wrk")
+	smokeServed(t, "loops2-rps,loops2-cps", "direct,haproxy,nginx,socat,gocopy,sluice", "1s",
+		"### loops2-rps:", "### loops2-cps:", "| sluice |", "| gocopy |", "`socat` (forks a process per session")
+}
+
+func TestCPUList(t *testing.T) {
+	for _, tc := range []struct {
+		in   []int
+		want string
+	}{
+		{[]int{1}, "1"},
+		{[]int{1, 0}, "1,0"},
+		{[]int{0, 0}, "0"},
+		{[]int{-1}, ""},
+		{nil, ""},
+	} {
+		if got := cpuList(tc.in...); got != tc.want {
+			t.Errorf("cpuList(%v) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+// Every scenario is in exactly one of the default and opt-in lists, and
+// every opt-in one is named in the -h text.
+func TestScenarioLists(t *testing.T) {
+	if d, o := len(defaultScenarios()), len(optInScenarios()); d+o != len(allScenarios) || o == 0 {
+		t.Errorf("%d default + %d opt-in scenarios of %d", d, o, len(allScenarios))
+	}
+	var help bytes.Buffer
+	parseFlags([]string{"-h"}, &help)
+	for _, s := range optInScenarios() {
+		if !strings.Contains(help.String(), s.name) {
+			t.Errorf("-h does not name %s:\n%s", s.name, help.String())
+		}
+	}
 }

@@ -30,17 +30,17 @@ type proc struct {
 
 // startOpts says how to start a process.
 type startOpts struct {
-	cpu    int      // CPU to pin to, or -1
+	cpus   string   // taskset's list of CPUs to pin to ("1", "0,1"), or "" for none
 	env    []string // added to the harness's environment
 	stdin  bool     // keep a pipe to its stdin (closing it ends a role)
 	stdout bool     // read its stdout instead of logging it
 }
 
-// start runs argv pinned to o.cpu. Every process started is stopped by
+// start runs argv pinned to o.cpus. Every process started is stopped by
 // h.cleanup if not before.
 func (h *harness) start(name string, o startOpts, argv ...string) (*proc, error) {
-	if o.cpu >= 0 {
-		argv = append([]string{"taskset", "-c", strconv.Itoa(o.cpu)}, argv...)
+	if o.cpus != "" {
+		argv = append([]string{"taskset", "-c", o.cpus}, argv...)
 	}
 	h.mu.Lock()
 	h.seq++
@@ -203,9 +203,22 @@ func waitListening(p *proc, port int, limit time.Duration) error {
 	return nil
 }
 
-// freePort returns a loopback port that was free a moment ago.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+// cpuList is taskset's list of the distinct CPUs given, in order; negative
+// ones are left out ("" for none: not pinned).
+func cpuList(cpus ...int) string {
+	var l []string
+	for _, c := range cpus {
+		if s := strconv.Itoa(c); c >= 0 && !inStrings(l, s) {
+			l = append(l, s)
+		}
+	}
+	return strings.Join(l, ",")
+}
+
+// freePort returns a port of host (an IPv4 address) that was free a moment
+// ago.
+func freePort(host string) (int, error) {
+	ln, err := net.Listen("tcp4", host+":0")
 	if err != nil {
 		return 0, err
 	}
@@ -216,7 +229,7 @@ func freePort() (int, error) {
 // runTool runs a load tool pinned to cpu, with env added, to completion,
 // killed after limit, and returns its stdout.
 func (h *harness) runTool(name string, cpu int, env []string, limit time.Duration, argv ...string) (string, error) {
-	p, err := h.start(name, startOpts{cpu: cpu, env: env, stdout: true}, argv...)
+	p, err := h.start(name, startOpts{cpus: cpuList(cpu), env: env, stdout: true}, argv...)
 	if err != nil {
 		return "", err
 	}
@@ -240,4 +253,28 @@ func (h *harness) runTool(name string, cpu int, env []string, limit time.Duratio
 		return out.String(), fmt.Errorf("%s: %v (log: %s)", name, p.err, p.logTail())
 	}
 	return out.String(), nil
+}
+
+// raiseNoFile sets this process's soft open-files limit to its hard one,
+// which the processes it starts inherit, and returns it (-1: unknown).
+func raiseNoFile() int64 {
+	var l syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l); err != nil {
+		return -1
+	}
+	raised := l
+	raised.Cur = l.Max
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &raised); err == nil {
+		l = raised
+	}
+	return int64(l.Cur)
+}
+
+// noFile is the soft open-files limit, or -1.
+func noFile() int64 {
+	var l syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l); err != nil {
+		return -1
+	}
+	return int64(l.Cur)
 }

@@ -92,14 +92,16 @@ func (r *results) add(scen, peer string, rep int, s sample) {
 	m[peer][rep] = s
 }
 
+// rawSample is one sample as --json writes it.
+type rawSample struct {
+	Scenario, Peer string
+	Rep            int
+	Values         map[string]float64 `json:",omitempty"`
+	Err            string             `json:",omitempty"`
+}
+
 // raw is every sample, for --json.
-func (r *results) raw() any {
-	type rawSample struct {
-		Scenario, Peer string
-		Rep            int
-		Values         map[string]float64 `json:",omitempty"`
-		Err            string             `json:",omitempty"`
-	}
+func (r *results) raw() []rawSample {
 	var out []rawSample
 	for _, sc := range r.h.opt.scenarios {
 		for _, p := range r.h.opt.peers {
@@ -278,8 +280,11 @@ func (r *results) markdown() string {
 			h.loadAtStart, r.loadMin, r.loadMax, runtime.NumCPU())
 		w("Other users' work on the proxy's CPU during each measurement is in the *others on proxy CPU* column; absolute figures are noisy, compare peers as ratios within this run.\n")
 	}
-	w("- Pinning (taskset): the proxy under test on CPU %d; load tools and backends on CPU %d (rtt-local: the proxy on CPU %d too).\n",
-		h.opt.proxyCPU, h.opt.loadCPU, h.opt.loadCPU)
+	w("- Pinning (taskset): the proxy under test on CPU %d; load tools and backends on CPU %d (rtt-local: the proxy on CPU %d too; loops2-rps, loops2-cps: the proxy on CPUs %s, sharing the load's).\n",
+		h.opt.proxyCPU, h.opt.loadCPU, h.opt.loadCPU, cpuList(h.opt.proxyCPU, h.opt.loadCPU))
+	if n := noFile(); n > 0 {
+		w("- Open files: every process started has a soft limit of %d (the hard one).\n", n)
+	}
 	w("\n")
 	w("Method: in every repetition each peer runs once, in the order listed, freshly started and stopped after its run (A B C … A B C …). ")
 	w("Figures are medians over the repetitions, with the spread (min–max) in parentheses. ")
@@ -293,6 +298,11 @@ func (r *results) markdown() string {
 	w("*TIME_WAIT at start* is the `tw` count of `/proc/net/sockstat` when the measurement began: when the sockets toward one destination approach the ephemeral port range (about 28 000 ports here), each connect there searches longer for a free port, a cost charged to whoever connects, the proxy included. ")
 	w("sni: a Go crypto/tls client (its default post-quantum hello, no resumption), 50 connections in flight, each a full handshake for `bench.example.com`, `GET /` and the reply, to nginx (one worker, self-signed ECDSA P-256 certificate, session cache and tickets off); each peer routes that name to it and a decoy name elsewhere without terminating TLS: HAProxy `tcp-request inspect-delay` + `req.ssl_sni` + `use_backend`, nginx stream `ssl_preread` + `map`, sluice two routes `sni=` on one listen key (`run -c`, `--loops 1`); p50/p99 are per connection. ")
 	w("tls-hs, tls-hs-resume, tls-bulk: each peer terminates TLS with the same self-signed ECDSA P-256 certificate, TLS 1.3 only, X25519, `TLS_AES_128_GCM_SHA256` where settable (HAProxy `bind … ssl crt … ssl-min-ver TLSv1.3 ciphersuites … curves X25519`, nginx stream `ssl_protocols TLSv1.3` + `ssl_conf_command Ciphersuites` + `ssl_ecdh_curve X25519`, sluice `tls.cert= tls.key= tls.min=1.3`), plaintext to a Go backend; the Go client pins TLS 1.3 and X25519. tls-hs: 50 connections in flight, each a full handshake, one byte echoed, closed; tls-hs-resume: the same with each worker's session cache (tickets); tls-bulk: one connection writing 64 KiB records for the duration to a discarding backend, bits written. ")
+	w("cps-any: cps with every proxy listening on the wildcard (HAProxy `bind 0.0.0.0:PORT`, nginx `listen 0.0.0.0:PORT`, socat `TCP4-LISTEN:PORT` without `bind=`, gocopy on `0.0.0.0:PORT`, sluice `forward 0.0.0.0:PORT …`), wrk still connecting to 127.0.0.1: a proxy that needs a connection's local address must now ask the kernel for it (`getsockname`) on every connection; direct is cps's. ")
+	w("rps-1k: rps with `wrk -t1 -c1000`; every process started has the hard open-files limit as its soft one (HAProxy `maxconn 9700`, nginx stream `worker_connections 19800` and `worker_rlimit_nofile 20000`, the nginx backend `worker_connections 10000`). ")
+	w("proxy-rps, proxy-cps: the rps and cps loads pass a PROXY front first: HAProxy on CPU %d, one thread, `server … send-proxy-v2`, started afresh with each peer and the same for all, which writes a v2 header on each connection to the peer; the peer reads it and sends a header on to the nginx backend, whose `listen … proxy_protocol` requires one on every connection (a connection without one, or with the front's header left in its payload, fails or gets a 400: both are counted in *errors*). HAProxy `bind … accept-proxy` + `server … send-proxy-v2`; nginx stream `listen … proxy_protocol` + `proxy_protocol on`, which writes v1 (nginx 1.22 writes no v2: a text line of about 45 bytes instead of v2's 28, else the same work); sluice `accept-proxy send-proxy=v2`; direct is the front straight to the backend; socat and gocopy do not speak the PROXY protocol and do not run. Each request crosses three connections (load, front, peer, backend) and the front's work is on the load CPU, so *per proxy core* is the figure to compare. ", h.opt.loadCPU)
+	w("loops2-rps, loops2-cps: rps and cps with two threads in every proxy: HAProxy `nbthread 2`, nginx stream `worker_processes 2` (master and both workers counted), sluice `--loops 2`, gocopy with GOMAXPROCS 2 (Go's default on two CPUs), each sharing its listener its own default way, pinned to CPUs %s, while wrk and the backend stay on CPU %d; socat (a process per session, no count of threads) does not run. The load competes with the proxy for CPU %d, so *proxy CPU* may pass 100 %%, *per proxy core* is throughput ÷ the proxy's total CPU (both CPUs summed), *others on proxy CPU* cannot be told apart (–) and *load CPU* includes the proxy's share of CPU %d: compare the peers with each other in these rows, not with the one-CPU rows of rps and cps. ",
+		cpuList(h.opt.proxyCPU, h.opt.loadCPU), h.opt.loadCPU, h.opt.loadCPU, h.opt.loadCPU)
 	w("idle: after 50 warm-up sessions, a client process opens the sessions 64 at a time, one byte each way, to a Go echo backend; the figure is the growth of the peer's PSS (`/proc/PID/smaps_rollup`, all its processes summed) ÷ sessions held, one second after the last opened. ")
 	w("rtt: one session, 64 bytes there and back on blocking sockets, client and echo on CPU %d; *added* is the peer's latency minus direct's in the same repetition; *proxy CPU per round trip* is the proxy's CPU time ÷ round trips.\n\n", h.opt.loadCPU)
 	w("Peers:\n\n")
@@ -313,6 +323,15 @@ func (r *results) markdown() string {
 			r.rttTable(&b, sc)
 		}
 		w("\n")
+		var skipped []string
+		for _, p := range h.opt.peers {
+			if why := skipReason(sc, p); why != "" {
+				skipped = append(skipped, fmt.Sprintf("`%s` (%s)", p.name, why))
+			}
+		}
+		if len(skipped) > 0 {
+			w("Not run: %s.\n\n", strings.Join(skipped, "; "))
+		}
 	}
 	var notes []string
 	notes = append(notes, r.notes...)
@@ -354,7 +373,7 @@ func (r *results) peerNames(scen string) []string {
 
 func (r *results) throughputTable(b *strings.Builder, sc scenario) {
 	w := func(format string, args ...any) { fmt.Fprintf(b, format, args...) }
-	wrk := sc.name == "rps" || sc.name == "cps" || sc.name == "sni" || sc.name == "tls-hs" || sc.name == "tls-hs-resume" // latencies and errors
+	wrk := sc.latency // latencies and errors
 	w("| peer | %s | proxy CPU | %s per proxy core | others on proxy CPU | load CPU |", sc.unit, sc.unit)
 	if wrk {
 		w(" p50 ms | p99 ms | errors | TIME_WAIT at start |")

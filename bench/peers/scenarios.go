@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -42,6 +43,16 @@ type scenario struct {
 	unit  string // of mValue
 	kind  scenarioKind
 	local bool // the proxy runs on the load CPU (its own cost, without a cross-CPU wake-up)
+	// variant is how every peer's forward differs from the plain one
+	// (wildcard listener, threads, PROXY protocol); peers that cannot do
+	// it say why (peer.cannot). With threads > 1 the proxy is pinned to
+	// the proxy CPU and the load CPU both.
+	variant variant
+	// front: the load passes the PROXY v2 front (startProxyFront) on its
+	// way to each peer.
+	front   bool
+	latency bool // the measure gives p50, p99 and errors
+	optIn   bool // not in the default list of scenarios; run only when named
 	// skip says why a peer does not run this scenario ("" = it runs).
 	skip    func(p peer) string
 	backend func(h *harness) (string, *proc, error)
@@ -58,12 +69,10 @@ var allScenarios = []scenario{
 	{name: "bulk4", title: "bulk4: four parallel iperf3 streams", unit: "Gbit/s",
 		backend: func(h *harness) (string, *proc, error) { return h.startIperf3(h.opt.loadCPU) },
 		measure: bulk(4)},
-	{name: "rps", title: "rps: wrk, 50 persistent connections, 1 KiB replies", unit: "req/s",
-		backend: func(h *harness) (string, *proc, error) { return h.startHTTPBackend(h.opt.loadCPU) },
-		measure: wrk(false)},
-	{name: "cps", title: "cps: wrk, 50 connections, a new connection per request (`Connection: close`)", unit: "conn/s",
-		backend: func(h *harness) (string, *proc, error) { return h.startHTTPBackend(h.opt.loadCPU) },
-		measure: wrk(true)},
+	{name: "rps", title: "rps: wrk, 50 persistent connections, 1 KiB replies", unit: "req/s", latency: true,
+		backend: httpBackend(false), measure: wrk(50, false)},
+	{name: "cps", title: "cps: wrk, 50 connections, a new connection per request (`Connection: close`)", unit: "conn/s", latency: true,
+		backend: httpBackend(false), measure: wrk(50, true)},
 	{name: "idle", title: "idle: sessions held open after one byte each way", kind: kindIdle,
 		skip: func(p peer) string {
 			switch p.name {
@@ -84,6 +93,56 @@ var allScenarios = []scenario{
 		measure: rtt},
 	sniScenario,
 	tlsTermScenarios[0], tlsTermScenarios[1], tlsTermScenarios[2],
+
+	// Issue 22's, not in the default list (they would make the default
+	// run about 60 % longer): name them with --scenarios.
+	{name: "cps-any", title: "cps-any: cps with every proxy listening on the wildcard 0.0.0.0 (the load still connects to 127.0.0.1)", unit: "conn/s",
+		latency: true, optIn: true, variant: variant{wildcard: true},
+		backend: httpBackend(false), measure: wrk(50, true)},
+	{name: "rps-1k", title: "rps-1k: rps with 1 000 persistent connections", unit: "req/s",
+		latency: true, optIn: true,
+		backend: httpBackend(false), measure: wrk(1000, false)},
+	{name: "proxy-rps", title: "proxy-rps: rps through a PROXY v2 front; each proxy reads the header and sends one on to a backend that requires it", unit: "req/s",
+		latency: true, optIn: true, variant: variant{proxy: true}, front: true,
+		backend: httpBackend(true), measure: wrk(50, false)},
+	{name: "proxy-cps", title: "proxy-cps: cps through the same PROXY v2 front and backend", unit: "conn/s",
+		latency: true, optIn: true, variant: variant{proxy: true}, front: true,
+		backend: httpBackend(true), measure: wrk(50, true)},
+	{name: "loops2-rps", title: "loops2-rps: rps with two threads, workers or loops, the proxy pinned to both CPUs (the load's too)", unit: "req/s",
+		latency: true, optIn: true, variant: variant{threads: 2},
+		backend: httpBackend(false), measure: wrk(50, false)},
+	{name: "loops2-cps", title: "loops2-cps: cps with two threads, workers or loops, the proxy pinned to both CPUs (the load's too)", unit: "conn/s",
+		latency: true, optIn: true, variant: variant{threads: 2},
+		backend: httpBackend(false), measure: wrk(50, true)},
+}
+
+// httpBackend starts the nginx HTTP backend of the wrk scenarios on the
+// load CPU; proxyIn: it requires a PROXY header on every connection.
+func httpBackend(proxyIn bool) func(h *harness) (string, *proc, error) {
+	return func(h *harness) (string, *proc, error) { return h.startHTTPBackend(h.opt.loadCPU, proxyIn) }
+}
+
+// skipReason says why peer p does not run scenario sc ("" = it runs).
+func skipReason(sc scenario, p peer) string {
+	if sc.skip != nil {
+		if why := sc.skip(p); why != "" {
+			return why
+		}
+	}
+	if p.cannot != nil {
+		return p.cannot(sc.variant)
+	}
+	return ""
+}
+
+// defaultScenarios is the list run without --scenarios; optInScenarios the
+// others.
+func defaultScenarios() []scenario {
+	return slices.DeleteFunc(slices.Clone(allScenarios), func(s scenario) bool { return s.optIn })
+}
+
+func optInScenarios() []scenario {
+	return slices.DeleteFunc(slices.Clone(allScenarios), func(s scenario) bool { return !s.optIn })
 }
 
 // target is what a measurement runs against: a peer started to the
@@ -92,7 +151,7 @@ type target struct {
 	peer    peer
 	addr    string // where the load connects
 	px      *proc  // the proxy's process (nil: direct)
-	cpu     int    // the CPU the proxy is pinned to
+	cpu     int    // the CPU the proxy is pinned to; -1: several, the load CPU among them (loops2)
 	backend string
 }
 
@@ -123,7 +182,9 @@ func (h *harness) meter(t target) *meter {
 	if t.px != nil {
 		m.pid = t.px.pid()
 		m.ticks0 = treeTicks(m.pid)
-		m.cpuB0, m.cpuT0 = cpuTimes(m.cpu)
+		if m.cpu >= 0 {
+			m.cpuB0, m.cpuT0 = cpuTimes(m.cpu)
+		}
 	}
 	m.loadB0, m.loadT0 = cpuTimes(h.opt.loadCPU)
 	return m
@@ -135,7 +196,9 @@ func (m *meter) read(v map[string]float64) {
 	if m.pid > 0 {
 		m.ticks = float64(treeTicks(m.pid)-m.ticks0) / clockTicks
 		v[mBusy] = m.ticks / m.wall
-		if m.cpu != m.h.opt.loadCPU {
+		// Others' work on the proxy's CPU is told apart only when the
+		// proxy has a CPU of its own.
+		if m.cpu >= 0 && m.cpu != m.h.opt.loadCPU {
 			if b, t := cpuTimes(m.cpu); t > m.cpuT0 {
 				v[mOther] = max(0, float64(b-m.cpuB0)/float64(t-m.cpuT0)-v[mBusy])
 			}
@@ -194,10 +257,12 @@ func parseIperf3(out string) (float64, error) {
 	return r.End.SumReceived.BitsPerSecond, nil
 }
 
-func wrk(closeEach bool) func(*harness, target) (map[string]float64, error) {
+// wrk runs one wrk thread with conns connections on the load CPU;
+// closeEach: a new connection per request.
+func wrk(conns int, closeEach bool) func(*harness, target) (map[string]float64, error) {
 	return func(h *harness, t target) (map[string]float64, error) {
 		secs := h.secs(h.opt.duration)
-		args := []string{"wrk", "-t1", "-c50", fmt.Sprintf("-d%ds", secs), "--latency", "--timeout", "5s"}
+		args := []string{"wrk", "-t1", fmt.Sprintf("-c%d", conns), fmt.Sprintf("-d%ds", secs), "--latency", "--timeout", "5s"}
 		if closeEach {
 			args = append(args, "-H", "Connection: close")
 		}
@@ -283,7 +348,7 @@ func idle(h *harness, t target) (map[string]float64, error) {
 	}
 	time.Sleep(500 * time.Millisecond)
 	before, _ := treePSS(t.px.pid())
-	cl, err := h.start("idleclient", startOpts{cpu: h.opt.loadCPU, stdin: true, stdout: true,
+	cl, err := h.start("idleclient", startOpts{cpus: cpuList(h.opt.loadCPU), stdin: true, stdout: true,
 		env: []string{roleEnv + "=idleclient"}}, h.self, t.addr, strconv.Itoa(n))
 	if err != nil {
 		return nil, err

@@ -31,7 +31,7 @@ const (
 	sniConc    = 50            // connections in flight, as cps
 )
 
-var sniScenario = scenario{name: "sni", title: "sni: new TLS connections routed by name (passthrough) to an nginx TLS backend, 50 in flight, a full handshake and one request each", unit: "conn/s",
+var sniScenario = scenario{name: "sni", title: "sni: new TLS connections routed by name (passthrough) to an nginx TLS backend, 50 in flight, a full handshake and one request each", unit: "conn/s", latency: true,
 	skip: func(p peer) string {
 		switch p.name {
 		case "direct", "haproxy", "nginx", "sluice", "sluice-splice":
@@ -59,11 +59,11 @@ func startRouter(h *harness, p peer, target string, cpu int) (string, *proc, err
 		if err != nil {
 			return "", nil, err
 		}
-		px, err := h.startListening("haproxy", cpu, port, nil, "haproxy", "-db", "-f", conf)
+		px, err := h.startListening("haproxy", cpuList(cpu), port, nil, "haproxy", "-db", "-f", conf)
 		return addr, px, err
 	case "nginx":
 		d.MaxConn = 19800
-		return h.startNginx("nginx-sni", nginxSNIConf, d, cpu)
+		return h.startNginx("nginx-sni", nginxSNIConf, d, cpuList(cpu))
 	case "sluice", "sluice-splice":
 		addr, port, err := listenAddr()
 		if err != nil {
@@ -86,7 +86,7 @@ func (h *harness) startSluiceConf(name string, t *template.Template, d confData,
 	if err != nil {
 		return nil, err
 	}
-	return h.startListening("sluice", cpu, port, nil, h.sluice, "run", "-c", conf,
+	return h.startListening("sluice", cpuList(cpu), port, nil, h.sluice, "run", "-c", conf,
 		"--loops", "1", "--log-level", "warn", "--drain-timeout", "1s")
 }
 
@@ -182,7 +182,7 @@ func (h *harness) startTLSBackend(cpu int) (string, *proc, error) {
 	if err != nil {
 		return "", nil, err
 	}
-	return h.startNginx("nginx-tls", nginxTLSConf, confData{Name: sniName, Cert: cert, Key: key}, cpu)
+	return h.startNginx("nginx-tls", nginxTLSConf, confData{Name: sniName, Cert: cert, Key: key}, cpuList(cpu))
 }
 
 // tlsConns runs the tlsclient role on the load CPU through the peer.

@@ -41,11 +41,11 @@ func termSkip(p peer) string {
 }
 
 var tlsTermScenarios = []scenario{
-	{name: "tls-hs", title: "tls-hs: new TLS 1.3 connections terminated by the proxy (ECDSA P-256, X25519, no resumption), 50 in flight, one byte echoed each", unit: "conn/s",
+	{name: "tls-hs", title: "tls-hs: new TLS 1.3 connections terminated by the proxy (ECDSA P-256, X25519, no resumption), 50 in flight, one byte echoed each", unit: "conn/s", latency: true,
 		skip:    termSkip,
 		backend: func(h *harness) (string, *proc, error) { return h.startRole("echo", h.opt.loadCPU) },
 		route:   startTerminator, measure: tlsHandshakes(false)},
-	{name: "tls-hs-resume", title: "tls-hs-resume: the same, each client worker resuming its session from a ticket", unit: "conn/s",
+	{name: "tls-hs-resume", title: "tls-hs-resume: the same, each client worker resuming its session from a ticket", unit: "conn/s", latency: true,
 		skip:    termSkip,
 		backend: func(h *harness) (string, *proc, error) { return h.startRole("echo", h.opt.loadCPU) },
 		route:   startTerminator, measure: tlsHandshakes(true)},
@@ -88,11 +88,11 @@ func startTerminator(h *harness, p peer, target string, cpu int) (string, *proc,
 		if err != nil {
 			return "", nil, err
 		}
-		px, err := h.startListening("haproxy", cpu, port, nil, "haproxy", "-db", "-f", conf)
+		px, err := h.startListening("haproxy", cpuList(cpu), port, nil, "haproxy", "-db", "-f", conf)
 		return addr, px, err
 	case "nginx":
 		d.MaxConn = 19800
-		return h.startNginx("nginx-term", nginxTermConf, d, cpu)
+		return h.startNginx("nginx-term", nginxTermConf, d, cpuList(cpu))
 	case "sluice":
 		px, err := h.startSluiceConf("sluice-term", sluiceTermConf, d, cpu, port)
 		return addr, px, err

@@ -18,12 +18,16 @@ import (
 // peerTargetEnv tells a "gocopy" peer where to forward.
 const peerTargetEnv = "SLUICE_IT_PEER_TARGET"
 
-// goCopyProxy serves the baseline proxy on a loopback port: per client, a
-// backend conn and io.Copy each way in its own goroutine, half-closes passed
-// on. Go splices TCP to TCP through a pipe held for the whole io.Copy, so an
-// idle session pins two pipes.
-func goCopyProxy(target string) (net.Listener, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+// goCopyProxy serves the baseline proxy on listen (an IPv4 address; "": a
+// loopback port): per client, a backend conn and io.Copy each way in its own
+// goroutine, half-closes passed on. Go splices TCP to TCP through a pipe
+// held for the whole io.Copy, so an idle session pins two pipes.
+func goCopyProxy(listen, target string) (net.Listener, error) {
+	if listen == "" {
+		listen = "127.0.0.1:0"
+	}
+	// tcp4: 0.0.0.0 is then the IPv4 wildcard, not a dual-stack socket.
+	ln, err := net.Listen("tcp4", listen)
 	if err != nil {
 		return nil, err
 	}

@@ -46,8 +46,8 @@ func runPeer(role string) int {
 			return 1
 		}
 		addr, closeFn = b.Addr(), b.Close
-	case "gocopy": // the baseline proxy of the benchmarks, to $SLUICE_IT_PEER_TARGET
-		ln, err := goCopyProxy(os.Getenv(peerTargetEnv))
+	case "gocopy": // the baseline proxy of the benchmarks, on $SLUICE_IT_PEER_LISTEN (or loopback) to $SLUICE_IT_PEER_TARGET
+		ln, err := goCopyProxy(os.Getenv(peerListenEnv), os.Getenv(peerTargetEnv))
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
