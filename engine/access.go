@@ -172,7 +172,7 @@ func (s *session) keepOrig(src netip.AddrPort) {
 //
 // bytes_up, bytes_down and spliced are named by RuleDefs, beside the rule's
 // sums of them.
-func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
+func (s *session) logEnd(l *Loop, code conn.Code, t Term, cliFD int) {
 	ce := l.log.Check(s.logLevel(), "session")
 	if ce == nil {
 		return
@@ -204,7 +204,7 @@ func (s *session) logEnd(l *Loop, code conn.Code, t Term) {
 		connect = zap.Duration("connect", time.Duration(s.connUs-min(s.hsUs, s.connUs))*time.Microsecond)
 	}
 	ce.Write(
-		zap.String("id", s.id(l)),
+		zap.String("id", s.id(l, cliFD)),
 		zap.Time("start", l.base.Add(time.Duration(s.start))),
 		zap.String("rule", s.ln.ruleName()),
 		zap.Stringer("listen", s.ln.addr),
@@ -239,11 +239,11 @@ func (s *session) logLevel() zapcore.Level {
 // id is the session's id in the access log: "LOOP-START-FD", unique within
 // the daemon's run (two sessions of one loop that share the clock of a
 // wake-up have two fds).
-func (s *session) id(l *Loop) string {
+func (s *session) id(l *Loop, cliFD int) string {
 	b := strconv.AppendInt(make([]byte, 0, 24), int64(l.id), 10)
 	b = append(b, '-')
 	b = strconv.AppendInt(b, s.start, 36)
 	b = append(b, '-')
-	b = strconv.AppendInt(b, int64(s.cli.FD()), 10)
+	b = strconv.AppendInt(b, int64(cliFD), 10)
 	return string(b)
 }

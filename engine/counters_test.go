@@ -227,6 +227,11 @@ func TestAccessLogAndRuleCounters(t *testing.T) {
 	if id, _ := ok["id"].(string); id == "" || id == denied["id"] {
 		t.Errorf("session ids %v and %v: want two, distinct", ok["id"], denied["id"])
 	}
+	for _, l := range lines { // LOOP-START-FD, the client's fd as it was (not -1 after its close)
+		if p := strings.Split(l["id"].(string), "-"); len(p) != 3 || p[2] == "" || p[2][0] < '0' || p[2][0] > '9' {
+			t.Errorf("session id %q: want LOOP-START-FD with the client's fd", l["id"])
+		}
+	}
 	if st, _ := ok["start"].(time.Time); time.Since(st) <= 0 || time.Since(st) > time.Minute {
 		t.Errorf("served session: start %v", ok["start"])
 	}

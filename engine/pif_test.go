@@ -126,8 +126,9 @@ func TestPifNamespaceGone(t *testing.T) {
 	if _, err := e.Listen(r); err == nil || !strings.Contains(err.Error(), "pif ns1: its namespace "+ns.Path+" is gone") {
 		t.Fatalf("Listen in a deleted namespace: %v", err)
 	}
-	if _, err := e.Apply([]*rules.Rule{r}); err == nil || !strings.Contains(err.Error(), "is gone") {
-		t.Fatalf("Apply in a deleted namespace: %v", err)
+	other, _ := rules.Parse("tcp ns1/127.0.0.1:0 -> 127.0.0.1:2")
+	if _, err := e.Apply([]*rules.Rule{other}); err == nil || !strings.Contains(err.Error(), "is gone") {
+		t.Fatalf("Apply of a new rule in a deleted namespace: %v", err)
 	}
 
 	netnstest.Run(t, "ip", "netns", "add", ns.Name)
@@ -137,5 +138,25 @@ func TestPifNamespaceGone(t *testing.T) {
 	host, _ := rules.Parse("tcp 127.0.0.1:0 -> 127.0.0.1:1")
 	if _, err := e.Apply([]*rules.Rule{host}); err != nil {
 		t.Fatalf("Apply of a host rule: %v", err)
+	}
+	if _, err := e.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A rule on a pif whose namespace went away that the table keeps as it is
+// does not block other changes: it goes on in the namespace the daemon
+// holds (a warning); a new or changed rule there is refused.
+func TestPifNamespaceGoneKeptRule(t *testing.T) {
+	ns := netnstest.New(t)
+	e := startPifs(t, map[string]*netnstest.NS{"ns1": ns})
+	port := freePort(t)
+	kept := fmt.Sprintf("tcp ns1/127.0.0.1:%d -> 127.0.0.1:1", port)
+	applyCommit(t, e, kept)
+	netnstest.Run(t, "ip", "netns", "del", ns.Name)
+	applyCommit(t, e, kept, "tcp 127.0.0.1:0 -> 127.0.0.1:1") // kept as it is: a warning, the host rule added
+	changed := fmt.Sprintf("tcp ns1/127.0.0.1:%d -> 127.0.0.1:2", port)
+	if _, err := e.Apply(parseAll(t, changed)); err == nil || !strings.Contains(err.Error(), "is gone") {
+		t.Fatalf("Apply of a changed rule on the gone pif: %v", err)
 	}
 }

@@ -822,9 +822,7 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	if s.flags&sfDstAny != 0 && s.cli.FD() >= 0 && l.log.Core().Enabled(s.logLevel()) {
 		s.localAddr() // for the access line's dst, before the fd closes
 	}
-	if s.flags&sfDstAny != 0 && s.cli.FD() >= 0 && l.log.Core().Enabled(s.logLevel()) {
-		s.localAddr() // for the access line's dst, before the fd closes
-	}
+	cliFD := s.cli.FD() // for the access line's id, after the close
 	for _, c := range [...]*conn.Conn{&s.cli, &s.srv} {
 		if fd := c.FD(); fd >= 0 {
 			l.forget(fd)
@@ -839,7 +837,7 @@ func (s *session) finish(l *Loop, code conn.Code, abort bool) {
 	l.e.ended(code)
 	pol.Ended(code)
 	s.ln.ctr.ended(l, s, term)
-	s.logEnd(l, code, term)
+	s.logEnd(l, code, term, cliFD)
 	if loggedRefusal(code) {
 		s.logRefusal(l, code, term)
 	}

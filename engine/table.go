@@ -7,6 +7,7 @@ import (
 	"syscall"
 	"time"
 
+	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-proxy/sluice/handshake"
@@ -275,12 +276,32 @@ func (e *Engine) applyStart(rs []*rules.Rule) (tableNow, uint64, error) {
 	if e.pending != nil {
 		return tableNow{}, 0, ErrPending
 	}
+	var current map[string]bool // the committed table's lines, made only when a pif is gone
 	for _, r := range rs {
-		if _, err := e.livePif(r.ListenPif); err != nil {
-			return tableNow{}, 0, fmt.Errorf("%s: %w", r, err)
-		}
-		if _, err := e.livePif(r.TargetPif); err != nil {
-			return tableNow{}, 0, fmt.Errorf("%s: %w", r, err)
+		for _, name := range [...]string{r.ListenPif, r.TargetPif} {
+			p, err := e.pif(name)
+			if err == nil {
+				err = p.alive()
+				if err != nil {
+					// A rule kept as it is goes on in the namespace the
+					// pif still holds (its sockets are there): a warning.
+					// One to bind there anew would be reachable by no one.
+					if current == nil {
+						current = map[string]bool{}
+						for _, c := range e.rules {
+							current[c.String()] = true
+						}
+					}
+					if current[r.String()] {
+						e.log.Warn("a kept rule's pif namespace is gone; its sockets stay in the namespace the daemon holds",
+							zap.Stringer("rule", r), zap.Error(err))
+						err = nil
+					}
+				}
+			}
+			if err != nil {
+				return tableNow{}, 0, fmt.Errorf("%s: %w", r, err)
+			}
 		}
 	}
 	return tableNow{rules: e.rules, listeners: e.listeners}, e.gen, nil

@@ -24,9 +24,9 @@ import (
 //     fails cleanly: the client gets an EOF at once, no byte, no hang, and
 //     the daemon counts connect-refused;
 //   - the other rules serve throughout, byte-exact;
-//   - a ctl add touching the pif answers (today: it is committed into the
-//     namespace the daemon still holds; see docs/reliability.md), and the
-//     other rules still serve after it;
+//   - a ctl add of a new rule on the pif is refused (exit 1, "is gone":
+//     a listener in the namespace only the daemon still holds would be
+//     reachable by no one), and the other rules still serve after it;
 //   - a restart with the same file fails clearly: exit 1 naming the file's
 //     line, the pif and the path.
 func TestFaultPifNamespaceDeleted(t *testing.T) {
@@ -110,8 +110,8 @@ rules:
 
 	// A change touching the pif answers, and harms nothing else.
 	code, out, errs := d.cli("add", fmt.Sprintf("tcp 127.0.0.1:%d -> inner/127.0.0.1:9", added))
-	if code != 0 && !(code == 2 && strings.Contains(errs, "inner")) {
-		t.Fatalf("ctl add into the pif: exit %d\n%s%s", code, out, errs)
+	if code != 1 || !strings.Contains(errs, "pif inner: its namespace "+ns.Path+" is gone") {
+		t.Fatalf("ctl add into the pif: exit %d, want 1 and the pif's namespace gone\n%s%s", code, out, errs)
 	}
 	addCode, addOutcome := code, strings.TrimSpace(lastLine(out+errs))
 	if err := exchange(plain, 1<<20, 3); err != nil {
