@@ -166,7 +166,7 @@ func cmdCtl(args []string, stdout, stderr io.Writer, between func(ctl.Step)) err
 	fs.IntVar(&x.count, "count", 0, "watch: exit after this many events (0: until interrupted)")
 	fs.IntVar(&x.n, "n", 0, "history: the last N commits (0: every one kept, at most 1000)")
 	fs.StringVar(&x.binary, "binary", "", "upgrade: the new binary (default: the daemon's own executable, the path it was started from)")
-	fs.DurationVar(&x.confirm, "confirm", 0, "apply, add, del: leave the commit pending after the command exits; the daemon rolls back by itself after DUR unless `sluice ctl confirm` (at most 10m)")
+	fs.DurationVar(&x.confirm, "confirm", 0, "apply, add, del: leave the commit pending after the command exits; the daemon rolls back by itself after `DUR` unless sluice ctl confirm (at most 10m)")
 	pos, help, err := parseCommand(fs, args)
 	if help || err != nil {
 		return err

@@ -110,7 +110,7 @@ func (x *ctlCmd) reload() error {
 	case ctl.ReloadUnchanged:
 		fmt.Fprintf(x.out, "reloaded: the file's rules are the active table (generation %d); nothing applied\n", r.Generation)
 	case ctl.ReloadCommitted:
-		fmt.Fprintf(x.out, "reloaded: verdict good: committed generation %d (listen keys: %d kept, %d added, %d removed)\n",
+		fmt.Fprintf(x.out, "reloaded: verdict good: committed generation %d (listen ports: %d kept, %d added, %d removed)\n",
 			r.Generation, r.Summary.Kept, r.Summary.Added, r.Summary.Removed)
 	default:
 		fmt.Fprintf(x.out, "reload: verdict bad: rolled back; generation %d is still active\n", r.Generation)

@@ -58,9 +58,18 @@ func run(args []string) int {
 	case "ctl": // its own exit codes: 3 rolled back, 4 busy (ctl.go)
 		return runCtl(args[1:], os.Stdout, os.Stderr)
 	case "version", "--version", "-version":
-		fmt.Println("sluice", version)
+		switch {
+		case len(args) == 1:
+			fmt.Println("sluice", version)
+		case len(args) == 2 && (args[1] == "-h" || args[1] == "--help"):
+			fmt.Fprint(os.Stderr, "usage: sluice version\n\nPrints the module version and the VCS revision the binary was built from. No flags.\n")
+		default:
+			err = usagef("version: takes no arguments (got %s)", strings.Join(args[1:], " "))
+		}
 	case "help":
 		switch {
+		case len(args) == 2 && (args[1] == "-h" || args[1] == "--help"):
+			fmt.Fprint(os.Stderr, "usage: sluice help [rules|man]\n\n  help        the commands and their flags\n  help rules  every rule option, its form and its default\n  help man    the manual page, as roff (make man writes docs/sluice.1)\n")
 		case len(args) == 1:
 			fmt.Print(usageText())
 		case len(args) == 2 && args[1] == "rules":

@@ -19,4 +19,14 @@ func TestCLIBadFlagSaidOnce(t *testing.T) {
 			t.Errorf("sluice %s -h: exit %d, stderr:\n%s", cmd[0], code, stderr)
 		}
 	}
+	// The commands without flags say so, and refuse what they do not take.
+	for _, cmd := range []string{"help", "version"} {
+		code, _, stderr := runSluice(t, cmd, "-h")
+		if code != 0 || !strings.HasPrefix(stderr, "usage: sluice "+cmd) {
+			t.Errorf("sluice %s -h: exit %d, stderr:\n%s", cmd, code, stderr)
+		}
+		if code, _, stderr = runSluice(t, cmd, "bogus"); code != 2 {
+			t.Errorf("sluice %s bogus: exit %d, stderr:\n%s", cmd, code, stderr)
+		}
+	}
 }
