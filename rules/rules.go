@@ -32,11 +32,23 @@ func ModelPif(name string) string {
 	return name
 }
 
-// ListenPortCount returns the number of listen ports of rs, summed over its
-// rules.
+// ListenPortCount returns the number of listen ports of rs: the sockets
+// the table binds. The routes of one key (rules with the same listen part,
+// routed by sni=/alpn=) share its sockets and count once.
 func ListenPortCount(rs []*Rule) int {
 	n := 0
+	var parts map[string]bool // listen parts counted, made when a table has more than one rule
 	for _, r := range rs {
+		if r.ListenPorts.First != 0 && len(rs) > 1 {
+			if parts == nil {
+				parts = make(map[string]bool, len(rs))
+			}
+			k := r.listenString()
+			if parts[k] {
+				continue
+			}
+			parts[k] = true
+		}
 		n += r.ListenPorts.Len()
 	}
 	return n

@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"fmt"
 	"net/netip"
 	"reflect"
 	"strings"
@@ -238,6 +239,19 @@ func TestValidateTableLimits(t *testing.T) {
 	if len(errs) != 1 || !strings.Contains(errs[0].Msg, "more than 16384 ports") || errs[0].Index != len(rs)-1 {
 		t.Fatalf("errs = %+v", errs)
 	}
+	// Routes of one key count its ports once: five routes of a full-size
+	// range are 4 096 ports, not 20 480.
+	var routes []*Rule
+	for i := 0; i < 5; i++ {
+		routes = append(routes, &Rule{Proto: TCP, ListenAddr: netip.MustParseAddr("127.0.0.1"),
+			ListenPorts: PortRange{1, MaxPortsPerRule}, Targets: []Target{{Addr: netip.MustParseAddr("127.0.0.1"), Ports: PortRange{uint16(i + 1), uint16(i + 1)}}},
+			SNI: []string{fmt.Sprintf("n%d.example.com", i)}})
+	}
+	for _, e := range ValidateTable(routes, nil) {
+		if strings.Contains(e.Msg, "more than") {
+			t.Fatalf("routes of one key: %+v", e)
+		}
+	}
 }
 
 // Every enum value has a name; an unknown one says it is unknown.
@@ -381,6 +395,25 @@ func TestListenPortCount(t *testing.T) {
 	}
 	if n := ListenPortCount(nil); n != 0 {
 		t.Errorf("ListenPortCount(nil) = %d, want 0", n)
+	}
+	// The routes of one key share its sockets: counted once; port-0 rules
+	// each bind one.
+	var routed []*Rule
+	for _, line := range []string{
+		"tcp 0.0.0.0:8000-8009 -> 127.0.0.1:1 sni=a.example.com",
+		"tcp 0.0.0.0:8000-8009 -> 127.0.0.1:2 sni=b.example.com",
+		"tcp 0.0.0.0:8000-8009 -> 127.0.0.1:3",
+		"tcp 127.0.0.1:0 -> 127.0.0.1:4",
+		"tcp 127.0.0.1:0 -> 127.0.0.1:5",
+	} {
+		r, err := Parse(line)
+		if err != nil {
+			t.Fatal(err)
+		}
+		routed = append(routed, r)
+	}
+	if n := ListenPortCount(routed); n != 12 {
+		t.Errorf("ListenPortCount of three routes of one 10-port key and two port-0 rules = %d, want 12", n)
 	}
 	es := []Entry{{Rule: rs[0], Line: 1}, {Rule: rs[1], Line: 3}}
 	if got := RulesOf(es); len(got) != 2 || got[0] != rs[0] || got[1] != rs[1] {

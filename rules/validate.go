@@ -204,9 +204,15 @@ func ValidateTable(rs []*Rule, name func(i int) string) []TableError {
 	exact := map[Key]int{}
 	byPort := map[portKey]int{}
 	total := 0
+	counted := map[string]bool{} // listen parts whose ports are in total: a key's routes share them
 	for i, r := range rs {
-		total += r.ListenPorts.Len()
-		if total > MaxPorts && total-r.ListenPorts.Len() <= MaxPorts {
+		add := 0
+		if k := r.listenString(); r.ListenPorts.First == 0 || !counted[k] {
+			counted[k] = true
+			add = r.ListenPorts.Len()
+		}
+		total += add
+		if total > MaxPorts && total-add <= MaxPorts {
 			errs = append(errs, TableError{i, fmt.Sprintf("the table listens on more than %d ports", MaxPorts)})
 		}
 		if r.ListenPorts.First == 0 {
