@@ -64,6 +64,7 @@ type Engine struct {
 
 	mu        sync.Mutex
 	listeners []*Listener
+	stopping  []*Listener // closed by Shutdown, their sessions still draining: still counted by Stats and Totals (statListeners)
 	rules     []*rules.Rule   // the active table, in order
 	gen       uint64          // the active table's generation
 	pending   *pendingApply   // an apply not yet committed or rolled back
@@ -397,6 +398,16 @@ func (e *Engine) Listeners() []*Listener {
 	return append([]*Listener(nil), e.listeners...)
 }
 
+// statListeners are the listeners whose counters Stats and Totals read:
+// the table's, and while the engine drains those Shutdown closed, whose
+// sessions are still live (ctl stats during a stop). Called with e.mu held.
+func (e *Engine) statListeners() []*Listener {
+	if len(e.stopping) == 0 {
+		return e.listeners
+	}
+	return append(append(make([]*Listener, 0, len(e.listeners)+len(e.stopping)), e.listeners...), e.stopping...)
+}
+
 // Shutdown stops accepting, lets live sessions finish until ctx is done, then
 // aborts the rest and stops the loops. It returns ctx.Err() when sessions had
 // to be aborted, nil when all ended by themselves.
@@ -433,6 +444,7 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	}
 	e.closeListeners(stop)
 	e.listeners = keep
+	e.stopping = stop
 	e.stopped = true
 	e.mu.Unlock()
 	e.amu.Unlock()

@@ -359,6 +359,11 @@ func TestShutdownDrains(t *testing.T) {
 	if l := e.SessionList("", 0); l.Total != 1 || len(l.List) != 1 || l.List[0].Rule != lns[0].ruleName() {
 		t.Errorf("sessions while draining: %+v", l)
 	}
+	// And its rule's counters still read (ctl stats while the daemon drains),
+	// though its listener is closed.
+	if st := e.Stats(); len(st.Rules) != 1 || st.Rules[0].Sessions != 1 || st.Rules[0].Policy.Accepted != 1 {
+		t.Errorf("rule stats while draining: %+v", st.Rules)
+	}
 	time.Sleep(300 * time.Millisecond) // the session outlives the stop's start by far
 	if err := testpeer.ExchangeSlow(c, 1000, 1<<20, 9, 200*time.Millisecond); err != nil {
 		t.Fatalf("session cut by a graceful stop: %v", err)

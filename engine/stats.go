@@ -104,9 +104,10 @@ func (e *Engine) counterStats(s *Stats) {
 	// A rule's listeners are found by listen key: a kept socket keeps the
 	// Listener of the rule object it was first bound for (and its counters).
 	// Port 0 is no identity: those are the rule's own.
-	byKey := make(map[rules.Key]*Listener, len(e.listeners))
+	lns := e.statListeners()
+	byKey := make(map[rules.Key]*Listener, len(lns))
 	anyPort := map[*rules.Rule][]*Listener{}
-	for _, ln := range e.listeners {
+	for _, ln := range lns {
 		if ln.key.Port == 0 {
 			anyPort[ln.rule] = append(anyPort[ln.rule], ln)
 		} else {
@@ -199,7 +200,7 @@ func (e *Engine) Totals() Totals {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	seen := map[*RuleCounters]bool{}
-	for _, ln := range e.listeners {
+	for _, ln := range e.statListeners() {
 		t.Accepted += ln.Accepted.Load()
 		if u := ln.udp; u != nil {
 			t.Datagrams += u.DatagramsUp.Load() + u.DatagramsDown.Load()
