@@ -64,7 +64,7 @@ type Engine struct {
 
 	mu        sync.Mutex
 	listeners []*Listener
-	stopping  []*Listener // closed by Shutdown, their sessions still draining: still counted by Stats and Totals (statListeners)
+	stopping  []*Listener     // closed by Shutdown, their sessions still draining: still counted by Stats and Totals (statListeners)
 	rules     []*rules.Rule   // the active table, in order
 	gen       uint64          // the active table's generation
 	pending   *pendingApply   // an apply not yet committed or rolled back
