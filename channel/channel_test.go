@@ -292,6 +292,21 @@ func TestResetIsErrIn(t *testing.T) {
 
 func TestMain(m *testing.M) { os.Exit(m.Run()) }
 
+// pinged returns a buffer channel (and its pools) whose input's peer has
+// sent "ping", and its FIN when fin, both delivered before it returns.
+func pinged(t *testing.T, fin bool) (*Channel, *Pools) {
+	in, writer := tcpPair(t)
+	out, _ := tcpPair(t)
+	ch := new(Channel)
+	ch.Init(in, out, rules.SpliceOff)
+	writer.Write([]byte("ping"))
+	if fin {
+		writer.(*net.TCPConn).CloseWrite()
+	}
+	testpeer.DeliveredConn(t, writer.(*net.TCPConn))
+	return ch, NewPools(0, 0, nil)
+}
+
 // Prime: what the poller said before the channel existed decides whether
 // the first Pump reads, and whether a short read ends reading. The peer sends
 // four bytes and its FIN before the first Pump.
@@ -307,15 +322,8 @@ func TestPrime(t *testing.T) {
 		{"readable, hang-up", true, true, 4, ShutIn},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			in, writer := tcpPair(t)
-			out, _ := tcpPair(t)
-			p := NewPools(0, 0, nil)
-			var ch Channel
-			ch.Init(in, out, rules.SpliceOff)
+			ch, p := pinged(t, true)
 			ch.Prime(tc.readable, tc.hup)
-			writer.Write([]byte("ping"))
-			writer.(*net.TCPConn).CloseWrite()
-			testpeer.DeliveredConn(t, writer.(*net.TCPConn))
 			ch.Pump(p, 0)
 			if ch.Bytes != tc.wantBytes || ch.Flags()&(EmptyIn|ShutIn) != tc.wantFlag {
 				t.Fatalf("first pump: moved %d, flags %v; want %d, %v", ch.Bytes, ch.Flags(), tc.wantBytes, tc.wantFlag)
@@ -349,16 +357,7 @@ func TestReadableFinSkipsTheZeroRead(t *testing.T) {
 		{"FIN event, FIN not sent", true, false, ShutIn}, // no second read
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			in, writer := tcpPair(t)
-			out, _ := tcpPair(t)
-			p := NewPools(0, 0, nil)
-			var ch Channel
-			ch.Init(in, out, rules.SpliceOff)
-			writer.Write([]byte("ping"))
-			if tc.closeW {
-				writer.(*net.TCPConn).CloseWrite()
-			}
-			testpeer.DeliveredConn(t, writer.(*net.TCPConn))
+			ch, p := pinged(t, tc.closeW)
 			if tc.fin {
 				ch.ReadableFin()
 			} else {

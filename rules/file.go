@@ -29,16 +29,7 @@ func (e *Error) Error() string {
 // ErrorList is every error found in a file, in line order.
 type ErrorList []*Error
 
-func (l ErrorList) Error() string {
-	var b strings.Builder
-	for i, e := range l {
-		if i > 0 {
-			b.WriteByte('\n')
-		}
-		b.WriteString(e.Error())
-	}
-	return b.String()
-}
+func (l ErrorList) Error() string { return joinErrors(l, "\n") }
 
 // Entry is a rule and the line of the file it came from.
 type Entry struct {

@@ -74,11 +74,14 @@ type LineErrors []error
 
 // Error is the problems joined by "; ", for a caller that shows one line
 // (ctl add, forward); a file's reader shows one per line (Errors).
-func (l LineErrors) Error() string {
+func (l LineErrors) Error() string { return joinErrors(l, "; ") }
+
+// joinErrors is the texts of errs joined by sep.
+func joinErrors[E error](errs []E, sep string) string {
 	var b strings.Builder
-	for i, e := range l {
+	for i, e := range errs {
 		if i > 0 {
-			b.WriteString("; ")
+			b.WriteString(sep)
 		}
 		b.WriteString(e.Error())
 	}
