@@ -112,6 +112,21 @@ func Dial(ctx context.Context, path string, opt Options) (*Client, error) {
 	return c, nil
 }
 
+// QueryStatus dials the control socket at path, asks STATUS and hangs up:
+// the one-shot read that monitoring scripts and tests need. It returns the
+// status or the first error (dial, hello, status).
+func QueryStatus(ctx context.Context, path string, opt Options) (*Status, error) {
+	c, err := Dial(ctx, path, opt)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	if err := c.Hello(ctx, IntentStatus); err != nil {
+		return nil, err
+	}
+	return c.Status(ctx)
+}
+
 // Server returns the server hello: software, limits, features.
 func (c *Client) Server() ServerHello { return c.server }
 

@@ -180,15 +180,7 @@ func (p *parts) state() string {
 func ctlStatus(path string) (*ctl.Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := ctl.Dial(ctx, path, ctl.Options{})
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	if err := c.Hello(ctx, ctl.IntentStatus); err != nil {
-		return nil, err
-	}
-	return c.Status(ctx)
+	return ctl.QueryStatus(ctx, path, ctl.Options{})
 }
 
 // openTxn applies one more rule through the control socket and leaves the

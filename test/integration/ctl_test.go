@@ -79,15 +79,7 @@ func ctlCtx() (context.Context, context.CancelFunc) {
 func (d *liveDaemon) tryStatus() (*ctl.Status, error) {
 	ctx, cancel := ctlCtx()
 	defer cancel()
-	c, err := ctl.Dial(ctx, d.sock, ctl.Options{Name: "it-status"})
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	if err := c.Hello(ctx, ctl.IntentStatus); err != nil {
-		return nil, err
-	}
-	return c.Status(ctx)
+	return ctl.QueryStatus(ctx, d.sock, ctl.Options{Name: "it-status"})
 }
 
 func (d *liveDaemon) status() *ctl.Status {
