@@ -29,7 +29,7 @@ const (
 	stConnecting                     // backend connect in flight; channels not set up
 	stSendProxy                      // backend connected; the outgoing chain (send-proxy) writes
 	stForwarding                     // both conns up; channels pumping; no handshake state held
-	stClosed                         // fds closed; waiting for the GC
+	stClosed                         // fds closed; the struct waits for the GC or for reuse (recycle)
 	stWaitFd                         // out of fds for the backend socket: parked on the loop's fdWait list
 	stDraining                       // one side failed and is closed; the other gets what sluice holds for it, then a reset
 	stTLSAccept                      // the client's TLS handshake runs on its goroutine (tls.go); the loop ignores the conn's events
