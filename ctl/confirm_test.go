@@ -183,7 +183,7 @@ func endPendingBy(t *testing.T, path string, commit bool) (uint64, *Summary, err
 
 func mustStatus(t *testing.T, path string) *Status {
 	t.Helper()
-	st, err := status(ctxT(t), path, Options{})
+	st, err := QueryStatus(ctxT(t), path, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

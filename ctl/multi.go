@@ -484,7 +484,7 @@ func (r *multi) check(ctx context.Context, m *Member) error {
 	}
 	opt := r.opt.Options
 	opt.Name = "sluice ctl (check)"
-	st, err := status(ctx, m.Path, opt)
+	st, err := QueryStatus(ctx, m.Path, opt)
 	if err != nil {
 		// %v: the probe's error codes are not this transaction's.
 		return fmt.Errorf("ctl: the daemon did not answer a status request: %v", err)
@@ -496,19 +496,6 @@ func (r *multi) check(ctx context.Context, m *Member) error {
 		return fmt.Errorf("ctl: the daemon is at generation %d, the transaction was built on %d", st.Generation, m.Base.Generation)
 	}
 	return nil
-}
-
-// status asks the daemon at path for its status on a connection of its own.
-func status(ctx context.Context, path string, opt Options) (*Status, error) {
-	c, err := Dial(ctx, path, opt)
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	if err := c.Hello(ctx, IntentStatus); err != nil {
-		return nil, err
-	}
-	return c.Status(ctx)
 }
 
 // idle checks, without waiting, that the server has neither closed the
