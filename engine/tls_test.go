@@ -13,6 +13,7 @@ import (
 
 	"github.com/sluice-proxy/sluice/conn"
 	"github.com/sluice-proxy/sluice/internal/testcert"
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 )
 
 // echoBackend echoes every connection's bytes (plain, or TLS with cfg).
@@ -26,18 +27,10 @@ func echoBackend(t *testing.T, cfg *tls.Config) string {
 		ln = tls.NewListener(ln, cfg)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	testpeer.Accept(ln, func(c net.Conn) {
+		defer c.Close()
+		io.Copy(c, c)
+	})
 	return ln.Addr().String()
 }
 

@@ -17,6 +17,7 @@ import (
 
 	"github.com/sluice-proxy/sluice/handshake"
 	"github.com/sluice-proxy/sluice/internal/testcert"
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 )
 
 // captureProxy accepts conns that start with a PROXY header, answers
@@ -30,34 +31,26 @@ func captureProxy(t *testing.T) (string, <-chan []byte) {
 	}
 	t.Cleanup(func() { ln.Close() })
 	ch := make(chan []byte, 8)
-	go func() {
+	testpeer.Accept(ln, func(c net.Conn) {
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		var b []byte
+		buf := make([]byte, 4096)
 		for {
-			c, err := ln.Accept()
-			if err != nil {
+			n, err := c.Read(buf)
+			b = append(b, buf[:n]...)
+			if l, _ := handshake.HeaderLen(b); l > 0 && len(b) >= l {
+				const v4 = 16 + 12 // signature, length, IPv4 addresses and ports
+				ch <- bytes.Clone(b[v4:l])
+				c.Write([]byte("ok\n"))
 				return
 			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				var b []byte
-				buf := make([]byte, 4096)
-				for {
-					n, err := c.Read(buf)
-					b = append(b, buf[:n]...)
-					if l, _ := handshake.HeaderLen(b); l > 0 && len(b) >= l {
-						const v4 = 16 + 12 // signature, length, IPv4 addresses and ports
-						ch <- bytes.Clone(b[v4:l])
-						c.Write([]byte("ok\n"))
-						return
-					}
-					if err != nil {
-						ch <- nil
-						return
-					}
-				}
-			}()
+			if err != nil {
+				ch <- nil
+				return
+			}
 		}
-	}()
+	})
 	return ln.Addr().String(), ch
 }
 
