@@ -35,7 +35,7 @@ func TestSmokeSNI(t *testing.T) {
 			t.Skipf("no %s (make bench-deps)", tool)
 		}
 	}
-	smoke(t, "sni", "direct,haproxy,nginx,sluice", "1s", "### sni:", "| sluice |", "| haproxy |", "| nginx |", "routed conn/s per proxy core")
+	smokeServed(t, "sni,sni-replay", "direct,haproxy,nginx,sluice", "1s", "### sni:", "### sni-replay:", "| sluice |", "| haproxy |", "| nginx |", "routed conn/s per proxy core")
 }
 
 // smoke runs the harness once, briefly, and checks the report has want and

@@ -43,6 +43,10 @@ func runRole(role string, args []string) int {
 		err = tlsBulkClient(args)
 	case "sink":
 		err = serveSink()
+	case "replayserver":
+		err = replayServer(args)
+	case "replayclient":
+		err = replayClient(args)
 	default:
 		err = fmt.Errorf("unknown role %q", role)
 	}
@@ -59,6 +63,16 @@ func runRole(role string, args []string) int {
 // blocking one, for round-trip times, gives each conn an OS thread doing
 // blocking read(2)/write(2): no poller between the wake-up and the reply.
 func serveEcho(blocking bool) error {
+	if blocking {
+		return serveConns(echoBlocking)
+	}
+	return serveConns(echoConn)
+}
+
+// serveConns is a server role's body: it listens on loopback, prints the
+// address, serves each connection with handle on its own goroutine, and
+// returns when stdin closes.
+func serveConns(handle func(net.Conn)) error {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return err
@@ -73,11 +87,7 @@ func serveEcho(blocking bool) error {
 				time.Sleep(10 * time.Millisecond) // EMFILE and the like: back off, go on
 				continue
 			}
-			if blocking {
-				go echoBlocking(c)
-			} else {
-				go echoConn(c)
-			}
+			go handle(c)
 		}
 	}()
 	fmt.Println(ln.Addr())

@@ -91,7 +91,7 @@ var allScenarios = []scenario{
 	{name: "rtt-local", title: "rtt-local: the same with the proxy on the load CPU (its own cost)", kind: kindRTT, local: true,
 		backend: func(h *harness) (string, *proc, error) { return h.startRole("rttecho", h.opt.loadCPU) },
 		measure: rtt},
-	sniScenario,
+	sniScenario, sniReplayScenario,
 	tlsTermScenarios[0], tlsTermScenarios[1], tlsTermScenarios[2],
 
 	// Issue 22's, not in the default list (they would make the default

@@ -277,20 +277,5 @@ func tlsBulkClient(args []string) error {
 
 // serveSink discards every byte it gets: tls-bulk's backend.
 func serveSink() error {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return err
-	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(io.Discard, c) }()
-		}
-	}()
-	fmt.Println(ln.Addr())
-	io.Copy(io.Discard, os.Stdin)
-	return ln.Close()
+	return serveConns(func(c net.Conn) { defer c.Close(); io.Copy(io.Discard, c) })
 }
