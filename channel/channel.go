@@ -92,7 +92,8 @@ type Channel struct {
 }
 
 // Init prepares the channel to move bytes from in to out, both non-blocking
-// sockets owned by the caller. The input is registered edge-triggered: a
+// stream sockets owned by the caller (socket calls move the bytes: any other
+// fd fails with ENOTSOCK). The input is registered edge-triggered: a
 // short read normally drains it (EmptyIn until the next edge), but a FIN
 // queued before Init sent its edge already, so until the first event says
 // otherwise a hang-up is assumed and reads go on to EAGAIN or EOF.
@@ -296,7 +297,7 @@ func (c *Channel) recv(p *Pools) int {
 	if layered {
 		n, err = c.layers.In.Read(c.buf[c.w:])
 	} else {
-		n, err = rawsys.Read(int(c.in), c.buf[c.w:])
+		n, err = rawsys.Recv(int(c.in), c.buf[c.w:], 0)
 	}
 	switch {
 	case n > 0:
@@ -380,7 +381,7 @@ func (c *Channel) send(p *Pools) int {
 	} else if c.layers != nil && c.layers.Out != nil {
 		n, err = c.layers.Out.Write(c.buf[c.r:c.w])
 	} else {
-		n, err = rawsys.Write(int(c.out), c.buf[c.r:c.w])
+		n, err = rawsys.Send(int(c.out), c.buf[c.r:c.w], unix.MSG_NOSIGNAL)
 	}
 	switch {
 	case n > 0:

@@ -244,7 +244,7 @@ func (s *sockIO) Read(b []byte) (int, error) {
 	if s.file != nil {
 		return s.file.Read(b)
 	}
-	n, err := rawsys.Read(s.fd, b)
+	n, err := rawsys.Recv(s.fd, b, 0)
 	switch {
 	case n > 0:
 		return n, nil
@@ -262,7 +262,7 @@ func (s *sockIO) Write(b []byte) (int, error) {
 	}
 	total := len(b)
 	if len(s.pend) == 0 {
-		n, err := rawsys.Write(s.fd, b)
+		n, err := rawsys.Send(s.fd, b, unix.MSG_NOSIGNAL)
 		if err != nil && err != unix.EAGAIN {
 			return 0, err
 		}
@@ -278,7 +278,7 @@ func (s *sockIO) Write(b []byte) (int, error) {
 // some are, another error when the socket failed.
 func (s *sockIO) flush() error {
 	for len(s.pend) > 0 {
-		n, err := rawsys.Write(s.fd, s.pend)
+		n, err := rawsys.Send(s.fd, s.pend, unix.MSG_NOSIGNAL)
 		if err != nil {
 			return err
 		}

@@ -34,7 +34,7 @@ const (
 var sniScenario = scenario{name: "sni", title: "sni: new TLS connections routed by name (passthrough) to an nginx TLS backend, 50 in flight, a full handshake and one request each", unit: "conn/s", latency: true,
 	skip: func(p peer) string {
 		switch p.name {
-		case "direct", "haproxy", "nginx", "sluice", "sluice-splice":
+		case "direct", "haproxy", "nginx", "sluice", "sluice-splice", "sluice-b":
 			return ""
 		}
 		return "does not route by TLS name here"
@@ -64,7 +64,7 @@ func startRouter(h *harness, p peer, target string, cpu int) (string, *proc, err
 	case "nginx":
 		d.MaxConn = 19800
 		return h.startNginx("nginx-sni", nginxSNIConf, d, cpuList(cpu))
-	case "sluice", "sluice-splice":
+	case "sluice", "sluice-splice", "sluice-b":
 		addr, port, err := listenAddr()
 		if err != nil {
 			return "", nil, err
@@ -73,20 +73,24 @@ func startRouter(h *harness, p peer, target string, cpu int) (string, *proc, err
 		if p.name == "sluice-splice" {
 			d.Options = " splice=on"
 		}
-		px, err := h.startSluiceConf("sluice-sni", sluiceSNIConf, d, cpu, port)
+		bin := h.sluice
+		if p.name == "sluice-b" {
+			bin = h.opt.sluiceB
+		}
+		px, err := h.startSluiceConf(bin, "sluice-sni", sluiceSNIConf, d, cpu, port)
 		return addr, px, err
 	}
 	return "", nil, fmt.Errorf("%s does not route by TLS name", p.name)
 }
 
-// startSluiceConf runs sluice with the configuration t renders from d
-// (one event loop, warnings only), listening on port.
-func (h *harness) startSluiceConf(name string, t *template.Template, d confData, cpu, port int) (*proc, error) {
+// startSluiceConf runs the sluice binary bin with the configuration t
+// renders from d (one event loop, warnings only), listening on port.
+func (h *harness) startSluiceConf(bin, name string, t *template.Template, d confData, cpu, port int) (*proc, error) {
 	conf, err := h.writeConf(name, t, d)
 	if err != nil {
 		return nil, err
 	}
-	return h.startListening("sluice", cpuList(cpu), port, nil, h.sluice, "run", "-c", conf,
+	return h.startListening("sluice", cpuList(cpu), port, nil, bin, "run", "-c", conf,
 		"--loops", "1", "--log-level", "warn", "--drain-timeout", "1s")
 }
 

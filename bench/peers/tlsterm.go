@@ -94,7 +94,7 @@ func startTerminator(h *harness, p peer, target string, cpu int) (string, *proc,
 		d.MaxConn = 19800
 		return h.startNginx("nginx-term", nginxTermConf, d, cpuList(cpu))
 	case "sluice":
-		px, err := h.startSluiceConf("sluice-term", sluiceTermConf, d, cpu, port)
+		px, err := h.startSluiceConf(h.sluice, "sluice-term", sluiceTermConf, d, cpu, port)
 		return addr, px, err
 	}
 	return "", nil, fmt.Errorf("%s does not terminate TLS here", p.name)

@@ -99,6 +99,22 @@ func Recv(fd int, p []byte, flags int) (int, error) {
 	}
 }
 
+// Send is sendto(2) without a destination: a stream socket's write with
+// flags. The engine's byte moves use Recv and Send rather than read(2) and
+// write(2), which reach the socket through the file layer (fdget_pos,
+// rw_verify_area, the iter wrappers); the socket calls skip it, about 3 %
+// of a small write-and-read pair on loopback here. MSG_NOSIGNAL: a write to
+// a reset peer fails with EPIPE without a SIGPIPE to the process.
+func Send(fd int, p []byte, flags int) (int, error) {
+	ptr := bufPtr(p)
+	for {
+		r, _, e := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(ptr), uintptr(len(p)), uintptr(flags), 0, 0)
+		if e != unix.EINTR {
+			return count(r, e)
+		}
+	}
+}
+
 // Recvfrom reads one datagram into p and returns its length and source (the
 // zero AddrPort for a family other than IPv4 and IPv6). The address is
 // decoded on the stack: unlike unix.Recvfrom, nothing is allocated.

@@ -2,7 +2,10 @@ package rawsys
 
 import (
 	"net/netip"
+	"os"
+	"os/signal"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -333,5 +336,56 @@ func TestPktinfo(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Send and Recv move a stream's bytes; Send with MSG_NOSIGNAL to a peer that
+// reset fails with EPIPE and raises no SIGPIPE (with flags 0 the Notify
+// channel receives one: the test fails).
+func TestSendRecvStream(t *testing.T) {
+	lfd, addr := listen(t, "127.0.0.1:0")
+	fd, err := Socket(unix.AF_INET, unix.SOCK_STREAM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer Close(fd)
+	if err := Connect(fd, addr); err != nil && err != unix.EINPROGRESS {
+		t.Fatal(err)
+	}
+	waitFd(t, lfd, unix.POLLIN)
+	afd, _, err := Accept4(lfd, unix.SOCK_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFd(t, fd, unix.POLLOUT)
+	if n, err := Send(fd, []byte("hello"), unix.MSG_NOSIGNAL); n != 5 || err != nil {
+		t.Fatalf("send: %d, %v", n, err)
+	}
+	waitFd(t, afd, unix.POLLIN)
+	buf := make([]byte, 16)
+	if n, err := Recv(afd, buf, 0); n != 5 || err != nil || string(buf[:n]) != "hello" {
+		t.Fatalf("recv: %d %q, %v", n, buf[:max(n, 0)], err)
+	}
+	if _, err := Recv(afd, buf, 0); err != unix.EAGAIN {
+		t.Fatalf("recv of an empty socket: %v, want EAGAIN", err)
+	}
+
+	pipes := make(chan os.Signal, 1)
+	signal.Notify(pipes, unix.SIGPIPE)
+	defer signal.Stop(pipes)
+	LingerZero(afd)
+	Close(afd) // a reset to fd
+	waitFd(t, fd, unix.POLLIN)
+	var last error
+	for i := 0; i < 3 && last != unix.EPIPE; i++ { // ECONNRESET first, then EPIPE: the one that signals
+		_, last = Send(fd, []byte("x"), unix.MSG_NOSIGNAL)
+	}
+	if last != unix.EPIPE {
+		t.Errorf("send after the peer's reset: %v, want EPIPE", last)
+	}
+	select {
+	case <-pipes:
+		t.Error("SIGPIPE raised despite MSG_NOSIGNAL")
+	case <-time.After(50 * time.Millisecond):
 	}
 }
