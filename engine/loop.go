@@ -2,6 +2,7 @@ package engine
 
 import (
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,6 +25,13 @@ type handler interface {
 // FullOut flags say what it actually waits for.
 const sessionEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
 
+// yieldEvery is how often, at most, the loop yields to the scheduler before
+// blocking in epoll_wait: half sysmon's 10 ms preemption threshold, so a
+// loop that blocks often is never found stale. A busy loop that never
+// blocks does not yield (sysmon preempts it every 10 ms: a signal, cheap
+// next to thousands of sysmon wake-ups); an idle one yields once per wait.
+const yieldEvery = 5 * time.Millisecond
+
 // Loop is one event loop: a goroutine (not locked to a thread), an epoll set,
 // an eventfd to wake it, a timer wheel and the pools of its sessions. Every
 // session lives on exactly one loop; nothing in it is touched from another
@@ -40,7 +48,10 @@ type Loop struct {
 	pools  *channel.Pools
 	base   time.Time
 	now    int64 // nanoseconds since base, read once per wake-up
-	log    *zap.Logger
+	// yielded is when the loop last went through the scheduler (runLoop's
+	// Gosched before a blocking wait), in now's units.
+	yielded int64
+	log     *zap.Logger
 
 	mu     sync.Mutex
 	tasks  []func(*Loop)
@@ -207,9 +218,10 @@ func (l *Loop) arm(t *timer, d time.Duration) { l.wheel.add(t, l.ticks(d)) }
 
 func (l *Loop) clock() { l.now = int64(time.Since(l.base)) }
 
-// run is the loop's goroutine. It is not locked to its OS thread: the
-// loop never yields otherwise, so sysmon preempts it every 10 ms or so of
-// busy time, and a locked goroutine's preemption is a hand-off between
+// run is the loop's goroutine. It is not locked to its OS thread: a busy
+// loop yields only to sysmon's preemption (every 10 ms or so of busy time;
+// a blocking one yields itself, see yieldEvery), and a locked goroutine's
+// preemption is a hand-off between
 // threads (stoplockedm, startlockedm: futex wake-ups and a context switch
 // on the proxy's CPU), where an unlocked one is simply rescheduled on the
 // thread it ran on. Nothing of the loop is bound to a thread: the epoll
@@ -235,6 +247,19 @@ func (l *Loop) run() {
 		}
 		if len(l.again) > 0 {
 			msec = 0 // sessions wait their turn: look for other ready ones, then pump them again
+		}
+		if msec != 0 && l.now-l.yielded >= int64(yieldEvery) {
+			// Before a blocking wait, at most every yieldEvery: the loop
+			// goes through the scheduler, so sysmon finds its schedtick
+			// fresh. A loop that never does is, every 10 ms, either
+			// preempted (running) or has its P retaken (blocked here):
+			// each retake resets sysmon to waking every 20 µs for the next
+			// millisecond or more, thousands of wake-ups a second on the
+			// proxy's CPU. In the sni scenario (the loop blocking between
+			// flights, ~30 % busy) sysmon's usleep took 11 % of sluice's
+			// CPU (perf); see yieldEvery.
+			runtime.Gosched()
+			l.yielded = l.now
 		}
 		n, err := unix.EpollWait(l.epfd, events[:], msec)
 		if err != nil && err != unix.EINTR {
