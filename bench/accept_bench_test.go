@@ -9,6 +9,9 @@ package bench
 //   - engine: through an engine (one loop, engineTo) with one rule to it.
 //   - engine-accept-proxy-v2: the same with accept-proxy, the client sending
 //     a PROXY v2 header before its byte.
+//   - engine-sni: the same routed by name (one sni= route), the client
+//     sending a Go client's ClientHello (post-quantum, ~1.8 KB) before its
+//     byte; the backend echoes the hello too, the client waits for it all.
 //
 //	go test -run '^$' -bench 'Accept' -benchmem ./bench/
 //
@@ -27,6 +30,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluice-proxy/sluice/internal/testpeer"
 	"go.uber.org/goleak"
 )
 
@@ -37,15 +41,23 @@ import (
 type echoClient struct {
 	addr string
 	msg  []byte // written at once; its last byte must come back
-	buf  [1]byte
+	echo int    // bytes echoed: msg's last, or all of it (the backend sees it all)
+	buf  []byte
 }
 
-func newEchoClient(addr string, prefix []byte) *echoClient {
-	return &echoClient{addr: addr, msg: append(append([]byte(nil), prefix...), 'x')}
+// newEchoClient's conns write prefix and a byte to addr; with whole, the
+// backend receives the prefix too and echoes it with the byte.
+func newEchoClient(addr string, prefix []byte, whole bool) *echoClient {
+	c := &echoClient{addr: addr, msg: append(append([]byte(nil), prefix...), 'x'), echo: 1}
+	if whole {
+		c.echo = len(c.msg)
+	}
+	c.buf = make([]byte, c.echo)
+	return c
 }
 
-// conn connects, writes msg, waits (5 s at most) for the echo of its last
-// byte, and closes.
+// conn connects, writes msg, waits (5 s at most) for the echo (of its last
+// byte, or of all of it), and closes.
 func (c *echoClient) conn(tb testing.TB) {
 	nc, err := net.Dial("tcp", c.addr)
 	if err != nil {
@@ -56,8 +68,8 @@ func (c *echoClient) conn(tb testing.TB) {
 	if _, err := nc.Write(c.msg); err != nil {
 		tb.Fatal(err)
 	}
-	if _, err := io.ReadFull(nc, c.buf[:]); err != nil || c.buf[0] != c.msg[len(c.msg)-1] {
-		tb.Fatalf("echo: %q, %v", c.buf[:], err)
+	if _, err := io.ReadFull(nc, c.buf); err != nil || c.buf[c.echo-1] != c.msg[len(c.msg)-1] {
+		tb.Fatalf("echo: %q, %v", c.buf, err)
 	}
 }
 
@@ -131,10 +143,12 @@ func BenchmarkAccept(b *testing.B) {
 		engine bool
 		opts   string
 		proxy  bool // the client sends a PROXY v2 header before its byte
+		sni    bool // the client sends a ClientHello before its byte
 	}{
-		{"direct", false, "", false},
-		{"engine", true, "", false},
-		{"engine-accept-proxy-v2", true, "accept-proxy=127.0.0.0/8", true},
+		{"direct", false, "", false, false},
+		{"engine", true, "", false, false},
+		{"engine-accept-proxy-v2", true, "accept-proxy=127.0.0.0/8", true, false},
+		{"engine-sni", true, "sni=bench.example.com", false, true},
 	}
 	for _, tc := range cases {
 		b.Run(tc.name, func(b *testing.B) {
@@ -144,7 +158,19 @@ func BenchmarkAccept(b *testing.B) {
 			if tc.proxy {
 				prefix = proxyCase{"v2-tcp4", 2, proxySrc4, proxyDst4, nil}.header(b)
 			}
-			cli := newEchoClient(backend, nil)
+			if tc.sni {
+				hello, err := testpeer.ClientHello("bench.example.com")
+				if err != nil {
+					b.Fatal(err)
+				}
+				prefix = hello
+			}
+			// The non-engine share is measured with the bytes the backend
+			// will see: the hello passes through, a PROXY header does not.
+			cli := newEchoClient(backend, nil, false)
+			if tc.sni {
+				cli = newEchoClient(backend, prefix, true)
+			}
 			var base [2]float64
 			if tc.engine {
 				// The non-engine share: the same conns, straight to the
@@ -155,7 +181,7 @@ func BenchmarkAccept(b *testing.B) {
 				}
 				m1, b1 := mallocs()
 				base = [2]float64{float64(m1-m0) / baselineConns, float64(b1-b0) / baselineConns}
-				cli = newEchoClient(engineTo(b, backend, tc.opts), prefix)
+				cli = newEchoClient(engineTo(b, backend, tc.opts), prefix, tc.sni)
 			}
 			b.ReportAllocs()
 			m0, b0 := mallocs()

@@ -280,8 +280,43 @@ func TestSessionRecycle(t *testing.T) {
 	if n := freeSessions(e2); n != 0 {
 		t.Fatalf("%d TLS session structs kept for reuse, want 0", n)
 	}
-	if n := freeSessions(e2); n != 0 {
-		t.Fatalf("%d TLS session structs kept for reuse, want 0", n)
+
+	// A routed session (its sessionExt holds the name) is reused too, and a
+	// plain session in its struct shows nothing of the name.
+	e3, routed := start(t, "tcp 127.0.0.1:0 -> "+be.Addr()+" sni=a.example.com", Config{Loops: 1})
+	plain := listen(t, e3, "tcp 127.0.0.1:0 -> "+be.Addr())
+	hello, err := testpeer.ClientHello("a.example.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		c := dial(t, routed)
+		if _, err := c.Write(hello); err != nil {
+			t.Fatal(err)
+		}
+		waitActive(t, e3, 1)
+		deadline := time.Now().Add(5 * time.Second)
+		for l := e3.SessionList("", 0).List; len(l) != 1 || l[0].SNI != "a.example.com"; l = e3.SessionList("", 0).List {
+			if time.Now().After(deadline) {
+				t.Fatalf("routed session %d lists %+v, want one with sni a.example.com", i, l)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		c.Close()
+		waitIdle(t, e3)
+		if n := freeSessions(e3); n != 1 {
+			t.Fatalf("%d free session structs after routed session %d ended, want 1", n, i)
+		}
+	}
+	c := dial(t, plain)
+	defer c.Close()
+	waitActive(t, e3, 1)
+	if n := freeSessions(e3); n != 0 {
+		t.Fatalf("%d free session structs with a plain session open, want 0: it took the routed one's", n)
+	}
+	l := e3.SessionList("", 0).List
+	if len(l) != 1 || l[0].SNI != "" || l[0].ALPN != "" || l[0].Peer.IsValid() {
+		t.Fatalf("a plain session in a routed one's struct lists %+v, want one without sni, alpn or peer", l)
 	}
 }
 

@@ -105,7 +105,8 @@ type session struct {
 }
 
 // sessionExt is what only some sessions have: one pointer in every session,
-// allocated for a session that needs it, so a plain session does not grow.
+// allocated for a session that needs it, so a plain session does not grow
+// (a recycled struct keeps its own, zeroed: see recycle).
 type sessionExt struct {
 	orig      netip.AddrPort // the client's own address when a PROXY header replaced it; zero: none
 	sni, alpn string         // what the hello said, for a routed session (handshake.State.Seen)
@@ -235,7 +236,12 @@ func (s *session) connectTimeout() time.Duration {
 // rule's timeout.handshake.
 func newSession(l *Loop, ln *Listener, fd int, src netip.AddrPort) {
 	s := l.newSessionStruct()
+	x := s.ext // a recycled struct's, kept for the next session needing one (recycle)
 	*s = session{ln: ln, start: l.now, active: l.now}
+	if x != nil {
+		*x = sessionExt{}
+		s.ext = x
+	}
 	s.tmr.owner = s
 	s.cli.Init(fd, nil, true)
 	s.cli.Src = src
@@ -884,12 +890,16 @@ func (l *Loop) newSessionStruct() *session {
 // newSession overwrites it, so what runs after finish in the same event
 // still reads a closed session. References that outlive finish make a
 // struct unfit: a TLS handshake's goroutine posts to its session (sfTLS),
-// and a sessionExt is left to the GC with its session. Entries for it left
-// on l.again are harmless: pumpAgain pumps only a forwarding session, and a
-// pump too many of a live one moves what is there. Events still queued for
-// its fds are dropped by the table's generations.
+// and its sessionTLS goes to the GC with it. A sessionExt without one
+// (a PROXY'd or routed session's) is only ever read on the loop: it stays
+// with the struct and newSession zeroes it for the next session, so a
+// routed connection allocates nothing either (BenchmarkAccept/engine-sni).
+// Entries for it left on l.again are harmless: pumpAgain pumps only a
+// forwarding session, and a pump too many of a live one moves what is
+// there. Events still queued for its fds are dropped by the table's
+// generations.
 func (l *Loop) recycle(s *session) {
-	if s.ext != nil || s.flags&sfTLS != 0 || len(l.free) >= maxFreeSessions {
+	if (s.ext != nil && s.ext.tls != nil) || s.flags&sfTLS != 0 || len(l.free) >= maxFreeSessions {
 		return
 	}
 	l.free = append(l.free, s)
