@@ -69,7 +69,7 @@ func (h *health) Handshake(st *State) (Result, conn.Code) {
 		st.out, st.off = nil, 0
 	}
 	for st.off < maxDrain {
-		n, err := rawsys.Read(fd, st.peek[:])
+		n, err := rawsys.Recv(fd, st.peek[:], 0)
 		switch {
 		case err == nil && n > 0:
 			st.off += uint32(n)

@@ -126,7 +126,7 @@ func (h *sniStage) Handshake(st *State) (Result, conn.Code) {
 			s.buf, s.tier = nb, s.tier+1
 			b = *nb
 		}
-		n, err := rawsys.Read(fd, b[s.n:])
+		n, err := rawsys.Recv(fd, b[s.n:], 0)
 		switch {
 		case err == unix.EAGAIN:
 			if s.n == 0 {
@@ -276,7 +276,7 @@ func newReplay(r *rules.Rule, p *Policy) Handler {
 func (replay) Handshake(st *State) (Result, conn.Code) {
 	s := &st.sni
 	for s.sent < s.n {
-		n, err := rawsys.Write(st.Out.FD(), (*s.buf)[s.sent:s.n])
+		n, err := rawsys.Send(st.Out.FD(), (*s.buf)[s.sent:s.n], unix.MSG_NOSIGNAL)
 		switch {
 		case err == nil:
 			s.sent += uint32(n)
