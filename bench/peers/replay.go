@@ -214,13 +214,9 @@ func replayClient(args []string) error {
 	if err != nil {
 		return err
 	}
-	d, err := time.ParseDuration(args[2])
+	d, conc, err := loadArgs(args[2], args[3])
 	if err != nil {
 		return err
-	}
-	conc, err := strconv.Atoi(args[3])
-	if err != nil || conc <= 0 {
-		return fmt.Errorf("bad concurrency %q", args[3])
 	}
 	addr := args[0]
 	res := connLoop(d, conc, func() func() error {

@@ -234,13 +234,9 @@ func tlsClient(args []string) error {
 	if len(args) != 4 {
 		return fmt.Errorf("usage: tlsclient ADDR NAME DURATION CONC")
 	}
-	d, err := time.ParseDuration(args[2])
+	d, conc, err := loadArgs(args[2], args[3])
 	if err != nil {
 		return err
-	}
-	conc, err := strconv.Atoi(args[3])
-	if err != nil || conc <= 0 {
-		return fmt.Errorf("bad concurrency %q", args[3])
 	}
 	addr, name := args[0], args[1]
 	cfg := &tls.Config{ServerName: name, InsecureSkipVerify: true}
@@ -249,6 +245,19 @@ func tlsClient(args []string) error {
 		return func() error { return tlsOnce(addr, cfg, req, name) }
 	})
 	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// loadArgs parses a load role's DURATION and CONC arguments (CONC > 0).
+func loadArgs(dur, conc string) (time.Duration, int, error) {
+	d, err := time.ParseDuration(dur)
+	if err != nil {
+		return 0, 0, err
+	}
+	n, err := strconv.Atoi(conc)
+	if err != nil || n <= 0 {
+		return 0, 0, fmt.Errorf("bad concurrency %q", conc)
+	}
+	return d, n, nil
 }
 
 // connLoop runs conc workers, each calling its once (newOnce makes one per

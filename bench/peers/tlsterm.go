@@ -159,13 +159,9 @@ func tlsHSClient(args []string) error {
 	if len(args) != 4 {
 		return fmt.Errorf("usage: tlshs ADDR DURATION CONC RESUME")
 	}
-	d, err := time.ParseDuration(args[1])
+	d, conc, err := loadArgs(args[1], args[2])
 	if err != nil {
 		return err
-	}
-	conc, err := strconv.Atoi(args[2])
-	if err != nil || conc <= 0 {
-		return fmt.Errorf("bad concurrency %q", args[2])
 	}
 	resume, err := strconv.ParseBool(args[3])
 	if err != nil {
