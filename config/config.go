@@ -1,5 +1,5 @@
 // Package config reads sluice's YAML configuration file: the daemon's
-// settings (loops, log, ctl, metrics, state, drain), its pifs and its rule table.
+// settings (loops, busy-poll, log, ctl, metrics, state, store, drain), its pifs and its rule table.
 // Every problem found is reported, each as "FILE:LINE: message" through
 // rules.Error and rules.ErrorList. It does no I/O beyond reading the file.
 package config
@@ -35,6 +35,7 @@ const (
 	MaxFileSize = 16 << 20 // bytes
 	MaxLoops    = 1024
 	MaxDrain    = 24 * time.Hour
+	MaxBusyPoll = time.Second
 	MaxPifs     = 256
 	// maxSocketPath is the longest path a unix socket address holds
 	// (sun_path is 108 bytes with its terminating NUL).
@@ -49,16 +50,19 @@ var (
 
 // Config is a parsed and validated configuration.
 type Config struct {
-	File    string        // the path as given, for messages
-	Loops   int           // event loops; 0 = one per CPU
-	Log     Log           //
-	Ctl     Ctl           //
-	Metrics Metrics       //
-	State   State         //
-	Store   Store         //
-	Drain   time.Duration // on SIGTERM/SIGINT, how long live sessions may finish
-	Pifs    []Pif         // named network namespaces; host is implicit
-	Rules   []rules.Entry // the table, each rule with its line
+	File  string // the path as given, for messages
+	Loops int    // event loops; 0 = one per CPU
+	// BusyPoll is how long a loop polls without sleeping after its last
+	// event (engine.Config.BusyPoll); 0, the default: it sleeps at once.
+	BusyPoll time.Duration
+	Log      Log           //
+	Ctl      Ctl           //
+	Metrics  Metrics       //
+	State    State         //
+	Store    Store         //
+	Drain    time.Duration // on SIGTERM/SIGINT, how long live sessions may finish
+	Pifs     []Pif         // named network namespaces; host is implicit
+	Rules    []rules.Entry // the table, each rule with its line
 }
 
 // Log sets the daemon's logger.
@@ -487,6 +491,7 @@ func (p *parser) top(c *Config, root *yaml.Node) {
 	var pifs, rulesNode *yaml.Node
 	p.mapping(root, "", []field{
 		{"loops", func(v *yaml.Node) { p.loops(c, v) }},
+		{"busy-poll", func(v *yaml.Node) { p.busyPoll(c, v) }},
 		{"log", func(v *yaml.Node) {
 			p.mapping(v, "log", []field{
 				{"level", func(v *yaml.Node) { p.choice(v, "log.level", LogLevels, &c.Log.Level) }},
@@ -664,6 +669,20 @@ func (p *parser) etcd(c *Config, v *yaml.Node) {
 	if !bad {
 		c.Store.Etcd = e
 	}
+}
+
+func (p *parser) busyPoll(c *Config, v *yaml.Node) {
+	want := "a duration from 0s (off) to " + rules.FormatDuration(MaxBusyPoll) + " such as 200us"
+	s, ok := p.scalar(v, "busy-poll", want)
+	if !ok {
+		return
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 || d > MaxBusyPoll {
+		p.errorf(v, "busy-poll: want %s, got %q", want, s)
+		return
+	}
+	c.BusyPoll = d
 }
 
 func (p *parser) drain(c *Config, v *yaml.Node) {

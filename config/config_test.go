@@ -72,6 +72,9 @@ func TestParseSettings(t *testing.T) {
 		{"loops: 4\ndrain: 1m30s\n", func(c *Config) { c.Loops = 4; c.Drain = 90 * time.Second }},
 		{"loops: 0x10\n", func(c *Config) { c.Loops = 16 }},
 		{"drain: 0s\n", func(c *Config) { c.Drain = 0 }},
+		{"busy-poll: 200us\n", func(c *Config) { c.BusyPoll = 200 * time.Microsecond }},
+		{"busy-poll: 1s\n", func(c *Config) { c.BusyPoll = time.Second }},
+		{"busy-poll: 0s\n", func(c *Config) {}},
 		{"log: {level: debug, format: json}\n", func(c *Config) { c.Log = Log{"debug", "json"} }},
 		{"log:\n  format: json\n", func(c *Config) { c.Log.Format = "json" }},
 		{"metrics: {listen: '[::1]:0'}\n", func(c *Config) { c.Metrics.Listen = netip.MustParseAddrPort("[::1]:0") }},
@@ -150,14 +153,14 @@ func TestParseErrors(t *testing.T) {
 		{"yaml syntax first line", "log: {level: info\n", []string{"1: YAML: did not find expected ',' or '}'"}},
 		{"unknown anchor", "loops: 1\nlog: *nope\n", []string{"2: YAML: unknown anchor 'nope' referenced"}},
 		{"second document", "loops: 1\n---\nloops: 2\n", []string{"2: a second YAML document: a configuration is one document"}},
-		{"not a mapping", "- tcp 0.0.0.0:80 -> 1.2.3.4:80\n", []string{"1: want a mapping of loops, log, ctl, metrics, state, store, drain, pifs, rules, got a sequence"}},
-		{"scalar document", "hello\n", []string{`1: want a mapping of loops, log, ctl, metrics, state, store, drain, pifs, rules, got "hello"`}},
+		{"not a mapping", "- tcp 0.0.0.0:80 -> 1.2.3.4:80\n", []string{"1: want a mapping of loops, busy-poll, log, ctl, metrics, state, store, drain, pifs, rules, got a sequence"}},
+		{"scalar document", "hello\n", []string{`1: want a mapping of loops, busy-poll, log, ctl, metrics, state, store, drain, pifs, rules, got "hello"`}},
 		{"long scalar document", "# a rules file\ntcp 0.0.0.0:80 -> 127.0.0.1:80\ntcp 0.0.0.0:81 -> 127.0.0.1:81\n",
-			[]string{`2: want a mapping of loops, log, ctl, metrics, state, store, drain, pifs, rules, got "tcp 0.0.0.0:80 -> 127.0.0.1:80 tcp 0.0.0.0:81 -> 127.0.0.1:8"...`}},
+			[]string{`2: want a mapping of loops, busy-poll, log, ctl, metrics, state, store, drain, pifs, rules, got "tcp 0.0.0.0:80 -> 127.0.0.1:80 tcp 0.0.0.0:81 -> 127.0.0.1:8"...`}},
 		{"very long scalar", "log: " + strings.Repeat("x", 70) + "\n", []string{`1: log: want a mapping of level, format, got "` + strings.Repeat("x", 60) + `"...`}},
 		{"complex key", "? [a]\n: 1\n", []string{"1: want a plain word as a key, got a sequence"}},
 		{"duplicate key", "loops: 1\nlog: {}\nloops: 2\n", []string{`3: key "loops" given twice (first at line 1)`}},
-		{"unknown key", "loops: 1\nlooops: 2\n", []string{`2: unknown key "looops": want loops, log, ctl, metrics, state, store, drain, pifs or rules`}},
+		{"unknown key", "loops: 1\nlooops: 2\n", []string{`2: unknown key "looops": want loops, busy-poll, log, ctl, metrics, state, store, drain, pifs or rules`}},
 		{"unknown nested key", "log:\n  level: info\n  colour: red\n", []string{`3: log: unknown key "colour": want level or format`}},
 		{"duplicate nested key", "log: {level: info, level: warn}\n", []string{`1: log: key "level" given twice (first at line 1)`}},
 		{"merge key", "log: &l {level: info}\nctl:\n  <<: *l\n", []string{`3: ctl: unknown key "<<": want socket`}},
@@ -186,6 +189,9 @@ func TestParseErrors(t *testing.T) {
 		{"drain number", "drain: 10\n", []string{`1: drain: want a duration from 0s to 24h such as 10s, got "10"`}},
 		{"drain negative", "drain: -1s\n", []string{`1: drain: want a duration from 0s to 24h such as 10s, got "-1s"`}},
 		{"drain too long", "drain: 25h\n", []string{`1: drain: want a duration from 0s to 24h such as 10s, got "25h"`}},
+		{"busy-poll number", "busy-poll: 200\n", []string{`1: busy-poll: want a duration from 0s (off) to 1s such as 200us, got "200"`}},
+		{"busy-poll negative", "busy-poll: -1ms\n", []string{`1: busy-poll: want a duration from 0s (off) to 1s such as 200us, got "-1ms"`}},
+		{"busy-poll too long", "busy-poll: 2s\n", []string{`1: busy-poll: want a duration from 0s (off) to 1s such as 200us, got "2s"`}},
 		{"pifs mapping", "pifs: {name: ns1}\n", []string{`1: pifs: want a sequence of {name: NAME, netns: PATH}, got a mapping`}},
 		{"pif scalar", "pifs:\n  - ns1\n", []string{`2: pifs: want {name: NAME, netns: PATH}, got "ns1"`}},
 		{"pif no name", "pifs:\n  - {netns: /run/netns/a}\n", []string{"2: pif: no name (name: NAME)"}},
@@ -232,7 +238,7 @@ rules:
 			`3: ctl.socket: want an absolute path, got "here"`,
 			`4: metrics.listen: want IP:PORT such as 127.0.0.1:9901 or [::1]:9901, got "nowhere"`,
 			`5: drain: want a duration from 0s to 24h such as 10s, got "soon"`,
-			`6: unknown key "whatever": want loops, log, ctl, metrics, state, store, drain, pifs or rules`,
+			`6: unknown key "whatever": want loops, busy-poll, log, ctl, metrics, state, store, drain, pifs or rules`,
 			`8: pif name "host" is reserved for the daemon's own network namespace`,
 			`9: pif "ok": netns: want an absolute path, got "rel"`,
 			`11: unknown option "frobnicate"`,
@@ -316,7 +322,7 @@ func TestLoad(t *testing.T) {
 // render writes a configuration back as YAML, the way a person would.
 func render(c *Config) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "loops: %d\nlog: {level: %s, format: %s}\ndrain: %s\n", c.Loops, c.Log.Level, c.Log.Format, c.Drain)
+	fmt.Fprintf(&b, "loops: %d\nbusy-poll: %s\nlog: {level: %s, format: %s}\ndrain: %s\n", c.Loops, c.BusyPoll, c.Log.Level, c.Log.Format, c.Drain)
 	if c.Ctl.Socket != "" {
 		fmt.Fprintf(&b, "ctl: {socket: %q}\n", c.Ctl.Socket)
 	}

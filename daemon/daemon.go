@@ -244,7 +244,7 @@ func (d *Daemon) start() (err error) {
 		}
 	}
 	d.phase(PhaseEngine)
-	e, err := engine.New(engine.Config{Loops: c.Loops, Log: log})
+	e, err := engine.New(engine.Config{Loops: c.Loops, BusyPoll: c.BusyPoll, Log: log})
 	if err != nil {
 		return fmt.Errorf("starting the engine: %w", err)
 	}

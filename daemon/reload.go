@@ -195,6 +195,9 @@ func restartKeys(c, nc *config.Config) []string {
 	if c.Loops != nc.Loops {
 		say("loops", c.Loops, nc.Loops)
 	}
+	if c.BusyPoll != nc.BusyPoll {
+		say("busy-poll", c.BusyPoll, nc.BusyPoll)
+	}
 	if c.CtlSocket() != nc.CtlSocket() {
 		say("ctl.socket", c.CtlSocket(), nc.CtlSocket())
 	}

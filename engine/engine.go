@@ -31,12 +31,15 @@ import (
 
 // Config sets up an Engine. Zero values take the defaults.
 type Config struct {
-	Loops    int         // event loops; 0 = one per CPU
-	BufSize  int         // channel buffer size (default 16 KiB)
-	PipeSize int         // splice pipe size asked of the kernel (default 256 KiB)
-	MaxPipes int         // pipes for the whole process (default: 1/8 of the fd limit, within the user's pipe allowance); <0 disables splice
-	MaxFlows int         // udp flows of the whole process (default: 1/4 of the fd limit, at most 16384)
-	Budget   int         // bytes one pump of a direction moves before the session waits its turn (default channel.DefaultBudget); <0: no bound
+	Loops    int // event loops; 0 = one per CPU
+	BufSize  int // channel buffer size (default 16 KiB)
+	PipeSize int // splice pipe size asked of the kernel (default 256 KiB)
+	MaxPipes int // pipes for the whole process (default: 1/8 of the fd limit, within the user's pipe allowance); <0 disables splice
+	MaxFlows int // udp flows of the whole process (default: 1/4 of the fd limit, at most 16384)
+	Budget   int // bytes one pump of a direction moves before the session waits its turn (default channel.DefaultBudget); <0: no bound
+	// BusyPoll is how long a loop keeps polling without blocking after its
+	// last event (0, the default: it blocks at once). See Loop.run.
+	BusyPoll time.Duration
 	Log      *zap.Logger // nil = no logs
 	// RefusalLog is the least time between two info lines of one rule's
 	// refused connections (refusals.go); 0 = DefaultRefusalLog.

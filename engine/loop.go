@@ -51,7 +51,11 @@ type Loop struct {
 	// yielded is when the loop last went through the scheduler (runLoop's
 	// Gosched before a blocking wait), in now's units.
 	yielded int64
-	log     *zap.Logger
+	// lastEvent is when the loop's last epoll_wait returned events, and
+	// busyPoll Config.BusyPoll, both in now's units.
+	lastEvent, busyPoll int64
+	waits               atomic.Uint64 // epoll_wait calls, read by tests (a busy-polling loop sleeps once idle)
+	log                 *zap.Logger
 
 	mu     sync.Mutex
 	tasks  []func(*Loop)
@@ -95,13 +99,14 @@ func newLoop(e *Engine, id int, tableSize int) (*Loop, error) {
 	}
 	l := &Loop{
 		id: id, e: e, epfd: epfd, wakefd: wfd,
-		table:  make([]handler, tableSize),
-		gens:   make([]uint32, tableSize),
-		pools:  channel.NewPools(e.cfg.BufSize, e.cfg.PipeSize, e.budget),
-		base:   e.base,
-		log:    e.log.With(zap.Int("loop", id)),
-		budget: pumpBudget(e.cfg.Budget),
-		done:   make(chan struct{}),
+		table:    make([]handler, tableSize),
+		gens:     make([]uint32, tableSize),
+		pools:    channel.NewPools(e.cfg.BufSize, e.cfg.PipeSize, e.budget),
+		base:     e.base,
+		log:      e.log.With(zap.Int("loop", id)),
+		budget:   pumpBudget(e.cfg.Budget),
+		done:     make(chan struct{}),
+		busyPoll: int64(e.cfg.BusyPoll),
 	}
 	l.wheel.init(0)
 	l.resumeTmr.owner = &l.resumeTmr
@@ -261,6 +266,15 @@ func (l *Loop) run() {
 			runtime.Gosched()
 			l.yielded = l.now
 		}
+		if msec != 0 && l.now-l.lastEvent < l.busyPoll {
+			// Busy-polling (Config.BusyPoll, HAProxy's busy-polling): for
+			// a while after the last event the loop asks without sleeping,
+			// so the next event finds it running: no wake-up of a sleeping
+			// thread (scheduler, IPI) on its path, at the price of its CPU
+			// while the window lasts. Timers and the yield are as before.
+			msec = 0
+		}
+		l.waits.Add(1)
 		n, err := unix.EpollWait(l.epfd, events[:], msec)
 		if err != nil && err != unix.EINTR {
 			l.log.Error("epoll_wait failed; loop stops", zap.Error(err))
@@ -268,6 +282,9 @@ func (l *Loop) run() {
 			return
 		}
 		l.clock()
+		if n > 0 {
+			l.lastEvent = l.now
+		}
 		for i := 0; i < n; i++ {
 			fd := int(events[i].Fd)
 			if fd == l.wakefd {

@@ -331,3 +331,40 @@ func waitActive(t *testing.T, e *Engine, n int) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// A busy-polling loop (Config.BusyPoll) keeps calling epoll_wait without
+// sleeping for the window after its last event, then sleeps as a loop
+// without it does; without it, the loop sleeps at once.
+func TestBusyPoll(t *testing.T) {
+	be, err := testpeer.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(be.Close)
+	const window = 300 * time.Millisecond
+	for _, bp := range []time.Duration{0, window} {
+		e, addr := start(t, "tcp 127.0.0.1:0 -> "+be.Addr(), Config{Loops: 1, BusyPoll: bp})
+		l := e.loops[0]
+		c := dial(t, addr)
+		if err := testpeer.Exchange(c, 1000, 1000, 1); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		waitIdle(t, e) // reads a counter: no event for the loop
+		w0 := l.waits.Load()
+		time.Sleep(20 * time.Millisecond) // inside the window
+		spun := l.waits.Load() - w0
+		if bp == 0 && spun > 20 {
+			t.Errorf("busy-poll off: %d epoll_waits in the 20 ms after the last event, want a few", spun)
+		}
+		if bp != 0 && spun < 50 {
+			t.Errorf("busy-poll %s: %d epoll_waits in the 20 ms after the last event, want it polling", bp, spun)
+		}
+		time.Sleep(window + 200*time.Millisecond) // past the window
+		w1 := l.waits.Load()
+		time.Sleep(200 * time.Millisecond)
+		if idle := l.waits.Load() - w1; idle > 20 {
+			t.Errorf("busy-poll %s: %d epoll_waits in 200 ms with nothing to do past the window, want it asleep", bp, idle)
+		}
+	}
+}

@@ -119,7 +119,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	scenName := func(s scenario) string { return s.name }
 	fs.StringVar(&scen, "scenarios", names(defaultScenarios(), scenName),
 		"comma-separated scenarios; not in the default list, run only when named (issue 22's; about 60 % more time together): "+names(optInScenarios(), scenName))
-	fs.StringVar(&peers, "peers", defaultPeers(), "comma-separated peers (also: sluice-b, with --sluice-b)")
+	fs.StringVar(&peers, "peers", defaultPeers(), "comma-separated peers (also, run only when named: sluice-b with --sluice-b; sluice-busy and haproxy-busy, busy-polling)")
 	fs.StringVar(&o.out, "out", "bench/RESULTS.md", "file whose bench/peers section is (re)written; relative to the module root; - for stdout only")
 	fs.StringVar(&o.jsonOut, "json", "", "also write every sample as JSON to this file")
 	fs.IntVar(&o.idleSessions, "idle-sessions", 9500, "idle sessions per peer (socat is held to 2000: a process each)")

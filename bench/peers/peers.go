@@ -49,8 +49,11 @@ func (v variant) nThreads() int { return max(1, v.threads) }
 var allPeers = []peer{
 	{name: "direct", desc: "no proxy: the load talks to the backend (proxy-rps, proxy-cps: through the PROXY front)",
 		start: func(h *harness, s spec) (string, *proc, error) { return s.target, nil, nil }},
-	{name: "haproxy", desc: "HAProxy, mode tcp, nbthread 1, no splicing", start: startHAProxy(false)},
-	{name: "haproxy-splice", desc: "HAProxy, mode tcp, nbthread 1, `option splice-auto`", start: startHAProxy(true)},
+	{name: "haproxy", desc: "HAProxy, mode tcp, nbthread 1, no splicing", start: startHAProxy(false, false)},
+	{name: "haproxy-splice", desc: "HAProxy, mode tcp, nbthread 1, `option splice-auto`", start: startHAProxy(true, false)},
+	// Not run unless named: busy-polling spends the proxy's CPU while
+	// traffic flows, so its per-core figures are not the others' kind.
+	{name: "haproxy-busy", desc: "HAProxy, mode tcp, nbthread 1, no splicing, `busy-polling`", start: startHAProxy(false, true), optIn: true},
 	{name: "nginx", desc: "nginx stream, one worker (`worker_processes 1`, master + worker counted)", start: startNginxStream},
 	{name: "socat", desc: "socat `TCP4-LISTEN:…,fork` (a process per session, all counted)", start: startSocat, idleCap: 2000,
 		cannot: func(v variant) string {
@@ -71,6 +74,7 @@ var allPeers = []peer{
 		}},
 	{name: "sluice", desc: "`sluice forward … --loops 1` (splice=auto)", start: startSluice()},
 	{name: "sluice-splice", desc: "`sluice forward … --loops 1 splice=on`", start: startSluice("splice=on")},
+	{name: "sluice-busy", desc: "`sluice forward … --loops 1 --busy-poll 200us` (splice=auto)", start: startSluice("--busy-poll", "200us"), optIn: true},
 	// Not run unless named: the same as sluice from another binary, for a
 	// before/after comparison inside one run.
 	{name: "sluice-b", desc: "`sluice forward … --loops 1` (splice=auto) from the binary given by --sluice-b", start: startSluiceB, optIn: true},
@@ -123,7 +127,7 @@ func (h *harness) startListening(name, cpus string, port int, env []string, argv
 // private directory in the run's temporary directory.
 type confData struct {
 	Listen, Target, Dir string
-	Splice              bool
+	Splice, Busy        bool // HAProxy: option splice-auto, busy-polling
 	MaxConn, MaxPipes   int
 	Body                string
 	// The sni scenario's: the routed name, the decoy name and its target,
@@ -161,6 +165,9 @@ var haproxyConf = template.Must(template.New("haproxy").Parse(`global
     nbthread {{or .Threads 1}}
     maxconn {{.MaxConn}}
     maxpipes {{.MaxPipes}}
+{{- if .Busy}}
+    busy-polling
+{{- end}}
 
 defaults
     mode tcp
@@ -180,14 +187,14 @@ backend be
     server s1 {{.Target}}{{if .ProxyOut}} send-proxy-v2{{end}}
 `))
 
-func startHAProxy(splice bool) func(*harness, spec) (string, *proc, error) {
+func startHAProxy(splice, busy bool) func(*harness, spec) (string, *proc, error) {
 	return func(h *harness, s spec) (string, *proc, error) {
 		listen, dial, port, err := listenOn(s.wildcard)
 		if err != nil {
 			return "", nil, err
 		}
 		conf, err := h.writeConf("haproxy", haproxyConf, confData{
-			Listen: listen, Target: s.target, Splice: splice, MaxConn: 9700, MaxPipes: 256,
+			Listen: listen, Target: s.target, Splice: splice, Busy: busy, MaxConn: 9700, MaxPipes: 256,
 			Threads: s.threads, ProxyIn: s.proxy, ProxyOut: s.proxy})
 		if err != nil {
 			return "", nil, err

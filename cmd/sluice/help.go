@@ -27,7 +27,7 @@ const (
 )
 
 var commands = []command{
-	{[]string{"sluice run [-c FILE] [--loops N] [--log-level L] [--log-format F] [--drain-timeout D]", "           [--state DIR [--fresh]]"},
+	{[]string{"sluice run [-c FILE] [--loops N] [--log-level L] [--log-format F] [--drain-timeout D]", "           [--busy-poll D] [--state DIR [--fresh]]"},
 		[]string{"the daemon on a YAML configuration file;", "without -c, on its built-in demo configuration"}},
 	{[]string{"sluice check -c FILE"}, []string{"validate a configuration file"}},
 	{[]string{"sluice check -r RULESFILE"}, []string{"validate a rules file (one rule per line)"}},

@@ -66,7 +66,7 @@ func TestUsageText(t *testing.T) {
 	u := usageText()
 	for _, want := range []string{
 		"  sluice check -c FILE                   validate a configuration file\n",
-		"             [--state DIR [--fresh]]\n                                         the daemon on a YAML configuration file;\n",
+		"             [--busy-poll D] [--state DIR [--fresh]]\n                                         the daemon on a YAML configuration file;\n",
 		"  sluice ctl rollout FILE|fleet --etcd URL --prefix P\n                                         talk to a running daemon (sluice ctl -h)\n",
 		"  sluice help man                        this help",
 	} {

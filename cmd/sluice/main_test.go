@@ -35,6 +35,9 @@ func TestFlagsOverrideFile(t *testing.T) {
 		{[]string{"--log-format", "console"}, config.Config{Loops: 3, Log: config.Log{Level: "warn", Format: "console"}, Drain: time.Minute}, ""},
 		{[]string{"--loops", "-1"}, config.Config{}, "--loops -1"},
 		{[]string{"--drain-timeout", "-1s"}, config.Config{}, "--drain-timeout -1s"},
+		{[]string{"--busy-poll", "200us"}, config.Config{Loops: 3, BusyPoll: 200 * time.Microsecond, Log: config.Log{Level: "warn", Format: "json"}, Drain: time.Minute}, ""},
+		{[]string{"--busy-poll", "-1ms"}, config.Config{}, "--busy-poll -1ms"},
+		{[]string{"--busy-poll", "2s"}, config.Config{}, "--busy-poll 2s"},
 	} {
 		var d daemonFlags
 		fs := newFlagSet("t", "t")
@@ -55,8 +58,9 @@ func TestFlagsOverrideFile(t *testing.T) {
 			t.Errorf("%v: %v", tc.args, err)
 			continue
 		}
-		if c.Loops != tc.want.Loops || c.Log != tc.want.Log || c.Drain != tc.want.Drain {
-			t.Errorf("%v: loops %d, log %+v, drain %v; want %d, %+v, %v", tc.args, c.Loops, c.Log, c.Drain, tc.want.Loops, tc.want.Log, tc.want.Drain)
+		if c.Loops != tc.want.Loops || c.BusyPoll != tc.want.BusyPoll || c.Log != tc.want.Log || c.Drain != tc.want.Drain {
+			t.Errorf("%v: loops %d, busy-poll %v, log %+v, drain %v; want %d, %v, %+v, %v", tc.args, c.Loops, c.BusyPoll, c.Log, c.Drain,
+				tc.want.Loops, tc.want.BusyPoll, tc.want.Log, tc.want.Drain)
 		}
 	}
 }

@@ -109,7 +109,7 @@ func TestCLIVersion(t *testing.T) {
 func TestCLIForwardServes(t *testing.T) {
 	b := hashBackend(t)
 	d := startForward(t, b.Addr(), "splice=on", "timeout.connect=2s", "timeout.idle=1m",
-		"--loops", "1", "--log-format", "json", "--drain-timeout", "2s")
+		"--loops", "1", "--busy-poll", "1ms", "--log-format", "json", "--drain-timeout", "2s")
 	c, err := net.Dial("tcp", d.Addr)
 	if err != nil {
 		t.Fatal(err)

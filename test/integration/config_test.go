@@ -117,7 +117,7 @@ rules:
 		{"bad config", []string{"check", "-c", bad}, 2, nil, []string{
 			bad + `:1: loops: want a whole number from 0 (one per CPU) to 1024, got "many"`,
 			bad + `:2: log.level: want debug, info, warn or error, got "loud"`,
-			bad + `:3: unknown key "colour": want loops, log, ctl, metrics, state, store, drain, pifs or rules`,
+			bad + `:3: unknown key "colour": want loops, busy-poll, log, ctl, metrics, state, store, drain, pifs or rules`,
 			bad + `:5: pif name "host" is reserved for the daemon's own network namespace`,
 			bad + `:7: port range 9000-8000 is reversed`,
 			bad + `:9: listen tcp 127.0.0.1:8080 overlaps line 8 (tcp 0.0.0.0:8080): a wildcard and a specific address cannot share port 8080`,
@@ -129,7 +129,7 @@ rules:
 			badRules + `:3: unknown protocol "sctp": want tcp or udp`,
 		}, false},
 		{"yaml syntax", []string{"check", "-c", syntax}, 2, nil, []string{syntax + ":2: YAML: did not find expected node content"}, false},
-		{"a rules file as config", []string{"check", "-c", goodRules}, 2, nil, []string{goodRules + `:2: want a mapping of loops, log, ctl, metrics, state, store, drain, pifs, rules, got "tcp 0.0.0.0:8000-8099 -> 127.0.0.1:9000-9099"...`}, true},
+		{"a rules file as config", []string{"check", "-c", goodRules}, 2, nil, []string{goodRules + `:2: want a mapping of loops, busy-poll, log, ctl, metrics, state, store, drain, pifs, rules, got "tcp 0.0.0.0:8000-8099 -> 127.0.0.1:9000-9099"...`}, true},
 		{"no file", []string{"check"}, 2, nil, []string{"want one of -c FILE or -r RULESFILE"}, true},
 		{"both files", []string{"check", "-c", good, "-r", goodRules}, 2, nil, []string{"want one of -c FILE or -r RULESFILE"}, true},
 		{"extra argument", []string{"check", "-c", good, "more"}, 2, nil, []string{`unexpected argument "more"`}, true},

@@ -89,11 +89,12 @@ func TestReloadSIGHUP(t *testing.T) {
 		t.Fatal("the old table does not serve after the rolled-back reload")
 	}
 
-	// log.level live; loops needs a restart.
+	// log.level live; loops and busy-poll need a restart.
 	ln.Close()
-	rewrite(t, cfg, "loops: 3\nlog: {level: debug}\n", fwd(base), fwd(base+2))
+	rewrite(t, cfg, "loops: 3\nbusy-poll: 200us\nlog: {level: debug}\n", fwd(base), fwd(base+2))
 	hup(t, d, "reload: committed", 2)
 	wantLog(t, d, "loops changed in the file (0 -> 3): needs a restart")
+	wantLog(t, d, "busy-poll changed in the file (0s -> 200µs): needs a restart")
 	wantLog(t, d, "reload: log level changed")
 	wantTable(t, d, 3, fwd(base), fwd(base+2))
 	es, _, err := mustOpen(t, dir).History(0)
