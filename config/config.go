@@ -671,32 +671,27 @@ func (p *parser) etcd(c *Config, v *yaml.Node) {
 	}
 }
 
-func (p *parser) busyPoll(c *Config, v *yaml.Node) {
-	want := "a duration from 0s (off) to " + rules.FormatDuration(MaxBusyPoll) + " such as 200us"
-	s, ok := p.scalar(v, "busy-poll", want)
+// duration sets *dst from v, a Go duration from 0s to max; want says what
+// the key takes (in its error).
+func (p *parser) duration(v *yaml.Node, key, want string, max time.Duration, dst *time.Duration) {
+	s, ok := p.scalar(v, key, want)
 	if !ok {
 		return
 	}
 	d, err := time.ParseDuration(s)
-	if err != nil || d < 0 || d > MaxBusyPoll {
-		p.errorf(v, "busy-poll: want %s, got %q", want, s)
+	if err != nil || d < 0 || d > max {
+		p.errorf(v, "%s: want %s, got %q", key, want, s)
 		return
 	}
-	c.BusyPoll = d
+	*dst = d
+}
+
+func (p *parser) busyPoll(c *Config, v *yaml.Node) {
+	p.duration(v, "busy-poll", "a duration from 0s (off) to "+rules.FormatDuration(MaxBusyPoll)+" such as 200us", MaxBusyPoll, &c.BusyPoll)
 }
 
 func (p *parser) drain(c *Config, v *yaml.Node) {
-	want := "a duration from 0s to " + rules.FormatDuration(MaxDrain) + " such as 10s"
-	s, ok := p.scalar(v, "drain", want)
-	if !ok {
-		return
-	}
-	d, err := time.ParseDuration(s)
-	if err != nil || d < 0 || d > MaxDrain {
-		p.errorf(v, "drain: want %s, got %q", want, s)
-		return
-	}
-	c.Drain = d
+	p.duration(v, "drain", "a duration from 0s to "+rules.FormatDuration(MaxDrain)+" such as 10s", MaxDrain, &c.Drain)
 }
 
 func (p *parser) pifs(c *Config, v *yaml.Node) {
