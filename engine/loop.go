@@ -48,7 +48,7 @@ type Loop struct {
 	pools  *channel.Pools
 	base   time.Time
 	now    int64 // nanoseconds since base, read once per wake-up
-	// yielded is when the loop last went through the scheduler (runLoop's
+	// yielded is when the loop last went through the scheduler (run's
 	// Gosched before a blocking wait), in now's units.
 	yielded int64
 	// lastEvent is when the loop's last epoll_wait returned events, and
@@ -226,10 +226,9 @@ func (l *Loop) clock() { l.now = int64(time.Since(l.base)) }
 // run is the loop's goroutine. It is not locked to its OS thread: a busy
 // loop yields only to sysmon's preemption (every 10 ms or so of busy time;
 // a blocking one yields itself, see yieldEvery), and a locked goroutine's
-// preemption is a hand-off between
-// threads (stoplockedm, startlockedm: futex wake-ups and a context switch
-// on the proxy's CPU), where an unlocked one is simply rescheduled on the
-// thread it ran on. Nothing of the loop is bound to a thread: the epoll
+// preemption is a hand-off between threads (stoplockedm, startlockedm:
+// futex wake-ups and a context switch on the proxy's CPU), where an
+// unlocked one is simply rescheduled on the thread it ran on. Nothing of the loop is bound to a thread: the epoll
 // set, sockets and pipes belong to the process, and pif sockets are made
 // by the pifs' own locked threads. (cps, one loop: futex calls 1 644 ->
 // 1 020 and context switches 13 720 -> 11 392 over 4 s, bench/RESULTS.md.)

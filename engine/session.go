@@ -893,7 +893,10 @@ func (l *Loop) newSessionStruct() *session {
 // and its sessionTLS goes to the GC with it. A sessionExt without one
 // (a PROXY'd or routed session's) is only ever read on the loop: it stays
 // with the struct and newSession zeroes it for the next session, so a
-// routed connection allocates nothing either (BenchmarkAccept/engine-sni).
+// routed connection allocates nothing either (BenchmarkAccept/engine-sni);
+// a plain session given such a struct carries the zeroed ext, so no more
+// exts live than the most routed sessions ever held at once, plus the
+// free list's.
 // Entries for it left on l.again are harmless: pumpAgain pumps only a
 // forwarding session, and a pump too many of a live one moves what is
 // there. Events still queued for its fds are dropped by the table's
