@@ -381,7 +381,7 @@ func (c *Channel) send(p *Pools) int {
 	} else if c.layers != nil && c.layers.Out != nil {
 		n, err = c.layers.Out.Write(c.buf[c.r:c.w])
 	} else {
-		n, err = rawsys.Send(int(c.out), c.buf[c.r:c.w], unix.MSG_NOSIGNAL)
+		n, err = rawsys.Send(int(c.out), c.buf[c.r:c.w])
 	}
 	switch {
 	case n > 0:

@@ -262,7 +262,7 @@ func (s *sockIO) Write(b []byte) (int, error) {
 	}
 	total := len(b)
 	if len(s.pend) == 0 {
-		n, err := rawsys.Send(s.fd, b, unix.MSG_NOSIGNAL)
+		n, err := rawsys.Send(s.fd, b)
 		if err != nil && err != unix.EAGAIN {
 			return 0, err
 		}
@@ -278,7 +278,7 @@ func (s *sockIO) Write(b []byte) (int, error) {
 // some are, another error when the socket failed.
 func (s *sockIO) flush() error {
 	for len(s.pend) > 0 {
-		n, err := rawsys.Send(s.fd, s.pend, unix.MSG_NOSIGNAL)
+		n, err := rawsys.Send(s.fd, s.pend)
 		if err != nil {
 			return err
 		}

@@ -27,7 +27,7 @@ func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
 // (Fail, failCode) when the write failed.
 func (st *State) flush(fd int, failCode conn.Code) (Result, conn.Code) {
 	for int(st.off) < len(st.out) {
-		n, err := rawsys.Send(fd, st.out[st.off:], unix.MSG_NOSIGNAL)
+		n, err := rawsys.Send(fd, st.out[st.off:])
 		switch {
 		case err == nil:
 			st.off += uint32(n)

@@ -276,7 +276,7 @@ func newReplay(r *rules.Rule, p *Policy) Handler {
 func (replay) Handshake(st *State) (Result, conn.Code) {
 	s := &st.sni
 	for s.sent < s.n {
-		n, err := rawsys.Send(st.Out.FD(), (*s.buf)[s.sent:s.n], unix.MSG_NOSIGNAL)
+		n, err := rawsys.Send(st.Out.FD(), (*s.buf)[s.sent:s.n])
 		switch {
 		case err == nil:
 			s.sent += uint32(n)

@@ -89,26 +89,23 @@ func bufPtr(p []byte) unsafe.Pointer {
 
 // Recv is recvfrom(2) without a source address (a stream socket's read with
 // flags, MSG_PEEK for the handshake's peeks): no sockaddr, so no allocation.
-func Recv(fd int, p []byte, flags int) (int, error) {
-	ptr := bufPtr(p)
-	for {
-		r, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(ptr), uintptr(len(p)), uintptr(flags), 0, 0)
-		if e != unix.EINTR {
-			return count(r, e)
-		}
-	}
+func Recv(fd int, p []byte, flags int) (int, error) { return sockIO(unix.SYS_RECVFROM, fd, p, flags) }
+
+// Send is sendto(2) without a destination: a stream socket's write, always
+// with MSG_NOSIGNAL (a write to a reset peer fails with EPIPE without a
+// SIGPIPE to the process). The engine's byte moves use Recv and Send rather
+// than read(2) and write(2), which reach the socket through the file layer
+// (fdget_pos, rw_verify_area, the iter wrappers); the socket calls skip it,
+// about 3 % of a small write-and-read pair on loopback here.
+func Send(fd int, p []byte) (int, error) {
+	return sockIO(unix.SYS_SENDTO, fd, p, unix.MSG_NOSIGNAL)
 }
 
-// Send is sendto(2) without a destination: a stream socket's write with
-// flags. The engine's byte moves use Recv and Send rather than read(2) and
-// write(2), which reach the socket through the file layer (fdget_pos,
-// rw_verify_area, the iter wrappers); the socket calls skip it, about 3 %
-// of a small write-and-read pair on loopback here. MSG_NOSIGNAL: a write to
-// a reset peer fails with EPIPE without a SIGPIPE to the process.
-func Send(fd int, p []byte, flags int) (int, error) {
+// sockIO is recvfrom(2) or sendto(2), as trap says, with no address.
+func sockIO(trap uintptr, fd int, p []byte, flags int) (int, error) {
 	ptr := bufPtr(p)
 	for {
-		r, _, e := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(ptr), uintptr(len(p)), uintptr(flags), 0, 0)
+		r, _, e := unix.RawSyscall6(trap, uintptr(fd), uintptr(ptr), uintptr(len(p)), uintptr(flags), 0, 0)
 		if e != unix.EINTR {
 			return count(r, e)
 		}

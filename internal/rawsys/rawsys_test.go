@@ -358,7 +358,7 @@ func TestSendRecvStream(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFd(t, fd, unix.POLLOUT)
-	if n, err := Send(fd, []byte("hello"), unix.MSG_NOSIGNAL); n != 5 || err != nil {
+	if n, err := Send(fd, []byte("hello")); n != 5 || err != nil {
 		t.Fatalf("send: %d, %v", n, err)
 	}
 	waitFd(t, afd, unix.POLLIN)
@@ -378,7 +378,7 @@ func TestSendRecvStream(t *testing.T) {
 	waitFd(t, fd, unix.POLLIN)
 	var last error
 	for i := 0; i < 3 && last != unix.EPIPE; i++ { // ECONNRESET first, then EPIPE: the one that signals
-		_, last = Send(fd, []byte("x"), unix.MSG_NOSIGNAL)
+		_, last = Send(fd, []byte("x"))
 	}
 	if last != unix.EPIPE {
 		t.Errorf("send after the peer's reset: %v, want EPIPE", last)
