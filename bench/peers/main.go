@@ -222,7 +222,7 @@ func tools(o options) []string {
 		switch p.name {
 		case "haproxy", "haproxy-splice":
 			need = append(need, "haproxy")
-		case "nginx":
+		case "nginx", "nginx-hc":
 			need = append(need, "nginx")
 		case "socat":
 			need = append(need, "socat")

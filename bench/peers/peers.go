@@ -54,7 +54,13 @@ var allPeers = []peer{
 	// Not run unless named: busy-polling spends the proxy's CPU while
 	// traffic flows, so its per-core figures are not the others' kind.
 	{name: "haproxy-busy", desc: "HAProxy, mode tcp, nbthread 1, no splicing, `busy-polling`", start: startHAProxy(false, true), optIn: true},
-	{name: "nginx", desc: "nginx stream, one worker (`worker_processes 1`, master + worker counted)", start: startNginxStream},
+	{name: "nginx", desc: "nginx stream, one worker (`worker_processes 1`, master + worker counted)", start: startNginxStream(false)},
+	// nginx's default (proxy_half_close off) closes both sides at the first
+	// end of input: a client still sending after the backend's FIN loses
+	// what it sends. sluice and HAProxy propagate the half-close and wait
+	// for the other side's end, one wake-up, read and shutdown more per
+	// connection; this peer is nginx doing that same work.
+	{name: "nginx-hc", desc: "nginx stream as `nginx`, with `proxy_half_close on` (half-closes as sluice and HAProxy do)", start: startNginxStream(true)},
 	{name: "socat", desc: "socat `TCP4-LISTEN:…,fork` (a process per session, all counted)", start: startSocat, idleCap: 2000,
 		cannot: func(v variant) string {
 			switch {
@@ -138,6 +144,7 @@ type confData struct {
 	Threads           int
 	Wildcard          bool
 	ProxyIn, ProxyOut bool
+	HalfClose         bool // nginx: proxy_half_close on
 }
 
 // writeConf renders a template into a fresh directory and returns the
@@ -259,13 +266,20 @@ stream {
 {{- if .ProxyOut}}
         proxy_protocol on;
 {{- end}}
+{{- if .HalfClose}}
+        proxy_half_close on;
+{{- end}}
     }
 }
 `))
 
-func startNginxStream(h *harness, s spec) (string, *proc, error) {
-	return h.startNginx("nginx", nginxStreamConf, confData{Target: s.target, MaxConn: 19800,
-		Threads: s.threads, Wildcard: s.wildcard, ProxyIn: s.proxy, ProxyOut: s.proxy}, s.cpus)
+// startNginxStream starts nginx stream, half-closing (proxy_half_close on)
+// when halfClose.
+func startNginxStream(halfClose bool) func(h *harness, s spec) (string, *proc, error) {
+	return func(h *harness, s spec) (string, *proc, error) {
+		return h.startNginx("nginx", nginxStreamConf, confData{Target: s.target, MaxConn: 19800,
+			Threads: s.threads, Wildcard: s.wildcard, ProxyIn: s.proxy, ProxyOut: s.proxy, HalfClose: halfClose}, s.cpus)
+	}
 }
 
 // startNginx runs nginx on a configuration rendered from t, listening on a

@@ -35,7 +35,7 @@ func TestSmokeSNI(t *testing.T) {
 			t.Skipf("no %s (make bench-deps)", tool)
 		}
 	}
-	smokeServed(t, "sni,sni-replay", "direct,haproxy,nginx,sluice", "1s", "### sni:", "### sni-replay:", "| sluice |", "| haproxy |", "| nginx |", "routed conn/s per proxy core")
+	smokeServed(t, "sni,sni-replay", "direct,haproxy,nginx,nginx-hc,sluice", "1s", "### sni:", "### sni-replay:", "| sluice |", "| haproxy |", "| nginx |", "| nginx-hc |", "routed conn/s per proxy core")
 }
 
 // smoke runs the harness once, briefly, and checks the report has want and
@@ -226,7 +226,7 @@ func needTools(t *testing.T, tools ...string) {
 // each serves without an error, and those that cannot are named with why.
 func TestSmokeCPSAny(t *testing.T) {
 	needTools(t, "haproxy", "nginx", "wrk", "socat")
-	smokeServed(t, "cps-any", "direct,haproxy,nginx,socat,gocopy,sluice", "1s", "### cps-any:", "| sluice |", "| gocopy |", "| socat |")
+	smokeServed(t, "cps-any", "direct,haproxy,nginx,nginx-hc,socat,gocopy,sluice", "1s", "### cps-any:", "| sluice |", "| gocopy |", "| socat |", "| nginx-hc |")
 }
 
 // 3 s: socat forks a process per connection, and 1 000 forks on a loaded

@@ -34,7 +34,7 @@ const (
 var sniScenario = scenario{name: "sni", title: "sni: new TLS connections routed by name (passthrough) to an nginx TLS backend, 50 in flight, a full handshake and one request each", unit: "conn/s", latency: true,
 	skip: func(p peer) string {
 		switch p.name {
-		case "direct", "haproxy", "nginx", "sluice", "sluice-splice", "sluice-b":
+		case "direct", "haproxy", "nginx", "nginx-hc", "sluice", "sluice-splice", "sluice-b":
 			return ""
 		}
 		return "does not route by TLS name here"
@@ -61,8 +61,9 @@ func startRouter(h *harness, p peer, target string, cpu int) (string, *proc, err
 		}
 		px, err := h.startListening("haproxy", cpuList(cpu), port, nil, "haproxy", "-db", "-f", conf)
 		return addr, px, err
-	case "nginx":
+	case "nginx", "nginx-hc":
 		d.MaxConn = 19800
+		d.HalfClose = p.name == "nginx-hc"
 		return h.startNginx("nginx-sni", nginxSNIConf, d, cpuList(cpu))
 	case "sluice", "sluice-splice", "sluice-b":
 		addr, port, err := listenAddr()
@@ -142,6 +143,9 @@ stream {
         listen {{.Listen}};
         ssl_preread on;
         proxy_pass $upstream;
+{{- if .HalfClose}}
+        proxy_half_close on;
+{{- end}}
     }
 }
 `))
