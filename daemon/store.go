@@ -8,6 +8,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"os"
 	"strings"
@@ -91,11 +92,7 @@ func (d *Daemon) prepareStore() error {
 		}
 		id = h
 	}
-	pw, err := etcd.ReadPassword(sc.PasswordFile)
-	if err != nil {
-		return fmt.Errorf("%sstore.etcd: %w", at(d.c, sc.Line), err)
-	}
-	tc, err := etcd.TLSConfig(sc.CA, sc.Cert, sc.Key)
+	pw, tc, err := storeFiles(sc)
 	if err != nil {
 		return fmt.Errorf("%sstore.etcd: %w", at(d.c, sc.Line), err)
 	}
@@ -112,6 +109,30 @@ func (d *Daemon) prepareStore() error {
 	}
 	d.store = &storeLoop{in: in, id: id}
 	return nil
+}
+
+// storeFiles reads what store.etcd names on disk, as the instance uses it:
+// the password (password-file, else $SLUICE_ETCD_PASSWORD) and the TLS
+// settings (ca, cert and key; nil for plain http). The error names the
+// file and what is wrong with it.
+func storeFiles(sc *config.Etcd) (string, *tls.Config, error) {
+	pw, err := etcd.ReadPassword(sc.PasswordFile)
+	if err != nil {
+		return "", nil, err
+	}
+	tc, err := etcd.TLSConfig(sc.CA, sc.Cert, sc.Key)
+	if err != nil {
+		return "", nil, err
+	}
+	return pw, tc, nil
+}
+
+// CheckStore reads the files of store.etcd sc as run does, without
+// connecting (sluice check): nil when they load. The error is run's without
+// its FILE:LINE: (sc.Line is that line).
+func CheckStore(sc *config.Etcd) error {
+	_, _, err := storeFiles(sc)
+	return err
 }
 
 // startStore starts the loop prepareStore made, once the control socket

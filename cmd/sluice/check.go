@@ -7,12 +7,14 @@ import (
 
 	"github.com/sluice-proxy/sluice/config"
 	"github.com/sluice-proxy/sluice/ctl"
+	"github.com/sluice-proxy/sluice/daemon"
 	"github.com/sluice-proxy/sluice/rules"
 	"github.com/sluice-proxy/sluice/tlsconf"
 )
 
 // cmdCheck validates a configuration (-c) or a rules file (-r), and reads
-// the rules' TLS files as run would (checkTLS). Every error goes to stderr
+// the rules' TLS files as run would (checkTLS), and those store.etcd names
+// (its password file, CA, certificate and key: daemon.CheckStore). Every error goes to stderr
 // as "FILE:LINE: message" (main prints the list, exit 2); on success a
 // one-line summary goes to stdout.
 func cmdCheck(args []string) error {
@@ -35,7 +37,13 @@ func cmdCheck(args []string) error {
 		if err != nil {
 			return err
 		}
-		if errs := checkTLS(cfgFile, c.Rules); len(errs) > 0 {
+		errs := checkTLS(cfgFile, c.Rules)
+		if sc := c.Store.Etcd; sc != nil {
+			if err := daemon.CheckStore(sc); err != nil {
+				errs = append(errs, &rules.Error{File: cfgFile, Line: sc.Line, Msg: "store.etcd: " + err.Error()})
+			}
+		}
+		if len(errs) > 0 {
 			return errs
 		}
 		// What run would refuse and check can know without a daemon.

@@ -80,6 +80,20 @@ func TestCheck(t *testing.T) {
 			"FILE:3: tcp 127.0.0.1:3 -> 127.0.0.1:2 tls.cert=" + crt + " tls.key=" + otherKey + ": tls.key " + otherKey + ": the key does not match the certificate",
 			"FILE:4: tcp 127.0.0.1:4 -> 127.0.0.1:2 tls.cert=" + crt + " tls.key=" + key + " tls.client-ca=" + key + ": tls.client-ca " + key + ": no PEM certificate in the file",
 			"FILE:5: tcp 127.0.0.1:5 -> 127.0.0.1:2 tls.backend=verify tls.backend-ca=" + missing + ": tls.backend-ca " + missing + ": open " + missing + ": no such file or directory"}},
+		// the files store.etcd names, read as run reads them, at the etcd
+		// mapping's line (as run gives it); etcd itself is not contacted
+		{"store files", "yaml", "store:\n  etcd:\n    endpoints: [http://127.0.0.1:1]\n    prefix: /sluice/a\n" +
+			"    user: u\n    password-file: " + missing + "\nrules:\n  - tcp 127.0.0.1:1 -> 127.0.0.1:2\n", 2, []string{
+			"FILE:3: store.etcd: etcd password file: open " + missing + ": no such file or directory"}},
+		{"store CA", "yaml", "store:\n  etcd:\n    endpoints: [https://127.0.0.1:1]\n    prefix: /sluice/a\n" +
+			"    ca: " + key + "\nrules:\n  - tcp 127.0.0.1:1 -> 127.0.0.1:2\n", 2, []string{
+			"FILE:3: store.etcd: etcd ca " + key + ": no PEM certificate in it"}},
+		{"store client pair", "yaml", "store:\n  etcd:\n    endpoints: [https://127.0.0.1:1]\n    prefix: /sluice/a\n" +
+			"    ca: " + ca.File + "\n    cert: " + crt + "\n    key: " + otherKey + "\nrules:\n  - tcp 127.0.0.1:1 -> 127.0.0.1:2\n", 2, []string{
+			"FILE:3: store.etcd: etcd client certificate: tls: private key does not match public key"}},
+		{"store files good", "yaml", "store:\n  etcd:\n    endpoints: [https://127.0.0.1:1]\n    prefix: /sluice/a\n" +
+			"    ca: " + ca.File + "\n    cert: " + crt + "\n    key: " + key + "\n    user: u\n    password-file: " + write("pw", "secret\n") + "\nrules:\n  - tcp 127.0.0.1:1 -> 127.0.0.1:2\n", 0, []string{
+			"FILE: ok: 1 rule, 1 listen port, 0 pifs"}},
 		{"TLS files in YAML", "yaml", "rules:\n  - tcp 127.0.0.1:1 -> 127.0.0.1:2 tls.cert=" + crt + "\n", 2, []string{
 			"FILE:2: tcp 127.0.0.1:1 -> 127.0.0.1:2 tls.cert=" + crt + ": tls.cert " + crt + ": no private key (PEM PRIVATE KEY block) in the file: give tls.key"}},
 	} {
