@@ -598,7 +598,8 @@ func (e *Engine) Stats() Stats {
 
 // stopCounters is the stop line's tally of a rule in the log's words
 // (snake_case; refusals "refused.STEP.REASON" and ends "ended.CODE" as ctl
-// stats names them), zeros left out: a rule that saw nothing logs {}.
+// stats names them), zeros left out but accepted: a rule that saw nothing
+// logs {"accepted": 0}, which an empty object would leave to be guessed.
 func stopCounters(s handshake.Stats) zapcore.ObjectMarshalerFunc {
 	return func(enc zapcore.ObjectEncoder) error {
 		for _, c := range []struct {
@@ -612,7 +613,7 @@ func stopCounters(s handshake.Stats) zapcore.ObjectMarshalerFunc {
 			{"sent_proxy_v1", s.SentV1}, {"sent_proxy_v2", s.SentV2},
 			{"rate_sources", uint64(s.RateSources)}, {"max_conn_in_use", uint64(max(s.MaxConnInUse, 0))},
 		} {
-			if c.n != 0 {
+			if c.n != 0 || c.name == "accepted" {
 				enc.AddUint64(c.name, c.n)
 			}
 		}

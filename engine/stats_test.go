@@ -1,10 +1,13 @@
 package engine
 
 import (
+	"maps"
 	"testing"
 
+	"go.uber.org/zap/zapcore"
 	"golang.org/x/sys/unix"
 
+	"github.com/sluice-proxy/sluice/handshake"
 	"github.com/sluice-proxy/sluice/internal/testpeer"
 	"github.com/sluice-proxy/sluice/rules"
 )
@@ -61,5 +64,28 @@ func TestTotals(t *testing.T) {
 	waitIdle(t, e)
 	if tot := e.Totals(); tot.Accepted != 1 || tot.BytesUp != 516 || tot.BytesDown != 732 || tot.Sessions != 0 {
 		t.Errorf("totals %+v", tot)
+	}
+}
+
+// The stop line's tally leaves zeros out, but not accepted: a rule that
+// saw nothing says so instead of logging an empty object.
+func TestStopCounters(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		in   handshake.Stats
+		want map[string]any
+	}{
+		{"nothing", handshake.Stats{}, map[string]any{"accepted": uint64(0)}},
+		{"some", handshake.Stats{Accepted: 3, Passed: 2, Refused: map[string]map[string]uint64{"gate": {"denied": 1, "rate-limited": 0}},
+			Ended: map[string]uint64{"done": 2, "idle-timeout": 0}},
+			map[string]any{"accepted": uint64(3), "passed": uint64(2), "refused.gate.denied": uint64(1), "ended.done": uint64(2)}},
+	} {
+		enc := zapcore.NewMapObjectEncoder()
+		if err := stopCounters(tc.in).MarshalLogObject(enc); err != nil {
+			t.Fatal(err)
+		}
+		if !maps.Equal(enc.Fields, tc.want) {
+			t.Errorf("%s: stopCounters = %v, want %v", tc.name, enc.Fields, tc.want)
+		}
 	}
 }
