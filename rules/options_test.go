@@ -1,6 +1,8 @@
 package rules
 
 import (
+	"os"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -44,5 +46,57 @@ func TestOptionDocs(t *testing.T) {
 	}
 	if _, err := Parse("tcp 127.0.0.1:1 -> 127.0.0.1:2 frobnicate=1"); err == nil || !strings.Contains(err.Error(), `unknown option "frobnicate"`) {
 		t.Errorf("unknown option: %v", err)
+	}
+}
+
+// README's option table ("| option | meaning | default |") lists every
+// option of OptionDocs with the same default: a row names one option or
+// several ("`allow=CIDR,…` / `deny=CIDR,…`"), its default one for all or
+// one each (" / "), backticks aside.
+func TestOptionDocsInREADME(t *testing.T) {
+	src, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, table, ok := strings.Cut(string(src), "\n| option | meaning | default |\n|---|---|---|\n")
+	if !ok {
+		t.Fatal("README has no option table")
+	}
+	table, _, _ = strings.Cut(table, "\n\n")
+	name := regexp.MustCompile("^`([a-z.-]+)")
+	readme := map[string]string{}
+	for _, row := range strings.Split(table, "\n") {
+		cells := strings.Split(strings.ReplaceAll(row, `\|`, "¦"), " | ")
+		if len(cells) != 3 || !strings.HasPrefix(cells[0], "| ") || !strings.HasSuffix(cells[2], " |") {
+			t.Errorf("README option row not of three cells: %q", row)
+			continue
+		}
+		opts := strings.Split(strings.TrimPrefix(cells[0], "| "), " / ")
+		defs := strings.Split(strings.ReplaceAll(strings.TrimSuffix(cells[2], " |"), "`", ""), " / ")
+		for i, o := range opts {
+			m := name.FindStringSubmatch(o)
+			if m == nil {
+				t.Errorf("README option row: no option in %q", o)
+				continue
+			}
+			def := defs[0]
+			if len(defs) == len(opts) {
+				def = defs[i]
+			}
+			readme[m[1]] = def
+		}
+	}
+	for _, d := range OptionDocs {
+		def, ok := readme[d.Name]
+		switch {
+		case !ok:
+			t.Errorf("README's option table has no %s", d.Name)
+		case def != d.Default:
+			t.Errorf("README gives %s the default %q, OptionDocs %q", d.Name, def, d.Default)
+		}
+		delete(readme, d.Name)
+	}
+	for n := range readme {
+		t.Errorf("README's option table has %s, OptionDocs does not", n)
 	}
 }
