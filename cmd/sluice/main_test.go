@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os/exec"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -103,14 +104,14 @@ func TestBashCompletion(t *testing.T) {
 		t.Skip("no bash")
 	}
 	complete := func(words ...string) []string {
-		script := `source ../../deploy/bash/sluice; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _sluice; echo "${COMPREPLY[@]}"`
+		script := `source ../../deploy/bash/sluice; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _sluice; printf '%s\n' "${COMPREPLY[@]}"`
 		out, err := exec.Command(bash, append([]string{"-c", script, "bash"}, words...)...).Output()
 		if err != nil {
 			t.Fatalf("complete %q: %v", words, err)
 		}
 		return strings.Fields(string(out))
 	}
-	for _, c := range []struct {
+	wants := []struct {
 		words []string
 		want  []string
 	}{
@@ -119,7 +120,34 @@ func TestBashCompletion(t *testing.T) {
 			"history", "reload", "confirm", "rollback", "upgrade", "rollout", "fleet"}},
 		{[]string{"sluice", "help", ""}, []string{"rules", "man"}},
 		{[]string{"sluice", "ctl", "-s", "x", "list", "--"}, []string{"--pending", "--json"}},
-	} {
+	}
+	// Every flag a command's -h lists, and every flag ctl's synopsis gives a
+	// verb, is completed: a flag added to the code without the script fails.
+	for _, cmd := range [][]string{{"run"}, {"forward"}, {"check"}, {"ctl", "rollout"}, {"ctl", "fleet"}} {
+		_, _, help := runCaptured(t, append(cmd, "-h")...)
+		var flags []string
+		for _, m := range regexp.MustCompile(`(?m)^  -(\S+)(?: \S+)?\n\s+(.*)$`).FindAllStringSubmatch(help, -1) {
+			if cmd[len(cmd)-1] == "fleet" && strings.HasPrefix(m[2], "rollout:") {
+				continue // rollout's alone (fleet refuses them)
+			}
+			flags = append(flags, map[bool]string{true: "-", false: "--"}[len(m[1]) == 1]+m[1])
+		}
+		if len(flags) == 0 {
+			t.Fatalf("sluice %s -h lists no flags:\n%s", strings.Join(cmd, " "), help)
+		}
+		wants = append(wants, struct{ words, want []string }{append(append([]string{"sluice"}, cmd...), "-"), flags})
+	}
+	verb := regexp.MustCompile(`^  ([a-z]+)((?: [^ ]+)*)`)
+	for _, line := range strings.Split(ctlSynopsis, "\n")[1:] {
+		m := verb.FindStringSubmatch(line)
+		if m == nil || m[1] == "rollout" || m[1] == "fleet" {
+			continue // a help line's continuation; the fleet verbs are above
+		}
+		if flags := regexp.MustCompile(`-{1,2}[a-z][a-z-]*`).FindAllString(m[2], -1); len(flags) > 0 {
+			wants = append(wants, struct{ words, want []string }{[]string{"sluice", "ctl", m[1], "-"}, flags})
+		}
+	}
+	for _, c := range wants {
 		got := complete(c.words...)
 		for _, w := range c.want {
 			if !slices.Contains(got, w) {
