@@ -58,7 +58,9 @@ func captureProxy(t *testing.T) (string, <-chan []byte) {
 // and PP2_TYPE_SSL (client flags, verify, version, the client
 // certificate's CN, cipher) byte for byte as HAProxy does with
 // "proxy-v2-options ssl,cert-cn,ssl-cipher,authority" for the same client
-// (TLS 1.2 and 1.3, pinned suites); and HAProxy with accept-proxy behind
+// (TLS 1.2 and 1.3, pinned suites), on a full handshake and on a session
+// resumed from a ticket (the certificate the session's, not the conn's,
+// its CN still written); and HAProxy with accept-proxy behind
 // sluice reads the authority (fc_pp_authority, echoed by http-request
 // return).
 func TestTLSSendProxySSL(t *testing.T) {
@@ -102,10 +104,12 @@ listen pp
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.Cert)
-	var suite uint16 // the last dial's
+	var suite uint16                 // the last dial's
+	var didResume bool               // the last dial's
+	var cache tls.ClientSessionCache // the next dials' (nil: none)
 	dial := func(to string, v uint16, withCert bool) string {
 		cfg := &tls.Config{ServerName: "a.example.com", RootCAs: pool, MinVersion: v, MaxVersion: v,
-			CipherSuites: []uint16{tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256}}
+			CipherSuites: []uint16{tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256}, ClientSessionCache: cache}
 		if withCert {
 			cfg.Certificates = []tls.Certificate{pair}
 		}
@@ -115,7 +119,7 @@ listen pp
 		}
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(5 * time.Second))
-		suite = c.ConnectionState().CipherSuite
+		suite, didResume = c.ConnectionState().CipherSuite, c.ConnectionState().DidResume
 		if withCert {
 			b, err := io.ReadAll(c)
 			if err != nil && !strings.Contains(err.Error(), "reset") {
@@ -156,6 +160,33 @@ listen pp
 			if !bytes.Contains(sl, []byte(want)) {
 				t.Errorf("%s: no %q in %q", tls.VersionName(v), want, sl)
 			}
+		}
+	}
+	// A resumed session (a ticket from the conn before, which presented
+	// the client certificate): both write the certificate as the
+	// session's, not the conn's, and still its verified CN, byte for byte
+	// the same TLVs.
+	for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+		var hdr [2][]byte
+		for i, to := range []string{addr, haFront} {
+			cache = tls.NewLRUClientSessionCache(4)
+			ch := []<-chan []byte{slCh, haCh}[i]
+			for try := 0; try < 2; try++ {
+				if out := dial(to, v, true); out != "ok\n" {
+					t.Errorf("%s via %s, conn %d: %q", tls.VersionName(v), to, try, out)
+				}
+				hdr[i] = maskSuite(t, wait(ch, to), v, suite)
+			}
+			if !didResume {
+				t.Fatalf("%s via %s: the second conn did not resume", tls.VersionName(v), to)
+			}
+		}
+		cache = nil
+		if !bytes.Equal(hdr[0], hdr[1]) {
+			t.Errorf("%s resumed: sluice's TLVs differ from HAProxy's\nsluice  %q\nHAProxy %q", tls.VersionName(v), hdr[0], hdr[1])
+		}
+		if !bytes.Contains(hdr[0], []byte("client one")) {
+			t.Errorf("%s resumed: no CN in %q", tls.VersionName(v), hdr[0])
 		}
 	}
 	if out := dial(addr2, tls.VersionTLS13, false); !strings.Contains(out, "authority=a.example.com\n") {
