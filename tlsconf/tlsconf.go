@@ -9,11 +9,13 @@
 // rule whose files changed has a new Digest, and the engine treats it as a
 // changed rule (its listening socket kept).
 //
-// Session tickets are on: crypto/tls makes each server Config's ticket keys
-// itself and rotates them (a new key every day, each accepted for a week).
+// Session tickets are on, sealed with one key set for the whole process
+// (sealTickets), so a ticket outlives the Config that issued it, and bound
+// to the route that issued it.
 package tlsconf
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -22,6 +24,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/sluice-proxy/sluice/rules"
@@ -110,6 +113,7 @@ func Load(r *rules.Rule) (*Loaded, error) {
 		if t.Min == rules.TLSMin13 {
 			cfg.MinVersion = tls.VersionTLS13
 		}
+		var clientCA []byte
 		if t.ClientCA != "" {
 			b, err := read("tls.client-ca", t.ClientCA)
 			if err != nil {
@@ -121,7 +125,9 @@ func Load(r *rules.Rule) (*Loaded, error) {
 			}
 			cfg.ClientCAs = pool
 			cfg.ClientAuth = tls.RequireAndVerifyClientCert
+			clientCA = b
 		}
+		sealTickets(cfg, ticketRoute(r, clientCA))
 		l.Server = cfg
 	}
 	if t.Backend != rules.TLSBackendOff {
@@ -142,6 +148,54 @@ func Load(r *rules.Rule) (*Loaded, error) {
 	}
 	l.Digest = hex.EncodeToString(h.Sum(nil))
 	return l, nil
+}
+
+// ticketer seals the session tickets of every server Config Load makes.
+// Its keys are crypto/tls's automatic ones (a new key every day, each
+// accepted for a week), one set for the process: every apply reads the
+// files again and makes new Configs, and with keys of their own (crypto/tls's
+// default) each apply would refuse every ticket issued before it, so that
+// every client's next connection paid a full handshake.
+var ticketer = &tls.Config{}
+
+// ticketPrefix starts the SessionState.Extra entry that binds a ticket to
+// its route (crypto/tls asks that an entry be recognisable by a prefix of
+// its own, other layers may append theirs).
+const ticketPrefix = "sluice-route-v1:"
+
+// ticketRoute is what a ticket of r's route carries: a hash of the route
+// (its listen key and routing words) and of its client CAs. A route made
+// anew by an apply has the same (its certificate may have been renewed);
+// another route, or the same one trusting other client CAs, has another.
+func ticketRoute(r *rules.Rule, clientCA []byte) []byte {
+	h := sha256.New()
+	h.Write([]byte(r.RouteString() + "\x00"))
+	h.Write(clientCA)
+	return append([]byte(ticketPrefix), h.Sum(nil)...)
+}
+
+// sealTickets makes cfg seal its tickets with ticketer's keys and route's
+// entry, and resume only a ticket that carries that same entry: a client
+// certificate verified against one route's tls.client-ca never resumes a
+// session on a route that trusts other CAs, as it could with a key set
+// shared and nothing more (crypto/tls does not verify a resumed session's
+// certificate again).
+func sealTickets(cfg *tls.Config, route []byte) {
+	cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
+		ss.Extra = slices.DeleteFunc(ss.Extra, func(e []byte) bool { return bytes.HasPrefix(e, []byte(ticketPrefix)) })
+		ss.Extra = append(ss.Extra, route)
+		return ticketer.EncryptTicket(cs, ss)
+	}
+	cfg.UnwrapSession = func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+		ss, err := ticketer.DecryptTicket(identity, cs)
+		if ss == nil || err != nil {
+			return nil, err // (nil, nil): not ours or expired, a full handshake
+		}
+		if !slices.ContainsFunc(ss.Extra, func(e []byte) bool { return bytes.Equal(e, route) }) {
+			return nil, nil // another route's
+		}
+		return ss, nil
+	}
 }
 
 // ClientFor returns the client configuration for a backend whose host (a

@@ -222,6 +222,22 @@ func tlsSerial(t *testing.T, addr, name string, pool *x509.CertPool) string {
 	return c.ConnectionState().PeerCertificates[0].SerialNumber.String()
 }
 
+// tlsResumed dials addr for a.example.com with the session cache tickets,
+// echoes a line (a TLS 1.3 ticket arrives after the handshake, read with
+// it) and reports whether the conn resumed a session.
+func tlsResumed(t *testing.T, addr string, pool *x509.CertPool, tickets tls.ClientSessionCache) bool {
+	t.Helper()
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr,
+		&tls.Config{ServerName: "a.example.com", RootCAs: pool, ClientSessionCache: tickets})
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	echoLine(t, c, "hello")
+	return c.ConnectionState().DidResume
+}
+
 func echoLine(t *testing.T, c net.Conn, s string) {
 	t.Helper()
 	if _, err := fmt.Fprintln(c, s); err != nil {
@@ -234,8 +250,8 @@ func echoLine(t *testing.T, c net.Conn, s string) {
 }
 
 // A new certificate file is picked up by an apply of the unchanged table,
-// on the same listening socket (same inode), and a session established
-// before it keeps going; a certificate file that has disappeared fails the
+// on the same listening socket (same inode), a session established before
+// it keeps going and a ticket issued before it resumes; a certificate file that has disappeared fails the
 // apply at the rule's line, naming the option and the file, and the
 // running table keeps serving with the certificate it loaded.
 func TestTLSCertReloadOnApply(t *testing.T) {
@@ -251,6 +267,10 @@ func TestTLSCertReloadOnApply(t *testing.T) {
 	d.waitListening(addr)
 	inode := d.listenInodes()[port]
 	first := tlsSerial(t, addr, "a.example.com", pool)
+	tickets := tls.NewLRUClientSessionCache(4) // a client resuming across the apply
+	if tlsResumed(t, addr, pool, tickets) {
+		t.Fatal("the first conn resumed")
+	}
 
 	old, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{ServerName: "a.example.com", RootCAs: pool})
 	if err != nil {
@@ -277,6 +297,10 @@ func TestTLSCertReloadOnApply(t *testing.T) {
 	}
 	if got := tlsSerial(t, addr, "a.example.com", pool); got == first {
 		t.Errorf("after the apply, still the old certificate (serial %s)", got)
+	}
+	// The apply made the route's TLS anew: its tickets from before resume.
+	if !tlsResumed(t, addr, pool, tickets) {
+		t.Error("after the apply, a ticket from before it did not resume")
 	}
 	if got := d.listenInodes()[port]; got != inode {
 		t.Errorf("listening socket inode %s, was %s: the socket was reopened", got, inode)
