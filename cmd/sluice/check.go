@@ -13,10 +13,10 @@ import (
 )
 
 // cmdCheck validates a configuration (-c) or a rules file (-r), and reads
-// the rules' TLS files as run would (checkTLS), and those store.etcd names
-// (its password file, CA, certificate and key: daemon.CheckStore). Every error goes to stderr
-// as "FILE:LINE: message" (main prints the list, exit 2); on success a
-// one-line summary goes to stdout.
+// the rules' TLS files as run would (checkTLS), and the files store.etcd
+// names (its password file, CA, certificate and key: daemon.CheckStore).
+// Every error goes to stderr as "FILE:LINE: message" (main prints the list,
+// exit 2); on success a one-line summary goes to stdout.
 func cmdCheck(args []string) error {
 	var cfgFile, rulesFile string
 	fs := newFlagSet("check", "sluice check -c FILE | sluice check -r RULESFILE")
