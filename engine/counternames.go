@@ -118,6 +118,8 @@ var (
 	FamTLSHandshakeSecs  = &Family{Name: "tls_handshake_seconds", Help: "Duration of the successful client side TLS handshakes (the hello read to the handshake's end), every terminating route (Stats.TLS.HandshakeTime).", Kind: KindHistogram}
 	FamRuleTLSCertExpiry = &Family{Name: "rule_tls_cert_expiry_seconds", Help: "Seconds left until the terminating rule's certificate expires (negative once expired), as loaded by the last apply; terminating rules only (RuleStats.Cert).", Kind: KindGauge, PerRule: true, Proto: tcp}
 
+	FamPifUp = &Family{Name: "pif_up", Help: "1 while the pif's path still names the network namespace the daemon entered at start, 0 once it is gone (ip netns del) or names another: what runs there goes on, but a table naming the pif is refused until a restart; named pifs only.", Kind: KindGauge, Labels: []string{"pif"}}
+
 	famStoreConnected = &Family{Name: "store_connected", Help: "1 while the fleet's store (etcd) answers, 0 while it is unreachable (the active table keeps serving); absent without store.etcd.", Kind: KindGauge}
 	FamStoreVersion   = &Family{Name: "store_version", Help: "1, labelled with the store version the instance runs (its last committed assignment); absent before one.", Kind: KindGauge, Labels: []string{"version"}}
 	famStoreLastApply = &Family{Name: "store_last_apply_seconds", Help: "Unix time of the last transaction run for an assignment of the store; 0 before one.", Kind: KindGauge}
@@ -181,6 +183,7 @@ var Families = []*Family{
 	FamBackendUp, FamBackendChecks, FamBackendCheckSecs,
 	famStoreConnected, FamStoreVersion, famStoreLastApply, famStoreErrors,
 	famTLSHandshakes, famTLSVersions, famTLSResumed, FamTLSHandshakeSecs, FamRuleTLSCertExpiry,
+	FamPifUp,
 }
 
 func b2i(b bool) int64 {

@@ -87,6 +87,7 @@ func TestEveryStatsFieldHasADef(t *testing.T) {
 		"RuleStats.Proto":        "selects the families",
 		"ListenerStats":          "status page only",
 		"TLSStats.HandshakeTime": "tls_handshake_seconds",
+		"Stats.Pifs":             "pif_up, by pif",
 		"RuleStats.Cert":         "rule_tls_cert_expiry_seconds; status page",
 	}
 	read := func(s *Stats) []int64 {

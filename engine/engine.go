@@ -562,6 +562,13 @@ type Stats struct {
 	Rules    []RuleStats // the table's rules in order (while an apply is pending, the applied table)
 	Table    TableStats  // generation, table operations, transactions
 	TLS      TLSStats    // client side handshakes of terminating routes (tls.go)
+	Pifs     []PifStat   // the named pifs, in the order added
+}
+
+// PifStat is a named pif as Stats sees it.
+type PifStat struct {
+	Name string
+	Gone string // why its path no longer names the namespace entered (pif.alive); "": it does
 }
 
 // Stats returns the engine's counters. It allocates; call it from the
@@ -593,7 +600,24 @@ func (e *Engine) Stats() Stats {
 	}
 	e.counterStats(&s)
 	s.TLS = e.tlsc.stats()
+	s.Pifs = e.pifStats()
 	return s
+}
+
+// pifStats is every named pif and whether it is still the namespace it was
+// entered as: one open and fstat of its path each.
+func (e *Engine) pifStats() []PifStat {
+	e.mu.Lock()
+	pifs := slices.Clone(e.pifOrder)
+	e.mu.Unlock()
+	out := make([]PifStat, len(pifs))
+	for i, p := range pifs {
+		out[i].Name = p.name
+		if err := p.alive(); err != nil {
+			out[i].Gone = err.Error()
+		}
+	}
+	return out
 }
 
 // stopCounters is the stop line's tally of a rule in the log's words

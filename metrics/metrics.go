@@ -64,6 +64,15 @@ var custom = map[*engine.Family]metric{
 		emit(s.TLS.HandshakeTime)
 	}},
 	engine.FamRuleTLSCertExpiry: {samples: perRule(engine.FamRuleTLSCertExpiry, certExpirySamples)},
+	engine.FamPifUp: {samples: func(s *engine.Stats, emit func(float64, ...string)) {
+		for _, p := range s.Pifs {
+			up := 0.0
+			if p.Gone == "" {
+				up = 1
+			}
+			emit(up, p.Name)
+		}
+	}},
 	engine.FamStoreVersion: {samples: func(_ *engine.Stats, emit func(float64, ...string)) {
 		if st := engine.StoreNow(); st.Enabled && st.Version != "" {
 			emit(1, st.Version)

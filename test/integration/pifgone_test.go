@@ -27,6 +27,7 @@ import (
 //   - a ctl add of a new rule on the pif is refused (exit 1, "is gone":
 //     a listener in the namespace only the daemon still holds would be
 //     reachable by no one), and the other rules still serve after it;
+//   - sluice_pif_up{pif="inner"} reads 1 before the delete, 0 after;
 //   - a restart with the same file fails clearly: exit 1 naming the file's
 //     line, the pif and the path.
 func TestFaultPifNamespaceDeleted(t *testing.T) {
@@ -35,15 +36,17 @@ func TestFaultPifNamespaceDeleted(t *testing.T) {
 	t.Cleanup(inner.Close)
 	host := hashBackend(t)
 	into, plain, in, added := freePort(t), freePort(t), freePort(t), freePort(t)
+	mport := freePort(t)
 	file := writeFile(t, "pifgone.yaml", fmt.Sprintf(`loops: 1
 log: {level: info}
+metrics: {listen: 127.0.0.1:%d}
 pifs:
   - {name: inner, netns: %s}
 rules:
   - tcp 127.0.0.1:%d -> inner/%s timeout.connect=2s
   - tcp 127.0.0.1:%d -> %s
   - tcp inner/127.0.0.1:%d -> %s
-`, ns.Path, into, inner.Addr(), plain, host.Addr(), in, host.Addr()))
+`, mport, ns.Path, into, inner.Addr(), plain, host.Addr(), in, host.Addr()))
 	d := startRunCtl(t, forwardOpts{}, file)
 	d.waitListening(fmt.Sprintf("127.0.0.1:%d", into))
 	exchange := func(port int, size int64, seed uint64) error {
@@ -76,6 +79,17 @@ rules:
 		}
 	}()
 
+	pifUp := func() float64 {
+		_, text := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/metrics", mport))
+		v, ok := metricValue(text, `sluice_pif_up{pif="inner"}`)
+		if !ok {
+			t.Fatalf("no sluice_pif_up for inner in:\n%s", text)
+		}
+		return v
+	}
+	if v := pifUp(); v != 1 {
+		t.Errorf("sluice_pif_up before the delete: %v, want 1", v)
+	}
 	spanning := make(chan error, 1)
 	go func() { spanning <- exchange(into, 16<<20, 1) }()
 	time.Sleep(20 * time.Millisecond)
@@ -84,6 +98,9 @@ rules:
 	}
 	if _, err := os.Stat(ns.Path); !os.IsNotExist(err) {
 		t.Fatalf("%s still there after ip netns del: %v", ns.Path, err)
+	}
+	if v := pifUp(); v != 0 {
+		t.Errorf("sluice_pif_up after the delete: %v, want 0", v)
 	}
 	if err := <-spanning; err != nil {
 		t.Fatalf("the session that spans the delete: %v", err)
@@ -131,7 +148,7 @@ rules:
 
 	// A restart reads the path again: a clear error, at the pif's line.
 	code, out, errs = runSluice(t, "run", "-c", file)
-	if code != 1 || !strings.Contains(errs, "pifgone.yaml:4:") || !strings.Contains(errs, "pif inner") || !strings.Contains(errs, ns.Path) {
+	if code != 1 || !strings.Contains(errs, "pifgone.yaml:5:") || !strings.Contains(errs, "pif inner") || !strings.Contains(errs, ns.Path) {
 		t.Fatalf("restart: exit %d\n%s%s", code, out, errs)
 	}
 	t.Logf("host rule: %d exchanges, %d failed; %d sessions into the pif without a backend: clean EOF; add into it: exit %d %q; restart: %s",
