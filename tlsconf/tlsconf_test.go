@@ -4,13 +4,13 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/sluice-proxy/sluice/internal/testcert"
-	"github.com/sluice-proxy/sluice/internal/testpeer"
 	"github.com/sluice-proxy/sluice/rules"
 )
 
@@ -102,9 +102,21 @@ func TestTicketsOutliveTheirConfig(t *testing.T) {
 	// TLS 1.3's two sides write at once) and reports whether it resumed;
 	// the client reads until the server closes, so a TLS 1.3 ticket (sent
 	// after the handshake) reaches its cache.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
 	handshake := func(srv *tls.Config, cache tls.ClientSessionCache, v uint16) bool {
 		t.Helper()
-		b, a := testpeer.ConnPair(t)
+		b, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
 		done := make(chan error, 1)
 		go func() {
 			s := tls.Server(a, srv)

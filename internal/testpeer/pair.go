@@ -1,8 +1,6 @@
 package testpeer
 
 import (
-	"net"
-	"os"
 	"syscall"
 	"testing"
 	"time"
@@ -79,21 +77,4 @@ func DeliveredConn(tb testing.TB, c syscall.Conn) {
 	if err := rc.Control(func(fd uintptr) { Delivered(tb, int(fd)) }); err != nil {
 		tb.Fatal(err)
 	}
-}
-
-// ConnPair is TCPPair as two net.Conns (dups of its fds, closed when the
-// test ends with them).
-func ConnPair(tb testing.TB) (a, b net.Conn) {
-	tb.Helper()
-	fa, fb := TCPPair(tb)
-	conn := func(fd int) net.Conn {
-		f := os.NewFile(uintptr(fd), "tcp-pair")
-		c, err := net.FileConn(f) // a dup: f's fd stays TCPPair's to close
-		if err != nil {
-			tb.Fatal(err)
-		}
-		tb.Cleanup(func() { c.Close() })
-		return c
-	}
-	return conn(fa), conn(fb)
 }
